@@ -1,0 +1,127 @@
+"""Readers for the supported folder layouts, behind the ``READERS`` registry.
+
+Each reader takes the dataset root and the ``dataset`` params and returns records with paths
+filled in; sizes are filled in later by :func:`build_manifest`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..config import DatasetParams
+from ..io import InputError
+from .manifest import NORMAL, Record
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+Reader = Callable[[Path, DatasetParams], list[Record]]
+READERS: dict[str, Reader] = {}
+
+
+def register(name: str) -> Callable[[Reader], Reader]:
+    def deco(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+
+    return deco
+
+
+def read_dataset(params: DatasetParams) -> list[Record]:
+    """Read the dataset described by ``params`` (layout and root)."""
+    root = Path(params.root)
+    if params.layout not in READERS:
+        raise InputError(f"params.yaml: dataset.layout {params.layout!r} is unknown; use one of {sorted(READERS)}")
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found; set dataset.root in params.yaml")
+    records = READERS[params.layout](root, params)
+    if not records:
+        raise InputError(f"{root}: no images found for layout {params.layout!r}")
+    return records
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _rel_id(*parts: str) -> str:
+    return "/".join(parts)
+
+
+@register("mvtec")
+def read_mvtec(root: Path, params: DatasetParams) -> list[Record]:
+    """``<root>/<category>/train/good``, ``test/<type>``, ``ground_truth/<type>/<stem>_mask.png``."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "test").is_dir())
+    if not found:
+        raise InputError(
+            f"{root}: no MVTec categories found (expected {root}/<category>/test/<type>/*.png); "
+            "check dataset.root and dataset.layout"
+        )
+    cats = params.categories or found
+    missing = sorted(set(cats) - set(found))
+    if missing:
+        raise InputError(f"{root}: categories {missing} not found; present: {found}")
+    records: list[Record] = []
+    for cat in cats:
+        base = root / cat
+        train = base / "train" / NORMAL
+        for p in _images(train) if train.is_dir() else []:
+            records.append(Record(_rel_id(cat, "train", NORMAL, p.stem), str(p), "", NORMAL, "train", cat))
+        types = sorted(d.name for d in (base / "test").iterdir() if d.is_dir())
+        if not types:
+            raise InputError(f"{base / 'test'}: empty; expected one folder per defect type (and 'good')")
+        for t in types:
+            imgs = _images(base / "test" / t)
+            if not imgs:
+                raise InputError(f"{base / 'test' / t}: folder has no images")
+            for p in imgs:
+                mask = ""
+                if t != NORMAL:
+                    m = base / "ground_truth" / t / f"{p.stem}_mask.png"
+                    if not m.exists():
+                        raise InputError(f"{p}: no mask at {m}; every defect image needs its ground-truth mask")
+                    mask = str(m)
+                records.append(Record(_rel_id(cat, "test", t, p.stem), str(p), mask, t, "test", cat))
+    return records
+
+
+@register("mtd")
+def read_mtd(root: Path, params: DatasetParams) -> list[Record]:
+    """Raw Magnetic Tile Defect layout: ``MT_<Type>/Imgs/<name>.jpg`` + same-named ``.png``
+    mask; ``MT_Free`` is normal, split into train/test by ``dataset.train_list``."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("MT_"))
+    if not folders:
+        raise InputError(f"{root}: no MT_<Type> folders; is this the MTD dataset? check dataset.root")
+    train_list = root / params.train_list
+    if not train_list.exists():
+        raise InputError(f"{train_list}: normal training list not found; set dataset.train_list")
+    train_names = {line.strip() for line in train_list.read_text().splitlines() if line.strip()}
+    records: list[Record] = []
+    for folder in folders:
+        kind = folder.name[3:]
+        normal = kind == "Free"
+        imgs = [p for p in _images(folder / "Imgs") if p.suffix.lower() == ".jpg"]
+        if not imgs:
+            raise InputError(f"{folder / 'Imgs'}: no .jpg images")
+        for p in imgs:
+            mask = p.with_suffix(".png")
+            if not normal and not mask.exists():
+                raise InputError(f"{p}: no mask at {mask}")
+            if normal:
+                split = "train" if p.name in train_names else "test"
+                records.append(Record(_rel_id("mtd", split, NORMAL, p.stem), str(p), "", NORMAL, split, "mtd"))
+            else:
+                t = kind.lower()
+                records.append(Record(_rel_id("mtd", "test", t, p.stem), str(p), str(mask), t, "test", "mtd"))
+    return records
+
+
+@register("folder")
+def read_folder(root: Path, params: DatasetParams) -> list[Record]:
+    """Any folder of images, searched recursively; no labels, all images are classified."""
+    imgs = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    cat = root.resolve().name
+    return [
+        Record(_rel_id(cat, p.relative_to(root).with_suffix("").as_posix()), str(p), "", "", "test", cat)
+        for p in imgs
+    ]
