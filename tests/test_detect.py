@@ -188,3 +188,15 @@ def test_ground_truth_without_masks_is_an_error():
     recs = [Record("a", "", "", "", "test", "t", 8, 8)]
     with pytest.raises(InputError, match="masks"):
         create_detector(params(method="ground_truth")).map_records(recs)
+
+
+def test_filter_bank_sees_colour_that_gray_cannot():
+    fb = FilterBank([2.0])
+    grey = torch.full((1, 3, 16, 16), 0.5) + 0.05 * torch.rand(1, 1, 16, 16)
+    tinted = grey.clone()
+    tinted[:, 0, 4:12, 4:12] += 0.08  # redder patch, same gray level
+    tinted[:, 1, 4:12, 4:12] -= 0.04
+    (a,) = fb(grey)
+    (b,) = fb(tinted)
+    colour = slice(6, 8)  # the two opponent-colour channels of the only scale
+    assert (b[:, colour] - a[:, colour]).abs().amax() > 10 * (a[:, colour]).abs().amax() + 1e-3

@@ -103,16 +103,20 @@ def _is_vit(name: str) -> bool:
 
 
 class FilterBank(nn.Module):
-    """Weight-free multi-scale features of the grayscale image.
+    """Weight-free multi-scale features of the image.
 
-    The image is converted to gray and standardised per image (zero median, unit spread), so
-    that lighting differences between photographs do not count as anomalies. At each Gaussian
-    scale sigma it gives five channels, each scaled to be comparable across scales: the
-    smoothed intensity, the local standard deviation (window sigma), the gradient magnitude
-    (times sigma) and the two Hessian eigenvalues (times sigma^2), which respond to spots and
-    to thin lines such as cracks. Output: one map ``(B, 5 * len(sigmas), H, W)`` at full
-    resolution; PatchCore pools it onto its grid.
+    The image is converted to gray and standardised per image (zero median, unit robust
+    spread), so that lighting differences between photographs do not count as anomalies; two
+    opponent-colour channels (red-green, yellow-blue) are centred the same way and share the
+    gray spread. At each Gaussian scale sigma the bank gives eight channels, scaled to be
+    comparable across scales: the smoothed intensity, the local standard deviation (window
+    sigma), the absolute horizontal and vertical derivatives (times sigma; they tell streak
+    direction apart), the two Hessian eigenvalues (times sigma^2; spots and thin lines such as
+    cracks) and the two smoothed colour channels (zero for grayscale images). Output: one map
+    ``(B, 8 * len(sigmas), H, W)`` at full resolution; the detectors pool it onto their grid.
     """
+
+    per_scale = 8
 
     def __init__(self, sigmas: list[float]) -> None:
         super().__init__()
@@ -121,19 +125,22 @@ class FilterBank(nn.Module):
         self.sigmas = list(sigmas)
         for i, s in enumerate(self.sigmas):
             self.register_buffer(f"g{i}", _gaussian_1d(s), persistent=False)
-        self.register_buffer("gray_w", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+        # rows: gray, red-green, yellow-blue
+        mix = torch.tensor([[0.299, 0.587, 0.114], [1.0, -1.0, 0.0], [0.5, 0.5, -1.0]])
+        self.register_buffer("mix", mix.view(3, 3, 1, 1), persistent=False)
 
     @property
     def channels(self) -> int:
-        return 5 * len(self.sigmas)
+        return self.per_scale * len(self.sigmas)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x`` (B, 3, H, W) in [0, 1] -> ``[(B, 5 * n_sigmas, H, W)]``."""
-        g = (x * self.gray_w).sum(1, keepdim=True)
-        flat = g.flatten(1)
-        med = flat.median(dim=1).values.view(-1, 1, 1, 1)
-        spread = (flat - med.flatten(1)).abs().median(dim=1).values.view(-1, 1, 1, 1) * 1.4826
-        g = (g - med) / spread.clamp_min(1e-3)
+        """``x`` (B, 3, H, W) in [0, 1] -> ``[(B, 8 * n_sigmas, H, W)]``."""
+        x = F.conv2d(x, self.mix)
+        flat = x.flatten(2)
+        med = flat.median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
+        spread = (flat[:, 0] - med[:, 0, 0]).abs().median(dim=1).values.view(-1, 1, 1, 1) * 1.4826
+        x = (x - med) / spread.clamp_min(1e-3)
+        g, color = x[:, :1], x[:, 1:]
         out = []
         for i, s in enumerate(self.sigmas):
             k = getattr(self, f"g{i}")
@@ -145,7 +152,8 @@ class FilterBank(nn.Module):
             hxy = 0.5 * (hxy + hyx)
             half_tr = 0.5 * (hxx + hyy)
             root = torch.sqrt((0.5 * (hxx - hyy)) ** 2 + hxy**2)
-            out += [m, var.sqrt(), torch.sqrt(gx**2 + gy**2) * s, (half_tr + root) * s * s, (half_tr - root) * s * s]
+            c = _blur(color.reshape(-1, 1, *color.shape[-2:]), k).view_as(color)
+            out += [m, var.sqrt(), gx.abs() * s, gy.abs() * s, (half_tr + root) * s * s, (half_tr - root) * s * s, c]
         return [torch.cat(out, dim=1)]
 
 

@@ -62,14 +62,17 @@ def greedy_coreset(
     if d > proj_dim:
         proj = torch.randn(d, proj_dim, generator=g) / math.sqrt(proj_dim)
         x = features @ proj.to(features.device, features.dtype)
+    xt = x.T.contiguous()  # (D, M): a row vector times it is the fastest product on CPU
+    sq = (x * x).sum(dim=1)
     start = int(torch.randint(m, (1,), generator=g))
     chosen = torch.empty(n, dtype=torch.long, device=features.device)
     chosen[0] = start
-    dist = torch.linalg.vector_norm(x - x[start], dim=1)
+    # Squared distances, as |a|^2 + |b|^2 - 2 a.b: one matrix-vector product per step.
+    dist = (sq + sq[start] - 2 * (x[start] @ xt)).clamp_min_(0)
     for k in tqdm(range(1, n), desc="detect: coreset", unit="pt", disable=not progress, mininterval=1.0):
         i = torch.argmax(dist)
         chosen[k] = i
-        dist = torch.minimum(dist, torch.linalg.vector_norm(x - x[i], dim=1))
+        torch.minimum(dist, (sq + sq[i]).sub_(x[i] @ xt, alpha=2), out=dist)
     return chosen
 
 
