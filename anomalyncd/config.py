@@ -48,7 +48,7 @@ class DemoParams:
 class DetectParams:
     """Anomaly maps for the images to classify."""
 
-    method: Literal["patchcore", "musc", "external", "ground_truth"] = "patchcore"
+    method: Literal["patchcore", "padim", "musc", "external", "ground_truth"] = "patchcore"
     seed: int = 0
     map_size: int = 128
     device: str = "auto"  # auto: cuda when available
@@ -60,7 +60,7 @@ class DetectParams:
     image_size: int = 128  # images are resized to image_size x image_size
     batch_size: int = 16
     coreset_ratio: float = 0.1  # patchcore: fraction of training patches kept in the memory bank
-    train_images: int = 0  # patchcore: fit on at most this many normal images (0: all)
+    train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
 

@@ -60,7 +60,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     extra = metrics_records(manifest, todo) if p.method not in ("external",) else []
     det = create_detector(p, DetectContext(dataset_root=ds.root))
     typer.echo(f"detect: method {p.method}, backbone {p.backbone}, weights: {det.weights}", err=True)
-    if p.backbone != "filterbank" and not det.pretrained and p.method in ("patchcore", "musc"):
+    if p.backbone != "filterbank" and not det.pretrained and p.method in ("patchcore", "padim", "musc"):
         typer.echo(
             "detect: WARNING random backbone weights (detect.pretrained false, no detect.checkpoint); "
             "maps are much weaker than with pretrained weights",

@@ -12,6 +12,7 @@ from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_de
 from anomalyncd.detect.features import BackboneSpec, FilterBank, build_backbone
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import greedy_coreset, nearest_distance
+from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, write_image
 
 
@@ -39,7 +40,7 @@ def spot_contrast(maps: np.ndarray) -> float:
 
 
 def test_registry_holds_the_four_methods():
-    assert set(DETECTORS) == {"patchcore", "musc", "external", "ground_truth"}
+    assert set(DETECTORS) == {"patchcore", "padim", "musc", "external", "ground_truth"}
 
 
 def test_filter_bank_has_no_weights_and_keeps_resolution():
@@ -200,3 +201,33 @@ def test_filter_bank_sees_colour_that_gray_cannot():
     (b,) = fb(tinted)
     colour = slice(6, 8)  # the two opponent-colour channels of the only scale
     assert (b[:, colour] - a[:, colour]).abs().amax() > 10 * (a[:, colour]).abs().amax() + 1e-3
+
+
+def test_gaussian_stats_match_torch_cov(rng):
+    x = torch.from_numpy(rng.normal(size=(7, 3, 4)))  # 7 samples, 3 positions, 4 dims
+    mean, cov = gaussian_stats(7, x.sum(0), torch.einsum("bpi,bpj->pij", x, x))
+    for p in range(3):
+        torch.testing.assert_close(mean[p], x[:, p].mean(0))
+        torch.testing.assert_close(cov[p], torch.cov(x[:, p].T))
+
+
+def test_mahalanobis_with_identity_precision_is_euclidean():
+    x = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])
+    d = mahalanobis(x, torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2))
+    torch.testing.assert_close(d, torch.tensor([[5.0, 1.0]]))
+
+
+@pytest.mark.parametrize("backbone, layers", [("filterbank", [1, 2, 4]), ("resnet18", [1, 2])])
+def test_padim_scores_a_defect_above_its_surroundings(rng, tmp_path, backbone, layers):
+    det = create_detector(params(method="padim", backbone=backbone, layers=layers))
+    det.fit([surface(rng) for _ in range(6)])
+    test = [with_spot(surface(rng)) for _ in range(3)]
+    maps = det.predict(test)
+    assert maps.shape == (3, 32, 32) and spot_contrast(maps) > 0
+    save_detector(det, tmp_path / "p.pt")
+    np.testing.assert_allclose(load_detector(tmp_path / "p.pt").predict(test), maps, rtol=1e-4, atol=1e-5)
+
+
+def test_padim_needs_two_training_images(rng):
+    with pytest.raises(InputError, match="at least 2"):
+        create_detector(params(method="padim")).fit([surface(rng)])

@@ -37,7 +37,7 @@ def run_stage(project: Path, **detect) -> dict:
     return json.loads((project / paths.METRICS / "detect.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["patchcore", "musc", "ground_truth"])
+@pytest.mark.parametrize("method", ["patchcore", "padim", "musc", "ground_truth"])
 def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
     metrics = run_stage(project, method=method)
     ms = read_maps(paths.MAPS)

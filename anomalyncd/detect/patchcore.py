@@ -4,7 +4,8 @@ patch features.
 Patch features: every backbone layer is averaged over its 3x3 neighbourhood, resized to the
 grid of the first layer and concatenated, then standardised per channel with the mean and
 standard deviation of the training patches (so that channels of very different scale, such
-as filter-bank responses, weigh alike). The memory bank is reduced by greedy coreset
+as filter-bank responses, weigh alike; the standard deviation has a floor of ``STD_FLOOR``
+times the mean one). The memory bank is reduced by greedy coreset
 selection; a test patch scores its distance to the nearest bank entry; the grid is
 upsampled to the map and smoothed with a Gaussian of 4 px of the working image; the image
 score is the map maximum (taken by the stage).
@@ -28,6 +29,7 @@ from .ops import batches, greedy_coreset, nearest_distance, resolve_device, to_b
 log = logging.getLogger(__name__)
 
 SMOOTH_SIGMA_PX = 4.0  # Gaussian smoothing of the map, in pixels of the working image
+STD_FLOOR = 0.2  # channel standardisation: std at least this fraction of the mean std
 
 
 def backbone_spec(params) -> BackboneSpec:
@@ -101,7 +103,10 @@ class PatchCore(Detector):
         d = feats.shape[1]
         patches = feats.permute(0, 2, 3, 1).reshape(-1, d)
         self.mean = patches.mean(0)
-        self.std = patches.std(0).clamp_min(1e-6)
+        std = patches.std(0)
+        # A floor keeps a channel that barely varies on normal images (the colour of a
+        # uniformly tinted surface) from dominating every distance and the map's range.
+        self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
         patches = (patches - self.mean) / self.std
         n_keep = max(1, int(round(self.params.coreset_ratio * len(patches))))
         idx = greedy_coreset(patches, n_keep, seed=self.params.seed)
