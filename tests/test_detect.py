@@ -13,7 +13,9 @@ from anomalyncd.detect.features import BackboneSpec, FilterBank, build_backbone
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import greedy_coreset, nearest_distance
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
-from anomalyncd.io import InputError, write_image
+from anomalyncd.io import InputError, read_image, write_image
+
+from .conftest import MTD, requires_mtd
 
 
 def surface(rng: np.random.Generator, size: int = 32) -> np.ndarray:
@@ -231,3 +233,21 @@ def test_padim_scores_a_defect_above_its_surroundings(rng, tmp_path, backbone, l
 def test_padim_needs_two_training_images(rng):
     with pytest.raises(InputError, match="at least 2"):
         create_detector(params(method="padim")).fit([surface(rng)])
+
+
+@pytest.mark.mtd
+@requires_mtd()
+def test_filterbank_padim_finds_mtd_blowholes():
+    from anomalyncd.config import DatasetParams
+    from anomalyncd.datasets import read_dataset
+    from anomalyncd.detect.metrics import pixel_auroc, resize_masks
+    from anomalyncd.io import read_mask
+
+    recs = read_dataset(DatasetParams(layout="mtd", root=str(MTD)))
+    train = [r for r in recs if r.split == "train"][:30]
+    test = [r for r in recs if r.defect_type == "blowhole"][:10] + [r for r in recs if r.split == "test" and r.is_normal][:5]
+    det = create_detector(DetectParams(method="padim", image_size=128, map_size=64, device="cpu"))
+    det.fit([read_image(r.image) for r in train])
+    maps = det.map_records(test)
+    masks = resize_masks([read_mask(r.mask) if r.mask else np.zeros((8, 8), bool) for r in test], 64)
+    assert pixel_auroc(maps, masks) > 0.7  # random-weight ResNet-18 PatchCore: 0.61 over all of MTD
