@@ -87,7 +87,7 @@ def speed(args) -> None:
     print(f"{len(records)} MTD test images, map_size {base.map_size}, image_size {base.image_size}, "
           f"train_images {base.train_images or len(train)}")
     print(f"{'detector':<40} {'fit s':>8} {'map s':>8} {'img/s':>8} {'peak MB':>8}")
-    for method in ("patchcore", "musc", "ground_truth"):
+    for method in ("patchcore", "padim", "musc", "ground_truth"):
         p = replace(base, method=method)
         r = run_isolated(p, train, records, str(args.mtd))
         name = f"{method} ({p.backbone})" if method != "ground_truth" else method

@@ -109,7 +109,9 @@ class MuSc(Detector):
         self.backbone = build_backbone(self.spec).to(self.device)
         self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
         self.weights = self.spec.weights
-        self.stride = 4 if self.spec.name == FILTERBANK else 1
+        # The full-resolution filter bank is pooled to a grid of stride 8 (16 x 16 at 128 px,
+        # as many patches as a ViT/14 at 224 px): the cost grows with the square of its size.
+        self.stride = 8 if self.spec.name == FILTERBANK else 1
         self.references: list[torch.Tensor] | None = None  # per layer (R, C, h, w), float16
 
     @torch.inference_mode()
