@@ -94,3 +94,25 @@ def test_external_method_reads_maps_of_the_images_to_classify(project):
 def test_unknown_method_is_an_input_error(project):
     with pytest.raises(InputError, match="detect.method"):
         run_stage(project, method="mean_diff")
+
+
+def test_without_ground_truth_no_detection_metrics_are_claimed(tmp_path, tiny_demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = DatasetParams(layout="folder", root=str(tiny_demo / "tile" / "test"))
+    build_manifest(read_dataset(ds), progress=False).write(paths.MANIFEST)
+    params = {"dataset": {"layout": "folder", "root": ds.root}, "detect": {**TINY, "method": "musc"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main(params=Path("params.yaml"))
+    metrics = json.loads((tmp_path / paths.METRICS / "detect.json").read_text())
+    assert metrics["images"] == 14 and "pixel_auroc" not in metrics
+    assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
+
+
+def test_patchcore_on_a_folder_without_normal_images_says_what_to_do(tmp_path, tiny_demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = DatasetParams(layout="folder", root=str(tiny_demo / "tile" / "test"))
+    build_manifest(read_dataset(ds), progress=False).write(paths.MANIFEST)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": {"layout": "folder", "root": ds.root},
+                                                          "detect": {**TINY, "method": "patchcore"}}))
+    with pytest.raises(InputError, match="musc"):
+        main(params=Path("params.yaml"))
