@@ -75,6 +75,23 @@ class Crops:
 # -- rules 1 to 5: thresholds and masks ------------------------------------------------------
 
 
+def check_params(p: MebinParams) -> MebinParams:
+    """Return ``p`` if every ``mebin`` param is in range, else raise ``InputError`` naming it."""
+    rules = {
+        "sample_rate": (p.sample_rate >= 1, ">= 1"),
+        "min_interval_len": (p.min_interval_len >= 1, ">= 1"),
+        "padding": (p.padding >= 0, ">= 0"),
+        "min_crop_size": (0 <= p.min_crop_size <= 0.5, "in [0, 0.5]"),
+        "max_merge_dist": (p.max_merge_dist >= 0, ">= 0"),
+        "crop_size": (p.crop_size >= 1, ">= 1"),
+        "workers": (p.workers >= 0, ">= 0 (0: one per CPU core)"),
+    }
+    for name, (ok, limit) in rules.items():
+        if not ok:
+            raise InputError(f"params.yaml: mebin.{name} must be {limit}, got {getattr(p, name)!r}")
+    return p
+
+
 def check_map(map_u8: np.ndarray, name: str = "anomaly map") -> np.ndarray:
     """Return ``map_u8`` if it is a non-empty 2-D ``uint8`` array, else raise ``InputError``."""
     if not isinstance(map_u8, np.ndarray) or map_u8.dtype != np.uint8 or map_u8.ndim != 2 or map_u8.size == 0:
@@ -412,6 +429,7 @@ def mebin_image(
     map_u8: uint8 (S, S) anomaly map, at any resolution; image: uint8 (H, W, 3) RGB. Used by
     the ``mebin`` stage and, with a finished run's stored range, by ``predict``.
     """
+    check_params(params)
     check_map(map_u8)
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
