@@ -42,9 +42,13 @@ class _Job:
 _SHARED: dict[str, Any] = {}
 
 
+def _share(lo: int, hi: int, params: MebinParams) -> None:
+    _SHARED.update(lo=lo, hi=hi, params=params)
+
+
 def _init_worker(lo: int, hi: int, params: MebinParams) -> None:
     cv2.setNumThreads(1)  # one process per core already
-    _SHARED.update(lo=lo, hi=hi, params=params)
+    _share(lo, hi, params)
 
 
 def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, tuple[int, int]]:
@@ -89,10 +93,11 @@ def run(ms: MapSet, records: dict[str, Record], p: MebinParams, progress: bool =
     workers = min(p.workers or os.cpu_count() or 1, len(jobs))
     bar = dict(total=len(jobs), desc="mebin", unit="img", disable=not progress)
     if workers <= 1:
-        _init_worker(lo, hi, p)
+        _share(lo, hi, p)
         done = list(tqdm(map(_run_job, jobs), **bar))
     else:
-        with multiprocessing.get_context().Pool(workers, _init_worker, (lo, hi, p)) as pool:
+        # spawn, not fork: forking a process that already runs threads (OpenCV, zarr) can deadlock
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (lo, hi, p)) as pool:
             chunk = max(1, len(jobs) // (workers * 8))
             done = list(tqdm(pool.imap(_run_job, jobs, chunksize=chunk), **bar))
     done.sort(key=lambda d: d[0])

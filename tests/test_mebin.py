@@ -270,7 +270,8 @@ def test_crops_outside_the_image_are_black_and_areas_count_mask_pixels():
 def test_non_square_crops_keep_the_top_left_square_after_resizing_the_short_side():
     image = np.zeros((10, 20, 3), np.uint8)
     image[:, 14:] = 255  # the top-left square of the 10 x 5 resize only sees columns 0..11
-    c = mebin.extract_crops(image, np.zeros((10, 20), bool), np.zeros((10, 20), np.float32), np.array([[0, 0, 20, 10]]), 5)
+    mask, scores = np.zeros((10, 20), bool), np.zeros((10, 20), np.float32)
+    c = mebin.extract_crops(image, mask, scores, np.array([[0, 0, 20, 10]]), 5)
     assert c.crops.shape == (1, 5, 5, 3) and (c.crops[0] == 0).all()
 
 
@@ -317,7 +318,8 @@ def test_all_zero_maps_get_the_no_anomaly_result():
 
 
 def test_a_constant_map_at_the_top_of_the_range_is_one_region_covering_the_image():
-    res, crops = mebin.mebin_image(np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8), 0, 200, MebinParams())
+    flat, image = np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
+    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams())
     assert res.est_count == 1 and res.mask.all() and crops.boxes.tolist() == [[0, 0, 32, 32]]
 
 

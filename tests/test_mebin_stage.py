@@ -112,7 +112,7 @@ def test_several_workers_give_the_same_crops_as_one(project):
 
 def test_a_single_map_warns_about_the_empty_search_range_and_still_runs(project):
     ms, records = _inputs()
-    one = MapSet(ids=ms.ids[:1], maps=ms.maps[:1], maps_u8=ms.maps_u8[:1], scores=ms.scores[:1], image_sizes=ms.image_sizes[:1])
+    one = MapSet(ms.ids[:1], ms.maps[:1], ms.maps_u8[:1], ms.scores[:1], ms.image_sizes[:1])
     with pytest.warns(RuntimeWarning, match="lo = 0"):
         cs, _ = stage.run(one, records, MebinParams(crop_size=16, workers=1), progress=False)
     assert cs.attrs["lo"] == 0 and cs.est_counts.tolist() == [1]
