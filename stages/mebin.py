@@ -23,9 +23,10 @@ from anomalyncd import mebin, paths
 from anomalyncd.config import MebinParams, load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.io import InputError, read_image, read_mask, write_json
+from anomalyncd.stage import run
 from anomalyncd.store import CropSet, MapSet, read_maps, write_crops
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 #: Ground-truth regions smaller than this many pixels are left out of ``gt_regions_in_crops``.
 MIN_GT_REGION = 64
@@ -80,7 +81,7 @@ def _check_maps(ms: MapSet, records: dict[str, Record]) -> None:
         )
 
 
-def run(ms: MapSet, records: dict[str, Record], p: MebinParams, progress: bool = True) -> tuple[CropSet, dict]:
+def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress: bool = True) -> tuple[CropSet, dict]:
     """MEBin over every map of ``ms`` (images looked up in ``records`` by id): the crop set and
     the stage's metrics."""
     mebin.check_params(p)
@@ -151,7 +152,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     """Write data/mebin/crops.zarr.zip and metrics/mebin.json."""
     p = load_params("mebin", params)
     records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
-    cs, metrics = run(read_maps(paths.MAPS), records, p)
+    cs, metrics = build_crops(read_maps(paths.MAPS), records, p)
     write_crops(paths.CROPS, cs)
     write_json(paths.METRICS / "mebin.json", metrics)
     typer.echo(
@@ -162,4 +163,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)
