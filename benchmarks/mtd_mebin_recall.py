@@ -38,6 +38,33 @@ def synthetic_map(gt: np.ndarray, rng: np.random.Generator, sigma: float = 4.0) 
     return m + rng.uniform(0, 32, m.shape).astype(np.float32)
 
 
+def recovery(root: Path, seed: int = 0, map_size: int = 0, progress: bool = True) -> dict:
+    """Per defect type ``(GT regions, regions recovered)``, plus ``lo``, ``hi`` and ``crops``."""
+    records = [r for r in read_dataset(DatasetParams(layout="mtd", root=str(root))) if r.split == "test" and r.mask]
+    rng = np.random.default_rng(seed)
+    gts, maps = [], []
+    for r in tqdm(records, desc="synthetic maps", unit="img", disable=not progress):
+        gt = read_mask(r.mask)
+        gts.append(gt)
+        maps.append(synthetic_map(gt, rng))
+    lo_f, hi_f = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    maps_u8 = [np.round((m - lo_f) / (hi_f - lo_f) * 255).astype(np.uint8) for m in maps]
+    if map_size:
+        maps_u8 = [cv2.resize(m, (map_size, map_size), interpolation=cv2.INTER_AREA) for m in maps_u8]
+
+    params = MebinParams()
+    lo, hi = mebin.search_range(maps_u8)
+    per_type: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    n_crops = 0
+    for r, gt, m in tqdm(list(zip(records, gts, maps_u8)), desc="mebin", unit="img", disable=not progress):
+        _, crops = mebin.mebin_image(m, read_image(r.image), lo, hi, params)
+        n, covered = mebin.regions_in_boxes(gt, crops.boxes, MIN_REGION)
+        per_type[r.defect_type][0] += n
+        per_type[r.defect_type][1] += covered
+        n_crops += len(crops)
+    return {"types": dict(per_type), "images": len(records), "lo": lo, "hi": hi, "crops": n_crops}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="../shared/datasets/mtd", help="the MTD dataset folder")
@@ -48,38 +75,16 @@ def main() -> None:
     if not root.is_dir():
         raise SystemExit(f"{root}: MTD not found; pass --root")
 
-    records = [r for r in read_dataset(DatasetParams(layout="mtd", root=str(root))) if r.split == "test" and r.mask]
-    rng = np.random.default_rng(args.seed)
-    gts, maps = [], []
-    for r in tqdm(records, desc="synthetic maps", unit="img"):
-        gt = read_mask(r.mask)
-        gts.append(gt)
-        maps.append(synthetic_map(gt, rng))
-    lo_f, hi_f = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
-    maps_u8 = [np.round((m - lo_f) / (hi_f - lo_f) * 255).astype(np.uint8) for m in maps]
-    if args.map_size:
-        size = (args.map_size, args.map_size)
-        maps_u8 = [cv2.resize(m, size, interpolation=cv2.INTER_AREA) for m in maps_u8]
-
-    params = MebinParams()
-    lo, hi = mebin.search_range(maps_u8)
-    per_type: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    n_crops = 0
     t0 = time.perf_counter()
-    for r, gt, m in tqdm(list(zip(records, gts, maps_u8)), desc="mebin", unit="img"):
-        _, crops = mebin.mebin_image(m, read_image(r.image), lo, hi, params)
-        n, covered = mebin.regions_in_boxes(gt, crops.boxes, MIN_REGION)
-        per_type[r.defect_type][0] += n
-        per_type[r.defect_type][1] += covered
-        n_crops += len(crops)
+    res = recovery(root, args.seed, args.map_size)
     seconds = time.perf_counter() - t0
-
-    print(f"MTD: {len(records)} defect images, maps {'native size' if not args.map_size else f'{args.map_size}px'}, "
-          f"seed {args.seed}, search range [{lo}, {hi}], {n_crops} crops, {seconds:.1f} s")
-    for t, (n, c) in sorted(per_type.items()):
+    size = f"{args.map_size}px" if args.map_size else "native size"
+    print(f"MTD: {res['images']} defect images, maps {size}, seed {args.seed}, "
+          f"search range [{res['lo']}, {res['hi']}], {res['crops']} crops, {seconds:.1f} s")
+    for t, (n, c) in sorted(res["types"].items()):
         print(f"  {t:10s} {c:4d}/{n:4d} regions recovered ({c / max(n, 1):.1%})")
-    total_n = sum(n for n, _ in per_type.values())
-    total_c = sum(c for _, c in per_type.values())
+    total_n = sum(n for n, _ in res["types"].values())
+    total_c = sum(c for _, c in res["types"].values())
     print(f"recovered GT regions > {MIN_REGION} px: {total_c}/{total_n} = {total_c / total_n:.1%}")
 
 
