@@ -5,6 +5,13 @@ checkpoint after each epoch (atomically), resumes from it, runs under ``torchrun
 on CPU, NCCL on GPU) and optionally trains on a frozen-trunk cache. It is deterministic on
 CPU: every random draw comes from generators seeded by ``(seed, epoch, crop, view)``.
 
+The frozen-trunk cache (``trunk_cache_views: V``) runs V augmented views of every crop once
+through the frozen blocks (every DDP process builds the whole cache) and trains the later
+blocks and the heads on two distinct cached views per crop and epoch.
+
+Pseudo-label correction needs a normal output, so it is active only when the model has one
+(``dataset.include_normal``); without it low-score crops train like the others.
+
 Loss of one batch (per head h, then averaged over heads)::
 
     cluster_h = distill_h + memax_weight * memax_h
@@ -293,8 +300,13 @@ def train(
     stop_after: end after this many epochs (simulates an interruption in tests).
     """
     rank, world = dist_env()
-    if cfg.trunk_cache_views == 1:
+    if cfg.trunk_cache_views == 1 or cfg.trunk_cache_views < 0:
         raise InputError("params.yaml: train.trunk_cache_views must be 0 (off) or at least 2 (two views per crop)")
+    if cfg.trunk_cache_views and net.encoder.grad_from_block == 0:
+        raise InputError(
+            "params.yaml: train.trunk_cache_views needs frozen blocks (train.grad_from_block > 0); "
+            "set trunk_cache_views: 0 to train the whole ViT"
+        )
     t0 = time.perf_counter()
     net.to(device)
     opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)

@@ -35,10 +35,10 @@ def tiny_data(m: int = 12, labelled: int = 0, seed: int = 0) -> TrainData:
     return TrainData(crops, masks, rng.random(m).astype(np.float32), labels)
 
 
-def tiny_net(num_labeled: int = 0, has_normal: bool = True) -> MGViTClassifier:
+def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int = 11) -> MGViTClassifier:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=2,
+        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
         num_labeled=num_labeled, num_unlabeled=3, has_normal=has_normal, proj_hidden=32, proj_dim=16,
     )
     return MGViTClassifier(cfg)
@@ -200,3 +200,9 @@ def test_base_set_crop_without_mask_is_an_input_error(tmp_path):
     cv2.imwrite(str(tmp_path / "a" / "0.png"), np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(InputError, match="without its mask"):
         read_base_set(tmp_path, 16)
+
+
+def test_trunk_cache_without_frozen_blocks_is_an_input_error():
+    net = tiny_net(grad_from_block=0)
+    with pytest.raises(InputError, match="grad_from_block"):
+        train(net, tiny_data(), TrainConfig(epochs=1, trunk_cache_views=2))
