@@ -47,6 +47,8 @@ def test_attention_mask_restricts_only_the_cls_row():
 
 
 def test_cls_output_ignores_pixels_outside_the_mask():
+    # one block, masked: with more blocks the patch tokens (which attend everywhere) would
+    # carry outside pixels into the [CLS] token of the next block, by design
     enc = MGViT(tiny_vit(depth=1), mask_layers=1, grad_from_block=0).eval()
     x = torch.randn(1, 3, 32, 32)
     changed = x.clone()
