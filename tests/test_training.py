@@ -251,3 +251,12 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     ps = read_probs(paths.PROBS)
     assert ps.probs.shape == (10, 2, 3) and ps.head == metrics["head"]
     assert ps.attrs["normal_slot"] == 0
+
+
+def test_data_loading_workers_do_not_change_the_result():
+    runs = []
+    for workers in (0, 2):
+        net = tiny_net()
+        train(net, tiny_data(), TrainConfig(epochs=1, num_workers=workers, **FAST))
+        runs.append(state(net))
+    assert_same_state(*runs)
