@@ -254,12 +254,9 @@ def batch_loss(
     if not supervised:
         total = cluster + contrast
     else:
-        b = len(labels)
-        if bool((~unl).any()):
-            sel = torch.cat([~unl, torch.zeros(b, dtype=torch.bool, device=unl.device)])
-            sel = torch.where(sel)[0]
-            proj_l = torch.cat([proj[sel], proj[sel + b]])
-            sup = losses.supcon(proj_l, labels[~unl])
+        b, lab = len(labels), ~unl
+        if bool(lab.any()):
+            sup = losses.supcon(torch.cat([proj[:b][lab], proj[b:][lab]]), labels[lab])
             ce_m = torch.stack(ce).mean()
         else:
             sup = ce_m = proj.sum() * 0.0
