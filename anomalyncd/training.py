@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -179,6 +180,12 @@ class _Views(Dataset):
         x0, m0 = train_views(d.crops, d.masks, idx, self.image_size, self.seed, self.epoch, 0)
         x1, m1 = train_views(d.crops, d.masks, idx, self.image_size, self.seed, self.epoch, 1)
         return torch.from_numpy(idx), torch.from_numpy(np.concatenate([x0, x1])), torch.from_numpy(np.concatenate([m0, m1]))
+
+
+def _single_threaded_worker(_: int) -> None:
+    """Data-loading workers are forked: keep OpenCV and torch off their thread pools there."""
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
 
 
 def build_trunk_cache(
@@ -355,6 +362,7 @@ def train(
                 batch_size=None,
                 shuffle=False,
                 num_workers=cfg.num_workers,
+                worker_init_fn=_single_threaded_worker,
             )
         else:
             pairs = cached_view_pairs(len(data.labels), cfg.trunk_cache_views, cfg.seed, epoch)
