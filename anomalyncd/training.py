@@ -94,6 +94,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     seconds: float = 0.0
     resumed_from: int = 0  # epochs loaded from the checkpoint
+    cache_seconds: float = 0.0  # time spent building the frozen-trunk cache
 
 
 def cosine_lr(epoch: int, epochs: int, lr: float, min_ratio: float) -> float:
@@ -335,9 +336,11 @@ def train(
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
 
-    cache = None
+    cache, cache_seconds = None, 0.0
     if cfg.trunk_cache_views and start < cfg.epochs:
+        tc = time.perf_counter()
         cache = build_trunk_cache(net, data, cfg.trunk_cache_views, cfg.seed, device)
+        cache_seconds = time.perf_counter() - tc
 
     labels_all = torch.from_numpy(data.labels.astype(np.int64))
     scores_all = torch.from_numpy(data.scores.astype(np.float32))
@@ -405,7 +408,13 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
     head = select_head([history[-1][f"distill_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
-    return TrainResult(head=head, history=history, seconds=time.perf_counter() - t0, resumed_from=resumed_from)
+    return TrainResult(
+        head=head,
+        history=history,
+        seconds=time.perf_counter() - t0,
+        resumed_from=resumed_from,
+        cache_seconds=cache_seconds,
+    )
 
 
 def _scalar_keys(sums: dict) -> list[str]:

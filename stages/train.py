@@ -177,6 +177,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
                 "num_outputs": cfg.num_outputs,
                 "pretrained": bool(p.pretrained or p.checkpoint),
                 "processes": world,
+                "cache_seconds": round(result.cache_seconds, 2),
                 "seconds": round(time.time() - t0, 2),
             },
         )
