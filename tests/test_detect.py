@@ -86,6 +86,12 @@ def test_unknown_timm_model_is_an_error():
         build_backbone(BackboneSpec(name="no_such_net", layers=[1]))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_layers_out_of_range_for_the_backbone_is_an_error(name):
+    with pytest.raises(InputError, match="detect.layers"):
+        build_backbone(BackboneSpec(name=name, layers=[1, 2, 4, 8, 16], image_size=32))
+
+
 def test_greedy_coreset_picks_the_far_points_first():
     x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [0.0, 10.0], [0.05, 0.05]])
     idx = greedy_coreset(x, 3, seed=0, progress=False).tolist()

@@ -84,9 +84,10 @@ class TimmFeatures(nn.Module):
                 if "Unknown model" in str(e):
                     raise InputError(f"params.yaml: detect.backbone {spec.name!r} is not a timm model ({e})") from e
                 raise
-            except IndexError as e:
+            except (IndexError, AssertionError) as e:
                 raise InputError(
-                    f"params.yaml: detect.layers {spec.layers} out of range for {spec.name}: {e}"
+                    f"params.yaml: detect.layers {spec.layers} out of range for {spec.name} ({e}); for a timm "
+                    "backbone they are feature indices, e.g. [2, 3] for wide_resnet50_2"
                 ) from e
         cfg = self.model.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,6 @@ def resolve_device(device: str) -> torch.device:
 
 def to_batch(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
     """RGB ``uint8`` images ``(H_i, W_i, 3)`` -> float ``(B, 3, size, size)`` in [0, 1] (area resize)."""
-    import cv2
-
     arr = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
     return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
