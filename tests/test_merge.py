@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from anomalyncd.merge import merge_regions, region_weights, softmax
+
+
+def test_weights_are_softmax_of_sqrt_area_over_temperature():
+    areas = np.array([100.0, 400.0, 2500.0])
+    w = region_weights(areas, np.zeros(3, int), 1, "weighted", temperature=10.0)
+    expected = np.exp([1.0, 2.0, 5.0]) / np.exp([1.0, 2.0, 5.0]).sum()
+    np.testing.assert_allclose(w, expected)
+
+
+def test_weights_sum_to_one_per_image():
+    rng = np.random.default_rng(0)
+    idx = np.array([0, 0, 1, 2, 2, 2])
+    w = region_weights(rng.uniform(1, 1e4, 6), idx, 3, "weighted", 50.0)
+    np.testing.assert_allclose(np.bincount(idx, weights=w), 1.0)
+
+
+def test_weights_stay_finite_for_huge_areas_and_small_temperature():
+    w = region_weights(np.array([1e8, 4e8]), np.array([0, 0]), 1, "weighted", temperature=0.01)
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, [0.0, 1.0])
+
+
+def test_mean_strategy_weights_crops_equally():
+    w = region_weights(np.array([1.0, 1e6, 5.0]), np.array([0, 0, 1]), 2, "mean")
+    np.testing.assert_allclose(w, [0.5, 0.5, 1.0])
+
+
+def test_single_crop_image_keeps_its_crop_prediction():
+    probs = np.array([[0.1, 0.7, 0.2]])
+    out = merge_regions(probs, np.array([30]), np.array([0]), 1)
+    np.testing.assert_allclose(out.probs, probs)
+    assert out.labels.tolist() == [1]
+    assert out.confidence[0] == pytest.approx(0.7)
+
+
+def test_large_region_outweighs_small_regions():
+    # Two small crops vote class 0, one large crop votes class 1.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])
+    areas = np.array([25, 25, 10000])
+    idx = np.zeros(3, int)
+    assert merge_regions(probs, areas, idx, 1, "weighted", temperature=10.0).labels[0] == 1
+    assert merge_regions(probs, areas, idx, 1, "mean").labels[0] == 0
+
+
+def test_merged_probabilities_are_the_weighted_sum():
+    probs = softmax(np.random.default_rng(1).normal(size=(5, 4)) / 0.1)
+    idx = np.array([0, 1, 1, 1, 2])
+    areas = np.array([10, 50, 80, 300, 7])
+    out = merge_regions(probs, areas, idx, 3, "weighted", 50.0)
+    w = np.exp(np.sqrt(areas[1:4]) / 50.0)
+    w /= w.sum()
+    np.testing.assert_allclose(out.probs[1], (w[:, None] * probs[1:4]).sum(0))
+    np.testing.assert_allclose(out.probs.sum(1), 1.0)
+    assert out.n_crops.tolist() == [1, 3, 1]
+
+
+def test_image_without_crops_gets_no_label():
+    out = merge_regions(np.array([[0.2, 0.8]]), np.array([4]), np.array([1]), 2)
+    assert out.labels.tolist() == [-1, 1]
+    assert np.isnan(out.probs[0]).all() and np.isnan(out.confidence[0])
+    assert out.n_crops.tolist() == [0, 1]
+
+
+def test_bad_strategy_and_temperature_are_errors():
+    with pytest.raises(ValueError, match="strategy"):
+        region_weights(np.ones(1), np.zeros(1, int), 1, "max")
+    with pytest.raises(ValueError, match="temperature"):
+        region_weights(np.ones(1), np.zeros(1, int), 1, "weighted", 0.0)
+    with pytest.raises(ValueError, match="image_index"):
+        region_weights(np.ones(1), np.array([3]), 2)
