@@ -169,3 +169,96 @@ def mean_scores(per_group: dict[str, dict[str, float]], keys: Sequence[str] = ("
     if not per_group:
         return {}
     return {k: float(np.mean([g[k] for g in per_group.values()])) for k in keys}
+
+
+@dataclass
+class Evaluation:
+    """Result of :func:`evaluate_predictions`: the JSON-ready ``metrics`` dict and, with ground
+    truth, the image-level scores (matching and confusion matrix) of the whole run."""
+
+    metrics: dict
+    image_scores: ClusteringScores | None
+
+
+def evaluate_predictions(
+    image_truth: Sequence[str],
+    image_pred: Sequence[int],
+    image_confidence: Sequence[float],
+    image_category: Sequence[str],
+    crop_truth: Sequence[str],
+    crop_pred: Sequence[int],
+    crop_category: Sequence[str],
+    n_clusters: int,
+) -> Evaluation:
+    """Metrics of a run at image level (n,) and crop level (m,) (a crop carries its image's
+    true type).
+
+    A true type of ``""`` means unknown: such samples are left out of the ground-truth
+    metrics. With no known type at all the metrics hold ``"ground_truth": false`` and the
+    cluster sizes and mean confidences only. With several categories the run-wide true
+    classes are ``<category>/<type>`` (a "crack" on a tile is not a "crack" on a screw),
+    ``per_category`` holds each category's metrics (matched within the category) and ``mean``
+    their unweighted mean, as in the paper's per-category tables.
+    """
+    image_pred = np.asarray(image_pred, dtype=np.int64)
+    crop_pred = np.asarray(crop_pred, dtype=np.int64)
+    clusters = cluster_summary(image_pred, np.asarray(image_confidence, dtype=np.float64), n_clusters)
+    metrics: dict = {
+        "ground_truth": False,
+        "n_images": len(image_pred),
+        "n_crops": len(crop_pred),
+        "n_clusters": n_clusters,
+    }
+    img_known = np.array([bool(t) for t in image_truth], dtype=bool)
+    crop_known = np.array([bool(t) for t in crop_truth], dtype=bool)
+    if not img_known.any():
+        metrics["clusters"] = {str(k): v for k, v in clusters.items()}
+        return Evaluation(metrics, None)
+
+    categories = sorted(set(np.asarray(image_category, dtype=object)[img_known].tolist()))
+    several = len(categories) > 1
+
+    def labels(truth, cats, known):
+        t = np.asarray(truth, dtype=object)[known]
+        c = np.asarray(cats, dtype=object)[known]
+        return [f"{ci}/{ti}" for ci, ti in zip(c, t)] if several else t.tolist()
+
+    img_scores = score_clustering(labels(image_truth, image_category, img_known), image_pred[img_known])
+    crop_scores = (
+        score_clustering(labels(crop_truth, crop_category, crop_known), crop_pred[crop_known])
+        if crop_known.any()
+        else None
+    )
+    metrics["ground_truth"] = True
+    metrics["n_unlabelled_images"] = int((~img_known).sum())
+    metrics["image"] = img_scores.summary()
+    if crop_scores is not None:
+        metrics["crop"] = crop_scores.summary()
+    metrics["per_class"] = img_scores.per_class
+    if crop_scores is not None:
+        metrics["per_class_crop"] = crop_scores.per_class
+    for k, v in clusters.items():
+        v["matched"] = img_scores.matching.get(k)
+    metrics["clusters"] = {str(k): v for k, v in clusters.items()}
+
+    if several:
+        per_cat: dict[str, dict] = {}
+        img_cat = np.asarray(image_category, dtype=object)
+        crop_cat = np.asarray(crop_category, dtype=object)
+        img_t = np.asarray(image_truth, dtype=object)
+        crop_t = np.asarray(crop_truth, dtype=object)
+        for cat in categories:
+            si = img_known & (img_cat == cat)
+            sc = crop_known & (crop_cat == cat)
+            s = score_clustering(img_t[si].tolist(), image_pred[si])
+            entry = {"image": s.summary(), "per_class": s.per_class}
+            if sc.any():
+                entry["crop"] = score_clustering(crop_t[sc].tolist(), crop_pred[sc]).summary()
+            per_cat[cat] = entry
+        metrics["per_category"] = per_cat
+        metrics["mean"] = {
+            lvl: mean_scores({c: v[lvl] for c, v in per_cat.items() if lvl in v})
+            for lvl in ("image", "crop")
+            if any(lvl in v for v in per_cat.values())
+        }
+    return Evaluation(metrics, img_scores)

@@ -8,7 +8,14 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from anomalyncd.metrics import cluster_summary, contingency, hungarian_match, mean_scores, score_clustering
+from anomalyncd.metrics import (
+    cluster_summary,
+    contingency,
+    evaluate_predictions,
+    hungarian_match,
+    mean_scores,
+    score_clustering,
+)
 
 
 def _random_case(seed, n=200, n_classes=4, n_clusters=5):
@@ -118,3 +125,43 @@ def test_cluster_summary_reports_sizes_and_mean_confidence():
 def test_mean_scores_average_over_categories():
     m = mean_scores({"a": {"nmi": 0.2, "ari": 0.4, "f1": 0.5}, "b": {"nmi": 0.6, "ari": 0.0, "f1": 1.0}})
     assert m == {"nmi": pytest.approx(0.4), "ari": pytest.approx(0.2), "f1": pytest.approx(0.75)}
+
+
+def test_evaluation_without_ground_truth_reports_clusters_only():
+    ev = evaluate_predictions(["", "", ""], [0, 1, 1], [0.9, 0.6, 0.8], ["t"] * 3, ["", ""], [0, 1], ["t"] * 2, 3)
+    assert ev.metrics["ground_truth"] is False and ev.image_scores is None
+    assert "image" not in ev.metrics
+    assert ev.metrics["clusters"]["1"] == {"size": 2, "mean_confidence": pytest.approx(0.7)}
+    assert ev.metrics["clusters"]["2"]["size"] == 0
+
+
+def test_evaluation_scores_images_and_crops():
+    ev = evaluate_predictions(
+        ["a", "a", "b"], [1, 1, 0], [0.9, 0.8, 0.7], ["t"] * 3,
+        ["a", "a", "a", "b"], [1, 0, 1, 0], ["t"] * 4, 2,
+    )
+    m = ev.metrics
+    assert m["ground_truth"] is True
+    assert m["image"]["f1"] == 1.0 and m["crop"]["f1"] == pytest.approx(0.75)
+    assert m["clusters"]["1"]["matched"] == "a" and m["clusters"]["0"]["matched"] == "b"
+    assert "per_category" not in m
+
+
+def test_images_of_unknown_type_are_left_out_of_the_scores():
+    ev = evaluate_predictions(["a", "", "b"], [0, 0, 1], [1.0] * 3, ["t"] * 3, ["a", "", "b"], [0, 0, 1], ["t"] * 3, 2)
+    assert ev.metrics["image"]["n"] == 2 and ev.metrics["n_unlabelled_images"] == 1
+    assert ev.metrics["clusters"]["0"]["size"] == 2
+
+
+def test_several_categories_get_their_own_scores_and_a_mean():
+    truth = ["crack", "crack", "hole", "crack", "scratch", "scratch"]
+    cats = ["tile", "tile", "tile", "wood", "wood", "wood"]
+    pred = [0, 0, 1, 0, 0, 1]
+    ev = evaluate_predictions(truth, pred, [1.0] * 6, cats, truth, pred, cats, 2)
+    m = ev.metrics
+    assert set(m["per_category"]) == {"tile", "wood"}
+    assert m["per_category"]["tile"]["image"]["f1"] == 1.0
+    assert m["per_category"]["wood"]["image"]["f1"] == pytest.approx(2 / 3)
+    assert m["mean"]["image"]["f1"] == pytest.approx(5 / 6)
+    # run-wide classes are qualified by category, so the tile crack is not the wood crack
+    assert set(m["per_class"]) == {"tile/crack", "tile/hole", "wood/crack", "wood/scratch"}
