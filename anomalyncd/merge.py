@@ -12,9 +12,14 @@ Pure functions on arrays; the ``merge`` stage does the I/O.
 
 from __future__ import annotations
 
+import csv
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from .io import InputError, atomic_path
 
 STRATEGIES = ("weighted", "mean")
 
@@ -120,3 +125,124 @@ def _check_crops(areas: np.ndarray, image_index: np.ndarray, n_images: int) -> N
         raise ValueError(f"areas {areas.shape} and image_index {image_index.shape} must be (M,) of equal length")
     if len(image_index) and (image_index.min() < 0 or image_index.max() >= n_images):
         raise ValueError(f"image_index must lie in 0..{n_images - 1}")
+
+
+# -- tables ----------------------------------------------------------------------------------
+# The merge stage and ``anomalyncd predict`` write the same two tables: one row per image and
+# one row per crop. Crop boxes inside an image row are ``x0 y0 x1 y1`` joined by ``;``, in the
+# order of the crop classes in ``crop_clusters``.
+
+
+def _fmt(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.6f}"
+
+
+def image_rows(
+    ids: list[str],
+    images: list[str],
+    categories: list[str],
+    merged: MergedPredictions,
+    boxes: np.ndarray,
+    image_index: np.ndarray,
+    crop_labels: np.ndarray,
+) -> list[dict[str, str | int]]:
+    """One row per image: id, image path, category, cluster (-1: no crop), confidence,
+    n_crops, boxes, crop_clusters and prob_<k> for every class k.
+
+    boxes: int (M, 4); image_index: int (M,); crop_labels: int (M,) each crop's own class.
+    """
+    per_image: list[list[int]] = [[] for _ in ids]
+    for j, i in enumerate(np.asarray(image_index).tolist()):
+        per_image[i].append(j)
+    rows = []
+    for i, id_ in enumerate(ids):
+        js = per_image[i]
+        row: dict[str, str | int] = {
+            "id": id_,
+            "image": images[i],
+            "category": categories[i],
+            "cluster": int(merged.labels[i]),
+            "confidence": _fmt(merged.confidence[i]),
+            "n_crops": int(merged.n_crops[i]),
+            "boxes": ";".join(" ".join(str(int(v)) for v in boxes[j]) for j in js),
+            "crop_clusters": ";".join(str(int(crop_labels[j])) for j in js),
+        }
+        row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(merged.probs[i])})
+        rows.append(row)
+    return rows
+
+
+def crop_rows(
+    crop_ids: list[str],
+    image_ids: list[str],
+    boxes: np.ndarray,
+    areas: np.ndarray,
+    scores: np.ndarray,
+    crop_probs: np.ndarray,
+    weights: np.ndarray,
+) -> list[dict[str, str | int]]:
+    """One row per crop: crop_id, image_id, box (x0, y0, x1, y1), area, score, its own
+    cluster and confidence, its weight in the image merge, and prob_<k>.
+
+    image_ids: (M,) the image id of each crop; crop_probs: (M, K); weights: (M,).
+    """
+    labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, int)
+    rows = []
+    for j, cid in enumerate(crop_ids):
+        x0, y0, x1, y1 = (int(v) for v in boxes[j])
+        row: dict[str, str | int] = {
+            "crop_id": cid,
+            "image_id": image_ids[j],
+            "x0": x0,
+            "y0": y0,
+            "x1": x1,
+            "y1": y1,
+            "area": int(areas[j]),
+            "score": _fmt(float(scores[j])),
+            "cluster": int(labels[j]),
+            "confidence": _fmt(float(crop_probs[j, labels[j]])),
+            "weight": _fmt(float(weights[j])),
+        }
+        row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(crop_probs[j])})
+        rows.append(row)
+    return rows
+
+
+def parse_boxes(s: str) -> np.ndarray:
+    """Inverse of the ``boxes`` cell of :func:`image_rows`: int64 (k, 4)."""
+    if not s:
+        return np.zeros((0, 4), dtype=np.int64)
+    return np.array([[int(v) for v in b.split()] for b in s.split(";")], dtype=np.int64)
+
+
+def parse_ints(s: str) -> list[int]:
+    """Inverse of the ``crop_clusters`` cell of :func:`image_rows`."""
+    return [int(v) for v in s.split(";")] if s else []
+
+
+def n_classes(row: dict) -> int:
+    """Number of classes in a table row (its ``prob_<k>`` columns)."""
+    return sum(1 for k in row if k.startswith("prob_"))
+
+
+def write_table(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Write ``rows`` as CSV atomically (columns: those of the first row unless given)."""
+    columns = columns or (list(rows[0]) if rows else [])
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Read a CSV written by :func:`write_table`, checking that ``required`` columns exist."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: not found; run the merge stage first (dvc repro merge)")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {missing}; rerun the stage that writes it")
+        return list(reader)

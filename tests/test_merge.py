@@ -1,7 +1,19 @@
 import numpy as np
 import pytest
 
-from anomalyncd.merge import merge_regions, region_weights, softmax
+from anomalyncd.io import InputError
+from anomalyncd.merge import (
+    crop_rows,
+    image_rows,
+    merge_regions,
+    n_classes,
+    parse_boxes,
+    parse_ints,
+    read_table,
+    region_weights,
+    softmax,
+    write_table,
+)
 
 
 def test_weights_are_softmax_of_sqrt_area_over_temperature():
@@ -72,3 +84,32 @@ def test_bad_strategy_and_temperature_are_errors():
         region_weights(np.ones(1), np.zeros(1, int), 1, "weighted", 0.0)
     with pytest.raises(ValueError, match="image_index"):
         region_weights(np.ones(1), np.array([3]), 2)
+
+
+def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    idx = np.array([0, 0, 1])
+    boxes = np.array([[0, 1, 10, 12], [5, 5, 9, 9], [2, 2, 4, 4]])
+    merged = merge_regions(probs, np.array([100, 4, 9]), idx, 3, "weighted", 5.0)
+    rows = image_rows(["a", "b", "c"], ["a.png", "b.png", "c.png"], ["t"] * 3, merged, boxes, idx, probs.argmax(1))
+    write_table(tmp_path / "p.csv", rows)
+    back = read_table(tmp_path / "p.csv", required=("id", "cluster"))
+    assert [r["cluster"] for r in back] == [str(merged.labels[0]), "0", "-1"]
+    np.testing.assert_array_equal(parse_boxes(back[0]["boxes"]), boxes[:2])
+    assert parse_ints(back[0]["crop_clusters"]) == [0, 1]
+    assert back[2]["n_crops"] == "0" and back[2]["boxes"] == "" and back[2]["confidence"] == ""
+    assert n_classes(back[0]) == 2
+    assert float(back[0]["prob_0"]) == pytest.approx(merged.probs[0, 0], abs=1e-6)
+
+
+def test_crop_table_has_one_row_per_crop_with_its_weight(tmp_path):
+    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
+    rows = crop_rows(["a#0", "a#1"], ["a", "a"], np.array([[0, 0, 4, 4], [1, 1, 3, 3]]), np.array([16, 4]),
+                     np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]))
+    assert [r["cluster"] for r in rows] == [0, 1]
+    assert rows[1]["confidence"] == "0.700000" and rows[0]["weight"] == "0.600000"
+
+
+def test_reading_a_missing_table_names_the_stage(tmp_path):
+    with pytest.raises(InputError, match="merge"):
+        read_table(tmp_path / "nope.csv")
