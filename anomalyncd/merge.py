@@ -32,6 +32,28 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def novel_probabilities(probs: np.ndarray, head: int, num_labeled: int = 0) -> np.ndarray:
+    """The selected head's class probabilities over the novel classes: (M, n_head, K) ->
+    (M, K - num_labeled).
+
+    ``infer`` stores ``probs = softmax(logits / 0.1)`` over the novel outputs with the
+    ``num_labeled`` base outputs (first in K) zeroed, i.e. exactly the crop probabilities of
+    region merging, so they are used as they are; dropping the base columns makes cluster
+    ``k`` the k-th novel class. Rows must sum to 1.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be (M, n_head, K), got shape {probs.shape}")
+    if not 0 <= head < probs.shape[1]:
+        raise ValueError(f"selected head {head} outside 0..{probs.shape[1] - 1}")
+    out = probs[:, head, num_labeled:]
+    if out.shape[1] == 0:
+        raise ValueError(f"no novel classes: K = {probs.shape[2]}, num_labeled = {num_labeled}")
+    if len(out) and not np.allclose(out.sum(1), 1.0, atol=1e-3):
+        raise ValueError("novel-class probabilities do not sum to 1; rerun infer")
+    return out
+
+
 def region_weights(
     areas: np.ndarray,
     image_index: np.ndarray,
@@ -246,3 +268,30 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
         if missing:
             raise InputError(f"{path}: missing column(s) {missing}; rerun the stage that writes it")
         return list(reader)
+
+
+def merge_tables(
+    ids: list[str],
+    images: list[str],
+    categories: list[str],
+    crop_ids: list[str],
+    image_index: np.ndarray,
+    boxes: np.ndarray,
+    areas: np.ndarray,
+    scores: np.ndarray,
+    crop_probs: np.ndarray,
+    strategy: str = "weighted",
+    temperature: float = 50.0,
+) -> tuple[list[dict], list[dict]]:
+    """Region merging of N images with M crops, as the two tables (image rows, crop rows).
+
+    The one code path behind the ``merge`` stage and ``anomalyncd predict``. ids, images,
+    categories: (N,); crop_ids, image_index, boxes (M, 4), areas, scores: (M,); crop_probs
+    (M, K) from :func:`novel_probabilities`.
+    """
+    merged = merge_regions(crop_probs, areas, image_index, len(ids), strategy, temperature)
+    crop_labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, dtype=np.int64)
+    img_rows = image_rows(ids, images, categories, merged, boxes, image_index, crop_labels)
+    crop_image_ids = [ids[i] for i in np.asarray(image_index).tolist()]
+    c_rows = crop_rows(crop_ids, crop_image_ids, boxes, areas, scores, crop_probs, merged.weights)
+    return img_rows, c_rows

@@ -7,6 +7,7 @@ from anomalyncd.merge import (
     image_rows,
     merge_regions,
     n_classes,
+    novel_probabilities,
     parse_boxes,
     parse_ints,
     read_table,
@@ -113,3 +114,16 @@ def test_crop_table_has_one_row_per_crop_with_its_weight(tmp_path):
 def test_reading_a_missing_table_names_the_stage(tmp_path):
     with pytest.raises(InputError, match="merge"):
         read_table(tmp_path / "nope.csv")
+
+
+def test_novel_probabilities_take_the_selected_head_and_drop_base_classes():
+    probs = np.zeros((2, 3, 5))
+    probs[:, 1, 2:] = [[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]
+    probs[:, 0, 2:] = 1 / 3
+    out = novel_probabilities(probs, head=1, num_labeled=2)
+    np.testing.assert_allclose(out, probs[:, 1, 2:])
+
+
+def test_novel_probabilities_reject_unnormalised_input():
+    with pytest.raises(ValueError, match="sum to 1"):
+        novel_probabilities(np.full((1, 1, 3), 0.5), head=0)
