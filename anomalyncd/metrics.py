@@ -235,8 +235,6 @@ def evaluate_predictions(
     if crop_scores is not None:
         metrics["crop"] = crop_scores.summary()
     metrics["per_class"] = img_scores.per_class
-    if crop_scores is not None:
-        metrics["per_class_crop"] = crop_scores.per_class
     for k, v in clusters.items():
         v["matched"] = img_scores.matching.get(k)
     metrics["clusters"] = {str(k): v for k, v in clusters.items()}

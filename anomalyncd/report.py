@@ -25,6 +25,7 @@ from .io import atomic_path, read_image, write_image
 
 THUMB_SIZE = 128
 FULL_MAX_SIDE = 768
+FULL_MIN_SIDE = 384
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -41,7 +42,7 @@ def palette(n: int) -> list[tuple[int, int, int]]:
 
 
 def outline_thumbnail(
-    crop: np.ndarray, mask: np.ndarray, size: int = THUMB_SIZE, color: tuple[int, int, int] = (255, 40, 40)
+    crop: np.ndarray, mask: np.ndarray, size: int = THUMB_SIZE, color: tuple[int, int, int] = (255, 215, 0)
 ) -> np.ndarray:
     """Resize an RGB crop (C, C, 3) to (size, size, 3) and draw its mask's (C, C) outline."""
     thumb = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_LINEAR)
@@ -57,12 +58,15 @@ def draw_boxes(
     labels: Sequence[str],
     colors: Sequence[tuple[int, int, int]],
     max_side: int = FULL_MAX_SIDE,
+    min_side: int = FULL_MIN_SIDE,
 ) -> np.ndarray:
     """Draw ``boxes`` (k, 4) as (x0, y0, x1, y1), x1/y1 exclusive, with their ``labels`` on an
-    RGB image (H, W, 3); the result is scaled down so its longer side is at most ``max_side``."""
+    RGB image (H, W, 3). The image is first scaled so that its longer side lies within
+    ``[min_side, max_side]`` (small images are enlarged so the labels stay readable)."""
     h, w = image.shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    out = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA) if s < 1 else image.copy()
+    s = float(np.clip(1.0, min_side / max(h, w), max_side / max(h, w)))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_NEAREST
+    out = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp) if s != 1 else image.copy()
     out = np.ascontiguousarray(out)
     thick = max(1, round(max(out.shape[:2]) / 300))
     scale = max(0.35, max(out.shape[:2]) / 900)
@@ -266,7 +270,7 @@ def _class_section(out: Path, data: ReportData, k: int, colors: list[tuple[int, 
         else:
             img = "<div class='nocrop'>no crop</div>"
         figs.append(
-            f"<figure class='{wrong.strip()}'><a href='{full}'>{img}</a>"
+            f"<figure class='thumb{wrong}'><a href='{full}'>{img}</a>"
             f"<figcaption>{_e(im.id)}{conf}{truth}</figcaption></figure>"
         )
     more = f"<p>{len(members) - data.per_class_images} more not shown.</p>" if len(members) > data.per_class_images else ""
@@ -276,7 +280,7 @@ def _class_section(out: Path, data: ReportData, k: int, colors: list[tuple[int, 
 def _full_image(out: Path, data: ReportData, idx: int, im: ImageEntry, colors: list[tuple[int, int, int]]) -> str:
     rel = f"full/{idx:05d}.jpg"
     rgb = read_image(im.path)
-    labels = [cluster_label(c, data.names) for c in im.crop_clusters]
+    labels = [f"{c}: {data.names[c]}" if c in data.names else str(c) for c in im.crop_clusters]
     cols = [colors[c % len(colors)] if c >= 0 else (128, 128, 128) for c in im.crop_clusters]
     drawn = draw_boxes(rgb, im.boxes, labels, cols)
     cv2.imwrite(str(out / rel), np.ascontiguousarray(drawn[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -290,7 +294,7 @@ def _mebin_section(out: Path, data: ReportData) -> str:
     for i, e in enumerate(data.mebin):
         rel = f"mebin/{i:03d}.png"
         plot_count_sequence(out / rel, e.thresholds, e.counts, e.chosen, e.id)
-        figs.append(f"<figure><img src='{rel}' alt='{_e(e.id)}'><figcaption>{_e(e.id)}</figcaption></figure>")
+        figs.append(f"<figure><img src='{rel}' alt='MEBin count sequence of {_e(e.id)}'></figure>")
     return (
         "<h2>MEBin: region count along the threshold sweep</h2>"
         "<p>Number of connected anomaly regions at each threshold of the MEBin sweep; the dashed line "
@@ -310,9 +314,10 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; }
 table.num td { text-align: right; }
 tr.mean { font-weight: bold; }
 .gallery { display: flex; flex-wrap: wrap; gap: 8px; }
-figure { margin: 0; width: 140px; font-size: 11px; word-break: break-all; }
-figure img { border: 3px solid #4c4; }
-figure.wrong img { border-color: #e33; }
+figure { margin: 0; font-size: 11px; word-break: break-all; }
+figure.thumb { width: 140px; }
+figure.thumb img { border: 3px solid #4c4; }
+figure.thumb.wrong img { border-color: #e33; }
 .nocrop { width: 128px; height: 128px; background: #eee; display: flex; align-items: center; justify-content: center; }
 .warn { background: #fff3cd; padding: 0.5em; }
 h2 { border-bottom: 1px solid #ddd; margin-top: 1.5em; }
@@ -324,6 +329,6 @@ def _page(title: str, body: str) -> str:
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"
         "<p style='color:#888;font-size:11px'>Thumbnail border: green = true type equals the class's matched "
-        "type, red = it differs. Click a thumbnail for the full image with every crop's box.</p>"
+        "type, red = it differs; yellow line: the anomaly mask's outline. Click a thumbnail for the full image with every crop's box.</p>"
         "</body></html>\n"
     )

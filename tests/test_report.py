@@ -120,3 +120,8 @@ def test_draw_boxes_scales_large_images_and_colours_boxes():
 def test_palette_gives_distinct_colours():
     for n in (3, 15, 40):
         assert len(set(palette(n))) == n
+
+
+def test_draw_boxes_enlarges_tiny_images_for_readable_labels():
+    out = draw_boxes(np.zeros((64, 32, 3), np.uint8), np.array([[0, 0, 8, 8]]), ["1"], [(255, 0, 0)], min_side=256)
+    assert out.shape == (256, 128, 3)
