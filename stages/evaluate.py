@@ -21,9 +21,10 @@ from anomalyncd.io import InputError, write_json
 from anomalyncd.merge import n_classes, parse_boxes, parse_ints, read_table, write_table
 from anomalyncd.metrics import evaluate_predictions
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, write_report
+from anomalyncd.stage import run
 from anomalyncd.store import CropSet, read_crops
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 CONFUSION = paths.PLOTS / "confusion.csv"
 IMAGE_COLUMNS = ("id", "image", "category", "cluster", "confidence", "n_crops", "boxes", "crop_clusters")
@@ -129,4 +130,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

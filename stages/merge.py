@@ -16,9 +16,11 @@ from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError
 from anomalyncd.merge import merge_tables, novel_probabilities, write_table
+from anomalyncd.stage import run
 from anomalyncd.store import read_crops, read_probs
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -62,4 +64,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)
