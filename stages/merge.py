@@ -18,7 +18,6 @@ from anomalyncd.io import InputError
 from anomalyncd.merge import merge_tables, novel_probabilities, write_table
 from anomalyncd.stage import run
 from anomalyncd.store import read_crops, read_probs
-from anomalyncd.stage import run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
