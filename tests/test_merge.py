@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -127,3 +129,39 @@ def test_novel_probabilities_take_the_selected_head_and_drop_base_classes():
 def test_novel_probabilities_reject_unnormalised_input():
     with pytest.raises(ValueError, match="sum to 1"):
         novel_probabilities(np.full((1, 1, 3), 0.5), head=0)
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+def test_merge_stage_writes_one_row_per_image_and_per_crop(tmp_path, monkeypatch):
+    from anomalyncd import paths
+    from stages import merge as stage
+
+    from .synthetic_run import make_project
+
+    made = make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    stage.main(params=Path("params.yaml"))
+    images = read_table(paths.PREDICTIONS)
+    crops = read_table(paths.CROP_PREDICTIONS)
+    cs = made["crops"]
+    assert [r["id"] for r in images] == cs.ids
+    assert [r["crop_id"] for r in crops] == cs.crop_ids
+    expected = merge_regions(made["probs"][:, 1], cs.areas, cs.image_index, len(cs.ids), "weighted", 10.0)
+    assert [int(r["cluster"]) for r in images] == expected.labels.tolist()
+    assert [int(r["n_crops"]) for r in images] == expected.n_crops.tolist()
+    assert images[0]["image"] == made["records"][0].image
+
+
+def test_merge_stage_rejects_probabilities_of_other_crops(tmp_path, monkeypatch):
+    from anomalyncd import paths
+    from anomalyncd.store import ProbSet, write_probs
+    from stages import merge as stage
+
+    from .synthetic_run import make_project
+
+    make_project(tmp_path)
+    write_probs(tmp_path / paths.PROBS, ProbSet(probs=np.full((2, 1, 3), 1 / 3), logits=np.zeros((2, 1, 3)), features=np.zeros((2, 1)), head=0))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="rerun infer"):
+        stage.main(params=Path("params.yaml"))

@@ -2,6 +2,7 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pytest
 
 from anomalyncd.io import write_image
 from anomalyncd.report import (
@@ -125,3 +126,60 @@ def test_palette_gives_distinct_colours():
 def test_draw_boxes_enlarges_tiny_images_for_readable_labels():
     out = draw_boxes(np.zeros((64, 32, 3), np.uint8), np.array([[0, 0, 8, 8]]), ["1"], [(255, 0, 0)], min_side=256)
     assert out.shape == (256, 128, 3)
+
+
+# -- the evaluate stage ------------------------------------------------------------------------
+
+
+def _evaluate(tmp_path, monkeypatch, **kw):
+    import json
+    from pathlib import Path
+
+    from stages import evaluate, merge
+
+    from .synthetic_run import make_project
+
+    make_project(tmp_path, **kw)
+    monkeypatch.chdir(tmp_path)
+    merge.main(params=Path("params.yaml"))
+    evaluate.main(params=Path("params.yaml"))
+    return json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+
+
+def _links_resolve(report):
+    parser = _Links()
+    parser.feed((report / "index.html").read_text())
+    return parser.refs and all((report / r).is_file() for r in parser.refs)
+
+
+def test_evaluate_stage_scores_writes_the_confusion_plot_and_report(tmp_path, monkeypatch):
+    import csv
+
+    m = _evaluate(tmp_path, monkeypatch)
+    assert m["ground_truth"] is True and m["n_images"] == 6
+    assert set(m["image"]) == {"n", "nmi", "ari", "f1"} and m["crop"]["n"] == 12
+    assert set(m["per_class"]) == {"crack", "hole", "stain"}
+    with open(tmp_path / "plots" / "confusion.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {r["actual"] for r in rows} == {"crack", "hole", "stain"}
+    assert _links_resolve(tmp_path / "reports")
+    assert len(list((tmp_path / "reports" / "mebin").iterdir())) == 2
+
+
+def test_evaluate_stage_reports_each_category_and_their_mean(tmp_path, monkeypatch):
+    m = _evaluate(tmp_path, monkeypatch, categories=("tile", "wood"))
+    assert set(m["per_category"]) == {"tile", "wood"}
+    f1s = [m["per_category"][c]["image"]["f1"] for c in ("tile", "wood")]
+    assert m["mean"]["image"]["f1"] == pytest.approx(np.mean(f1s))
+    assert "wood/crack" in m["per_class"]
+    assert "Per category" in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_evaluate_stage_without_ground_truth_says_so_and_still_reports(tmp_path, monkeypatch):
+    m = _evaluate(tmp_path, monkeypatch, labelled=False)
+    assert m["ground_truth"] is False
+    assert sum(v["size"] for v in m["clusters"].values()) == 6
+    assert all("mean_confidence" in v for v in m["clusters"].values())
+    assert "image" not in m
+    assert _links_resolve(tmp_path / "reports")
+    assert "No ground truth" in (tmp_path / "reports" / "index.html").read_text()
