@@ -104,9 +104,10 @@ def _run(args: list[str], cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_predicting_the_runs_own_images_reproduces_its_predictions(tmp_path):
-    proj = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny demo project after ``dvc repro``."""
+    proj = tmp_path_factory.mktemp("predict") / "run"
     for name in COPY:
         src, dst = ROOT / name, proj / name
         if src.is_dir():
@@ -118,14 +119,20 @@ def test_predicting_the_runs_own_images_reproduces_its_predictions(tmp_path):
     for section, values in TINY.items():
         params[section].update(values)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], proj)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(git + ["init", "-q"], proj)
+    _run(git + ["add", "-A"], proj)
+    _run(git + ["commit", "-qm", "init"], proj)
     _run([sys.executable, "-m", "dvc", "repro", "--no-commit"], proj)
+    return proj
 
-    out = tmp_path / "preds.csv"
+
+def _defect_folders(proj: Path) -> list[Path]:
     test_dir = proj / "data" / "demo" / "tile" / "test"
-    folders = [d for d in sorted(test_dir.iterdir()) if d.name != "good"]
-    _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(proj), *map(str, folders), "--out", str(out)], tmp_path)
+    return [d for d in sorted(test_dir.iterdir()) if d.name != "good"]
 
+
+def _assert_same_predictions(proj: Path, out: Path) -> None:
     with open(proj / "data" / "merge" / "predictions.csv", newline="") as fh:
         run_rows = {str((proj / r["image"]).resolve()): r for r in csv.DictReader(fh)}
     with open(out, newline="") as fh:
@@ -140,4 +147,30 @@ def test_predicting_the_runs_own_images_reproduces_its_predictions(tmp_path):
             assert float(n["confidence"]) == pytest.approx(float(r["confidence"]), abs=1e-4), key
         else:
             assert n["confidence"] == "", key
-        assert n["name"] == (metrics["clusters"][r["cluster"]]["matched"] or "")
+        if r["cluster"] != "-1":
+            assert n["name"] == (metrics["clusters"][r["cluster"]]["matched"] or "")
+
+
+@pytest.mark.slow
+def test_predicting_the_runs_own_images_reproduces_its_predictions(finished_run, tmp_path):
+    out = tmp_path / "preds.csv"
+    folders = [str(d) for d in _defect_folders(finished_run)]
+    _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+    _assert_same_predictions(finished_run, out)
+
+
+@pytest.mark.slow
+def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run, tmp_path):
+    from anomalyncd.store import read_maps
+
+    ms = read_maps(finished_run / "data" / "detect" / "maps.zarr.zip")
+    maps_dir = tmp_path / "maps"
+    for id_, m in zip(ms.ids, ms.maps):  # tile/test/crack/000 -> <maps>/crack/000.npy
+        f = maps_dir / (id_.split("/", 2)[2] + ".npy")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        np.save(f, m)
+    out = tmp_path / "preds.csv"
+    folders = [str(d) for d in _defect_folders(finished_run)]
+    args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out)]
+    _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run)
+    _assert_same_predictions(finished_run, out)
