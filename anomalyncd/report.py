@@ -298,7 +298,8 @@ def _mebin_section(out: Path, data: ReportData) -> str:
     return (
         "<h2>MEBin: region count along the threshold sweep</h2>"
         "<p>Number of connected anomaly regions at each threshold of the MEBin sweep; the dashed line "
-        "is the threshold MEBin chose (the start of the longest stable run of counts).</p>"
+        "is the threshold MEBin chose, at the end of the longest stable run of equal, non-zero counts "
+        "(255: no anomaly region found).</p>"
         "<div class='gallery'>" + "".join(figs) + "</div>"
     )
 
