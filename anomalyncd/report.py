@@ -174,7 +174,8 @@ def _cluster_order(data: ReportData) -> list[int]:
     sizes = {k: 0 for k in range(data.n_clusters)}
     for im in data.images:
         sizes[im.cluster] = sizes.get(im.cluster, 0) + 1
-    return sorted(sizes, key=lambda k: (k < 0, k))
+    # classes with images first, in id order; then "no crop" (-1); empty classes last
+    return sorted(sizes, key=lambda k: (sizes[k] == 0, k < 0, k))
 
 
 def _header(data: ReportData) -> str:
