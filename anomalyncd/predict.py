@@ -115,13 +115,6 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
     return found
 
 
-def normalise_maps(maps: np.ndarray, norm_min: float, norm_max: float) -> np.ndarray:
-    """Raw maps float (N, S, S) -> uint8 on the run's 0..255 scale (values outside the run's
-    range are clipped), the scale MEBin's stored search range refers to."""
-    scaled = (np.asarray(maps, dtype=np.float32) - norm_min) / max(norm_max - norm_min, 1e-12)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def read_map(path: Path) -> np.ndarray:
     """A raw anomaly map file: ``.npy`` (2-D float) or a grayscale image; float32 (h, w)."""
     if path.suffix.lower() == ".npy":
@@ -161,20 +154,19 @@ def predict_images(
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
     ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
 
-    Maps come from the run's fitted detector, or from ``maps_dir`` (raw maps, normalised with
-    the run's range like the detector's).
+    Maps come from the run's fitted detector, or from ``maps_dir`` (raw maps); either way they
+    are normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
     """
+    from .detect import load_detector, normalise_u8
     from .inference import predict_crops
     from .mebin import mebin_image
 
     detector = None
     map_files = find_maps(maps_dir, [i for i, _ in images]) if maps_dir is not None else None
     if map_files is None:
-        from .detect import load_detector
-
         if not run.detector.exists():
             raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
-        detector = load_detector(run.detector)
+        detector = load_detector(run.detector, device=None if device in (None, "auto") else device)
 
     crops, masks, index, boxes, areas, scores = [], [], [], [], [], []
     bar = tqdm(total=len(images), desc="predict: detect + mebin", unit="img", disable=not progress)
@@ -186,7 +178,9 @@ def predict_images(
         else:
             raw = [read_map(f) for f in map_files[s : s + CHUNK]]
         for k, (img, m) in enumerate(zip(rgb, raw)):
-            _, c = mebin_image(normalise_maps(m, run.norm_min, run.norm_max), img, run.lo, run.hi, run.mebin)
+            # the run's global map range, as the detect stage normalised the run's own maps
+            map_u8 = normalise_u8(m, run.norm_min, run.norm_max)
+            _, c = mebin_image(map_u8, img, run.lo, run.hi, run.mebin)
             crops.append(c.crops)
             masks.append(c.crop_masks)
             boxes.append(c.boxes)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from anomalyncd.io import InputError, write_image
-from anomalyncd.predict import class_names, find_images, find_maps, load_run, normalise_maps, read_map
+from anomalyncd.predict import class_names, find_images, find_maps, load_run, read_map
 
 from .conftest import ROOT
 
@@ -50,13 +50,6 @@ def test_missing_inputs_and_empty_folders_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images"):
         find_images([tmp_path / "empty"])
-
-
-def test_maps_are_normalised_with_the_runs_range_and_clipped():
-    maps = np.array([[[0.5, 1.0], [1.5, 3.0]]], np.float32)
-    u8 = normalise_maps(maps, norm_min=1.0, norm_max=2.0)
-    assert u8.dtype == np.uint8
-    assert u8.tolist() == [[[0, 0], [128, 255]]]
 
 
 def test_map_files_are_matched_to_images_by_id(tmp_path):
