@@ -169,7 +169,7 @@ def predict_images(
         detector = load_detector(run.detector, device=None if device in (None, "auto") else device)
 
     crops, masks, index, boxes, areas, scores = [], [], [], [], [], []
-    bar = tqdm(total=len(images), desc="predict: detect + mebin", unit="img", disable=not progress)
+    bar = tqdm(total=len(images), desc="predict: maps + mebin", unit="img", disable=not progress)
     for s in range(0, len(images), CHUNK):
         chunk = images[s : s + CHUNK]
         rgb = [read_image(p) for _, p in chunk]
@@ -215,9 +215,9 @@ def predict_images(
         strategy=run.merge.strategy,
         temperature=run.merge.temperature,
     )
-    out = []
-    for r in rows:
-        r.pop("category")
-        k = int(r["cluster"])
-        out.append({"id": r.pop("id"), "image": r.pop("image"), "cluster": k, "name": run.names.get(k, ""), **{c: v for c, v in r.items() if c != "cluster"}})
-    return out
+    first = ("id", "image", "cluster")
+    return [
+        {**{c: r[c] for c in first}, "name": run.names.get(int(r["cluster"]), "")}
+        | {c: v for c, v in r.items() if c not in first and c != "category"}
+        for r in rows
+    ]
