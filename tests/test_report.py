@@ -1,4 +1,3 @@
-import re
 from html.parser import HTMLParser
 
 import numpy as np
