@@ -21,13 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from . import paths
-from .config import InferParams, MebinParams, MergeParams, load_params
+from .config import DetectParams, InferParams, MebinParams, MergeParams, load_params
 from .datasets import IMAGE_EXTENSIONS
 from .io import InputError, read_image
 from .merge import merge_tables, novel_probabilities
 from .store import read_crops, read_maps
 
-MAP_EXTENSIONS = (".npy",) + IMAGE_EXTENSIONS
+MAP_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")  # what the external detector reads
 CHUNK = 32  # images per detector / MEBin pass, bounds memory on large folders
 
 
@@ -36,6 +36,7 @@ class Run:
     """What :func:`predict_images` needs from a finished run's project directory."""
 
     root: Path
+    detect: DetectParams
     mebin: MebinParams
     merge: MergeParams
     infer: InferParams
@@ -70,6 +71,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             raise InputError(f"{root / key}: has no {name!r}; rerun the stage that writes it (dvc repro)")
     return Run(
         root=root,
+        detect=load_params("detect", params),
         mebin=load_params("mebin", params),
         merge=load_params("merge", params),
         infer=load_params("infer", params),
@@ -115,21 +117,9 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
     return found
 
 
-def read_map(path: Path) -> np.ndarray:
-    """A raw anomaly map file: ``.npy`` (2-D float) or a grayscale image; float32 (h, w)."""
-    if path.suffix.lower() == ".npy":
-        m = np.load(path)
-    else:
-        m = read_image(path)[..., 0]
-    m = np.squeeze(np.asarray(m, dtype=np.float32))
-    if m.ndim != 2:
-        raise InputError(f"{path}: an anomaly map must be 2-D, got shape {m.shape}")
-    return m
-
-
 def find_maps(maps_dir: str | os.PathLike, ids: Sequence[str]) -> list[Path]:
-    """The map file of each image id in ``maps_dir``: ``<id>.<npy|png|...>`` (or the id's file
-    name alone)."""
+    """The map file of each image id in ``maps_dir``: ``<id>.<npy|png|tif|tiff>`` (or the id's
+    file name alone)."""
     root = Path(maps_dir)
     if not root.is_dir():
         raise InputError(f"{root}: maps folder not found (--maps)")
@@ -154,10 +144,14 @@ def predict_images(
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
     ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
 
-    Maps come from the run's fitted detector, or from ``maps_dir`` (raw maps); either way they
-    are normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
+    Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to
+    ``detect.map_size`` as the ``external`` detector reads map files; either way they are
+    normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
     """
+    import cv2
+
     from .detect import load_detector, normalise_u8
+    from .detect.external import read_map_file
     from .inference import predict_crops
     from .mebin import mebin_image
 
@@ -174,9 +168,13 @@ def predict_images(
         chunk = images[s : s + CHUNK]
         rgb = [read_image(p) for _, p in chunk]
         if detector is not None:
-            raw = list(detector.predict(rgb))
+            try:
+                raw = list(detector.predict(rgb))
+            except InputError as e:
+                raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
         else:
-            raw = [read_map(f) for f in map_files[s : s + CHUNK]]
+            size = (run.detect.map_size, run.detect.map_size)
+            raw = [cv2.resize(read_map_file(f), size, interpolation=cv2.INTER_LINEAR) for f in map_files[s : s + CHUNK]]
         for k, (img, m) in enumerate(zip(rgb, raw)):
             # the run's global map range, as the detect stage normalised the run's own maps
             map_u8 = normalise_u8(m, run.norm_min, run.norm_max)
