@@ -48,10 +48,21 @@ class DemoParams:
 class DetectParams:
     """Anomaly maps for the images to classify."""
 
-    method: str = "mean_diff"
+    method: Literal["patchcore", "padim", "musc", "external", "ground_truth"] = "patchcore"
     seed: int = 0
     map_size: int = 128
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when available
+    # patchcore / musc backbone: "filterbank" (weight-free) or a timm model name
+    backbone: str = "filterbank"
+    layers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # timm out_indices; filterbank: scales (px)
+    pretrained: bool = False  # timm downloads the weights (needs internet)
+    checkpoint: str = ""  # local weights file for the timm backbone
+    image_size: int = 128  # images are resized to image_size x image_size
+    batch_size: int = 16
+    coreset_ratio: float = 0.1  # patchcore: fraction of training patches kept in the memory bank
+    train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
+    musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
+    external_dir: str = ""  # external: folder of maps
 
 
 @dataclass
