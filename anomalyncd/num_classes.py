@@ -1,7 +1,7 @@
 """Estimate how many classes a set of features holds (``train.num_classes: auto``).
 
 Class discovery papers are told the number of novel classes; a factory does not know it. The
-functions here choose it from the crops' [CLS] features alone (or with a labelled base set).
+functions here choose it from the crops' [CLS] features alone.
 Every estimator scores each candidate K in ``1..k_max`` (higher is better, ``nan`` where a
 score is undefined) and returns a :class:`KEstimate` holding the evidence, so that the pipeline
 can log it and plot score against K.
@@ -16,7 +16,6 @@ Estimators (``method``):
 - ``stability``: agreement (ARI) of k-means fitted on two random halves of the data, over
   resamplings (Ben-Hur et al., 2002; Lange et al., 2004). Undefined for K = 1 (a single
   cluster is trivially stable), answered like ``silhouette``.
-- ``vote``: eigengap, silhouette and stability each pick a K; the median of the three.
 
 Features are L2-normalised (the classifier heads are cosine classifiers) and reduced with PCA
 before any estimator runs; see :func:`prepare_features`.
@@ -24,15 +23,17 @@ before any estimator runs; see :func:`prepare_features`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import csgraph
 from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-METHODS = ("eigengap", "silhouette", "stability", "vote")
+METHODS = ("silhouette", "eigengap", "stability")
 
 
 @dataclass
@@ -41,14 +42,13 @@ class KEstimate:
 
     k: the chosen number of classes. candidates: the Ks scored, ``1..k_max``. scores: one score
     per candidate under ``method`` (higher is better; ``nan`` where undefined). method: the
-    estimator's name. details: for ``vote``, each voter's scores and pick.
+    estimator's name.
     """
 
     k: int
     candidates: list[int]
     scores: list[float]
     method: str
-    details: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready: ``nan`` scores become ``None``."""
@@ -57,10 +57,6 @@ class KEstimate:
             "method": self.method,
             "candidates": list(self.candidates),
             "scores": [_finite_or_none(s) for s in self.scores],
-            "details": {
-                name: {"k": d["k"], "scores": [_finite_or_none(s) for s in d["scores"]]}
-                for name, d in self.details.items()
-            },
         }
 
 
@@ -103,7 +99,9 @@ def _k_max(k_max: int, m: int) -> int:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int = 4) -> KMeans:
-    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+    with warnings.catch_warnings():  # duplicate crops give fewer distinct clusters than k: expected
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
 
 
 # -- estimators -------------------------------------------------------------------------------
@@ -184,10 +182,10 @@ def stability_scores(x: np.ndarray, k_max: int, n_resamples: int = 10, seed: int
 def estimate_num_classes(
     features: np.ndarray,
     k_max: int = 10,
-    method: str = "vote",
+    method: str = "silhouette",
     seed: int = 0,
     n_components: int = 32,
-    min_silhouette: float = 0.1,
+    min_silhouette: float = 0.25,
     min_stability: float = 0.6,
 ) -> KEstimate:
     """Estimate the number of classes among ``features``.
@@ -206,24 +204,16 @@ def estimate_num_classes(
     z = prepare_features(x, n_components)
     if m < 3 or k_max == 1:
         return KEstimate(1, candidates, [float("nan")] * k_max, method)
-    picks: dict[str, dict] = {}
-    if method in ("eigengap", "vote"):
-        s = eigengap_scores(z, k_max)
-        picks["eigengap"] = {"k": int(np.argmax(s)) + 1, "scores": s.tolist()}
-    if method in ("silhouette", "vote"):
-        s = silhouette_scores(z, k_max, seed)
-        picks["silhouette"] = {"k": _pick_or_one(s, min_silhouette), "scores": s.tolist()}
-    if method in ("stability", "vote"):
-        s = stability_scores(z, k_max, seed=seed)
-        picks["stability"] = {"k": _pick_or_one(s, min_stability), "scores": s.tolist()}
-    if method != "vote":
-        (only,) = picks.values()
-        return KEstimate(only["k"], candidates, only["scores"], method)
-    ks = sorted(p["k"] for p in picks.values())
-    k = ks[len(ks) // 2]
-    # the plotted score of the vote: how many voters chose each K
-    votes = [float(sum(p["k"] == c for p in picks.values())) for c in candidates]
-    return KEstimate(k, candidates, votes, method, details=picks)
+    if method == "eigengap":
+        scores = eigengap_scores(z, k_max)
+        k = int(np.argmax(scores)) + 1
+    elif method == "silhouette":
+        scores = silhouette_scores(z, k_max, seed)
+        k = _pick_or_one(scores, min_silhouette)
+    else:
+        scores = stability_scores(z, k_max, seed=seed)
+        k = _pick_or_one(scores, min_stability)
+    return KEstimate(k, candidates, scores.tolist(), method)
 
 
 def _pick_or_one(scores: np.ndarray, floor: float) -> int:
