@@ -1,0 +1,27 @@
+"""The ``anomalyncd`` console command: every pipeline stage as a subcommand.
+
+``anomalyncd detect`` is the same as ``python -m stages.detect``; ``dvc repro`` runs the stages
+in order with caching, which is what most users want.
+"""
+
+import typer
+
+from stages import demo, detect, evaluate, infer, mebin, merge, prepare, train
+
+app = typer.Typer(add_completion=False, help="Discover the types of defects in industrial images (AnomalyNCD).")
+
+for _name, _module in [
+    ("demo", demo),
+    ("prepare", prepare),
+    ("detect", detect),
+    ("mebin", mebin),
+    ("train", train),
+    ("infer", infer),
+    ("merge", merge),
+    ("evaluate", evaluate),
+]:
+    app.command(name=_name, help=_module.__doc__.strip().splitlines()[0])(_module.main)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,17 @@
+"""Where each stage's artifacts live, relative to the project root (the one place for paths;
+``dvc.yaml`` names the same files)."""
+
+from pathlib import Path
+
+DEMO = Path("data/demo")
+MANIFEST = Path("data/prepared/manifest.csv")
+MAPS = Path("data/detect/maps.zarr.zip")
+DETECTOR = Path("models/detector.pt")
+CROPS = Path("data/mebin/crops.zarr.zip")
+MODEL = Path("models/mgvit.pt")
+PROBS = Path("data/infer/probs.zarr.zip")
+PREDICTIONS = Path("data/merge/predictions.csv")
+CROP_PREDICTIONS = Path("data/merge/crops.csv")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORT = Path("reports")

@@ -1,0 +1,1 @@
+"""One Typer command per pipeline stage; ``python -m stages.<name> --help``."""

@@ -1,0 +1,133 @@
+import collections
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from anomalyncd.config import DatasetParams, DemoParams
+from anomalyncd.datasets import READERS, Manifest, build_manifest, read_dataset
+from anomalyncd.demo import DEFECTS, generate
+from anomalyncd.io import InputError
+
+from .conftest import MTD, requires_mtd
+
+
+def _manifest(layout, root, **kw):
+    return build_manifest(read_dataset(DatasetParams(layout=layout, root=str(root), **kw)), progress=False)
+
+
+def test_registry_has_the_three_layouts():
+    assert {"mvtec", "mtd", "folder"} <= set(READERS)
+
+
+def test_mvtec_reader_finds_train_test_and_masks(tiny_demo):
+    m = _manifest("mvtec", tiny_demo)
+    splits = collections.Counter((r.split, r.defect_type) for r in m.records)
+    assert splits[("train", "good")] == 6 and splits[("test", "good")] == 2
+    assert all(splits[("test", t)] == 3 for t in DEFECTS)
+    defects = [r for r in m.records if r.split == "test" and not r.is_normal]
+    assert all(r.mask.endswith("_mask.png") for r in defects)
+    assert all((r.height, r.width) == (64, 64) for r in m.records)
+    assert defects[0].id == "tile/test/crack/000"
+
+
+def test_images_to_classify_are_the_defect_test_images_unless_normal_is_included(tiny_demo):
+    m = _manifest("mvtec", tiny_demo)
+    assert len(m.to_classify()) == 12
+    assert len(m.to_classify(include_normal=True)) == 14
+
+
+def test_manifest_round_trips_through_csv(tiny_demo, tmp_path):
+    m = _manifest("mvtec", tiny_demo)
+    m.write(tmp_path / "manifest.csv")
+    assert Manifest.read(tmp_path / "manifest.csv").records == m.records
+
+
+def test_unknown_category_is_an_error(tiny_demo):
+    with pytest.raises(InputError, match=r"categories \['wood'\] not found"):
+        _manifest("mvtec", tiny_demo, categories=["wood"])
+
+
+def test_mask_of_another_size_names_the_mask(tiny_demo):
+    mask = tiny_demo / "tile/ground_truth/hole/001_mask.png"
+    cv2.imwrite(str(mask), np.zeros((10, 10), np.uint8))
+    with pytest.raises(InputError, match="001_mask.png: mask is 10x10 but its image is 64x64"):
+        _manifest("mvtec", tiny_demo)
+
+
+def test_unreadable_image_names_the_file(tiny_demo):
+    (tiny_demo / "tile/test/hole/001.png").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="hole/001.png: cannot read this image"):
+        _manifest("mvtec", tiny_demo)
+
+
+def test_missing_mask_names_the_image_and_the_expected_mask(tiny_demo):
+    (tiny_demo / "tile/ground_truth/crack/002_mask.png").unlink()
+    with pytest.raises(InputError, match="crack/002.png: no mask at .*002_mask.png"):
+        _manifest("mvtec", tiny_demo)
+
+
+def test_empty_defect_folder_is_an_error(tiny_demo):
+    (tiny_demo / "tile/test/empty").mkdir()
+    with pytest.raises(InputError, match="empty: folder has no images"):
+        _manifest("mvtec", tiny_demo)
+
+
+def test_wrong_layout_for_the_folder_is_an_error(tiny_demo):
+    with pytest.raises(InputError, match="no MT_<Type> folders"):
+        _manifest("mtd", tiny_demo)
+    with pytest.raises(InputError, match="no MVTec categories"):
+        _manifest("mvtec", tiny_demo / "tile" / "test")
+
+
+def test_missing_root_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="dataset folder not found"):
+        _manifest("mvtec", tmp_path / "nope")
+
+
+def test_folder_reader_classifies_every_image_without_labels(tiny_demo):
+    m = _manifest("folder", tiny_demo / "tile" / "test")
+    assert len(m.records) == 14
+    assert all(r.split == "test" and r.defect_type == "" and r.mask == "" for r in m.records)
+    assert not m.has_ground_truth
+    assert len(m.to_classify()) == 14
+
+
+def test_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        _manifest("folder", tmp_path / "x")
+
+
+def test_demo_is_deterministic(tmp_path):
+    p = DemoParams(image_size=32, n_train=1, n_test_normal=0, n_per_type=1)
+    generate(tmp_path / "a", p)
+    generate(tmp_path / "b", p)
+    for f in sorted((tmp_path / "a").rglob("*.png")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_every_demo_defect_image_has_a_non_empty_mask(tiny_demo):
+    for mask in (tiny_demo / "tile" / "ground_truth").rglob("*_mask.png"):
+        assert cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE).max() == 255
+
+
+@requires_mtd()
+def test_mtd_reader_finds_the_published_split():
+    m = _manifest("mtd", MTD)
+    counts = collections.Counter((r.split, r.defect_type) for r in m.records)
+    assert counts[("train", "good")] == 761
+    assert counts[("test", "good")] == 191
+    defects = m.to_classify()
+    assert len(defects) == 392
+    assert collections.Counter(r.defect_type for r in defects) == {
+        "blowhole": 115, "uneven": 103, "break": 85, "crack": 57, "fray": 32,
+    }
+
+
+@requires_mtd()
+def test_mtd_reader_needs_the_training_list(tmp_path):
+    shutil.copytree(MTD / "MT_Fray", tmp_path / "MT_Fray")
+    with pytest.raises(InputError, match="mtd_train_filenames.txt: normal training list not found"):
+        _manifest("mtd", tmp_path)

@@ -1,0 +1,129 @@
+"""End to end: the pipeline as a user runs it, through `dvc repro` in a fresh copy of the
+project, on a tiny demo. Checks the outputs and that DVC reruns exactly what changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "evaluate"]
+COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+
+# Small enough for a 2-core CI machine; the real defaults are in params.yaml.
+TINY = {
+    "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 4},
+    "detect": {"map_size": 64},
+    "mebin": {"crop_size": 36},
+    "train": {"image_size": 32, "epochs": 1, "batch_size": 16},
+}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["DVC_NO_ANALYTICS"] = "1"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-4000:]}"
+    return out
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def _assert_reran_from(output: str, first: str) -> None:
+    """``first`` reran, nothing upstream of it did, and downstream stages reran in order while
+    their inputs kept changing (DVC skips a stage whose inputs came out identical)."""
+    ran = _ran(output)
+    downstream = STAGES[STAGES.index(first):]
+    assert ran == downstream[: len(ran)] and ran[:1] == [first], ran
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git+DVC copy of the project with tiny params, after one full `dvc repro`."""
+    proj = tmp_path_factory.mktemp("project")
+    for name in COPY:
+        src = ROOT / name
+        dst = proj / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], proj)
+    _run(["git", "add", "-A"], proj)
+    _run(["git", "commit", "-qm", "init"], proj)
+    out = _run([sys.executable, "-m", "dvc", "repro"], proj)
+    assert _ran(out) == STAGES
+    _run(["git", "add", "-A"], proj)
+    _run(["git", "commit", "-qm", "first run"], proj)
+    return proj
+
+
+def test_full_run_writes_predictions_and_metrics(project):
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert metrics["ground_truth"] is True
+    for key in ("nmi", "ari", "f1"):
+        assert 0.0 <= metrics["image"][key] <= 1.0 or key == "ari"
+    lines = (project / "data/merge/predictions.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 4 * 4  # header + one row per defect image
+
+
+def test_second_repro_runs_nothing(project):
+    out = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert _ran(out) == []
+
+
+def test_train_param_change_reruns_train_and_what_follows_only(project):
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=2"], project)
+    _assert_reran_from(out, "train")
+    assert "infer" in _ran(out)  # a new model always gives new probabilities
+
+
+def test_mebin_param_change_reruns_mebin_onwards_not_detect(project):
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "mebin.padding=0.2"], project)
+    _assert_reran_from(out, "mebin")
+    assert "train" in _ran(out)  # other boxes, other crops
+
+
+def test_code_change_of_one_stage_reruns_it_and_what_follows(project):
+    merge = project / "stages" / "merge.py"
+    original = merge.read_text()
+    try:
+        merge.write_text(original + "\n# a change\n")
+        out = _run([sys.executable, "-m", "dvc", "repro"], project)
+        _assert_reran_from(out, "merge")
+    finally:
+        merge.write_text(original)
+        _run([sys.executable, "-m", "dvc", "repro"], project)
+
+
+def test_single_stage_reruns_alone_from_cached_inputs(project):
+    out = _run([sys.executable, "-m", "dvc", "repro", "-s", "-f", "mebin"], project)
+    assert _ran(out) == ["mebin"]
+
+
+def test_exp_show_lists_nmi_ari_f1(project):
+    out = _run([sys.executable, "-m", "dvc", "exp", "show", "--md", "--no-pager"], project)
+    header = out.splitlines()[0]
+    for column in ("image.nmi", "image.ari", "image.f1", "train.epochs"):
+        assert f" {column} " in header

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from anomalyncd import store
+from anomalyncd.io import InputError
+
+
+def _maps(n=3, s=8):
+    rng = np.random.default_rng(0)
+    return store.MapSet(
+        ids=[f"cat/test/x/{i}" for i in range(n)],
+        maps=rng.random((n, s, s), dtype=np.float32),
+        maps_u8=rng.integers(0, 256, (n, s, s), dtype=np.uint8),
+        scores=rng.random(n, dtype=np.float32),
+        image_sizes=np.array([[10, 12]] * n),
+        attrs={"method": "test", "norm_min": 0.0},
+    )
+
+
+def _crops():
+    return store.CropSet(
+        ids=["a", "b"],
+        image_sizes=np.array([[10, 12], [7, 9]]),
+        thresholds=np.array([100, 255]),
+        est_counts=np.array([2, 0]),
+        count_seqs=np.array([[1, 2, 2], [0, 0, 0]]),
+        masks=[np.eye(10, 12, dtype=bool), np.zeros((7, 9), bool)],
+        crops=np.full((3, 4, 4, 3), 7, np.uint8),
+        crop_masks=np.ones((3, 4, 4), np.uint8),
+        image_index=np.array([0, 0, 1]),
+        boxes=np.array([[0, 0, 4, 4], [4, 4, 8, 8], [0, 0, 7, 7]]),
+        areas=np.array([4, 3, 0]),
+        scores=np.array([0.9, 0.5, 0.1]),
+        attrs={"lo": 10, "hi": 200},
+    )
+
+
+def test_maps_round_trip(tmp_path):
+    ms = _maps()
+    store.write_maps(tmp_path / "m.zarr.zip", ms)
+    back = store.read_maps(tmp_path / "m.zarr.zip")
+    assert back.ids == ms.ids and back.attrs == ms.attrs
+    np.testing.assert_array_equal(back.maps, ms.maps)
+    np.testing.assert_array_equal(back.maps_u8, ms.maps_u8)
+
+
+def test_crops_round_trip_keeps_ragged_full_size_masks(tmp_path):
+    cs = _crops()
+    store.write_crops(tmp_path / "c.zarr.zip", cs)
+    back = store.read_crops(tmp_path / "c.zarr.zip")
+    assert [m.shape for m in back.masks] == [(10, 12), (7, 9)]
+    np.testing.assert_array_equal(back.masks[0], cs.masks[0])
+    np.testing.assert_array_equal(back.boxes, cs.boxes)
+    assert back.crop_ids == ["a#0", "a#1", "b#0"]
+    assert back.attrs["lo"] == 10
+
+
+def test_a_store_is_a_single_file(tmp_path):
+    store.write_crops(tmp_path / "c.zarr.zip", _crops())
+    assert [p.name for p in tmp_path.iterdir()] == ["c.zarr.zip"]
+
+
+def test_failed_write_leaves_the_previous_store_untouched(tmp_path):
+    path = tmp_path / "m.zarr.zip"
+    store.write_maps(path, _maps())
+    before = path.read_bytes()
+    bad = _maps()
+    bad.maps = object()  # not an array: writing fails midway
+    with pytest.raises(Exception):
+        store.write_maps(path, bad)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.zarr.zip"]
+
+
+def test_mismatched_lengths_are_rejected():
+    with pytest.raises(ValueError, match="scores has 2 rows, expected 3"):
+        store.MapSet(ids=["a", "b", "c"], maps=np.zeros((3, 2, 2)), maps_u8=np.zeros((3, 2, 2)),
+                     scores=np.zeros(2), image_sizes=np.zeros((3, 2)))
+
+
+def test_reading_the_wrong_kind_names_the_file(tmp_path):
+    store.write_maps(tmp_path / "m.zarr.zip", _maps())
+    with pytest.raises(InputError, match="m.zarr.zip.*holds 'maps' data, expected 'crops'"):
+        store.read_crops(tmp_path / "m.zarr.zip")
+
+
+def test_missing_store_says_which_stage_to_run(tmp_path):
+    with pytest.raises(InputError, match="store not found"):
+        store.read_maps(tmp_path / "nope.zarr.zip")
+
+
+def test_corrupt_store_is_a_clear_error(tmp_path):
+    (tmp_path / "m.zarr.zip").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a readable anomalyncd store"):
+        store.read_maps(tmp_path / "m.zarr.zip")
