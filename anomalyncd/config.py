@@ -77,7 +77,9 @@ class TrainParams:
     pretrained: bool = False
     checkpoint: str = ""
     image_size: int = 64
-    num_classes: int = 4
+    num_classes: int | Literal["auto"] = 4  # defect classes; "auto": estimate them (anomalyncd.auto_k)
+    auto_max: int = 10  # the largest number of classes "auto" considers
+    auto_method: Literal["silhouette", "eigengap", "stability"] = "silhouette"
     epochs: int = 3
     batch_size: int = 32
     seed: int = 0

@@ -128,16 +128,15 @@ def eigengap_scores(x: np.ndarray, k_max: int, n_neighbors: int = 10, scale_neig
     a[rows, cols] = np.exp(-(d[rows, cols] ** 2) / (sigma[rows] * sigma[cols]))
     a = np.maximum(a, a.T)
     lap = csgraph.laplacian(a, normed=True)
-    lam = np.linalg.eigvalsh(lap)[: k_max + 1]
-    if len(lam) < k_max + 1:  # m == k_max + ... cannot happen after _k_max, kept for safety
-        lam = np.pad(lam, (0, k_max + 1 - len(lam)), constant_values=lam[-1])
+    lam = np.linalg.eigvalsh(lap)[: k_max + 1]  # k_max < m, so there are k_max + 1 of them
     return np.diff(lam)
 
 
-def silhouette_scores(x: np.ndarray, k_max: int, seed: int = 0) -> np.ndarray:
+def silhouette_scores(x: np.ndarray, k_max: int, seed: int = 0, sample_size: int = 3000) -> np.ndarray:
     """Cosine silhouette of k-means with K clusters, K = 1..k_max (K = 1 is ``nan``).
 
-    x: float (M, d) prepared features. Returns float (k_max,).
+    x: float (M, d) prepared features. Returns float (k_max,). Above ``sample_size`` points the
+    silhouette (quadratic in M) is averaged over a seeded random sample of that size.
     """
     m = len(x)
     k_max = _k_max(k_max, m)
@@ -145,7 +144,8 @@ def silhouette_scores(x: np.ndarray, k_max: int, seed: int = 0) -> np.ndarray:
     for k in range(2, k_max + 1):
         labels = _kmeans(x, k, seed).labels_
         if len(np.unique(labels)) > 1:
-            out[k - 1] = silhouette_score(x, labels, metric="cosine")
+            n = sample_size if m > sample_size else None
+            out[k - 1] = silhouette_score(x, labels, metric="cosine", sample_size=n, random_state=seed)
     return out
 
 
