@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .augment import eval_views
 from .config import TrainParams
-from .io import write_json
+from .io import InputError, write_json
 from .model import MGViT, create_backbone
 from .num_classes import KEstimate, estimate_num_classes
 
@@ -64,6 +64,10 @@ def resolve_num_classes(
     defect classes are the estimate minus one (at least 1). Returns ``p.num_classes`` when it
     is an int, the estimate when it is ``"auto"``.
     """
+    if p.num_classes != "auto" and p.num_classes < 1:
+        raise InputError(f"params.yaml: train.num_classes={p.num_classes} must be at least 1, or auto")
+    if p.auto_max < 1:
+        raise InputError(f"params.yaml: train.auto_max={p.auto_max} must be at least 1")
     feats = region_features(p, crops, crop_masks, device)
     k_max = p.auto_max + int(include_normal)
     if len(feats) >= 2:
