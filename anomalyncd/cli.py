@@ -6,9 +6,11 @@ in order with caching, which is what most users want.
 
 import typer
 
+from anomalyncd.stage import run
+
 from stages import demo, detect, evaluate, infer, mebin, merge, prepare, train
 
-app = typer.Typer(add_completion=False, help="Discover the types of defects in industrial images (AnomalyNCD).")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Discover the types of defects in industrial images (AnomalyNCD).")
 
 for _name, _module in [
     ("demo", demo),
@@ -23,5 +25,10 @@ for _name, _module in [
     app.command(name=_name, help=_module.__doc__.strip().splitlines()[0])(_module.main)
 
 
+def main() -> None:
+    """Console entry point."""
+    run(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -7,8 +7,9 @@ import typer
 from anomalyncd import demo, paths
 from anomalyncd.config import load_params
 from anomalyncd.io import atomic_path
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -21,4 +22,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file"), out: Pa
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

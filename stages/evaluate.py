@@ -14,8 +14,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from anomalyncd import paths
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import write_json
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -47,4 +48,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

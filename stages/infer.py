@@ -11,9 +11,10 @@ import typer
 
 from anomalyncd import paths
 from anomalyncd.store import ProbSet, read_crops, write_probs
+from anomalyncd.stage import run
 from stages.train import crop_features
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -30,4 +31,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

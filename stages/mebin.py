@@ -16,8 +16,9 @@ from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError, read_image, write_json
 from anomalyncd.store import CropSet, read_maps, write_crops
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def _square(x: int, y: int, w: int, h: int, H: int, W: int, pad: float) -> tuple[int, int, int, int]:
@@ -80,4 +81,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -14,8 +14,9 @@ from anomalyncd import paths
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import atomic_path
 from anomalyncd.store import read_crops, read_probs
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -34,4 +35,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

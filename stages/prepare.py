@@ -8,8 +8,9 @@ import typer
 from anomalyncd import paths
 from anomalyncd.config import load_params
 from anomalyncd.datasets import build_manifest, read_dataset
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -27,4 +28,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

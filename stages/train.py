@@ -17,8 +17,9 @@ from anomalyncd import paths
 from anomalyncd.config import load_params
 from anomalyncd.io import atomic_path, write_json
 from anomalyncd.store import read_crops
+from anomalyncd.stage import run
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def crop_features(crops: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -49,4 +50,4 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
 
 if __name__ == "__main__":
-    app()
+    run(app)
