@@ -1,0 +1,75 @@
+"""Crop-level class probabilities from a trained model (used by ``infer`` and ``predict``)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .augment import eval_views
+from .losses import STUDENT_TEMP
+from .model import MGViTClassifier, load_model
+from .store import ProbSet
+
+
+def novel_probabilities(logits: torch.Tensor, num_labeled: int, temperature: float = STUDENT_TEMP) -> torch.Tensor:
+    """softmax(logits / temperature) with base outputs zeroed and novel ones renormalised.
+
+    logits: (..., K) with the ``num_labeled`` base outputs first. Returns (..., K).
+    """
+    probs = F.softmax(logits[..., num_labeled:] / temperature, dim=-1)
+    return F.pad(probs, (num_labeled, 0))
+
+
+@torch.no_grad()
+def crop_outputs(
+    net: MGViTClassifier, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu", batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features and logits of every crop under the evaluation transform.
+
+    crops uint8 (M, C, C, 3); crop_masks (M, C, C) in {0, 1}. Returns features float32 (M, D)
+    (final normed [CLS]) and logits float32 (M, n_head, K).
+    """
+    net.eval()
+    feats, logits = [], []
+    m = len(crops)
+    for s in tqdm(range(0, m, batch_size), desc="infer", leave=False):
+        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], net.cfg.image_size)
+        f, _, lg = net(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+        feats.append(f.cpu())
+        logits.append(lg.transpose(0, 1).cpu())
+    if not feats:
+        return np.zeros((0, net.encoder.embed_dim), np.float32), np.zeros((0, net.cfg.n_head, net.cfg.num_outputs), np.float32)
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def predict_crops(
+    checkpoint_path: str | os.PathLike,
+    crops: np.ndarray,
+    crop_masks: np.ndarray,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> ProbSet:
+    """Class probabilities of every crop and head from the model saved at ``checkpoint_path``.
+
+    crops uint8 (M, C, C, 3) RGB; crop_masks uint8 (M, C, C) in {0, 1}. Returns a ProbSet with
+    probs/logits float32 (M, n_head, K), features float32 (M, D) and the selected head.
+    Probabilities are softmax(logits / 0.1) over the novel outputs (base outputs are 0).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, info = load_model(checkpoint_path, device)
+    cfg = net.cfg
+    feats, logits = crop_outputs(net, crops, crop_masks, device, batch_size)
+    probs = novel_probabilities(torch.from_numpy(logits), cfg.num_labeled).numpy()
+    attrs = {
+        "num_labeled": cfg.num_labeled,
+        "num_unlabeled": cfg.num_unlabeled,
+        "normal_slot": cfg.normal_slot,
+        "temperature": STUDENT_TEMP,
+        "class_names": info.get("class_names", []),
+    }
+    return ProbSet(probs=probs.astype(np.float32), logits=logits, features=feats, head=int(info["head"]), attrs=attrs)

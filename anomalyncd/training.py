@@ -1,0 +1,419 @@
+"""The training loop of mask-guided representation learning.
+
+:func:`train` runs SGD with a cosine schedule on two augmented views of every crop, writes a
+checkpoint after each epoch (atomically), resumes from it, runs under ``torchrun`` (DDP: gloo
+on CPU, NCCL on GPU) and optionally trains on a frozen-trunk cache. It is deterministic on
+CPU: every random draw comes from generators seeded by ``(seed, epoch, crop, view)``.
+
+Loss of one batch (per head h, then averaged over heads)::
+
+    cluster_h = distill_h + memax_weight * memax_h
+    no base set:   total = cluster + contrastive
+    with base set: total = (1 - sup_weight) * (cluster + contrastive) + sup_weight * (ce + supcon)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import losses
+from .augment import train_views
+from .io import InputError, atomic_path
+from .model import MGViTClassifier
+
+CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from every real epoch
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (see ``params.yaml`` ``train`` for the paper preset)."""
+
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 0.003
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    min_lr_ratio: float = 1e-3
+    seed: int = 0
+    warmup_teacher_temp: float = 0.07
+    teacher_temp: float = 0.04
+    warmup_teacher_epochs: int = 40
+    repeat_times: int = 1
+    student_temp: float = losses.STUDENT_TEMP
+    contrast_temp: float = 1.0
+    memax_weight: float = 4.0
+    anomaly_thred: float = 0.5
+    sup_weight: float = 0.3
+    trunk_cache_views: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainData:
+    """Crops to train on. crops uint8 (M, C, C, 3); masks uint8 (M, C, C) in {0, 1};
+    scores float32 (M,) crop anomaly scores; labels int64 (M,) base class, -1 for unlabelled."""
+
+    crops: np.ndarray
+    masks: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        m = len(self.crops)
+        for name in ("masks", "scores", "labels"):
+            if len(getattr(self, name)) != m:
+                raise ValueError(f"{name} has {len(getattr(self, name))} rows, expected {m}")
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+
+@dataclass
+class TrainResult:
+    head: int  # selected head: lowest mean distillation loss in the last epoch
+    history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
+    seconds: float = 0.0
+    resumed_from: int = 0  # epochs loaded from the checkpoint
+
+
+def cosine_lr(epoch: int, epochs: int, lr: float, min_ratio: float) -> float:
+    """Learning rate of ``epoch``: cosine from ``lr`` to ``lr * min_ratio`` over ``epochs``."""
+    lo = lr * min_ratio
+    return lo + (lr - lo) * (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
+
+
+def select_head(distill_per_head: list[float] | np.ndarray) -> int:
+    """Index of the head with the lowest mean distillation loss (first on ties)."""
+    return int(np.argmin(np.asarray(distill_per_head, dtype=np.float64)))
+
+
+def epoch_batches(labels: np.ndarray, batch_size: int, seed: int, epoch: int, min_size: int = 2) -> list[np.ndarray]:
+    """Global batches of crop indices for one epoch.
+
+    Without labelled crops: a seeded permutation. With labelled crops (labels >= 0): M draws
+    with replacement weighted so that labelled and unlabelled crops are equally likely.
+    A last batch smaller than ``min_size`` is dropped.
+    """
+    m = len(labels)
+    rng = np.random.default_rng([seed, epoch])
+    lab = labels >= 0
+    if lab.any() and (~lab).any():
+        p = np.where(lab, 0.5 / lab.sum(), 0.5 / (~lab).sum())
+        order = rng.choice(m, size=m, replace=True, p=p / p.sum())
+    else:
+        order = rng.permutation(m)
+    batches = [order[i : i + batch_size] for i in range(0, m, batch_size)]
+    return [b for b in batches if len(b) >= min_size]
+
+
+# -- distributed helpers ---------------------------------------------------------------------
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside ``torchrun``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Join the ``torchrun`` process group when launched by it; return this process's device.
+
+    ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun with CUDA each
+    process takes ``cuda:LOCAL_RANK`` and NCCL; on CPU gloo.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"params.yaml: device {device!r} requested but CUDA is not available; use auto or cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist_env()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+class _Views(Dataset):
+    """Item k: both augmented views of this process's share of batch k, view-major."""
+
+    def __init__(self, data: TrainData, batches: list[np.ndarray], image_size: int, seed: int, epoch: int):
+        self.data, self.batches, self.image_size, self.seed, self.epoch = data, batches, image_size, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        idx = self.batches[k]
+        d = self.data
+        x0, m0 = train_views(d.crops, d.masks, idx, self.image_size, self.seed, self.epoch, 0)
+        x1, m1 = train_views(d.crops, d.masks, idx, self.image_size, self.seed, self.epoch, 1)
+        return torch.from_numpy(idx), torch.from_numpy(np.concatenate([x0, x1])), torch.from_numpy(np.concatenate([m0, m1]))
+
+
+def build_trunk_cache(
+    net: MGViTClassifier, data: TrainData, views: int, seed: int, device: str, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-trunk outputs of ``views`` augmented views per crop.
+
+    Returns tokens float32 (views, M, N, D) and patch masks float32 (views, M, P), on CPU.
+    """
+    image_size = net.cfg.image_size
+    toks, pms = [], []
+    m = len(data.crops)
+    net.eval()
+    with torch.no_grad():
+        for v in tqdm(range(views), desc="trunk cache", leave=False, disable=dist_env()[0] != 0):
+            vt, vp = [], []
+            for s in range(0, m, batch_size):
+                idx = np.arange(s, min(m, s + batch_size))
+                x, mk = train_views(data.crops, data.masks, idx, image_size, seed, CACHE_EPOCH, v)
+                t, p = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+                vt.append(t.cpu())
+                vp.append(p.cpu())
+            toks.append(torch.cat(vt))
+            pms.append(torch.cat(vp))
+    return torch.stack(toks), torch.stack(pms)
+
+
+def cached_view_pairs(m: int, views: int, seed: int, epoch: int) -> np.ndarray:
+    """Which two distinct cached views each crop uses in ``epoch``: int (M, 2)."""
+    rng = np.random.default_rng([seed, epoch, CACHE_EPOCH])
+    first = rng.integers(0, views, size=m)
+    second = (first + rng.integers(1, views, size=m)) % views
+    return np.stack([first, second], axis=1)
+
+
+# -- loss of one batch -----------------------------------------------------------------------
+
+
+def batch_loss(
+    proj: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    cfg: TrainConfig,
+    teacher_temp: float,
+    num_labeled: int,
+    normal_slot: int | None,
+    supervised: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts for a view-major batch.
+
+    proj: (2B, P); logits: (H, 2B, K); labels: (B,) int64 (-1 unlabelled); scores: (B,).
+    ``supervised``: a labelled base set takes part in training (enables CE and SupCon).
+    Returns (total, parts) with parts['distill_heads'] of shape (H,).
+    """
+    unl = labels < 0
+    unl2 = torch.cat([unl, unl])
+    w = losses.correction_weight(torch.cat([scores, scores]), cfg.anomaly_thred) if normal_slot is not None else None
+    distill, memax, ce = [], [], []
+    lab_rows = torch.cat([~unl, ~unl])
+    lab2 = torch.cat([labels, labels])
+    for h in range(logits.shape[0]):
+        lg = logits[h]
+        teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, normal_slot)
+        distill.append(losses.distillation(lg, teacher, unl, cfg.student_temp))
+        memax.append(losses.mean_entropy_penalty(lg, cfg.student_temp))
+        if supervised and bool(lab_rows.any()):
+            ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], cfg.student_temp))
+    distill_h = torch.stack(distill)
+    cluster = (distill_h + cfg.memax_weight * torch.stack(memax)).mean()
+    contrast = losses.info_nce(proj, cfg.contrast_temp)
+    parts = {"distill": distill_h.mean(), "memax": torch.stack(memax).mean(), "contrastive": contrast}
+    if not supervised:
+        total = cluster + contrast
+    else:
+        b = len(labels)
+        if bool((~unl).any()):
+            sel = torch.cat([~unl, torch.zeros(b, dtype=torch.bool, device=unl.device)])
+            sel = torch.where(sel)[0]
+            proj_l = torch.cat([proj[sel], proj[sel + b]])
+            sup = losses.supcon(proj_l, labels[~unl])
+            ce_m = torch.stack(ce).mean()
+        else:
+            sup = ce_m = proj.sum() * 0.0
+        parts.update(ce=ce_m, supcon=sup)
+        total = (1 - cfg.sup_weight) * (cluster + contrast) + cfg.sup_weight * (ce_m + sup)
+    parts["loss"] = total
+    parts["distill_heads"] = distill_h
+    return total, parts
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in net.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(
+    net: MGViTClassifier,
+    data: TrainData,
+    cfg: TrainConfig,
+    device: str = "cpu",
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    on_epoch: Callable[[int, dict], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``net`` in place on ``data``; return the selected head and the per-epoch metrics.
+
+    checkpoint: file rewritten atomically after every epoch (rank 0). resume: continue from it
+    when it exists; its ``fingerprint`` (params and inputs) must match. on_epoch(epoch, metrics)
+    is called on rank 0 for every epoch, including those replayed from a checkpoint.
+    stop_after: end after this many epochs (simulates an interruption in tests).
+    """
+    rank, world = dist_env()
+    if cfg.trunk_cache_views == 1:
+        raise InputError("params.yaml: train.trunk_cache_views must be 0 (off) or at least 2 (two views per crop)")
+    t0 = time.perf_counter()
+    net.to(device)
+    opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    history: list[dict] = []
+    start = 0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"{checkpoint}: checkpoint of a run with other params or inputs; "
+                "set train.resume=false to start again (or delete the checkpoint)"
+            )
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+    resumed_from = start
+    if on_epoch is not None and rank == 0:
+        for e, metrics in enumerate(history):
+            on_epoch(e, metrics)
+
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
+
+    cache = None
+    if cfg.trunk_cache_views and start < cfg.epochs:
+        cache = build_trunk_cache(net, data, cfg.trunk_cache_views, cfg.seed, device)
+
+    labels_all = torch.from_numpy(data.labels.astype(np.int64))
+    scores_all = torch.from_numpy(data.scores.astype(np.float32))
+    cfgm = net.cfg
+    supervised = data.has_labels
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start, end):
+        torch.manual_seed(cfg.seed * 100003 + epoch)
+        lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tt = losses.teacher_temperature(
+            epoch, cfg.warmup_teacher_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.repeat_times
+        )
+        batches = epoch_batches(data.labels, cfg.batch_size, cfg.seed, epoch, min_size=2 * world)
+        if not batches:
+            raise InputError(f"only {len(data.labels)} crops: need at least {2 * world} to train")
+        local = [np.array_split(b, world)[rank] for b in batches]
+        if cache is None:
+            loader = DataLoader(
+                _Views(data, local, cfgm.image_size, cfg.seed, epoch),
+                batch_size=None,
+                shuffle=False,
+                num_workers=cfg.num_workers,
+            )
+        else:
+            pairs = cached_view_pairs(len(data.labels), cfg.trunk_cache_views, cfg.seed, epoch)
+            loader = (_cached_batch(cache, pairs, idx) for idx in local)
+        net.train()
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros(())
+        for idx, x, m in tqdm(loader, total=len(local), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=rank != 0):
+            idx = idx.long()
+            _, proj, logits = model(x.to(device), m.to(device), cached=cache is not None)
+            total, parts = batch_loss(
+                proj,
+                logits,
+                labels_all[idx].to(device),
+                scores_all[idx].to(device),
+                cfg,
+                tt,
+                cfgm.num_labeled,
+                cfgm.normal_slot,
+                supervised,
+            )
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            n = float(len(idx))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.detach().cpu().double() * n
+            count += n
+        packed = torch.cat([sums["distill_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
+        packed = _all_sum(packed)
+        h = cfgm.n_head
+        total_n = float(packed[-1])
+        metrics = {k: float(packed[h + i]) / total_n for i, k in enumerate(_scalar_keys(sums))}
+        metrics.update({f"distill_head{i}": float(packed[i]) / total_n for i in range(h)})
+        metrics.update(lr=lr, teacher_temp=tt)
+        history.append(metrics)
+        if rank == 0:
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, net, opt, epoch + 1, history, fingerprint)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    head = select_head([history[-1][f"distill_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
+    return TrainResult(head=head, history=history, seconds=time.perf_counter() - t0, resumed_from=resumed_from)
+
+
+def _scalar_keys(sums: dict) -> list[str]:
+    return sorted(k for k in sums if k != "distill_heads")
+
+
+def _cached_batch(cache: tuple[torch.Tensor, torch.Tensor], pairs: np.ndarray, idx: np.ndarray):
+    toks, pms = cache
+    t_idx = torch.from_numpy(idx)
+    v0 = torch.from_numpy(pairs[idx, 0])
+    v1 = torch.from_numpy(pairs[idx, 1])
+    x = torch.cat([toks[v0, t_idx], toks[v1, t_idx]])
+    m = torch.cat([pms[v0, t_idx], pms[v1, t_idx]])
+    return t_idx, x, m
+
+
+def _save_checkpoint(path, net, opt, epoch: int, history: list[dict], fingerprint: str) -> None:
+    state = {
+        "epoch": epoch,
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "history": history,
+        "fingerprint": fingerprint,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+

@@ -1,0 +1,101 @@
+"""Each loss on inputs small enough to check by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyncd import losses
+
+E = math.e
+
+
+def two_crops_two_views() -> torch.Tensor:
+    """View-major projections: crop 0 -> e1 in both views, crop 1 -> e2 in both views."""
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    return torch.stack([e1, e2, e1, e2])
+
+
+def test_info_nce_matches_hand_computation():
+    # row 0: similarities to rows 1, 2, 3 are 0, 1, 0 and the positive is row 2
+    expected = math.log(E + 2) - 1
+    assert losses.info_nce(two_crops_two_views(), temperature=1.0).item() == pytest.approx(expected)
+
+
+def test_info_nce_is_lower_when_views_agree():
+    agree = losses.info_nce(two_crops_two_views())
+    swapped = losses.info_nce(two_crops_two_views()[[0, 1, 3, 2]])
+    assert agree < swapped
+
+
+def test_supcon_with_one_class_matches_hand_computation():
+    # every other row is a positive: mean log-prob of similarities (0, 1, 0) under log(2 + e)
+    expected = math.log(2 + E) - 1 / 3
+    got = losses.supcon(two_crops_two_views(), torch.tensor([0, 0]), temperature=1.0)
+    assert got.item() == pytest.approx(expected)
+
+
+def test_supcon_with_two_classes_uses_only_the_other_view_as_positive():
+    expected = math.log(2 + E) - 1
+    got = losses.supcon(two_crops_two_views(), torch.tensor([0, 1]), temperature=1.0)
+    assert got.item() == pytest.approx(expected)
+
+
+def test_teacher_temperature_warms_linearly_then_stays():
+    ref = np.linspace(0.07, 0.04, 40)
+    assert losses.teacher_temperature(0) == pytest.approx(0.07)
+    assert losses.teacher_temperature(20) == pytest.approx(ref[20])
+    assert losses.teacher_temperature(39) == pytest.approx(0.04)
+    assert losses.teacher_temperature(100) == pytest.approx(0.04)
+
+
+def test_teacher_temperature_holds_each_step_for_repeat_times_epochs():
+    steps = np.linspace(0.07, 0.04, 20)
+    temps = [losses.teacher_temperature(e, 40, 0.07, 0.04, repeat_times=2) for e in range(42)]
+    assert temps[0] == temps[1] == pytest.approx(steps[0])
+    assert temps[2] == temps[3] == pytest.approx(steps[1])
+    assert temps[38] == pytest.approx(0.04) and temps[41] == pytest.approx(0.04)
+
+
+def test_teacher_zeroes_base_outputs_for_unlabelled_crops():
+    logits = torch.tensor([[0.5, 0.1, 0.1], [0.5, 0.1, 0.1]])
+    t = losses.teacher_targets(logits, 1.0, num_labeled=1, unlabeled=torch.tensor([True, False]))
+    torch.testing.assert_close(t[0], torch.tensor([0.0, 0.5, 0.5]))
+    torch.testing.assert_close(t[1], torch.softmax(logits[1], 0))
+
+
+def test_pseudo_label_correction_mixes_in_the_normal_slot():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    w = losses.correction_weight(torch.tensor([0.1]), anomaly_thred=0.5)  # 0.4
+    t = losses.teacher_targets(logits, 1.0, 0, torch.tensor([True]), normal_weight=w, normal_slot=0)
+    torch.testing.assert_close(t[0], torch.tensor([0.4 + 0.6 / 4, 0.15, 0.15, 0.15]))
+
+
+def test_correction_weight_is_zero_above_the_threshold():
+    w = losses.correction_weight(torch.tensor([0.1, 0.5, 0.9]), anomaly_thred=0.5)
+    torch.testing.assert_close(w, torch.tensor([0.4, 0.0, 0.0]))
+
+
+def test_distillation_is_cross_entropy_against_the_other_view():
+    logits = torch.zeros(4, 3)  # uniform student: CE = log 3 against any teacher
+    teacher = torch.eye(3)[[0, 1, 2, 2]]
+    rows = torch.tensor([True, False])
+    assert losses.distillation(logits, teacher, rows).item() == pytest.approx(math.log(3))
+    # a student that predicts the other view's teacher exactly (sharp logits) has ~zero loss
+    sharp = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    t = torch.eye(3)[[0, 1, 2, 1]]
+    assert losses.distillation(sharp, t, rows, student_temp=0.01).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_entropy_penalty_is_zero_for_balanced_and_log_k_for_collapsed():
+    balanced = torch.eye(4) * 10
+    collapsed = torch.tensor([[10.0, 0, 0, 0]] * 4)
+    assert losses.mean_entropy_penalty(balanced).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.mean_entropy_penalty(collapsed).item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_supervised_ce_uses_logits_over_student_temperature():
+    logits = torch.tensor([[0.1, 0.0]])
+    expected = -math.log(E / (E + 1))  # logits / 0.1 = (1, 0)
+    assert losses.supervised_ce(logits, torch.tensor([0])).item() == pytest.approx(expected)

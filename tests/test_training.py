@@ -1,0 +1,176 @@
+"""The training loop: schedule, batching, head selection, determinism, resume, DDP."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyncd.io import InputError
+from anomalyncd.model import MGViTClassifier, ModelConfig
+from anomalyncd.training import (
+    TrainConfig,
+    TrainData,
+    cached_view_pairs,
+    cosine_lr,
+    epoch_batches,
+    select_head,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_data(m: int = 12, labelled: int = 0, seed: int = 0) -> TrainData:
+    rng = np.random.default_rng(seed)
+    crops = rng.integers(0, 255, (m, 36, 36, 3), dtype=np.uint8)
+    masks = np.zeros((m, 36, 36), np.uint8)
+    masks[:, 8:28, 8:28] = 1
+    labels = -np.ones(m, np.int64)
+    labels[:labelled] = np.arange(labelled) % 2
+    return TrainData(crops, masks, rng.random(m).astype(np.float32), labels)
+
+
+def tiny_net(num_labeled: int = 0, has_normal: bool = True) -> MGViTClassifier:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=2,
+        num_labeled=num_labeled, num_unlabeled=3, has_normal=has_normal, proj_hidden=32, proj_dim=16,
+    )
+    return MGViTClassifier(cfg)
+
+
+FAST = dict(batch_size=6, warmup_teacher_epochs=2)
+
+
+def state(net: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_cosine_lr_goes_from_lr_towards_lr_times_ratio():
+    assert cosine_lr(0, 50, 0.003, 1e-3) == pytest.approx(0.003)
+    assert cosine_lr(25, 50, 0.003, 1e-3) == pytest.approx((0.003 + 3e-6) / 2)
+    assert cosine_lr(50, 50, 0.003, 1e-3) == pytest.approx(3e-6)
+
+
+def test_select_head_picks_the_lowest_distillation_loss():
+    assert select_head([0.9, 0.3, 0.5]) == 1
+    assert select_head([0.2, 0.2]) == 0
+
+
+def test_unlabelled_epoch_visits_every_crop_once():
+    batches = epoch_batches(-np.ones(10, np.int64), batch_size=4, seed=0, epoch=0)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+    assert not np.array_equal(np.concatenate(batches), np.concatenate(epoch_batches(-np.ones(10, np.int64), 4, 0, 1)))
+
+
+def test_labelled_and_unlabelled_crops_are_sampled_equally_often():
+    labels = np.array([0] * 10 + [-1] * 990)
+    drawn = np.concatenate(epoch_batches(labels, 100, seed=0, epoch=0))
+    assert 0.45 < (labels[drawn] >= 0).mean() < 0.55
+
+
+def test_cached_view_pairs_are_two_distinct_views():
+    pairs = cached_view_pairs(50, 3, seed=0, epoch=2)
+    assert pairs.shape == (50, 2) and (pairs[:, 0] != pairs[:, 1]).all() and pairs.max() < 3
+
+
+def test_training_is_deterministic():
+    runs = []
+    for _ in range(2):
+        net = tiny_net()
+        res = train(net, tiny_data(), TrainConfig(epochs=1, **FAST))
+        runs.append((state(net), res.history))
+    assert_same_state(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
+def test_resumed_run_reaches_the_same_result(tmp_path):
+    cfg = TrainConfig(epochs=2, **FAST)
+    full = tiny_net()
+    res_full = train(full, tiny_data(), cfg, checkpoint=tmp_path / "a.pt", fingerprint="x")
+
+    interrupted = tiny_net()
+    train(interrupted, tiny_data(), cfg, checkpoint=tmp_path / "b.pt", fingerprint="x", stop_after=1)
+    resumed = tiny_net()  # a fresh process: weights come from the checkpoint
+    logged = []
+    res = train(resumed, tiny_data(), cfg, checkpoint=tmp_path / "b.pt", resume=True, fingerprint="x",
+                on_epoch=lambda e, m: logged.append(e))
+    assert res.resumed_from == 1 and logged == [0, 1]
+    assert_same_state(state(full), state(resumed))
+    assert res.history == res_full.history and res.head == res_full.head
+
+
+def test_resuming_a_checkpoint_of_other_params_is_an_input_error(tmp_path):
+    cfg = TrainConfig(epochs=1, **FAST)
+    train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="one")
+    with pytest.raises(InputError, match="resume=false"):
+        train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", resume=True, fingerprint="two")
+
+
+def test_trunk_cache_trains_only_the_unfrozen_blocks_deterministically():
+    cfg = TrainConfig(epochs=2, trunk_cache_views=3, **FAST)
+    nets = [tiny_net() for _ in range(2)]
+    frozen_before = nets[0].encoder.backbone.blocks[0].attn.qkv.weight.clone()
+    for net in nets:
+        res = train(net, tiny_data(), cfg)
+    assert_same_state(state(nets[0]), state(nets[1]))
+    torch.testing.assert_close(nets[0].encoder.backbone.blocks[0].attn.qkv.weight, frozen_before)
+    assert np.isfinite(res.history[-1]["loss"])
+
+
+def test_labelled_base_set_adds_supervised_terms():
+    net = tiny_net(num_labeled=2)
+    res = train(net, tiny_data(m=16, labelled=6), TrainConfig(epochs=1, **FAST))
+    assert {"ce", "supcon", "distill", "contrastive", "memax"} <= res.history[0].keys()
+    assert all(np.isfinite(v) for v in res.history[0].values())
+
+
+def test_one_trunk_cache_view_is_an_input_error():
+    with pytest.raises(InputError, match="trunk_cache_views"):
+        train(tiny_net(), tiny_data(), TrainConfig(epochs=1, trunk_cache_views=1))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from tests.test_training import tiny_data, tiny_net
+    from anomalyncd.training import TrainConfig, dist_env, init_distributed, train
+
+    init_distributed("cpu")
+    rank, world = dist_env()
+    net = tiny_net()
+    if rank == 1:  # DDP must broadcast rank 0's initial weights
+        with torch.no_grad():
+            next(net.head.parameters()).add_(1.0)
+    res = train(net, tiny_data(), TrainConfig(epochs=1, batch_size=8, warmup_teacher_epochs=2), device="cpu")
+    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+    torch.save({"world": world, "params": flat, "history": res.history}, f"{sys.argv[2]}/rank{rank}.pt")
+    """
+)
+
+
+def test_two_process_gloo_run_trains_one_epoch(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(ROOT), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    torch.testing.assert_close(r0["params"], r1["params"])  # ranks stay in sync
+    assert r0["history"] == r1["history"] and np.isfinite(r0["history"][0]["loss"])
