@@ -14,6 +14,7 @@ import typer
 from sklearn.cluster import KMeans
 
 from anomalyncd import paths
+from anomalyncd.auto_k import resolve_num_classes
 from anomalyncd.config import load_params
 from anomalyncd.io import atomic_path, write_json
 from anomalyncd.store import read_crops
@@ -38,7 +39,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     ds = load_params("dataset", params)
     t0 = time.time()
     cs = read_crops(paths.CROPS)
-    k = p.num_classes + int(ds.include_normal)
+    num_classes = resolve_num_classes(
+        p, cs.crops, cs.crop_masks, ds.include_normal, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT
+    )
+    k = num_classes + int(ds.include_normal)
     feats = crop_features(cs.crops, cs.crop_masks)
     km = KMeans(n_clusters=k, n_init=10, random_state=p.seed).fit(feats)
     with atomic_path(paths.MODEL) as tmp:
