@@ -71,17 +71,40 @@ class MebinParams:
 
 @dataclass
 class TrainParams:
-    """The mask-guided ViT and its multi-head classifier."""
+    """The mask-guided ViT and its multi-head classifier (issue 5).
 
-    model: str = "vit_tiny_patch16_224"
-    pretrained: bool = False
-    checkpoint: str = ""
+    The defaults are a small, fast demo setting for CPU. The paper's setting is
+    ``model: vit_base_patch8_224.dino, pretrained: true, image_size: 224, epochs: 50,
+    batch_size: 32, lr: 0.003, trunk_cache_views: 0`` (see ``params.yaml``).
+    """
+
+    model: str = "vit_tiny_patch16_224"  # any timm ViT with a [CLS] token
+    pretrained: bool = False  # timm downloads the weights of ``model``
+    checkpoint: str = ""  # or: a local timm/DINO state dict file
     image_size: int = 64
-    num_classes: int | Literal["auto"] = 4  # defect classes; "auto": estimate them (anomalyncd.auto_k)
-    auto_max: int = 10  # the largest number of classes "auto" considers
-    auto_method: Literal["silhouette", "eigengap", "stability"] = "silhouette"
-    epochs: int = 3
+    num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
+    auto_max: int = 10  # num_classes auto: the largest number of classes considered
+    auto_method: Literal["silhouette", "eigengap", "stability"] = "silhouette"  # anomalyncd.num_classes
+    mask_layers: int = 1  # mask guidance in the last N blocks
+    grad_from_block: int = 11  # blocks before this one are frozen
+    n_head: int = 4
+    epochs: int = 20
     batch_size: int = 32
+    lr: float = 0.003
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * min_lr_ratio
+    warmup_teacher_temp: float = 0.07
+    teacher_temp: float = 0.04
+    warmup_teacher_epochs: int = 40
+    repeat_times: int = 1  # each teacher-temperature step is held this many epochs
+    memax_weight: float = 4.0
+    anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)
+    sup_weight: float = 0.3  # only with base_dir
+    base_dir: str = ""  # optional labelled base set: <base_dir>/<class>/<name>.png + <name>_mask.png
+    trunk_cache_views: int = 4  # 0: off (exact); V >= 2: precompute V views through the frozen blocks
+    resume: bool = False  # continue from checkpoints/train.pt (same params and inputs)
+    num_workers: int = 0  # data-loading processes
     seed: int = 0
     device: str = "auto"
 

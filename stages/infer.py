@@ -1,18 +1,20 @@
-"""infer: class probabilities for every crop.
+"""infer: class probabilities of every crop from the trained model.
 
-PLACEHOLDER (issue 5/6 replace it): soft assignment to the k-means centres of ``train``.
+Reads ``data/mebin/crops.zarr.zip`` and ``models/mgvit.pt``; writes
+``data/infer/probs.zarr.zip`` (a ProbSet: probs and logits (M, n_head, K), the normed [CLS]
+features (M, D) and the selected head). Crops go through the evaluation transform; the base
+outputs get probability 0 and the novel ones are renormalised (softmax of logits / 0.1).
 """
 
 from pathlib import Path
 
-import numpy as np
-import torch
 import typer
 
 from anomalyncd import paths
-from anomalyncd.store import ProbSet, read_crops, write_probs
+from anomalyncd.config import load_params
+from anomalyncd.inference import predict_crops
 from anomalyncd.stage import run
-from stages.train import crop_features
+from anomalyncd.store import read_crops, write_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -20,14 +22,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/infer/probs.zarr.zip."""
+    p = load_params("infer", params)
     cs = read_crops(paths.CROPS)
-    centers = torch.load(paths.MODEL)["centers"].numpy()
-    feats = crop_features(cs.crops, cs.crop_masks)
-    logits = -((feats[:, None, :] - centers[None]) ** 2).sum(-1) * 10
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    write_probs(paths.PROBS, ProbSet(probs=probs[:, None], logits=logits[:, None], features=feats, head=0))
-    typer.echo(f"infer: {len(feats)} crops -> {paths.PROBS}")
+    ps = predict_crops(paths.MODEL, cs.crops, cs.crop_masks, device=p.device, batch_size=p.batch_size)
+    write_probs(paths.PROBS, ps)
+    typer.echo(f"infer: {len(cs.crops)} crops x {ps.probs.shape[1]} heads, selected head {ps.head} -> {paths.PROBS}")
 
 
 if __name__ == "__main__":

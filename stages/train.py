@@ -1,56 +1,190 @@
-"""train: fit the crop classifier.
+"""train: mask-guided representation learning on the anomaly-centred crops.
 
-PLACEHOLDER (issue 5 replaces it with the mask-guided ViT): k-means on simple colour and
-mask-shape statistics of each crop.
+Reads ``data/mebin/crops.zarr.zip`` and params ``train`` (+ ``dataset.include_normal``);
+writes ``models/mgvit.pt`` (weights, model config, selected head, class names),
+``metrics/train.json`` and the DVCLive loss curves in ``dvclive/train``. A checkpoint is
+rewritten after every epoch in ``checkpoints/train.pt``; ``train.resume=true`` continues an
+interrupted run from it and reaches the same result.
+
+Distributed: ``torchrun --nproc_per_node=N -m stages.train`` (gloo on CPU, NCCL on GPU);
+``train.batch_size`` is the global batch, split over the processes.
 """
 
+from __future__ import annotations
+
+import hashlib
+import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import typer
-from sklearn.cluster import KMeans
 
-from anomalyncd import paths
-from anomalyncd.auto_k import resolve_num_classes
-from anomalyncd.config import load_params
-from anomalyncd.io import atomic_path, write_json
-from anomalyncd.store import read_crops
+from anomalyncd import auto_k, paths
+from anomalyncd.config import TrainParams, load_params
+from anomalyncd.io import InputError, read_image, read_mask, write_json
+from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone, save_model
 from anomalyncd.stage import run
+from anomalyncd.store import CropSet, read_crops
+from anomalyncd.training import TrainConfig, TrainData, dist_env, init_distributed, train
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
+CHECKPOINT = Path("checkpoints/train.pt")
+LIVE_DIR = Path("dvclive/train")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# params that change how a run is executed, not what it computes
+NOT_IN_FINGERPRINT = {"resume", "num_workers", "device"}
 
-def crop_features(crops: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Placeholder features (M, 8): mean RGB inside and outside the mask, mask fraction, score."""
-    m = masks[..., None].astype(np.float32)
-    inside = (crops * m).sum((1, 2)) / np.maximum(m.sum((1, 2)), 1)
-    outside = (crops * (1 - m)).sum((1, 2)) / np.maximum((1 - m).sum((1, 2)), 1)
-    frac = masks.reshape(len(masks), -1).mean(1, keepdims=True)
-    return np.concatenate([inside / 255, outside / 255, frac, np.sqrt(frac)], axis=1).astype(np.float32)
+
+def resolve_num_classes(params: TrainParams, crops: CropSet, include_normal: bool, device: str) -> int:
+    """Number of defect classes to discover (the novel outputs, without the normal slot).
+
+    ``num_classes: auto`` estimates it from the crops; the estimate is logged on every run
+    (``metrics/num_classes.json``, ``plots/num_classes.json``), see :mod:`anomalyncd.auto_k`.
+    """
+    return auto_k.resolve_num_classes(
+        params, crops.crops, crops.crop_masks, include_normal, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device
+    )
+
+
+def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """A labelled base set: ``<folder>/<class>/<name>.<ext>`` with mask ``<name>_mask.png``.
+
+    Returns crops uint8 (B, C, C, 3), masks uint8 (B, C, C), labels int64 (B,) and the class
+    names (sorted subfolder names), every crop resized to ``crop_size``.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"params.yaml: train.base_dir {str(root)!r} is not a folder; set it to '' for no base set")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    crops, masks, labels = [], [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in IMAGE_EXTS or f.stem.endswith("_mask"):
+                continue
+            mask_file = f.with_name(f"{f.stem}_mask.png")
+            if not mask_file.exists():
+                raise InputError(f"{f}: base-set crop without its mask {mask_file.name}")
+            img = read_image(f)
+            mask = read_mask(mask_file, img.shape[:2])
+            crops.append(cv2.resize(img, (crop_size, crop_size), interpolation=cv2.INTER_LINEAR))
+            masks.append(cv2.resize(mask.astype(np.uint8), (crop_size, crop_size), interpolation=cv2.INTER_NEAREST))
+            labels.append(label)
+    if not crops:
+        raise InputError(f"{root}: no base-set crops found (expected <class>/<name>.png with <name>_mask.png)")
+    return np.stack(crops), np.stack(masks), np.array(labels, np.int64), classes
+
+
+def fingerprint(params: TrainParams, include_normal: bool, world: int, *files: Path) -> str:
+    """Hash of what determines the result: params, the number of processes and input files."""
+    h = hashlib.sha256()
+    p = {k: v for k, v in asdict(params).items() if k not in NOT_IN_FINGERPRINT}
+    h.update(json.dumps({"train": p, "include_normal": include_normal, "world": world}, sort_keys=True).encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _base_hash(folder: str) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file()) if folder else []
+
+
+def train_config(p: TrainParams) -> TrainConfig:
+    """The optimisation settings of ``p`` (same field names)."""
+    return TrainConfig(**{f.name: getattr(p, f.name) for f in fields(TrainConfig) if hasattr(p, f.name)})
+
+
+class _Live:
+    """DVCLive logger of the per-epoch metrics (rank 0 only); DVC declares its files."""
+
+    def __init__(self, directory: Path):
+        from dvclive import Live
+
+        self.live = Live(dir=str(directory), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        self.live.step = epoch
+        for k, v in metrics.items():
+            self.live.log_metric(k, v)
+        self.live.next_step()
+
+    def end(self) -> None:
+        self.live.end()
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write models/mgvit.pt and metrics/train.json."""
+    """Write models/mgvit.pt, metrics/train.json and dvclive/train."""
     p = load_params("train", params)
     ds = load_params("dataset", params)
     t0 = time.time()
+    device = init_distributed(p.device)
+    rank, world = dist_env()
     cs = read_crops(paths.CROPS)
-    num_classes = resolve_num_classes(
-        p, cs.crops, cs.crop_masks, ds.include_normal, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT
+    if len(cs.crops) < 2:
+        raise InputError(f"{paths.CROPS}: {len(cs.crops)} crop(s); training needs at least 2 (check detect/mebin)")
+    k = resolve_num_classes(p, cs, ds.include_normal, device)
+    labels = -np.ones(len(cs.crops), np.int64)
+    crops, masks, scores = cs.crops, cs.crop_masks, cs.scores
+    base_names: list[str] = []
+    if p.base_dir:
+        bc, bm, bl, base_names = read_base_set(p.base_dir, cs.crops.shape[1])
+        crops, masks = np.concatenate([crops, bc]), np.concatenate([masks, bm])
+        scores = np.concatenate([scores, np.ones(len(bc), np.float32)])
+        labels = np.concatenate([labels, bl])
+    data = TrainData(crops, masks, scores, labels)
+    has_normal = bool(ds.include_normal)
+    cfg = ModelConfig(
+        model=p.model,
+        image_size=p.image_size,
+        mask_layers=p.mask_layers,
+        grad_from_block=p.grad_from_block,
+        n_head=p.n_head,
+        num_labeled=len(base_names),
+        num_unlabeled=k + int(has_normal),
+        has_normal=has_normal,
     )
-    k = num_classes + int(ds.include_normal)
-    feats = crop_features(cs.crops, cs.crop_masks)
-    km = KMeans(n_clusters=k, n_init=10, random_state=p.seed).fit(feats)
-    with atomic_path(paths.MODEL) as tmp:
-        torch.save(
-            {"kind": "kmeans-placeholder", "centers": torch.from_numpy(km.cluster_centers_), "params": asdict(p)}, tmp
+    torch.manual_seed(p.seed)
+    net = MGViTClassifier(cfg, create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint))
+    fp = fingerprint(p, has_normal, world, paths.CROPS, *_base_hash(p.base_dir))
+    live = _Live(LIVE_DIR) if rank == 0 else None
+    result = train(
+        net, data, train_config(p), device, checkpoint=CHECKPOINT, resume=p.resume, fingerprint=fp, on_epoch=live
+    )
+    if rank == 0:
+        live.end()
+        novel = (["normal"] if has_normal else []) + [f"class_{i}" for i in range(k)]
+        class_names = base_names + novel
+        save_model(paths.MODEL, net, result.head, extra={"class_names": class_names, "params": asdict(p)})
+        last = result.history[-1] if result.history else {}
+        write_json(
+            paths.METRICS / "train.json",
+            {
+                **{k_: round(v, 6) for k_, v in last.items()},
+                "head": result.head,
+                "epochs": len(result.history),
+                "resumed_from_epoch": result.resumed_from,
+                "crops": len(cs.crops),
+                "base_crops": int((labels >= 0).sum()),
+                "num_outputs": cfg.num_outputs,
+                "pretrained": bool(p.pretrained or p.checkpoint),
+                "processes": world,
+                "seconds": round(time.time() - t0, 2),
+            },
         )
-    write_json(paths.METRICS / "train.json", {"inertia": float(km.inertia_), "seconds": time.time() - t0})
-    typer.echo(f"train: k-means placeholder, {k} classes on {len(feats)} crops -> {paths.MODEL}")
+        typer.echo(
+            f"train: {len(cs.crops)} crops, {len(result.history)} epochs on {device} x{world}, "
+            f"head {result.head}, loss {last.get('loss', float('nan')):.4f} -> {paths.MODEL}"
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

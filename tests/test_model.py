@@ -134,3 +134,21 @@ def test_save_and_load_reproduce_the_outputs(tmp_path):
 def test_loading_a_missing_model_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="train stage"):
         load_model(tmp_path / "none.pt")
+
+
+def test_predict_crops_gives_novel_probabilities_of_every_head(tmp_path):
+    from anomalyncd.inference import predict_crops
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, grad_from_block=11, n_head=3, num_labeled=2, num_unlabeled=3)
+    save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=2)
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (5, 36, 36, 3), dtype=np.uint8)
+    masks = np.ones((5, 36, 36), np.uint8)
+    ps = predict_crops(tmp_path / "m.pt", crops, masks, device="cpu", batch_size=2)
+    assert ps.probs.shape == ps.logits.shape == (5, 3, 5) and ps.features.shape == (5, 192)
+    assert ps.head == 2
+    np.testing.assert_array_equal(ps.probs[..., :2], 0)  # base classes zeroed
+    np.testing.assert_allclose(ps.probs.sum(-1), 1, atol=1e-5)  # novel ones renormalised
+    again = predict_crops(tmp_path / "m.pt", crops, masks, device="cpu", batch_size=5)
+    np.testing.assert_allclose(again.probs, ps.probs, atol=1e-6)  # batching does not matter

@@ -174,3 +174,29 @@ def test_two_process_gloo_run_trains_one_epoch(tmp_path):
     assert r0["world"] == r1["world"] == 2
     torch.testing.assert_close(r0["params"], r1["params"])  # ranks stay in sync
     assert r0["history"] == r1["history"] and np.isfinite(r0["history"][0]["loss"])
+
+
+def test_base_set_folder_is_read_with_one_label_per_subfolder(tmp_path):
+    import cv2
+
+    from stages.train import read_base_set
+
+    for cls, n in (("crack", 2), ("hole", 1)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            cv2.imwrite(str(tmp_path / cls / f"{i}.png"), np.full((20, 30, 3), 100, np.uint8))
+            cv2.imwrite(str(tmp_path / cls / f"{i}_mask.png"), np.full((20, 30), 255, np.uint8))
+    crops, masks, labels, names = read_base_set(tmp_path, 16)
+    assert names == ["crack", "hole"] and labels.tolist() == [0, 0, 1]
+    assert crops.shape == (3, 16, 16, 3) and masks.shape == (3, 16, 16) and masks.max() == 1
+
+
+def test_base_set_crop_without_mask_is_an_input_error(tmp_path):
+    import cv2
+
+    from stages.train import read_base_set
+
+    (tmp_path / "a").mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(InputError, match="without its mask"):
+        read_base_set(tmp_path, 16)
