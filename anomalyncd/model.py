@@ -69,14 +69,19 @@ def create_backbone(
     """
     kwargs: dict = {"img_size": image_size, "num_classes": 0}
     if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise InputError(f"params.yaml: train.checkpoint {checkpoint!r} is not a file; set it to '' or fix the path")
         kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
         pretrained = True
+    if not timm.is_model(name.split(".")[0]):
+        raise InputError(f"params.yaml: train.model {name!r} is not a timm model name")
     try:
         net = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise InputError(f"params.yaml: train.model {name!r} is not a timm model name") from e
-        raise
+    except (OSError, ConnectionError) as e:
+        raise InputError(
+            f"params.yaml: could not download the weights of train.model {name!r} ({e}); "
+            "offline, set train.checkpoint to a local weights file or train.pretrained: false"
+        ) from e
     if not hasattr(net, "blocks") or getattr(net, "cls_token", None) is None:
         raise InputError(
             f"params.yaml: train.model {name!r} is not a ViT with a [CLS] token; "

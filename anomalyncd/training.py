@@ -5,6 +5,13 @@ checkpoint after each epoch (atomically), resumes from it, runs under ``torchrun
 on CPU, NCCL on GPU) and optionally trains on a frozen-trunk cache. It is deterministic on
 CPU: every random draw comes from generators seeded by ``(seed, epoch, crop, view)``.
 
+The frozen-trunk cache (``trunk_cache_views: V``) runs V augmented views of every crop once
+through the frozen blocks (every DDP process builds the whole cache) and trains the later
+blocks and the heads on two distinct cached views per crop and epoch.
+
+Pseudo-label correction needs a normal output, so it is active only when the model has one
+(``dataset.include_normal``); without it low-score crops train like the others.
+
 Loss of one batch (per head h, then averaged over heads)::
 
     cluster_h = distill_h + memax_weight * memax_h
@@ -21,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -86,6 +94,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     seconds: float = 0.0
     resumed_from: int = 0  # epochs loaded from the checkpoint
+    cache_seconds: float = 0.0  # time spent building the frozen-trunk cache
 
 
 def cosine_lr(epoch: int, epochs: int, lr: float, min_ratio: float) -> float:
@@ -174,6 +183,12 @@ class _Views(Dataset):
         return torch.from_numpy(idx), torch.from_numpy(np.concatenate([x0, x1])), torch.from_numpy(np.concatenate([m0, m1]))
 
 
+def _single_threaded_worker(_: int) -> None:
+    """Data-loading workers are forked: keep OpenCV and torch off their thread pools there."""
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
 def build_trunk_cache(
     net: MGViTClassifier, data: TrainData, views: int, seed: int, device: str, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,12 +262,9 @@ def batch_loss(
     if not supervised:
         total = cluster + contrast
     else:
-        b = len(labels)
-        if bool((~unl).any()):
-            sel = torch.cat([~unl, torch.zeros(b, dtype=torch.bool, device=unl.device)])
-            sel = torch.where(sel)[0]
-            proj_l = torch.cat([proj[sel], proj[sel + b]])
-            sup = losses.supcon(proj_l, labels[~unl])
+        b, lab = len(labels), ~unl
+        if bool(lab.any()):
+            sup = losses.supcon(torch.cat([proj[:b][lab], proj[b:][lab]]), labels[lab])
             ce_m = torch.stack(ce).mean()
         else:
             sup = ce_m = proj.sum() * 0.0
@@ -293,8 +305,13 @@ def train(
     stop_after: end after this many epochs (simulates an interruption in tests).
     """
     rank, world = dist_env()
-    if cfg.trunk_cache_views == 1:
+    if cfg.trunk_cache_views == 1 or cfg.trunk_cache_views < 0:
         raise InputError("params.yaml: train.trunk_cache_views must be 0 (off) or at least 2 (two views per crop)")
+    if cfg.trunk_cache_views and net.encoder.grad_from_block == 0:
+        raise InputError(
+            "params.yaml: train.trunk_cache_views needs frozen blocks (train.grad_from_block > 0); "
+            "set trunk_cache_views: 0 to train the whole ViT"
+        )
     t0 = time.perf_counter()
     net.to(device)
     opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
@@ -319,9 +336,11 @@ def train(
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.startswith("cuda") else None)
 
-    cache = None
+    cache, cache_seconds = None, 0.0
     if cfg.trunk_cache_views and start < cfg.epochs:
+        tc = time.perf_counter()
         cache = build_trunk_cache(net, data, cfg.trunk_cache_views, cfg.seed, device)
+        cache_seconds = time.perf_counter() - tc
 
     labels_all = torch.from_numpy(data.labels.astype(np.int64))
     scores_all = torch.from_numpy(data.scores.astype(np.float32))
@@ -346,6 +365,7 @@ def train(
                 batch_size=None,
                 shuffle=False,
                 num_workers=cfg.num_workers,
+                worker_init_fn=_single_threaded_worker,
             )
         else:
             pairs = cached_view_pairs(len(data.labels), cfg.trunk_cache_views, cfg.seed, epoch)
@@ -388,7 +408,13 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
     head = select_head([history[-1][f"distill_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
-    return TrainResult(head=head, history=history, seconds=time.perf_counter() - t0, resumed_from=resumed_from)
+    return TrainResult(
+        head=head,
+        history=history,
+        seconds=time.perf_counter() - t0,
+        resumed_from=resumed_from,
+        cache_seconds=cache_seconds,
+    )
 
 
 def _scalar_keys(sums: dict) -> list[str]:

@@ -56,9 +56,11 @@ def mask_crops(
 
 def merge(crop_probs: np.ndarray, image_index: np.ndarray, areas: np.ndarray, n_images: int, t: float = 50.0) -> np.ndarray:
     """Image labels: argmax of crop probabilities weighted by softmax(sqrt(area) / t) per image."""
-    out = np.zeros(n_images, np.int64)
+    out = -np.ones(n_images, np.int64)  # -1: no crop
     for i in range(n_images):
         sel = image_index == i
+        if not sel.any():
+            continue
         z = np.sqrt(areas[sel]) / t
         w = np.exp(z - z.max())
         out[i] = int(np.argmax((w / w.sum()) @ crop_probs[sel]))

@@ -1,83 +1,165 @@
-"""mebin: anomaly masks and anomaly-centred crops.
+"""mebin: binarize each anomaly map with MEBin and cut anomaly-centred crops.
 
-PLACEHOLDER binarization (issue 3 replaces it with MEBin): Otsu's threshold per map, one
-square crop per connected component.
+Reads the manifest and the 0..255 anomaly maps of ``detect``, takes the set's MEBin search
+range, then per image (in parallel): the MEBin threshold and mask, square crop boxes centred on
+the anomalies, and the image/mask crops with their scores (``anomalyncd.mebin``). Writes
+data/mebin/crops.zarr.zip and metrics/mebin.json.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import typer
 from tqdm import tqdm
 
-from anomalyncd import paths
-from anomalyncd.config import load_params
-from anomalyncd.datasets import Manifest
-from anomalyncd.io import InputError, read_image, write_json
-from anomalyncd.store import CropSet, read_maps, write_crops
+from anomalyncd import mebin, paths
+from anomalyncd.config import MebinParams, load_params
+from anomalyncd.datasets import Manifest, Record
+from anomalyncd.io import InputError, read_image, read_mask, write_json
 from anomalyncd.stage import run
+from anomalyncd.store import CropSet, MapSet, read_maps, write_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
+#: Ground-truth regions smaller than this many pixels are left out of ``gt_regions_in_crops``.
+MIN_GT_REGION = 64
 
-def _square(x: int, y: int, w: int, h: int, H: int, W: int, pad: float) -> tuple[int, int, int, int]:
-    r = max(int(max(w, h) * (1 + pad) / 2), 4)
-    r = min(r, min(H, W) // 2)
-    cx, cy = x + w // 2, y + h // 2
-    x0, y0 = min(max(cx - r, 0), W - 2 * r), min(max(cy - r, 0), H - 2 * r)
-    return x0, y0, x0 + 2 * r, y0 + 2 * r
+
+@dataclasses.dataclass
+class _Job:
+    index: int
+    map_u8: np.ndarray
+    record: Record
+    size: tuple[int, int]  # (H, W) the maps store recorded for the image
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def _share(lo: int, hi: int, params: MebinParams) -> None:
+    _SHARED.update(lo=lo, hi=hi, params=params)
+
+
+def _init_worker(lo: int, hi: int, params: MebinParams) -> None:
+    cv2.setNumThreads(1)  # one process per core already
+    _share(lo, hi, params)
+
+
+def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, tuple[int, int]]:
+    """One image: MEBin and its crops, plus (GT regions, GT regions inside a crop) if it has a mask."""
+    image = read_image(job.record.image)
+    if image.shape[:2] != job.size:
+        raise InputError(
+            f"{job.record.image}: image is {image.shape[1]}x{image.shape[0]} but {paths.MAPS} was made "
+            f"for {job.size[1]}x{job.size[0]}; the image changed after detect ran: rerun detect (dvc repro)"
+        )
+    result, crops = mebin.mebin_image(job.map_u8, image, _SHARED["lo"], _SHARED["hi"], _SHARED["params"])
+    gt = (0, 0)
+    if job.record.mask:
+        gt = mebin.regions_in_boxes(read_mask(job.record.mask, job.size), crops.boxes, MIN_GT_REGION)
+    return job.index, result, crops, gt
+
+
+def _check_maps(ms: MapSet, records: dict[str, Record]) -> None:
+    if not ms.ids:
+        raise InputError(f"{paths.MAPS}: holds no anomaly maps; check dataset params and rerun detect")
+    missing = [i for i in ms.ids if i not in records]
+    if missing:
+        raise InputError(f"{paths.MAPS}: image ids not in {paths.MANIFEST}: {missing[:5]}; rerun detect")
+    bad = [ms.ids[i] for i in np.flatnonzero(~np.isfinite(ms.maps.reshape(len(ms.ids), -1)).all(axis=1))]
+    if bad:
+        raise InputError(
+            f"{paths.MAPS}: anomaly maps contain NaN or infinite values for {len(bad)} image(s), "
+            f"e.g. {bad[:3]}; fix the detector's output and rerun detect"
+        )
+
+
+def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress: bool = True) -> tuple[CropSet, dict]:
+    """MEBin over every map of ``ms`` (images looked up in ``records`` by id): the crop set and
+    the stage's metrics."""
+    mebin.check_params(p)
+    _check_maps(ms, records)
+    lo, hi = mebin.search_range(ms.maps_u8)
+    jobs = [
+        _Job(i, ms.maps_u8[i], records[iid], (int(ms.image_sizes[i][0]), int(ms.image_sizes[i][1])))
+        for i, iid in enumerate(ms.ids)
+    ]
+    workers = min(p.workers or os.cpu_count() or 1, len(jobs))
+    bar = dict(total=len(jobs), desc="mebin", unit="img", disable=not progress)
+    if workers <= 1:
+        _share(lo, hi, p)
+        done = list(tqdm(map(_run_job, jobs), **bar))
+    else:
+        # spawn, not fork: forking a process that already runs threads (OpenCV, zarr) can deadlock
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (lo, hi, p)) as pool:
+            chunk = max(1, len(jobs) // (workers * 8))
+            done = list(tqdm(pool.imap(_run_job, jobs, chunksize=chunk), **bar))
+    done.sort(key=lambda d: d[0])
+    results = [d[1] for d in done]
+    crops = [d[2] for d in done]
+    gt_regions, gt_covered = (sum(d[3][k] for d in done) for k in (0, 1))
+
+    cs = CropSet(
+        ids=list(ms.ids),
+        image_sizes=np.asarray(ms.image_sizes, np.int32),
+        thresholds=np.array([r.threshold for r in results], np.int32),
+        est_counts=np.array([r.est_count for r in results], np.int32),
+        # every sequence has T = len(sweep_thresholds(sample_rate)) entries: no padding needed
+        count_seqs=np.stack([r.counts for r in results]).astype(np.int32),
+        masks=[r.mask for r in results],
+        crops=np.concatenate([c.crops for c in crops]),
+        crop_masks=np.concatenate([c.crop_masks for c in crops]),
+        image_index=np.concatenate([np.full(len(c), i, np.int32) for i, c in enumerate(crops)]),
+        boxes=np.concatenate([c.boxes for c in crops]),
+        areas=np.concatenate([c.areas for c in crops]),
+        scores=np.concatenate([c.scores for c in crops]),
+        attrs={
+            "method": "mebin",
+            "lo": lo,
+            "hi": hi,
+            "crop_size": p.crop_size,
+            "sample_rate": p.sample_rate,
+            "params": dataclasses.asdict(p),
+        },
+    )
+    n = len(cs.ids)
+    metrics = {
+        "images": n,
+        "crops": len(cs.crops),
+        "crops_per_image": len(cs.crops) / n,
+        "mean_est_count": float(cs.est_counts.mean()),
+        "images_without_anomaly": int((cs.est_counts == 0).sum()),
+        "lo": lo,
+        "hi": hi,
+        "mean_threshold": float(cs.thresholds.mean()),
+        "mean_mask_fraction": float(np.mean([m.mean() for m in cs.masks])),
+        # ground truth regions > MIN_GT_REGION px whose bounding box lies inside a crop box
+        "gt_regions": gt_regions,
+        "gt_regions_in_crops": gt_covered / gt_regions if gt_regions else None,
+    }
+    return cs, metrics
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write data/mebin/crops.zarr.zip."""
+    """Write data/mebin/crops.zarr.zip and metrics/mebin.json."""
     p = load_params("mebin", params)
-    manifest = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
-    ms = read_maps(paths.MAPS)
-    missing = [i for i in ms.ids if i not in manifest]
-    if missing:
-        raise InputError(f"{paths.MAPS}: image ids not in {paths.MANIFEST}: {missing[:5]}; rerun detect")
-    c = p.crop_size
-    thresholds, est, masks, crops, cmasks, index, boxes, areas, scores = [], [], [], [], [], [], [], [], []
-    for i, (iid, m) in enumerate(tqdm(list(zip(ms.ids, ms.maps_u8)), desc="mebin", unit="img")):
-        rec = manifest[iid]
-        img = read_image(rec.image)
-        H, W = img.shape[:2]
-        t, _ = cv2.threshold(m, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        mask = cv2.resize((m > t).astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST)
-        score_map = cv2.resize(m, (W, H), interpolation=cv2.INTER_NEAREST)
-        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        comps = sorted(stats[1:].tolist(), key=lambda s: -s[4]) or [[0, 0, W, H, 0]]
-        for x, y, w, h, _a in comps[:3]:
-            x0, y0, x1, y1 = _square(x, y, w, h, H, W, p.padding)
-            crops.append(cv2.resize(img[y0:y1, x0:x1], (c, c), interpolation=cv2.INTER_LINEAR))
-            cmasks.append(cv2.resize(mask[y0:y1, x0:x1], (c, c), interpolation=cv2.INTER_NEAREST))
-            index.append(i)
-            boxes.append((x0, y0, x1, y1))
-            areas.append(int(mask[y0:y1, x0:x1].sum()))
-            scores.append(float(score_map[y0:y1, x0:x1].max()) / 255)
-        thresholds.append(int(t))
-        est.append(n - 1)
-        masks.append(mask.astype(bool))
-    cs = CropSet(
-        ids=ms.ids,
-        image_sizes=ms.image_sizes,
-        thresholds=np.array(thresholds),
-        est_counts=np.array(est),
-        count_seqs=np.array(est)[:, None],
-        masks=masks,
-        crops=np.stack(crops),
-        crop_masks=np.stack(cmasks),
-        image_index=np.array(index),
-        boxes=np.array(boxes),
-        areas=np.array(areas),
-        scores=np.array(scores),
-        attrs={"lo": 0, "hi": 255, "crop_size": c, "method": "otsu-placeholder"},
-    )
+    records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
+    cs, metrics = build_crops(read_maps(paths.MAPS), records, p)
     write_crops(paths.CROPS, cs)
-    write_json(paths.METRICS / "mebin.json", {"crops": len(crops), "crops_per_image": len(crops) / len(ms.ids)})
-    typer.echo(f"mebin: {len(crops)} crops from {len(ms.ids)} images -> {paths.CROPS}")
+    write_json(paths.METRICS / "mebin.json", metrics)
+    typer.echo(
+        f"mebin: {metrics['crops']} crops from {metrics['images']} images "
+        f"({metrics['images_without_anomaly']} without anomaly), search range "
+        f"[{metrics['lo']}, {metrics['hi']}] -> {paths.CROPS}"
+    )
 
 
 if __name__ == "__main__":

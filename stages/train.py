@@ -80,11 +80,16 @@ def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.nd
     return np.stack(crops), np.stack(masks), np.array(labels, np.int64), classes
 
 
+def result_params(params: TrainParams) -> dict:
+    """The params that determine the trained model (not resume, workers or device)."""
+    return {k: v for k, v in asdict(params).items() if k not in NOT_IN_FINGERPRINT}
+
+
 def fingerprint(params: TrainParams, include_normal: bool, world: int, *files: Path) -> str:
     """Hash of what determines the result: params, the number of processes and input files."""
     h = hashlib.sha256()
-    p = {k: v for k, v in asdict(params).items() if k not in NOT_IN_FINGERPRINT}
-    h.update(json.dumps({"train": p, "include_normal": include_normal, "world": world}, sort_keys=True).encode())
+    key = {"train": result_params(params), "include_normal": include_normal, "world": world}
+    h.update(json.dumps(key, sort_keys=True).encode())
     for f in files:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -162,7 +167,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         live.end()
         novel = (["normal"] if has_normal else []) + [f"class_{i}" for i in range(k)]
         class_names = base_names + novel
-        save_model(paths.MODEL, net, result.head, extra={"class_names": class_names, "params": asdict(p)})
+        save_model(paths.MODEL, net, result.head, extra={"class_names": class_names, "params": result_params(p)})
         last = result.history[-1] if result.history else {}
         write_json(
             paths.METRICS / "train.json",
@@ -176,6 +181,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
                 "num_outputs": cfg.num_outputs,
                 "pretrained": bool(p.pretrained or p.checkpoint),
                 "processes": world,
+                "cache_seconds": round(result.cache_seconds, 2),
                 "seconds": round(time.time() - t0, 2),
             },
         )

@@ -47,6 +47,8 @@ def test_attention_mask_restricts_only_the_cls_row():
 
 
 def test_cls_output_ignores_pixels_outside_the_mask():
+    # one block, masked: with more blocks the patch tokens (which attend everywhere) would
+    # carry outside pixels into the [CLS] token of the next block, by design
     enc = MGViT(tiny_vit(depth=1), mask_layers=1, grad_from_block=0).eval()
     x = torch.randn(1, 3, 32, 32)
     changed = x.clone()
@@ -152,3 +154,19 @@ def test_predict_crops_gives_novel_probabilities_of_every_head(tmp_path):
     np.testing.assert_allclose(ps.probs.sum(-1), 1, atol=1e-5)  # novel ones renormalised
     again = predict_crops(tmp_path / "m.pt", crops, masks, device="cpu", batch_size=5)
     np.testing.assert_allclose(again.probs, ps.probs, atol=1e-6)  # batching does not matter
+
+
+def test_local_checkpoint_file_loads_with_position_embeddings_resampled(tmp_path):
+    torch.manual_seed(2)
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0)
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    same = create_backbone("vit_tiny_patch16_224", 64, checkpoint=str(tmp_path / "vit.pth"))
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in same.state_dict().items())
+    smaller = create_backbone("vit_tiny_patch16_224", 32, checkpoint=str(tmp_path / "vit.pth"))
+    assert smaller.pos_embed.shape == (1, 5, 192)
+    assert torch.equal(smaller.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+
+
+def test_unknown_model_name_is_an_input_error():
+    with pytest.raises(InputError, match="train.model"):
+        create_backbone("not_a_vit_at_all", 32)

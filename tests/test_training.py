@@ -35,10 +35,10 @@ def tiny_data(m: int = 12, labelled: int = 0, seed: int = 0) -> TrainData:
     return TrainData(crops, masks, rng.random(m).astype(np.float32), labels)
 
 
-def tiny_net(num_labeled: int = 0, has_normal: bool = True) -> MGViTClassifier:
+def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int = 11) -> MGViTClassifier:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=2,
+        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
         num_labeled=num_labeled, num_unlabeled=3, has_normal=has_normal, proj_hidden=32, proj_dim=16,
     )
     return MGViTClassifier(cfg)
@@ -200,3 +200,63 @@ def test_base_set_crop_without_mask_is_an_input_error(tmp_path):
     cv2.imwrite(str(tmp_path / "a" / "0.png"), np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(InputError, match="without its mask"):
         read_base_set(tmp_path, 16)
+
+
+def test_trunk_cache_without_frozen_blocks_is_an_input_error():
+    net = tiny_net(grad_from_block=0)
+    with pytest.raises(InputError, match="grad_from_block"):
+        train(net, tiny_data(), TrainConfig(epochs=1, trunk_cache_views=2))
+
+
+def write_tiny_crops(path: Path, m: int = 10) -> None:
+    from anomalyncd.store import CropSet, write_crops
+
+    d = tiny_data(m)
+    n = m // 2
+    write_crops(path, CropSet(
+        ids=[f"img{i}" for i in range(n)], image_sizes=np.full((n, 2), 64), thresholds=np.zeros(n),
+        est_counts=np.ones(n), count_seqs=np.zeros((n, 3)), masks=[np.zeros((64, 64), bool)] * n,
+        crops=d.crops, crop_masks=d.masks, image_index=np.arange(m) // 2, boxes=np.zeros((m, 4)),
+        areas=np.full(m, 100), scores=d.scores,
+    ))
+
+
+def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from anomalyncd import paths
+    from anomalyncd.store import read_probs
+    from stages import infer as infer_stage
+    from stages import train as train_stage
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_crops(paths.CROPS)
+    params = {
+        "dataset": {"include_normal": True},
+        "train": {"image_size": 32, "epochs": 2, "batch_size": 6, "n_head": 2, "num_classes": 2, "trunk_cache_views": 2},
+        "infer": {"batch_size": 4},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    runner = CliRunner()
+    res = runner.invoke(train_stage.app, [])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((paths.METRICS / "train.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is False
+    assert len((Path("dvclive/train/plots/metrics/loss.tsv")).read_text().splitlines()) == 3  # header + 2 epochs
+    res = runner.invoke(infer_stage.app, [])
+    assert res.exit_code == 0, res.output
+    ps = read_probs(paths.PROBS)
+    assert ps.probs.shape == (10, 2, 3) and ps.head == metrics["head"]
+    assert ps.attrs["normal_slot"] == 0
+
+
+def test_data_loading_workers_do_not_change_the_result():
+    runs = []
+    for workers in (0, 2):
+        net = tiny_net()
+        train(net, tiny_data(), TrainConfig(epochs=1, num_workers=workers, **FAST))
+        runs.append(state(net))
+    assert_same_state(*runs)

@@ -1,0 +1,458 @@
+"""Main Element Binarization (MEBin) and anomaly-centred crops (AnomalyNCD, CVPR 2025).
+
+MEBin binarizes each anomaly map with its own threshold: it sweeps the threshold from high to
+low, counts connected components at each step and picks the end of the longest *stable
+interval* (a run of equal, non-zero counts). The binary mask then gives square crop boxes
+centred on each anomaly region; nearby boxes are merged and the largest ``est_count + 1`` kept.
+
+Everything here is a pure function on arrays and reproduces the authors' published code on the
+same maps (the places where their code differs from a plain reading of the paper are noted
+where they happen). The threshold sweep is computed without one erosion and labelling pass per
+threshold: see :func:`count_sequence`.
+
+Shapes: maps are ``uint8 (S, S)`` (any ``(h, w)`` works), images ``uint8 (H, W, 3)`` RGB,
+masks ``bool (H, W)``, boxes ``int (m, 4)`` as ``(x0, y0, x1, y1)`` with ``x1, y1``
+exclusive.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .config import MebinParams
+from .io import InputError
+
+#: Rules 3 and 5: erode once with a 6 x 6 all-ones kernel (OpenCV's default anchor and border).
+ERODE_KERNEL = np.ones((6, 6), np.uint8)
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class ImageResult:
+    """MEBin's per-image result and diagnostics.
+
+    threshold: the chosen threshold on the map's own 0..255 scale (255: no anomaly).
+    est_count: the estimated number of anomaly regions (0: no anomaly).
+    counts: int32 (T,) component counts along the sweep; entry ``j`` is at threshold
+    ``255 - j * sample_rate`` on the rescaled axis (see :func:`sweep_thresholds`).
+    mask: bool (H, W) the binary anomaly mask at image size.
+    """
+
+    threshold: int
+    est_count: int
+    counts: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class Crops:
+    """The crops of one image, largest box first.
+
+    crops: uint8 (m, C, C, 3) RGB; crop_masks: uint8 (m, C, C) in {0, 1}; boxes: int32 (m, 4)
+    ``(x0, y0, x1, y1)`` in image pixels, which may reach outside the image (that part of the
+    crop is black, as in the authors' code); areas: int64 (m,) mask pixels inside the box;
+    scores: float32 (m,) in [0, 1].
+    """
+
+    crops: np.ndarray
+    crop_masks: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+# -- rules 1 to 5: thresholds and masks ------------------------------------------------------
+
+
+def check_params(p: MebinParams) -> MebinParams:
+    """Return ``p`` if every ``mebin`` param is in range, else raise ``InputError`` naming it."""
+    rules = {
+        "sample_rate": (p.sample_rate >= 1, ">= 1"),
+        "min_interval_len": (p.min_interval_len >= 1, ">= 1"),
+        "padding": (p.padding >= 0, ">= 0"),
+        "min_crop_size": (0 <= p.min_crop_size <= 0.5, "in [0, 0.5]"),
+        "max_merge_dist": (p.max_merge_dist >= 0, ">= 0"),
+        "crop_size": (p.crop_size >= 1, ">= 1"),
+        "workers": (p.workers >= 0, ">= 0 (0: one per CPU core)"),
+    }
+    for name, (ok, limit) in rules.items():
+        if not ok:
+            raise InputError(f"params.yaml: mebin.{name} must be {limit}, got {getattr(p, name)!r}")
+    return p
+
+
+def check_map(map_u8: np.ndarray, name: str = "anomaly map") -> np.ndarray:
+    """Return ``map_u8`` if it is a non-empty 2-D ``uint8`` array, else raise ``InputError``."""
+    if not isinstance(map_u8, np.ndarray) or map_u8.dtype != np.uint8 or map_u8.ndim != 2 or map_u8.size == 0:
+        desc = f"{map_u8.dtype} {map_u8.shape}" if isinstance(map_u8, np.ndarray) else type(map_u8).__name__
+        raise InputError(f"{name}: expected a non-empty uint8 (H, W) array with values 0..255, got {desc}")
+    return map_u8
+
+
+def search_range(maps_u8: np.ndarray | Sequence[np.ndarray]) -> tuple[int, int]:
+    """Rule 1: ``(lo, hi)``, the smallest and the largest per-map maximum over the whole set.
+
+    maps_u8: uint8 (N, S, S), or N uint8 (H_i, W_i) arrays. Where every map has the same
+    maximum (one map, constant maps) the paper's rescaling would divide by zero: ``lo`` becomes
+    0 then, with a ``RuntimeWarning``.
+    """
+    if len(maps_u8) == 0:
+        raise InputError("MEBin needs at least one anomaly map, got none")
+    if isinstance(maps_u8, np.ndarray) and maps_u8.ndim == 3:
+        if maps_u8.dtype != np.uint8 or maps_u8[0].size == 0:
+            raise InputError(f"anomaly maps: expected uint8 (N, H, W), got {maps_u8.dtype} {maps_u8.shape}")
+        peaks = maps_u8.reshape(len(maps_u8), -1).max(axis=1)
+    else:
+        peaks = np.array([check_map(m, f"anomaly map {i}").max() for i, m in enumerate(maps_u8)])
+    lo, hi = int(peaks.min()), int(peaks.max())
+    if hi == lo:
+        warnings.warn(
+            f"MEBin search range is empty: every anomaly map peaks at {hi}; using lo = 0 instead "
+            "(the paper's rescaling would divide by zero)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        lo = 0
+    return lo, hi
+
+
+def _check_range(lo: int, hi: int) -> None:
+    if not (0 <= lo <= hi <= 255):
+        raise InputError(f"MEBin search range must satisfy 0 <= lo <= hi <= 255, got lo={lo}, hi={hi}")
+
+
+def rescale(map_u8: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rule 2: float64 (H, W): 0 below ``lo``, else ``(v - lo) / (hi - lo) * 255``.
+
+    ``hi == lo`` only happens when every map is all zero (see :func:`search_range`): the
+    result is all zero then. Values above ``hi`` (new images scored with a stored range) go
+    above 255.
+    """
+    _check_range(lo, hi)
+    v = check_map(map_u8).astype(np.float64)
+    if hi == lo:
+        return np.zeros_like(v)
+    return np.where(map_u8 < lo, 0.0, (v - lo) / (hi - lo) * 255)
+
+
+def sweep_thresholds(sample_rate: int) -> np.ndarray:
+    """Rule 3's thresholds on the rescaled axis: int64 (T,) ``255, 255 - s, ...`` while > 0."""
+    if sample_rate < 1:
+        raise InputError(f"params.yaml: mebin.sample_rate must be >= 1, got {sample_rate}")
+    return np.arange(255, 0, -sample_rate, dtype=np.int64)
+
+
+def _first_step_lut(lo: int, hi: int, sample_rate: int) -> np.ndarray:
+    """uint8 (256,): for each map value, the first sweep step at which it is foreground (T: never).
+
+    A rescaled value r is foreground at integer threshold t iff r > t iff ceil(r) > t, so the
+    first step is the number of thresholds >= ceil(r).
+    """
+    ts = sweep_thresholds(sample_rate)
+    r = rescale(np.arange(256, dtype=np.uint8)[None], lo, hi)[0]
+    first = len(ts) - np.searchsorted(ts[::-1], np.ceil(r), side="left")
+    return first.astype(np.uint8)
+
+
+def count_sequence(map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, erode: bool = True) -> np.ndarray:
+    """Rule 3: int32 (T,) 8-connected component counts along the threshold sweep.
+
+    Same result as binarizing the rescaled map at every threshold, eroding and labelling, but
+    much faster:
+
+    - erosion commutes with thresholding (eroding ``{r > t}`` is thresholding the
+      min-filtered map), and min-filtering commutes with the monotone rescaling, so the 8-bit
+      map is eroded once and every pixel is mapped, through a 256-entry table, to the first
+      sweep step at which it is foreground;
+    - the foreground only changes at steps where some pixel enters, so only those are
+      labelled; steps before the first entry count 0, and each labelled count holds until the
+      next entry;
+    - labelling runs on the bounding box of the pixels that are ever foreground.
+    """
+    check_map(map_u8)
+    _check_range(lo, hi)
+    n_steps = len(sweep_thresholds(sample_rate))
+    src = cv2.erode(map_u8, ERODE_KERNEL) if erode else map_u8
+    first = cv2.LUT(src, _first_step_lut(lo, hi, sample_rate))
+    counts = np.zeros(n_steps, np.int32)
+    entries = np.flatnonzero(np.bincount(first.ravel(), minlength=n_steps + 1)[:n_steps])
+    if entries.size == 0:
+        return counts
+    ever = first < n_steps
+    rows, cols = np.flatnonzero(ever.any(axis=1)), np.flatnonzero(ever.any(axis=0))
+    box = first[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    for step, until in zip(entries, [*entries[1:], n_steps]):
+        fg = (box <= step).view(np.uint8)
+        counts[step:until] = cv2.connectedComponents(fg, connectivity=8)[0] - 1
+    return counts
+
+
+def stable_threshold(
+    counts: np.ndarray, lo: int, hi: int, sample_rate: int = 4, min_interval_len: int = 4
+) -> tuple[int, int]:
+    """Rule 4: ``(threshold, est_count)`` from a count sequence (int (T,)).
+
+    A stable interval is a maximal run of equal, non-zero counts at least
+    ``min_interval_len`` steps long. None: ``(255, 0)``, the image has no anomaly. Otherwise the
+    estimated count is the count whose longest run, measured as (last - first) index, is the
+    longest (ties: the count that first qualified along the sweep); of its runs the longest is
+    taken (ties: the later one); its last index ``i`` gives ``t = 255 - i * sample_rate``,
+    mapped back to the map's scale as ``int(t * (hi - lo) / 255 + lo)``.
+
+    The mapping is computed with Python integers: the authors' code did it with NumPy 1, where
+    an int times a ``uint8`` scalar was promoted to int64; under NumPy 2 the same expression
+    stays ``uint8`` and wraps around.
+    """
+    if min_interval_len < 1:
+        raise InputError(f"params.yaml: mebin.min_interval_len must be >= 1, got {min_interval_len}")
+    _check_range(lo, hi)
+    seq = [int(c) for c in counts]
+    runs: dict[int, list[tuple[int, int]]] = {}  # count -> its qualifying runs, in sweep order
+    start = 0
+    for i in range(1, len(seq) + 1):
+        if i == len(seq) or seq[i] != seq[start]:
+            if seq[start] != 0 and i - start >= min_interval_len:
+                runs.setdefault(seq[start], []).append((start, i - 1))
+            start = i
+    if not runs:
+        return 255, 0
+    longest = {c: max(last - first for first, last in rs) for c, rs in runs.items()}
+    est = max(longest, key=longest.__getitem__)  # first maximum: the count that qualified first
+    best = runs[est][0]
+    for first, last in runs[est][1:]:
+        if last - first >= best[1] - best[0]:  # ties: the later run
+            best = (first, last)
+    t = 255 - best[1] * int(sample_rate)
+    return int(t * (int(hi) - int(lo)) / 255 + int(lo)), est
+
+
+def binarize(map_u8: np.ndarray, threshold: int, erode: bool = True) -> np.ndarray:
+    """Rule 5: bool (H, W), the map strictly above ``threshold``, eroded once if ``erode``."""
+    fg = (check_map(map_u8) > threshold).astype(np.uint8)
+    if erode:
+        fg = cv2.erode(fg, ERODE_KERNEL)
+    return fg.astype(bool)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Rule 6: bool (H, W), ``mask`` resized to ``size = (H, W)`` nearest-neighbour (OpenCV)."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask.astype(bool)
+    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+# -- rules 7 and 8: crop boxes ---------------------------------------------------------------
+
+
+def region_boxes(mask: np.ndarray, padding: float = 0.1, min_crop_size: float = 0.1) -> list[tuple[int, int, int, int]]:
+    """Rule 7: one square box per external contour of ``mask`` (bool (H, W)).
+
+    Contours' bounding rectangles are taken in ascending order of area (ties: by x, y, w, h);
+    each gives a square of half-side ``r = max(int(max(w, h) * (1 + padding) * 0.5),
+    int(max(H, W) * min_crop_size))``, capped at ``int(max(H, W) * 0.5)`` and at least 1,
+    centred on the rectangle's integer midpoint and shifted back inside the image where it
+    crosses a border (a square wider than the image stays anchored at 0). No contour: one box,
+    the whole image.
+    """
+    h_img, w_img = mask.shape
+    side = max(h_img, w_img)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return [(0, 0, w_img, h_img)]
+    rects = sorted((w * h, x, y, w, h) for x, y, w, h in map(cv2.boundingRect, contours))
+    boxes = []
+    for _, x, y, w, h in rects:
+        cx, cy = int((2 * x + w) * 0.5), int((2 * y + h) * 0.5)
+        r = max(int(max(h, w) * (1 + padding) * 0.5), int(side * min_crop_size))
+        r = max(min(r, int(side * 0.5)), 1)
+        x0, y0, x1, y1 = cx - r, cy - r, cx + r, cy + r
+        if x0 < 0:
+            x0, x1 = 0, 2 * r
+        elif x1 > w_img:
+            x0, x1 = w_img - 2 * r, w_img
+        if y0 < 0:
+            y0, y1 = 0, 2 * r
+        elif y1 > h_img:
+            y0, y1 = h_img - 2 * r, h_img
+        boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
+def box_gap(a: Box, b: Box) -> float:
+    """Distance between two boxes ``(x0, y0, x1, y1)``: -1 if they overlap, 0 if they touch."""
+    dx = abs((a[0] + a[2]) - (b[0] + b[2])) / 2  # centre distances
+    dy = abs((a[1] + a[3]) - (b[1] + b[3])) / 2
+    gap_x = dx - ((a[2] - a[0]) + (b[2] - b[0])) / 2
+    gap_y = dy - ((a[3] - a[1]) + (b[3] - b[1])) / 2
+    if gap_x < 0 and gap_y < 0:
+        return -1.0
+    if gap_x < 0:
+        return gap_y
+    if gap_y < 0:
+        return gap_x
+    return math.sqrt(gap_x * gap_x + gap_y * gap_y)
+
+
+def _square(box: Box) -> Box:
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    if w > h:
+        return (x0, y0 - (w - h) / 2, x1, y1 + (w - h) / 2)
+    if h > w:
+        return (x0 - (h - w) / 2, y0, x1 + (h - w) / 2, y1)
+    return box
+
+
+def merge_boxes(boxes: Sequence[Box], max_dist: int) -> list[Box]:
+    """Rule 8: merge boxes closer than ``max_dist`` pixels; largest first.
+
+    Each box's group is every box at a :func:`box_gap` below ``max_dist`` (itself included,
+    overlapping boxes always). Groups contained in another group are dropped. Each remaining
+    group, sorted, becomes the union of its boxes, made square by growing the shorter side
+    equally on both sides; as in the authors' code the square is taken after each box is added,
+    which differs from squaring the final union when three or more boxes merge. Coordinates may
+    become half-integers. The result is sorted by area, largest first (stable).
+    """
+    boxes = [tuple(b) for b in boxes]
+    groups: list[list[Box]] = []
+    for a in dict.fromkeys(boxes):
+        group = sorted(b for b in boxes if box_gap(a, b) < max_dist)
+        if group not in groups:
+            groups.append(group)
+    kept = [g for g in groups if not any(h != g and set(g) <= set(h) for h in groups)]
+    merged = []
+    for group in kept:
+        box = group[0]
+        for other in group[1:]:
+            box = _square((min(box[0], other[0]), min(box[1], other[1]), max(box[2], other[2]), max(box[3], other[3])))
+        merged.append(box)
+    return sorted(merged, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
+
+
+def crop_boxes(
+    mask: np.ndarray, est_count: int, padding: float = 0.1, min_crop_size: float = 0.1, max_merge_dist: float = 0.01
+) -> np.ndarray:
+    """Rules 7 and 8: int32 (m, 4) crop boxes of a bool (H, W) mask, largest first.
+
+    At most ``est_count + 1`` boxes are kept. Half-integer coordinates from merging are
+    rounded with Python's ``round`` (half to even), as PIL's crop does in the authors' code.
+    """
+    boxes = region_boxes(mask, padding, min_crop_size)
+    merged = merge_boxes(boxes, int(max(mask.shape) * max_merge_dist))[: est_count + 1]
+    return np.array([[round(v) for v in b] for b in merged], dtype=np.int32).reshape(-1, 4)
+
+
+# -- rule 9: crops and scores ----------------------------------------------------------------
+
+
+def crop_padded(arr: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """``arr[y0:y1, x0:x1]`` for a box that may reach outside ``arr``; outside is zero."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    out = np.zeros((y1 - y0, x1 - x0) + arr.shape[2:], arr.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, arr.shape[1]), min(y1, arr.shape[0])
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    return out
+
+
+def resize_short_side(arr: np.ndarray, size: int, resample: int) -> np.ndarray:
+    """Resize (PIL) so the shorter side is ``size`` and keep the top-left ``size x size``.
+
+    arr: uint8 (h, w) or (h, w, 3). This is exactly what the classifier's transforms see
+    (torchvision's ``resize(size)`` followed by crops inside the top-left square), so a square
+    crop is simply resized and a non-square one keeps the part those transforms would use.
+    """
+    h, w = arr.shape[:2]
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return np.asarray(Image.fromarray(arr).resize((new_w, new_h), resample))[:size, :size]
+
+
+def score_map(map_u8: np.ndarray, lo: int, hi: int, size: tuple[int, int]) -> np.ndarray:
+    """The rescaled map (rule 2) resized to ``size = (H, W)``: float32 (H, W).
+
+    Resized like the authors' code does: a float32 PIL image with PIL's default (bicubic)
+    filter, which can overshoot slightly around sharp peaks.
+    """
+    r = rescale(map_u8, lo, hi).astype(np.float32)
+    h, w = size
+    if r.shape == (h, w):
+        return r
+    return np.asarray(Image.fromarray(r).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def extract_crops(
+    image: np.ndarray, mask: np.ndarray, scores: np.ndarray, boxes: np.ndarray, crop_size: int
+) -> Crops:
+    """Rule 9: image and mask crops of each box, resized to ``crop_size``, and their scores.
+
+    image: uint8 (H, W, 3); mask: bool (H, W); scores: float32 (H, W) on the 0..255 scale
+    (:func:`score_map`); boxes: int (m, 4). A crop's score is the maximum of ``scores`` in its
+    box (black padding outside the image counts as 0) divided by 255, clipped to [0, 1].
+    Images are resized bilinearly, masks nearest-neighbour (:func:`resize_short_side`).
+    """
+    if crop_size < 1:
+        raise InputError(f"params.yaml: mebin.crop_size must be >= 1, got {crop_size}")
+    crops = np.zeros((len(boxes), crop_size, crop_size, 3), np.uint8)
+    crop_masks = np.zeros((len(boxes), crop_size, crop_size), np.uint8)
+    areas = np.zeros(len(boxes), np.int64)
+    out_scores = np.zeros(len(boxes), np.float32)
+    mask_u8 = mask.astype(np.uint8)
+    for k, box in enumerate(boxes):
+        m = crop_padded(mask_u8, box)
+        crops[k] = resize_short_side(crop_padded(image, box), crop_size, Image.Resampling.BILINEAR)
+        crop_masks[k] = resize_short_side(m, crop_size, Image.Resampling.NEAREST)
+        areas[k] = int(m.sum())
+        out_scores[k] = np.clip(crop_padded(scores, box).max() / 255.0, 0.0, 1.0)
+    return Crops(crops, crop_masks, np.asarray(boxes, np.int32).reshape(-1, 4), areas, out_scores)
+
+
+# -- the whole per-image job -----------------------------------------------------------------
+
+
+def mebin_image(
+    map_u8: np.ndarray, image: np.ndarray, lo: int, hi: int, params: MebinParams
+) -> tuple[ImageResult, Crops]:
+    """MEBin for one image, given the set's search range ``(lo, hi)`` (:func:`search_range`).
+
+    map_u8: uint8 (S, S) anomaly map, at any resolution; image: uint8 (H, W, 3) RGB. Used by
+    the ``mebin`` stage and, with a finished run's stored range, by ``predict``.
+    """
+    check_params(params)
+    check_map(map_u8)
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InputError(f"image: expected a uint8 (H, W, 3) RGB array, got {desc}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"image: empty image of shape {image.shape}")
+    counts = count_sequence(map_u8, lo, hi, params.sample_rate, params.erode)
+    threshold, est = stable_threshold(counts, lo, hi, params.sample_rate, params.min_interval_len)
+    size = image.shape[:2]
+    mask = resize_mask(binarize(map_u8, threshold, params.erode), size)
+    boxes = crop_boxes(mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
+    crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size)
+    return ImageResult(threshold, est, counts, mask), crops
+
+
+def regions_in_boxes(gt_mask: np.ndarray, boxes: np.ndarray, min_area: int = 64) -> tuple[int, int]:
+    """``(n_regions, n_covered)``: 8-connected regions of ``gt_mask`` (bool (H, W)) larger than
+    ``min_area`` pixels, and how many of them have their bounding box inside one of ``boxes``."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(gt_mask.astype(np.uint8), connectivity=8)
+    regions = stats[1:][stats[1:, cv2.CC_STAT_AREA] > min_area]
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    covered = 0
+    for x, y, w, h, _ in regions:
+        inside = (boxes[:, 0] <= x) & (boxes[:, 1] <= y) & (boxes[:, 2] >= x + w) & (boxes[:, 3] >= y + h)
+        covered += bool(inside.any())
+    return len(regions), covered

@@ -1,0 +1,338 @@
+"""MEBin rules (issue 3) pinned on small hand-made maps."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from anomalyncd import mebin
+from anomalyncd.config import MebinParams
+from anomalyncd.io import InputError
+
+KERNEL = np.ones((6, 6), np.uint8)
+
+
+def literal_counts(map_u8, lo, hi, sample_rate=4, erode=True):
+    """Rule 3 word for word: rescale, then binarize, erode and label at every threshold."""
+    norm = np.where(map_u8 < lo, 0, (map_u8.astype(np.float64) - lo) / (hi - lo) * 255)
+    out = []
+    for t in range(255, 0, -sample_rate):
+        b = np.where(norm > t, 255, 0).astype(np.uint8)
+        if erode:
+            b = cv2.erode(b, KERNEL)
+        out.append(cv2.connectedComponents(b, connectivity=8)[0] - 1)
+    return out
+
+
+def blob_map(size=40, blobs=((10, 10, 6, 200),), noise=0, seed=0):
+    """uint8 (size, size): square blocks (x, y, half-side, value) plus uniform noise."""
+    m = np.zeros((size, size), np.float64)
+    for x, y, r, v in blobs:
+        m[y - r : y + r, x - r : x + r] = v
+    m += np.random.default_rng(seed).uniform(0, noise, m.shape) if noise else 0
+    return np.clip(m, 0, 255).astype(np.uint8)
+
+
+# -- rule 1 ---------------------------------------------------------------------------------
+
+
+def test_search_range_is_smallest_and_largest_map_maximum():
+    maps = np.stack([blob_map(blobs=((10, 10, 3, v),)) for v in (90, 200, 150)])
+    assert mebin.search_range(maps) == (90, 200)
+    assert mebin.search_range(list(maps)) == (90, 200)
+
+
+def test_search_range_with_equal_maxima_warns_and_uses_zero_as_lo():
+    with pytest.warns(RuntimeWarning, match="lo = 0"):
+        assert mebin.search_range([blob_map(blobs=((10, 10, 3, 120),))]) == (0, 120)
+
+
+def test_search_range_rejects_an_empty_set_and_float_maps():
+    with pytest.raises(InputError, match="at least one"):
+        mebin.search_range([])
+    with pytest.raises(InputError, match="uint8"):
+        mebin.search_range([np.full((4, 4), np.nan)])
+
+
+# -- rules 2 and 3 --------------------------------------------------------------------------
+
+
+def test_rescale_zeroes_values_below_lo_and_stretches_the_rest_to_255():
+    m = np.array([[10, 50], [100, 200]], np.uint8)
+    np.testing.assert_allclose(mebin.rescale(m, 50, 200), [[0, 0], [50 / 150 * 255, 255]])
+
+
+def test_sweep_thresholds_step_down_from_255_while_positive():
+    ts = mebin.sweep_thresholds(4)
+    assert ts[0] == 255 and ts[-1] == 3 and len(ts) == 64 and np.all(np.diff(ts) == -4)
+
+
+@pytest.mark.parametrize("erode", [True, False])
+@pytest.mark.parametrize("lo,hi", [(40, 230), (0, 255), (120, 180)])
+def test_count_sequence_equals_labelling_at_every_threshold(erode, lo, hi):
+    rng = np.random.default_rng(lo + hi)
+    for seed in range(4):
+        m = np.zeros((48, 40), np.float32)
+        for _ in range(rng.integers(1, 5)):
+            x, y = (int(v) for v in rng.integers(0, 40, 2))
+            cv2.circle(m, (x, y), int(rng.integers(2, 9)), float(rng.uniform(0.3, 1.0)), -1)
+        m = cv2.GaussianBlur(m, (0, 0), 2) * 255 + rng.uniform(0, 40, m.shape)
+        m = np.clip(m, 0, 255).astype(np.uint8)
+        got = mebin.count_sequence(m, lo, hi, sample_rate=3 + seed % 2, erode=erode)
+        assert got.tolist() == literal_counts(m, lo, hi, 3 + seed % 2, erode)
+
+
+def test_count_sequence_counts_separate_blobs_once_they_appear():
+    m = blob_map(blobs=((10, 10, 5, 200), (30, 30, 5, 100)))
+    counts = mebin.count_sequence(m, 0, 255)
+    ts = mebin.sweep_thresholds(4)
+    np.testing.assert_array_equal(counts, np.select([ts >= 200, ts >= 100], [0, 1], 2))
+
+
+def test_erosion_removes_regions_thinner_than_the_kernel():
+    m = np.zeros((30, 30), np.uint8)
+    m[10:15, 2:28] = 200  # 5 px thick line
+    assert not mebin.count_sequence(m, 0, 255, erode=True).any()
+    assert mebin.count_sequence(m, 0, 255, erode=False).max() == 1
+
+
+# -- rule 4 ---------------------------------------------------------------------------------
+
+
+def test_no_stable_interval_means_no_anomaly():
+    counts = [0, 0, 1, 1, 1, 2, 2, 2, 0, 3, 3, 3] + [0] * 10
+    assert mebin.stable_threshold(counts, 0, 255, 4, 4) == (255, 0)
+
+
+def test_zero_counts_never_form_a_stable_interval():
+    assert mebin.stable_threshold([0] * 64, 0, 255, 4, 4) == (255, 0)
+
+
+def test_interval_of_exactly_min_interval_len_qualifies():
+    assert mebin.stable_threshold([0, 5, 5, 5, 5, 0], 0, 255, 4, 4) == (255 - 4 * 4, 5)
+    assert mebin.stable_threshold([0, 5, 5, 5, 5, 0], 0, 255, 4, 5) == (255, 0)
+
+
+def test_count_with_the_longest_run_is_the_estimate_and_the_run_end_the_threshold():
+    counts = [0, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3]
+    assert mebin.stable_threshold(counts, 0, 255, 4, 4) == (255 - 10 * 4, 1)
+
+
+def test_equally_long_counts_tie_to_the_first_qualified_in_the_sweep():
+    assert mebin.stable_threshold([2, 2, 2, 2, 1, 1, 1, 1], 0, 255, 4, 4) == (255 - 3 * 4, 2)
+
+
+def test_equally_long_runs_of_the_estimate_tie_to_the_later_run():
+    assert mebin.stable_threshold([1, 1, 1, 1, 2, 1, 1, 1, 1, 0], 0, 255, 4, 4) == (255 - 8 * 4, 1)
+
+
+def test_longest_run_is_compared_by_last_minus_first_index_per_count():
+    # count 2 has two short runs, count 1 one run that is longer than either
+    counts = [2, 2, 2, 2, 0, 2, 2, 2, 2, 0, 1, 1, 1, 1, 1]
+    assert mebin.stable_threshold(counts, 0, 255, 4, 4) == (255 - 14 * 4, 1)
+
+
+def test_threshold_maps_back_to_the_map_scale_without_uint8_wraparound():
+    counts = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4]  # run ends at index 13: t = 203
+    expected = int(203 * (200 - 100) / 255 + 100)  # 179, as NumPy 1 computed it
+    assert mebin.stable_threshold(counts, np.uint8(100), np.uint8(200), 4, 4) == (expected, 4)
+
+
+# -- rules 5 and 6 --------------------------------------------------------------------------
+
+
+def test_binarize_keeps_pixels_strictly_above_the_threshold_then_erodes():
+    m = blob_map(blobs=((10, 10, 5, 100), (30, 30, 5, 101)))
+    assert not mebin.binarize(m, 101, erode=False).any()
+    only_second = mebin.binarize(m, 100, erode=False)
+    assert only_second.sum() == 100 and only_second[30, 30]
+    eroded = mebin.binarize(m, 100, erode=True)
+    assert eroded.sum() == 25 and not (eroded & ~only_second).any()
+
+
+def test_mask_is_resized_to_the_image_nearest_neighbour():
+    small = np.zeros((4, 4), bool)
+    small[1, 2] = True
+    big = mebin.resize_mask(small, (8, 12))
+    assert big.shape == (8, 12) and big.dtype == bool
+    assert big.sum() == 6 and big[2:4, 6:9].all()
+
+
+# -- rule 7 ---------------------------------------------------------------------------------
+
+
+def square_mask(h, w, *rects):
+    m = np.zeros((h, w), bool)
+    for x, y, rw, rh in rects:
+        m[y : y + rh, x : x + rw] = True
+    return m
+
+
+def test_box_is_a_padded_square_centred_on_the_region():
+    assert mebin.region_boxes(square_mask(100, 100, (30, 30, 40, 40))) == [(28, 28, 72, 72)]
+
+
+def test_box_half_side_is_at_least_min_crop_size_of_the_image():
+    assert mebin.region_boxes(square_mask(100, 100, (40, 40, 10, 10))) == [(35, 35, 55, 55)]
+
+
+def test_box_half_side_is_capped_at_half_the_image():
+    assert mebin.region_boxes(square_mask(100, 100, (0, 10, 100, 20))) == [(0, 0, 100, 100)]
+
+
+def test_box_crossing_a_border_is_shifted_back_inside():
+    assert mebin.region_boxes(square_mask(100, 100, (0, 0, 5, 5))) == [(0, 0, 20, 20)]
+    assert mebin.region_boxes(square_mask(100, 100, (95, 95, 5, 5))) == [(80, 80, 100, 100)]
+
+
+def test_box_taller_than_a_flat_image_stays_anchored_at_the_top():
+    boxes = mebin.region_boxes(square_mask(50, 100, (0, 10, 100, 30)))
+    assert boxes == [(0, 0, 100, 100)]
+
+
+def test_boxes_come_in_ascending_order_of_region_area():
+    m = square_mask(200, 200, (10, 10, 40, 40), (120, 120, 10, 10), (120, 10, 20, 20))
+    boxes = mebin.region_boxes(m, min_crop_size=0.0)
+    assert [b[2] - b[0] for b in boxes] == [10, 22, 44]
+
+
+def test_no_region_gives_one_box_of_the_whole_image():
+    assert mebin.region_boxes(np.zeros((30, 50), bool)) == [(0, 0, 50, 30)]
+
+
+# -- rule 8 ---------------------------------------------------------------------------------
+
+
+def test_box_gap_is_minus_one_for_overlap_and_the_edge_distance_otherwise():
+    a = (0, 0, 10, 10)
+    assert mebin.box_gap(a, (5, 5, 15, 15)) == -1
+    assert mebin.box_gap(a, (10, 0, 20, 10)) == 0
+    assert mebin.box_gap(a, (13, 0, 23, 10)) == 3
+    assert mebin.box_gap(a, (13, 14, 23, 24)) == 5
+
+
+def test_boxes_closer_than_the_distance_merge_into_a_square():
+    a, b = (0, 0, 10, 10), (12, 0, 22, 10)
+    assert mebin.merge_boxes([a, b], 3) == [(0, -6, 22, 16)]
+    assert sorted(mebin.merge_boxes([a, b], 2)) == [a, b]
+
+
+def test_overlapping_boxes_merge_even_at_distance_zero_touching_ones_do_not():
+    a = (0, 0, 10, 10)
+    assert mebin.merge_boxes([a, (5, 0, 15, 10)], 0) == [(0, -2.5, 15, 12.5)]
+    assert len(mebin.merge_boxes([a, (10, 0, 20, 10)], 0)) == 2
+
+
+def test_groups_inside_bigger_groups_are_dropped_and_union_squared_after_each_box():
+    a, b, c, k = (0, 0, 10, 10), (30, 0, 40, 10), (0, 40, 10, 50), (5, 5, 35, 45)
+    # k overlaps a, b and c; a, b and c are far apart: only k's group survives. Its sorted
+    # boxes a, c, k, b are added one by one, squaring after each (the authors' order):
+    # (0, 0, 10, 50) -> (-20, 0, 30, 50); + k -> (-20, -2.5, 35, 52.5); + b -> (-20, -5, 40, 55).
+    # Squaring only the final union (0, 0, 40, 50) would give (-5, 0, 45, 50).
+    assert mebin.merge_boxes([a, b, c, k], 1) == [(-20, -5, 40, 55)]
+
+
+def test_merged_boxes_are_sorted_largest_first():
+    boxes = [(0, 0, 10, 10), (50, 50, 80, 80), (20, 60, 40, 80)]
+    assert mebin.merge_boxes(boxes, 1) == [(50, 50, 80, 80), (20, 60, 40, 80), (0, 0, 10, 10)]
+
+
+def test_crop_boxes_keep_at_most_the_estimated_count_plus_one():
+    m = square_mask(200, 200, (10, 10, 30, 30), (100, 100, 20, 20), (160, 20, 10, 10))
+    boxes = mebin.crop_boxes(m, est_count=1, min_crop_size=0.0)
+    assert boxes.tolist() == [[9, 9, 41, 41], [99, 99, 121, 121]]
+    assert len(mebin.crop_boxes(m, est_count=5, min_crop_size=0.0)) == 3
+
+
+def test_crop_boxes_round_half_coordinates_half_to_even():
+    # boxes (40, 40, 50, 50) and (51, 39, 63, 51) merge into (40, 33.5, 63, 56.5)
+    m = square_mask(100, 100, (40, 40, 10, 10), (52, 40, 11, 11))
+    (box,) = mebin.crop_boxes(m, est_count=1, min_crop_size=0.0, max_merge_dist=0.05)
+    assert box.tolist() == [40, 34, 63, 56]
+
+
+# -- rule 9 ---------------------------------------------------------------------------------
+
+
+def test_crops_outside_the_image_are_black_and_areas_count_mask_pixels():
+    image = np.full((20, 20, 3), 100, np.uint8)
+    mask = square_mask(20, 20, (0, 0, 3, 3))
+    scores = np.zeros((20, 20), np.float32)
+    scores[1, 1] = 204
+    c = mebin.extract_crops(image, mask, scores, np.array([[-5, -5, 5, 5]]), crop_size=10)
+    assert c.crops.shape == (1, 10, 10, 3) and c.crop_masks.shape == (1, 10, 10)
+    assert (c.crops[0, :5] == 0).all() and (c.crops[0, 5:, 5:] == 100).all()
+    assert c.crop_masks[0].sum() == 9 and c.areas.tolist() == [9]
+    assert c.scores.tolist() == [pytest.approx(0.8)]
+
+
+def test_non_square_crops_keep_the_top_left_square_after_resizing_the_short_side():
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[:, 14:] = 255  # the top-left square of the 10 x 5 resize only sees columns 0..11
+    mask, scores = np.zeros((10, 20), bool), np.zeros((10, 20), np.float32)
+    c = mebin.extract_crops(image, mask, scores, np.array([[0, 0, 20, 10]]), 5)
+    assert c.crops.shape == (1, 5, 5, 3) and (c.crops[0] == 0).all()
+
+
+def test_scores_are_clipped_to_one():
+    scores = np.full((8, 8), 300, np.float32)
+    c = mebin.extract_crops(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool), scores, np.array([[0, 0, 8, 8]]), 4)
+    assert c.scores.tolist() == [1.0]
+
+
+# -- the whole per-image job ----------------------------------------------------------------
+
+
+def test_mebin_image_finds_one_blob_and_crops_around_it():
+    m = blob_map(size=64, blobs=((20, 30, 6, 200),))
+    image = np.full((64, 64, 3), 50, np.uint8)
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16))
+    assert res.est_count == 1 and res.threshold == 3
+    assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
+    assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
+    assert crops.boxes.tolist() == [[14, 24, 26, 36]]
+    assert crops.areas.tolist() == [49] and crops.scores.tolist() == [pytest.approx(200 / 255)]
+    assert crops.crops.shape == (1, 16, 16, 3)
+
+
+def test_mebin_image_resizes_a_smaller_map_to_the_image():
+    m = blob_map(size=32, blobs=((10, 10, 5, 200), (24, 24, 4, 150)))
+    res, crops = mebin.mebin_image(m, np.zeros((96, 64, 3), np.uint8), 0, 255, MebinParams(crop_size=8))
+    assert res.mask.shape == (96, 64) and res.est_count == 2
+    assert len(crops) == 2 and (crops.boxes[:, 2] - crops.boxes[:, 0] >= 6).all()
+    assert 0 < crops.scores.min() and crops.scores.max() <= 1
+
+
+def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams())
+    assert (res.threshold, res.est_count) == (255, 0) and not res.mask.any()
+    assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
+
+
+def test_all_zero_maps_get_the_no_anomaly_result():
+    with pytest.warns(RuntimeWarning):
+        lo, hi = mebin.search_range(np.zeros((3, 16, 16), np.uint8))
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams())
+    assert (res.threshold, res.est_count, len(crops)) == (255, 0, 1)
+
+
+def test_a_constant_map_at_the_top_of_the_range_is_one_region_covering_the_image():
+    flat, image = np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
+    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams())
+    assert res.est_count == 1 and res.mask.all() and crops.boxes.tolist() == [[0, 0, 32, 32]]
+
+
+def test_mebin_image_rejects_float_maps_grey_images_and_bad_ranges():
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match="uint8"):
+        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams())
+    with pytest.raises(InputError, match="RGB"):
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams())
+    with pytest.raises(InputError, match="lo <= hi"):
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams())
+
+
+def test_regions_in_boxes_counts_large_regions_whose_bounding_box_lies_in_a_box():
+    gt = square_mask(100, 100, (10, 10, 10, 10), (60, 60, 20, 20), (90, 5, 5, 5))  # last: 25 px
+    assert mebin.regions_in_boxes(gt, np.array([[0, 0, 30, 30], [65, 55, 100, 100]])) == (2, 1)
