@@ -93,7 +93,9 @@ class TrainParams:
     pretrained: bool = False  # timm downloads the weights of ``model``
     checkpoint: str = ""  # or: a local timm/DINO state dict file
     image_size: int = 64
-    num_classes: int = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
+    num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
+    auto_max: int = 10  # num_classes auto: the largest number of classes considered
+    auto_method: Literal["silhouette", "eigengap", "stability"] = "silhouette"  # anomalyncd.num_classes
     mask_layers: int = 1  # mask guidance in the last N blocks
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
