@@ -48,10 +48,21 @@ class DemoParams:
 class DetectParams:
     """Anomaly maps for the images to classify."""
 
-    method: str = "mean_diff"
+    method: Literal["patchcore", "padim", "musc", "external", "ground_truth"] = "patchcore"
     seed: int = 0
     map_size: int = 128
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when available
+    # patchcore / musc backbone: "filterbank" (weight-free) or a timm model name
+    backbone: str = "filterbank"
+    layers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # timm out_indices; filterbank: scales (px)
+    pretrained: bool = False  # timm downloads the weights (needs internet)
+    checkpoint: str = ""  # local weights file for the timm backbone
+    image_size: int = 128  # images are resized to image_size x image_size
+    batch_size: int = 16
+    coreset_ratio: float = 0.1  # patchcore: fraction of training patches kept in the memory bank
+    train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
+    musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
+    external_dir: str = ""  # external: folder of maps
 
 
 @dataclass
@@ -117,14 +128,20 @@ class InferParams:
 
 @dataclass
 class MergeParams:
+    """Region merging: crops weighted by softmax(sqrt(mask area) / temperature) per image
+    (the paper: 50 on MTD, 100 on MVTec AD); ``mean`` averages the crops instead."""
+
     strategy: Literal["weighted", "mean"] = "weighted"
     temperature: float = 50.0
 
 
 @dataclass
 class EvaluateParams:
+    """Metrics and the HTML report; ``seed`` picks the images whose MEBin sweep is plotted."""
+
     seed: int = 0
     report_images: int = 24  # thumbnails per class in the report
+    mebin_plots: int = 6  # images whose MEBin count sequence the report plots
 
 
 SECTIONS: dict[str, type] = {

@@ -1,66 +1,140 @@
-"""detect: one anomaly map per image to classify.
+"""detect: one anomaly map per image to classify, from the detector named by detect.method.
 
-PLACEHOLDER detector (issue 4 replaces it): ``mean_diff`` scores each pixel by its absolute
-difference to the mean normal training image, smoothed. It really runs, but it is no
-PatchCore/MuSc.
+Writes the maps store (raw maps, 0..255 maps over the global min-max of the set, image scores
+= map maximum), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
+where the dataset has ground truth, image AUROC, pixel AUROC and AUPRO with a PNG grid.
+
+Metrics need normal images too: the normal test images that are not classified
+(``dataset.include_normal: false``) are mapped as well, for the metrics only; they are not in
+the store. For ``musc`` they join the set of images that score each other.
 """
 
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import typer
-from tqdm import tqdm
 
 from anomalyncd import paths
 from anomalyncd.config import load_params
-from anomalyncd.datasets import Manifest
-from anomalyncd.io import InputError, read_image, write_json
-from anomalyncd.store import MapSet, write_maps
+from anomalyncd.datasets import Manifest, Record
+from anomalyncd.detect import DetectContext, LazyImages, create_detector, normalise_u8, save_detector
+from anomalyncd.detect.metrics import detection_metrics, resize_masks
+from anomalyncd.detect.plot import detection_grid, pick_examples
+from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
 from anomalyncd.stage import run
+from anomalyncd.store import MapSet, write_maps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
+GRID_IMAGES = 8
 
-def _gray(path: str, size: int) -> np.ndarray:
-    img = read_image(path).astype(np.float32).mean(axis=2)
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+def metrics_records(manifest: Manifest, todo: list[Record]) -> list[Record]:
+    """Normal test images not already among ``todo`` (mapped for the metrics only)."""
+    if not manifest.has_ground_truth:
+        return []
+    ids = {r.id for r in todo}
+    return [r for r in manifest.records if r.split == "test" and r.is_normal and r.id not in ids]
+
+
+def _masks(records: list[Record]) -> list[np.ndarray]:
+    return [read_mask(r.mask) if r.mask else np.zeros((r.height, r.width), bool) for r in records]
+
+
+def _finite(d: dict) -> dict:
+    """NaN -> None, so the metrics file stays valid JSON."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write data/detect/maps.zarr.zip (raw and 0..255 maps, image scores)."""
+    """Write data/detect/maps.zarr.zip, models/detector.pt, metrics/detect.json and plots/detect_grid.png."""
     p = load_params("detect", params)
     ds = load_params("dataset", params)
-    if p.method != "mean_diff":
-        raise InputError(f"params.yaml: detect.method {p.method!r} unknown; available: ['mean_diff']")
     manifest = Manifest.read(paths.MANIFEST)
     todo = manifest.to_classify(ds.include_normal)
     if not todo:
-        raise InputError(f"{paths.MANIFEST}: no images to classify")
-    ref_records = manifest.train_normal() or todo
-    ref = np.mean([_gray(r.image, p.map_size) for r in tqdm(ref_records, desc="detect: fit", unit="img")], axis=0)
-    maps = np.stack(
-        [
-            cv2.GaussianBlur(np.abs(_gray(r.image, p.map_size) - ref), (0, 0), 2.0)
-            for r in tqdm(todo, desc="detect: maps", unit="img")
-        ]
-    ).astype(np.float32)
+        raise InputError(f"{paths.MANIFEST}: no images to classify (no test images, or only normal ones)")
+    extra = metrics_records(manifest, todo) if p.method not in ("external",) else []
+    det = create_detector(p, DetectContext(dataset_root=ds.root))
+    typer.echo(f"detect: method {p.method}, backbone {p.backbone}, weights: {det.weights}", err=True)
+    if p.backbone != "filterbank" and not det.pretrained and p.method in ("patchcore", "padim", "musc"):
+        typer.echo(
+            "detect: WARNING random backbone weights (detect.pretrained false, no detect.checkpoint); "
+            "maps are much weaker than with pretrained weights",
+            err=True,
+        )
+
+    start = time.perf_counter()
+    if det.needs_training_images:
+        det.fit(LazyImages([r.image for r in manifest.train_normal()]))
+    all_maps = det.map_records(todo + extra)
+    seconds = time.perf_counter() - start
+
+    maps = all_maps[: len(todo)]
     lo, hi = float(maps.min()), float(maps.max())
-    maps_u8 = np.round((maps - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+    det.norm_min, det.norm_max = lo, hi
+    maps_u8 = normalise_u8(maps, lo, hi)
+    scores = maps.reshape(len(maps), -1).max(axis=1)
+    attrs = {
+        "method": p.method,
+        "backbone": p.backbone,
+        "weights": det.weights,
+        "pretrained": bool(det.pretrained),
+        "norm_min": lo,
+        "norm_max": hi,
+        "params": p,
+    }
     write_maps(
         paths.MAPS,
         MapSet(
             ids=[r.id for r in todo],
             maps=maps,
             maps_u8=maps_u8,
-            scores=maps.reshape(len(maps), -1).max(axis=1),
+            scores=scores,
             image_sizes=np.array([[r.height, r.width] for r in todo]),
-            attrs={"method": p.method, "pretrained": False, "norm_min": lo, "norm_max": hi},
+            attrs=attrs,
         ),
     )
-    write_json(paths.METRICS / "detect.json", {"method": p.method, "images": len(todo)})
-    typer.echo(f"detect: {len(todo)} maps ({p.method}, placeholder) -> {paths.MAPS}")
+    save_detector(det, paths.DETECTOR)
+
+    metrics = {
+        "method": p.method,
+        "backbone": p.backbone,
+        "weights": det.weights,
+        "pretrained": bool(det.pretrained),
+        "images": len(todo),
+        "normal_images_for_metrics": len(extra),
+        "seconds": round(seconds, 2),
+    }
+    evaluated = todo + extra
+    if manifest.has_ground_truth and any(r.mask for r in evaluated):
+        full_masks = _masks(evaluated)
+        labels = np.array([not r.is_normal for r in evaluated])
+        all_scores = all_maps.reshape(len(all_maps), -1).max(axis=1)
+        metrics.update(detection_metrics(all_maps, all_scores, resize_masks(full_masks, p.map_size), labels))
+        pick = pick_examples([r.defect_type for r in evaluated], GRID_IMAGES)
+        grid = detection_grid(
+            [read_image(evaluated[i].image) for i in pick],
+            normalise_u8(all_maps[pick], lo, hi),
+            [full_masks[i] for i in pick],
+            [f"{evaluated[i].id}  score {all_scores[i]:.3g}" for i in pick],
+        )
+    else:
+        pick = list(range(min(GRID_IMAGES, len(todo))))
+        grid = detection_grid(
+            [read_image(todo[i].image) for i in pick],
+            maps_u8[pick],
+            [None] * len(pick),
+            [f"{todo[i].id}  score {scores[i]:.3g}" for i in pick],
+        )
+    with atomic_path(paths.PLOTS / "detect_grid.png") as tmp:
+        tmp.write_bytes(cv2.imencode(".png", np.ascontiguousarray(grid[:, :, ::-1]))[1].tobytes())
+    write_json(paths.METRICS / "detect.json", _finite(metrics))
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in metrics)
+    typer.echo(f"detect: {len(todo)} maps ({p.method}) -> {paths.MAPS}" + (f"; {shown}" if shown else ""))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""The detector interface, the registry, and saving/loading a fitted detector.
+
+A detector turns images (or, for ``external`` and ``ground_truth``, manifest records) into
+raw float anomaly maps ``(N, S, S)``. The ``detect`` stage fits it, maps the images, and saves
+it with the global normalisation range so that ``load_detector(path).predict(images)`` maps
+new images the same way later.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from ..config import DetectParams
+from ..datasets import Record
+from ..io import InputError, atomic_path, read_image
+
+DETECTORS: dict[str, type["Detector"]] = {}
+
+
+def register(name: str) -> Callable[[type["Detector"]], type["Detector"]]:
+    def deco(cls: type[Detector]) -> type[Detector]:
+        cls.method = name
+        DETECTORS[name] = cls
+        return cls
+
+    return deco
+
+
+class LazyImages(Sequence[np.ndarray]):
+    """Images read from their files on access, so a large set is never all in memory."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [read_image(p) for p in self.paths[i]]
+        return read_image(self.paths[i])
+
+
+@dataclass
+class DetectContext:
+    """What a detector may need besides the images: the dataset root (``external`` matches
+    map files by the image's path under it)."""
+
+    dataset_root: str = ""
+
+
+class Detector(ABC):
+    """Base class. ``fit`` on normal images (no-op for detectors that need none), ``predict``
+    raw maps float32 ``(N, S, S)`` of RGB ``uint8`` images ``(H_i, W_i, 3)``."""
+
+    method: ClassVar[str] = ""
+    needs_training_images: ClassVar[bool] = False
+    pretrained: bool = False  # recorded in the maps store and metrics
+    weights: str = "none"  # how backbone weights were obtained, for logs and metrics
+
+    # Global normalisation of the run that fitted it (set by the stage before saving).
+    norm_min: float = 0.0
+    norm_max: float = 1.0
+
+    def __init__(self, params: DetectParams, context: DetectContext | None = None) -> None:
+        self.params = params
+        self.context = context or DetectContext()
+
+    def fit(self, images: Sequence[np.ndarray]) -> None:
+        """Learn from normal images ``(H_i, W_i, 3)`` uint8. Default: nothing to learn."""
+
+    @abstractmethod
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw anomaly maps float32 ``(N, map_size, map_size)``."""
+
+    def map_records(self, records: Sequence[Record]) -> np.ndarray:
+        """Maps of manifest records (default: read their images and :meth:`predict`)."""
+        return self.predict(LazyImages([r.image for r in records]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Fitted state beyond ``params`` (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def to_u8(self, maps: np.ndarray) -> np.ndarray:
+        """Maps float ``(N, S, S)`` -> uint8 0..255 with the fitted run's global range."""
+        return normalise_u8(maps, self.norm_min, self.norm_max)
+
+
+def normalise_u8(maps: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Min-max ``maps`` (any shape) from ``[lo, hi]`` to uint8 0..255, clipping outside."""
+    scaled = (np.asarray(maps, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def create_detector(params: DetectParams, context: DetectContext | None = None) -> Detector:
+    """A new detector for ``params.method``."""
+    if params.method not in DETECTORS:
+        raise InputError(f"params.yaml: detect.method {params.method!r} unknown; use one of {sorted(DETECTORS)}")
+    return DETECTORS[params.method](params, context)
+
+
+def save_detector(det: Detector, path: str | os.PathLike) -> None:
+    """Save a fitted detector (method, params, state, normalisation range) atomically."""
+    from dataclasses import asdict
+
+    blob = {
+        "format": 1,
+        "method": det.method,
+        "params": asdict(det.params),
+        "context": asdict(det.context),
+        "norm_min": float(det.norm_min),
+        "norm_max": float(det.norm_max),
+        "state": det.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_detector(path: str | os.PathLike, device: str | None = None) -> Detector:
+    """Rebuild the detector saved by the ``detect`` stage, ready to ``predict`` new images.
+
+    ``device`` overrides the saved ``detect.device`` (e.g. ``"cpu"``).
+    """
+    from ..config import from_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: detector not found; run the detect stage first (dvc repro detect)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a broken file
+        raise InputError(f"{path}: not a readable detector file ({e}); rerun the detect stage") from e
+    params = from_dict(DetectParams, blob["params"], where=f"{path}: params")
+    if device is not None:
+        params.device = device
+    det = create_detector(params, DetectContext(**blob.get("context", {})))
+    det.load_state_dict(blob["state"])
+    det.norm_min, det.norm_max = blob["norm_min"], blob["norm_max"]
+    return det

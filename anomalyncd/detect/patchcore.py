@@ -1,0 +1,139 @@
+"""PatchCore (Roth et al., CVPR 2022): nearest-neighbour distance to a memory bank of normal
+patch features.
+
+Patch features: every backbone layer is averaged over its 3x3 neighbourhood, resized to the
+grid of the first layer and concatenated, then standardised per channel with the mean and
+standard deviation of the training patches (so that channels of very different scale, such
+as filter-bank responses, weigh alike; the standard deviation has a floor of ``STD_FLOOR``
+times the mean one). The memory bank is reduced by greedy coreset
+selection; a test patch scores its distance to the nearest bank entry; the grid is
+upsampled to the map and smoothed with a Gaussian of 4 px of the working image; the image
+score is the map maximum (taken by the stage).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..io import InputError
+from .base import Detector, register
+from .features import FILTERBANK, BackboneSpec, build_backbone
+from .ops import batches, greedy_coreset, nearest_distance, resolve_device, to_batch, upsample_maps
+
+log = logging.getLogger(__name__)
+
+SMOOTH_SIGMA_PX = 4.0  # Gaussian smoothing of the map, in pixels of the working image
+STD_FLOOR = 0.2  # channel standardisation: std at least this fraction of the mean std
+
+
+def backbone_spec(params) -> BackboneSpec:
+    """The backbone described by the ``detect`` params."""
+    return BackboneSpec(
+        name=params.backbone,
+        layers=list(params.layers),
+        pretrained=params.pretrained,
+        checkpoint=params.checkpoint,
+        image_size=params.image_size,
+        seed=params.seed,
+    )
+
+
+def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
+    """Backbone outputs ``[(B, C_l, h_l, w_l)]`` -> patch features ``(B, sum C_l, h, w)``.
+
+    Each layer is first pooled by ``stride`` (for full-resolution backbones such as the filter
+    bank), averaged over its 3x3 neighbourhood, then resized to the grid of the first layer.
+    """
+    out = []
+    for f in layers:
+        if stride > 1:
+            f = F.avg_pool2d(f, stride)
+        f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+        if out and f.shape[-2:] != out[0].shape[-2:]:
+            f = F.interpolate(f, size=out[0].shape[-2:], mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+@register("patchcore")
+class PatchCore(Detector):
+    needs_training_images = True
+
+    def __init__(self, params, context=None) -> None:
+        super().__init__(params, context)
+        self.spec = backbone_spec(params)
+        self.device = resolve_device(params.device)
+        self.backbone = build_backbone(self.spec).to(self.device)
+        self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
+        self.weights = self.spec.weights
+        # The filter bank works at full resolution: pool it to a grid like a CNN's stride 4.
+        self.stride = 4 if self.spec.name == FILTERBANK else 1
+        self.bank: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[np.ndarray], desc: str) -> torch.Tensor:
+        """Patch features ``(N, D, h, w)`` of RGB uint8 images, in batches."""
+        out = []
+        bs = self.params.batch_size
+        for s in tqdm(list(batches(len(images), bs)), desc=desc, unit="batch", disable=len(images) <= bs):
+            x = to_batch(images[s], self.spec.image_size, self.device)
+            out.append(patch_features(self.backbone(x), self.stride))
+        return torch.cat(out)
+
+    def fit(self, images: Sequence[np.ndarray]) -> None:
+        """Build the memory bank ``(M, D)`` from normal RGB uint8 images."""
+        if len(images) == 0:
+            raise InputError(
+                "detect.method patchcore needs normal training images (manifest rows with split 'train'); "
+                "use a dataset with a train/good folder or detect.method musc (zero-shot)"
+            )
+        n = self.params.train_images
+        if 0 < n < len(images):
+            pick = np.sort(np.random.default_rng(self.params.seed).choice(len(images), n, replace=False))
+            images = [images[int(i)] for i in pick]
+        feats = self.features(images, "detect: fit patchcore")
+        d = feats.shape[1]
+        patches = feats.permute(0, 2, 3, 1).reshape(-1, d)
+        self.mean = patches.mean(0)
+        std = patches.std(0)
+        # A floor keeps a channel that barely varies on normal images (the colour of a
+        # uniformly tinted surface) from dominating every distance and the map's range.
+        self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
+        patches = (patches - self.mean) / self.std
+        n_keep = max(1, int(round(self.params.coreset_ratio * len(patches))))
+        idx = greedy_coreset(patches, n_keep, seed=self.params.seed)
+        self.bank = patches[idx].contiguous()
+        log.info("patchcore: memory bank %d of %d patches, %d dims", len(self.bank), len(patches), d)
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if self.bank is None:
+            raise RuntimeError("PatchCore.predict before fit")
+        size = self.params.map_size
+        sigma = SMOOTH_SIGMA_PX * size / self.spec.image_size
+        out = np.zeros((len(images), size, size), dtype=np.float32)
+        bs = self.params.batch_size
+        for s in tqdm(list(batches(len(images), bs)), desc="detect: patchcore maps", unit="batch"):
+            x = to_batch(images[s], self.spec.image_size, self.device)
+            f = patch_features(self.backbone(x), self.stride)
+            b, d, h, w = f.shape
+            q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
+            grid = nearest_distance(q, self.bank).view(b, h, w)
+            out[s] = upsample_maps(grid, size, sigma).cpu().numpy()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank.cpu(), "mean": self.mean.cpu(), "std": self.std.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bank = state["bank"].to(self.device)
+        self.mean = state["mean"].to(self.device)
+        self.std = state["std"].to(self.device)

@@ -1,0 +1,259 @@
+"""Built-in detectors on tiny data: PatchCore, MuSc, ground truth; saving and loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyncd.config import DetectParams
+from anomalyncd.datasets import Record
+from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_detector
+from anomalyncd.detect.features import BackboneSpec, FilterBank, build_backbone
+from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
+from anomalyncd.detect.ops import greedy_coreset, nearest_distance
+from anomalyncd.detect.padim import gaussian_stats, mahalanobis
+from anomalyncd.io import InputError, read_image, write_image
+
+from .conftest import MTD, requires_mtd
+
+
+def surface(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A smooth grey texture, RGB uint8 (size, size, 3)."""
+    base = rng.normal(128, 6, (size, size)).astype(np.float32)
+    return np.repeat(np.clip(base, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def with_spot(img: np.ndarray) -> np.ndarray:
+    """``img`` with a dark 6x6 square at (8..14, 8..14)."""
+    out = img.copy()
+    out[8:14, 8:14] = 20
+    return out
+
+
+def params(**kw) -> DetectParams:
+    base = dict(map_size=32, image_size=32, device="cpu", batch_size=4, coreset_ratio=0.5, layers=[1, 2, 4])
+    return DetectParams(**{**base, **kw})
+
+
+def spot_contrast(maps: np.ndarray) -> float:
+    """Mean map inside the spot minus mean far from it (maps (N, 32, 32))."""
+    return float(maps[:, 9:13, 9:13].mean() - maps[:, 20:, 20:].mean())
+
+
+def test_registry_holds_the_four_methods():
+    assert set(DETECTORS) == {"patchcore", "padim", "musc", "external", "ground_truth"}
+
+
+def test_filter_bank_has_no_weights_and_keeps_resolution():
+    fb = FilterBank([1.0, 2.0])
+    (f,) = fb(torch.rand(2, 3, 24, 20))
+    assert f.shape == (2, fb.channels, 24, 20)
+    assert sum(p.numel() for p in fb.parameters()) == 0
+
+
+def test_filter_bank_ignores_global_brightness_and_contrast():
+    fb = FilterBank([1.0, 4.0])
+    x = torch.rand(1, 3, 32, 32) * 0.5
+    (a,) = fb(x)
+    (b,) = fb(x * 1.5 + 0.2)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name, layers", [("resnet18", [1, 2]), ("vit_tiny_patch16_224", [1, 2])])
+def test_timm_backbone_with_random_weights_gives_one_map_per_layer(name, layers):
+    net = build_backbone(BackboneSpec(name=name, layers=layers, image_size=32))
+    with torch.inference_mode():
+        out = net(torch.rand(1, 3, 32, 32))
+    assert len(out) == 2 and all(f.ndim == 4 for f in out)
+
+
+def test_random_backbone_weights_depend_only_on_the_seed():
+    a = build_backbone(BackboneSpec(name="resnet18", layers=[1], seed=3))
+    b = build_backbone(BackboneSpec(name="resnet18", layers=[1], seed=3))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(a(x)[0], b(x)[0])
+
+
+def test_missing_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="checkpoint"):
+        build_backbone(BackboneSpec(name="resnet18", layers=[1], checkpoint=str(tmp_path / "no.pth")))
+
+
+def test_unknown_timm_model_is_an_error():
+    with pytest.raises(InputError, match="not a timm model"):
+        build_backbone(BackboneSpec(name="no_such_net", layers=[1]))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_layers_out_of_range_for_the_backbone_is_an_error(name):
+    with pytest.raises(InputError, match="detect.layers"):
+        build_backbone(BackboneSpec(name=name, layers=[1, 2, 4, 8, 16], image_size=32))
+
+
+def test_greedy_coreset_picks_the_far_points_first():
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [0.0, 10.0], [0.05, 0.05]])
+    idx = greedy_coreset(x, 3, seed=0, progress=False).tolist()
+    assert set(idx) >= {2, 3}
+
+
+def test_nearest_distance_matches_brute_force(rng):
+    q, b = torch.from_numpy(rng.normal(size=(50, 3))), torch.from_numpy(rng.normal(size=(40, 3)))
+    torch.testing.assert_close(nearest_distance(q, b), torch.cdist(q, b).min(1).values)
+
+
+@pytest.mark.parametrize("backbone, layers", [("filterbank", [1, 2, 4]), ("resnet18", [1, 2])])
+def test_patchcore_scores_a_defect_above_its_surroundings(rng, backbone, layers):
+    train = [surface(rng) for _ in range(6)]
+    test = [with_spot(surface(rng)) for _ in range(3)]
+    det = create_detector(params(method="patchcore", backbone=backbone, layers=layers))
+    det.fit(train)
+    maps = det.predict(test)
+    assert maps.shape == (3, 32, 32) and maps.dtype == np.float32
+    assert spot_contrast(maps) > 0
+
+
+def test_patchcore_without_training_images_is_an_error():
+    with pytest.raises(InputError, match="normal training images"):
+        create_detector(params(method="patchcore")).fit([])
+
+
+def test_saved_patchcore_maps_new_images_identically(rng, tmp_path):
+    det = create_detector(params(method="patchcore"))
+    det.fit([surface(rng) for _ in range(4)])
+    det.norm_min, det.norm_max = 0.5, 2.0
+    test = [with_spot(surface(rng))]
+    save_detector(det, tmp_path / "d.pt")
+    again = load_detector(tmp_path / "d.pt")
+    np.testing.assert_allclose(again.predict(test), det.predict(test), rtol=1e-5, atol=1e-6)
+    assert (again.norm_min, again.norm_max) == (0.5, 2.0)
+    assert again.to_u8(np.array([0.0, 1.25, 3.0])).tolist() == [0, 128, 255]
+
+
+def test_load_detector_missing_file_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="run the detect stage"):
+        load_detector(tmp_path / "none.pt")
+
+
+def test_mean_of_smallest_takes_thirty_percent():
+    d = torch.tensor([[5.0, 1.0, 3.0, 2.0, 4.0, 9.0, 8.0, 7.0, 6.0, 10.0]])
+    assert mean_of_smallest(d).item() == pytest.approx(2.0)  # 3 smallest: 1, 2, 3
+
+
+def test_mutual_scores_single_out_the_odd_image():
+    feats = torch.nn.functional.normalize(torch.ones(6, 4, 3), dim=-1).clone()
+    feats[2, 1] = torch.nn.functional.normalize(torch.tensor([1.0, -1.0, 0.0]), dim=0)
+    s = mutual_scores(feats)
+    assert s[2, 1] > 0.5 and s.flatten().argmax().item() == 2 * 4 + 1
+    assert torch.count_nonzero(s > 1e-3) == 1
+
+
+def test_musc_subsets_cover_every_image_once():
+    parts = split_subsets(23, 10, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(23))
+    assert max(len(p) for p in parts) <= 10 and min(len(p) for p in parts) >= 5
+
+
+@pytest.mark.parametrize("backbone, layers", [("filterbank", [1, 2]), ("vit_tiny_patch16_224", [1, 2])])
+def test_musc_scores_a_defect_zero_shot(rng, backbone, layers):
+    images = [surface(rng) for _ in range(4)] + [with_spot(surface(rng)) for _ in range(2)]
+    det = create_detector(params(method="musc", backbone=backbone, layers=layers, musc_subset_size=6))
+    maps = det.predict(images)
+    assert maps.shape == (6, 32, 32)
+    if backbone == "filterbank":  # random ViT weights at 32 px give a 2x2 grid: shape only
+        assert spot_contrast(maps[4:]) > 0
+
+
+def test_musc_needs_five_images(rng):
+    det = create_detector(params(method="musc"))
+    with pytest.raises(InputError, match="at least 5"):
+        det.predict([surface(rng) for _ in range(4)])
+
+
+def test_saved_musc_scores_new_images_against_its_references(rng, tmp_path):
+    det = create_detector(params(method="musc", musc_subset_size=5))
+    det.predict([surface(rng) for _ in range(5)])
+    save_detector(det, tmp_path / "m.pt")
+    again = load_detector(tmp_path / "m.pt")
+    maps = again.predict([with_spot(surface(rng))])  # a single new image is fine now
+    assert maps.shape == (1, 32, 32) and spot_contrast(maps) > 0
+
+
+def test_ground_truth_maps_follow_the_masks(tmp_path):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 10:20] = 255
+    write_image(tmp_path / "m.png", mask)
+    recs = [
+        Record("a", "", str(tmp_path / "m.png"), "crack", "test", "t", 40, 40),
+        Record("b", "", "", "good", "test", "t", 40, 40),
+    ]
+    maps = create_detector(params(method="ground_truth", map_size=20)).map_records(recs)
+    assert maps.shape == (2, 20, 20)
+    assert maps[0, 7, 7] > 0.9 and maps[0, 15, 15] < 0.1 and not maps[1].any()
+
+
+def test_ground_truth_without_masks_is_an_error():
+    recs = [Record("a", "", "", "", "test", "t", 8, 8)]
+    with pytest.raises(InputError, match="masks"):
+        create_detector(params(method="ground_truth")).map_records(recs)
+
+
+def test_filter_bank_sees_colour_that_gray_cannot():
+    fb = FilterBank([2.0])
+    grey = torch.full((1, 3, 16, 16), 0.5) + 0.05 * torch.rand(1, 1, 16, 16)
+    tinted = grey.clone()
+    tinted[:, 0, 4:12, 4:12] += 0.08  # redder patch, same gray level
+    tinted[:, 1, 4:12, 4:12] -= 0.04
+    (a,) = fb(grey)
+    (b,) = fb(tinted)
+    colour = slice(6, 8)  # the two opponent-colour channels of the only scale
+    assert (b[:, colour] - a[:, colour]).abs().amax() > 10 * (a[:, colour]).abs().amax() + 1e-3
+
+
+def test_gaussian_stats_match_torch_cov(rng):
+    x = torch.from_numpy(rng.normal(size=(7, 3, 4)))  # 7 samples, 3 positions, 4 dims
+    mean, cov = gaussian_stats(7, x.sum(0), torch.einsum("bpi,bpj->pij", x, x))
+    for p in range(3):
+        torch.testing.assert_close(mean[p], x[:, p].mean(0))
+        torch.testing.assert_close(cov[p], torch.cov(x[:, p].T))
+
+
+def test_mahalanobis_with_identity_precision_is_euclidean():
+    x = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])
+    d = mahalanobis(x, torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2))
+    torch.testing.assert_close(d, torch.tensor([[5.0, 1.0]]))
+
+
+@pytest.mark.parametrize("backbone, layers", [("filterbank", [1, 2, 4]), ("resnet18", [1, 2])])
+def test_padim_scores_a_defect_above_its_surroundings(rng, tmp_path, backbone, layers):
+    det = create_detector(params(method="padim", backbone=backbone, layers=layers))
+    det.fit([surface(rng) for _ in range(6)])
+    test = [with_spot(surface(rng)) for _ in range(3)]
+    maps = det.predict(test)
+    assert maps.shape == (3, 32, 32) and spot_contrast(maps) > 0
+    save_detector(det, tmp_path / "p.pt")
+    np.testing.assert_allclose(load_detector(tmp_path / "p.pt").predict(test), maps, rtol=1e-4, atol=1e-5)
+
+
+def test_padim_needs_two_training_images(rng):
+    with pytest.raises(InputError, match="at least 2"):
+        create_detector(params(method="padim")).fit([surface(rng)])
+
+
+@pytest.mark.mtd
+@requires_mtd()
+def test_filterbank_padim_finds_mtd_blowholes():
+    from anomalyncd.config import DatasetParams
+    from anomalyncd.datasets import read_dataset
+    from anomalyncd.detect.metrics import pixel_auroc, resize_masks
+    from anomalyncd.io import read_mask
+
+    recs = read_dataset(DatasetParams(layout="mtd", root=str(MTD)))
+    train = [r for r in recs if r.split == "train"][:30]
+    test = [r for r in recs if r.defect_type == "blowhole"][:10] + [r for r in recs if r.split == "test" and r.is_normal][:5]
+    det = create_detector(DetectParams(method="padim", image_size=128, map_size=64, device="cpu"))
+    det.fit([read_image(r.image) for r in train])
+    maps = det.map_records(test)
+    masks = resize_masks([read_mask(r.mask) if r.mask else np.zeros((8, 8), bool) for r in test], 64)
+    assert pixel_auroc(maps, masks) > 0.7  # random-weight ResNet-18 PatchCore: 0.61 over all of MTD

@@ -1,0 +1,118 @@
+"""The detect stage: every method runs by changing ``detect.method`` only; its artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from anomalyncd import paths
+from anomalyncd.config import DatasetParams
+from anomalyncd.datasets import build_manifest, read_dataset
+from anomalyncd.detect import load_detector
+from anomalyncd.io import InputError, read_image
+from anomalyncd.store import read_maps
+from stages.detect import main
+
+TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "layers": [1, 2, 4], "coreset_ratio": 0.2}
+
+
+@pytest.fixture
+def project(tmp_path, tiny_demo, monkeypatch) -> Path:
+    """A project folder holding the tiny demo's manifest."""
+    monkeypatch.chdir(tmp_path)
+    ds = DatasetParams(layout="mvtec", root=str(tiny_demo))
+    build_manifest(read_dataset(ds), progress=False).write(paths.MANIFEST)
+    return tmp_path
+
+
+def run_stage(project: Path, **detect) -> dict:
+    params = {"dataset": {"layout": "mvtec", "root": str(project / "demo")}, "detect": {**TINY, **detect}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    main(params=Path("params.yaml"))
+    return json.loads((project / paths.METRICS / "detect.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["patchcore", "padim", "musc", "ground_truth"])
+def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
+    metrics = run_stage(project, method=method)
+    ms = read_maps(paths.MAPS)
+    n = 12  # 4 defect types x 3 images; the 2 normal test images are mapped for metrics only
+    assert len(ms.ids) == n and ms.maps.shape == (n, 32, 32) and ms.maps_u8.shape == (n, 32, 32)
+    assert ms.maps_u8.min() == 0 and ms.maps_u8.max() == 255
+    assert ms.attrs["method"] == method and ms.attrs["pretrained"] is False
+    assert ms.attrs["norm_min"] == pytest.approx(float(ms.maps.min()))
+    assert ms.attrs["norm_max"] == pytest.approx(float(ms.maps.max()))
+    np.testing.assert_allclose(ms.scores, ms.maps.reshape(n, -1).max(1))
+    assert metrics["normal_images_for_metrics"] == 2 and metrics["pretrained"] is False
+    assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1 and 0 <= metrics["image_auroc"] <= 1
+    assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
+    assert (project / paths.DETECTOR).is_file()
+
+
+def test_ground_truth_maps_score_perfectly(project):
+    metrics = run_stage(project, method="ground_truth")
+    assert metrics["pixel_auroc"] > 0.99 and metrics["image_auroc"] == 1.0
+
+
+def test_saved_detector_maps_new_images_like_the_stage(project):
+    run_stage(project, method="patchcore")
+    ms = read_maps(paths.MAPS)
+    first = next(p for p in (project / "demo").rglob("*.png") if "/test/" in p.as_posix() and "/good/" not in p.as_posix())
+    det = load_detector(paths.DETECTOR)
+    i = ms.ids.index("/".join(first.relative_to(project / "demo").with_suffix("").parts))
+    maps = det.predict([read_image(first)])
+    np.testing.assert_allclose(maps[0], ms.maps[i], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(det.to_u8(maps)[0], ms.maps_u8[i])
+
+
+def test_random_timm_weights_are_recorded_in_metrics(project):
+    metrics = run_stage(project, method="patchcore", backbone="resnet18", layers=[1, 2])
+    assert metrics["weights"].startswith("random") and metrics["pretrained"] is False
+
+
+def test_external_method_reads_maps_of_the_images_to_classify(project):
+    ms_ids = []
+    run_stage(project, method="ground_truth")
+    gt = read_maps(paths.MAPS)
+    for i, image_id in enumerate(gt.ids):
+        out = project / "ext" / f"{image_id}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), gt.maps_u8[i])
+        ms_ids.append(image_id)
+    with pytest.warns(UserWarning, match="resized"):  # 32-px maps of 64-px images
+        metrics = run_stage(project, method="external", external_dir=str(project / "ext"))
+    ms = read_maps(paths.MAPS)
+    assert ms.ids == ms_ids and metrics["normal_images_for_metrics"] == 0
+    assert metrics["pixel_auroc"] > 0.99
+
+
+def test_unknown_method_is_an_input_error(project):
+    with pytest.raises(InputError, match="detect.method"):
+        run_stage(project, method="mean_diff")
+
+
+def test_without_ground_truth_no_detection_metrics_are_claimed(tmp_path, tiny_demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = DatasetParams(layout="folder", root=str(tiny_demo / "tile" / "test"))
+    build_manifest(read_dataset(ds), progress=False).write(paths.MANIFEST)
+    params = {"dataset": {"layout": "folder", "root": ds.root}, "detect": {**TINY, "method": "musc"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main(params=Path("params.yaml"))
+    metrics = json.loads((tmp_path / paths.METRICS / "detect.json").read_text())
+    assert metrics["images"] == 14 and "pixel_auroc" not in metrics
+    assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
+
+
+def test_patchcore_on_a_folder_without_normal_images_says_what_to_do(tmp_path, tiny_demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = DatasetParams(layout="folder", root=str(tiny_demo / "tile" / "test"))
+    build_manifest(read_dataset(ds), progress=False).write(paths.MANIFEST)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": {"layout": "folder", "root": ds.root},
+                                                          "detect": {**TINY, "method": "patchcore"}}))
+    with pytest.raises(InputError, match="musc"):
+        main(params=Path("params.yaml"))
