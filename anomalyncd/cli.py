@@ -1,8 +1,12 @@
-"""The ``anomalyncd`` console command: every pipeline stage as a subcommand.
+"""The ``anomalyncd`` console command: every pipeline stage as a subcommand, and ``predict``.
 
 ``anomalyncd detect`` is the same as ``python -m stages.detect``; ``dvc repro`` runs the stages
-in order with caching, which is what most users want.
+in order with caching, which is what most users want. ``anomalyncd predict`` classifies new
+images with a finished run.
 """
+
+from collections import Counter
+from pathlib import Path
 
 import typer
 
@@ -23,6 +27,27 @@ for _name, _module in [
     ("evaluate", evaluate),
 ]:
     app.command(name=_name, help=_module.__doc__.strip().splitlines()[0])(_module.main)
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
+    run_dir: Path = typer.Option(..., "--run", help="project directory of a finished run (after dvc repro)"),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per image"),
+    maps: Path = typer.Option(None, "--maps", help="folder of raw anomaly maps (<image id>.npy or .png) instead of the run's detector"),
+    device: str = typer.Option(None, help="cpu, cuda, auto (default: the run's infer.device)"),
+    batch_size: int = typer.Option(None, help="crops per batch (default: the run's infer.batch_size)"),
+) -> None:
+    """Classify new defect images with a finished run, without retraining."""
+    from anomalyncd.merge import write_table
+    from anomalyncd.predict import find_images, load_run, predict_images
+
+    r = load_run(run_dir)
+    images = find_images(inputs)
+    rows = predict_images(r, images, maps, device, batch_size)
+    write_table(out, rows)
+    counts = Counter(f"{row['cluster']}" + (f" ({row['name']})" if row["name"] else "") for row in rows)
+    typer.echo(f"predict: {len(rows)} images -> {out}; per class: {dict(sorted(counts.items()))}")
 
 
 def main() -> None:

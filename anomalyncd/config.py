@@ -93,7 +93,9 @@ class TrainParams:
     pretrained: bool = False  # timm downloads the weights of ``model``
     checkpoint: str = ""  # or: a local timm/DINO state dict file
     image_size: int = 64
-    num_classes: int = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
+    num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
+    auto_max: int = 10  # num_classes auto: the largest number of classes considered
+    auto_method: Literal["silhouette", "eigengap", "stability"] = "silhouette"  # anomalyncd.num_classes
     mask_layers: int = 1  # mask guidance in the last N blocks
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
@@ -126,14 +128,20 @@ class InferParams:
 
 @dataclass
 class MergeParams:
+    """Region merging: crops weighted by softmax(sqrt(mask area) / temperature) per image
+    (the paper: 50 on MTD, 100 on MVTec AD); ``mean`` averages the crops instead."""
+
     strategy: Literal["weighted", "mean"] = "weighted"
     temperature: float = 50.0
 
 
 @dataclass
 class EvaluateParams:
+    """Metrics and the HTML report; ``seed`` picks the images whose MEBin sweep is plotted."""
+
     seed: int = 0
     report_images: int = 24  # thumbnails per class in the report
+    mebin_plots: int = 6  # images whose MEBin count sequence the report plots
 
 
 SECTIONS: dict[str, type] = {

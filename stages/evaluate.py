@@ -1,50 +1,132 @@
-"""evaluate: clustering metrics against ground truth, where there is any.
+"""evaluate: clustering metrics, the confusion plot and the HTML report.
 
-PLACEHOLDER (issue 6 replaces it with crop/image metrics, per-class scores and the report).
+With ground truth: NMI, ARI and Hungarian-matched micro-F1 at image and crop level (a crop
+carries its image's type), per-class precision/recall after matching, and per-category
+scores with their mean when the run holds several categories. Without ground truth: cluster
+sizes and mean confidences, and ``"ground_truth": false``. Writes metrics/evaluate.json (DVC
+metrics; its ``clusters`` entry holds each class's size and matched true type, which
+``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
+reports/index.html with its images.
 """
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import typer
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from anomalyncd import paths
+from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
-from anomalyncd.io import write_json
+from anomalyncd.io import InputError, write_json
+from anomalyncd.merge import n_classes, parse_boxes, parse_ints, read_table, write_table
+from anomalyncd.metrics import evaluate_predictions
+from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, write_report
 from anomalyncd.stage import run
+from anomalyncd.store import CropSet, read_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+CONFUSION = paths.PLOTS / "confusion.csv"
+IMAGE_COLUMNS = ("id", "image", "category", "cluster", "confidence", "n_crops", "boxes", "crop_clusters")
+CROP_COLUMNS = ("crop_id", "image_id", "cluster", "confidence", "weight")
+
+
+def mebin_examples(cs: CropSet, n: int, seed: int) -> list[MebinEntry]:
+    """Count sequences of ``n`` images drawn with ``seed``, on the map's 0..255 threshold axis.
+
+    Entry j of a count sequence is at ``255 - j * sample_rate`` on MEBin's rescaled axis,
+    which maps back to the map's scale as ``t * (hi - lo) / 255 + lo``, the scale of the
+    stored thresholds.
+    """
+    if n <= 0 or not len(cs.ids):
+        return []
+    params = cs.attrs.get("params") or {}
+    rate = int(cs.attrs.get("sample_rate", params.get("sample_rate", 4)))
+    lo, hi = int(cs.attrs.get("lo", 0)), int(cs.attrs.get("hi", 255))
+    steps = 255 - np.arange(cs.count_seqs.shape[1]) * rate
+    axis = steps * (hi - lo) / 255 + lo
+    pick = np.sort(np.random.default_rng(seed).choice(len(cs.ids), size=min(n, len(cs.ids)), replace=False))
+    return [MebinEntry(cs.ids[i], axis, cs.count_seqs[i], int(cs.thresholds[i])) for i in pick]
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write metrics/evaluate.json."""
+    """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
+    p = load_params("evaluate", params)
     records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
-    with open(paths.PREDICTIONS, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    truth = [records[r["id"]].defect_type for r in rows]
-    pred = np.array([int(r["predicted"]) for r in rows])
-    if not all(truth):
-        write_json(paths.METRICS / "evaluate.json", {"ground_truth": False, "images": len(rows)})
-        typer.echo("evaluate: no ground truth; wrote cluster counts only")
-        return
-    names, t = np.unique(truth, return_inverse=True)
-    table = np.zeros((pred.max() + 1, len(names)), dtype=int)
-    np.add.at(table, (pred, t), 1)
-    r, c = linear_sum_assignment(-table)
-    metrics = {
-        "ground_truth": True,
-        "image": {
-            "nmi": float(normalized_mutual_info_score(t, pred)),
-            "ari": float(adjusted_rand_score(t, pred)),
-            "f1": float(table[r, c].sum() / len(rows)),
-        },
-    }
-    write_json(paths.METRICS / "evaluate.json", metrics)
-    typer.echo(f"evaluate: {metrics['image']}")
+    rows = read_table(paths.PREDICTIONS, IMAGE_COLUMNS)
+    crow = read_table(paths.CROP_PREDICTIONS, CROP_COLUMNS)
+    cs = read_crops(paths.CROPS)
+    unknown = [r["id"] for r in rows if r["id"] not in records]
+    if unknown:
+        raise InputError(f"{paths.PREDICTIONS}: image ids not in {paths.MANIFEST}: {unknown[:5]}; rerun merge (dvc repro)")
+    if [r["crop_id"] for r in crow] != cs.crop_ids:
+        raise InputError(f"{paths.CROP_PREDICTIONS}: crops differ from {paths.CROPS}; rerun merge (dvc repro)")
+    k = n_classes(rows[0]) if rows else 0
+    truth = {r["id"]: records[r["id"]].defect_type for r in rows}
+    cats = {r["id"]: records[r["id"]].category for r in rows}
+    ev = evaluate_predictions(
+        image_truth=[truth[r["id"]] for r in rows],
+        image_pred=[int(r["cluster"]) for r in rows],
+        image_confidence=[float(r["confidence"] or "nan") for r in rows],
+        image_category=[cats[r["id"]] for r in rows],
+        crop_truth=[truth[c["image_id"]] for c in crow],
+        crop_pred=[int(c["cluster"]) for c in crow],
+        crop_category=[cats[c["image_id"]] for c in crow],
+        n_clusters=k,
+    )
+    names = ev.image_scores.matching if ev.image_scores else {}
+    write_json(paths.METRICS / "evaluate.json", ev.metrics)
+
+    # The confusion plot: one row per image, DVC's confusion template counts them.
+    write_table(
+        CONFUSION,
+        [
+            {"actual": truth[r["id"]] or "unknown", "predicted": names.get(int(r["cluster"])) or cluster_label(int(r["cluster"]), {})}
+            for r in rows
+        ],
+        columns=["actual", "predicted"],
+    )
+
+    crop_rows_of: dict[str, list[int]] = {}
+    for j, c in enumerate(crow):
+        crop_rows_of.setdefault(c["image_id"], []).append(j)
+    images = [
+        ImageEntry(
+            id=r["id"],
+            path=records[r["id"]].image,
+            cluster=int(r["cluster"]),
+            confidence=float(r["confidence"] or "nan"),
+            truth=truth[r["id"]],
+            boxes=parse_boxes(r["boxes"]),
+            crop_rows=crop_rows_of.get(r["id"], []),
+            crop_clusters=parse_ints(r["crop_clusters"]),
+            crop_weights=[float(crow[j]["weight"]) for j in crop_rows_of.get(r["id"], [])],
+        )
+        for r in rows
+    ]
+    s = ev.image_scores
+    write_report(
+        paths.REPORT,
+        ReportData(
+            title=f"anomalyncd: {len(rows)} images, {k} discovered classes",
+            n_clusters=k,
+            images=images,
+            crops=cs.crops,
+            crop_masks=cs.crop_masks,
+            metrics=ev.metrics,
+            names=names,
+            confusion=(s.classes, s.confusion_clusters, s.confusion) if s else None,
+            mebin=mebin_examples(cs, p.mebin_plots, p.seed),
+            per_class_images=p.report_images,
+        ),
+    )
+    m = ev.metrics
+    if m["ground_truth"]:
+        summary = " ".join(f"{lvl} NMI {m[lvl]['nmi']:.3f} ARI {m[lvl]['ari']:.3f} F1 {m[lvl]['f1']:.3f};" for lvl in ("image", "crop") if lvl in m)
+    else:
+        summary = "no ground truth; cluster sizes " + str({c: v["size"] for c, v in m["clusters"].items()})
+    typer.echo(f"evaluate: {summary} report: {paths.REPORT / 'index.html'}")
 
 
 if __name__ == "__main__":

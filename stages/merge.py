@@ -1,37 +1,65 @@
-"""merge: crop predictions to one class per image.
+"""merge: region merging, from crop predictions to one class per image.
 
-PLACEHOLDER (issue 6 replaces it with area-weighted region merging): plain mean of the
-selected head's crop probabilities.
+Each crop's class probabilities (the selected head's softmax(logits / 0.1) over the novel
+classes, as written by ``infer``) are weighted within their image by a softmax of
+sqrt(mask area) / ``merge.temperature`` and summed; the image's class is the argmax
+(``merge.strategy: mean`` averages instead). Writes one row per image
+(data/merge/predictions.csv) and one per crop (data/merge/crops.csv).
 """
 
-import csv
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from anomalyncd import paths
+from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
-from anomalyncd.io import atomic_path
-from anomalyncd.store import read_crops, read_probs
+from anomalyncd.io import InputError
+from anomalyncd.merge import merge_tables, novel_probabilities, write_table
 from anomalyncd.stage import run
+from anomalyncd.store import read_crops, read_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write data/merge/predictions.csv."""
+    """Write data/merge/predictions.csv and data/merge/crops.csv."""
+    p = load_params("merge", params)
     cs, ps = read_crops(paths.CROPS), read_probs(paths.PROBS)
     records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
-    probs = ps.probs[:, ps.head]
-    with atomic_path(paths.PREDICTIONS) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "image", "predicted", "probability", "n_crops"])
-        for i, iid in enumerate(cs.ids):
-            p = probs[cs.image_index == i].mean(0)
-            w.writerow([iid, records[iid].image, int(p.argmax()), f"{p.max():.4f}", int((cs.image_index == i).sum())])
-    typer.echo(f"merge: {len(cs.ids)} images -> {paths.PREDICTIONS}")
+    unknown = [i for i in cs.ids if i not in records]
+    if unknown:
+        raise InputError(f"{paths.CROPS}: image ids not in {paths.MANIFEST}: {unknown[:5]}; rerun mebin (dvc repro)")
+    if len(ps.probs) != len(cs.crops):
+        raise InputError(
+            f"{paths.PROBS}: {len(ps.probs)} crop predictions but {paths.CROPS} holds {len(cs.crops)} crops; "
+            "rerun infer (dvc repro)"
+        )
+    try:
+        crop_probs = novel_probabilities(ps.probs, ps.head, int(ps.attrs.get("num_labeled", 0)))
+    except ValueError as e:
+        raise InputError(f"{paths.PROBS}: {e}") from e
+    img_rows, crop_rows = merge_tables(
+        ids=cs.ids,
+        images=[records[i].image for i in cs.ids],
+        categories=[records[i].category for i in cs.ids],
+        crop_ids=cs.crop_ids,
+        image_index=cs.image_index,
+        boxes=cs.boxes,
+        areas=cs.areas,
+        scores=cs.scores,
+        crop_probs=crop_probs,
+        strategy=p.strategy,
+        temperature=p.temperature,
+    )
+    write_table(paths.PREDICTIONS, img_rows)
+    write_table(paths.CROP_PREDICTIONS, crop_rows)
+    no_crop = sum(1 for r in img_rows if r["n_crops"] == 0)
+    typer.echo(
+        f"merge ({p.strategy}, T={p.temperature:g}): {len(img_rows)} images, {len(crop_rows)} crops, "
+        f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}" + (f"; {no_crop} images without crops" if no_crop else "")
+    )
 
 
 if __name__ == "__main__":

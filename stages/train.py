@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import typer
 
-from anomalyncd import paths
+from anomalyncd import auto_k, paths
 from anomalyncd.config import TrainParams, load_params
 from anomalyncd.io import InputError, read_image, read_mask, write_json
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone, save_model
@@ -41,11 +41,15 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 NOT_IN_FINGERPRINT = {"resume", "num_workers", "device"}
 
 
-def resolve_num_classes(params: TrainParams, crops: CropSet) -> int:
-    """Number of defect classes to discover (the novel outputs, without the normal slot)."""
-    if params.num_classes < 1:
-        raise InputError(f"params.yaml: train.num_classes={params.num_classes} must be at least 1")
-    return params.num_classes
+def resolve_num_classes(params: TrainParams, crops: CropSet, include_normal: bool, device: str) -> int:
+    """Number of defect classes to discover (the novel outputs, without the normal slot).
+
+    ``num_classes: auto`` estimates it from the crops; the estimate is logged on every run
+    (``metrics/num_classes.json``, ``plots/num_classes.json``), see :mod:`anomalyncd.auto_k`.
+    """
+    return auto_k.resolve_num_classes(
+        params, crops.crops, crops.crop_masks, include_normal, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device
+    )
 
 
 def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -131,7 +135,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     cs = read_crops(paths.CROPS)
     if len(cs.crops) < 2:
         raise InputError(f"{paths.CROPS}: {len(cs.crops)} crop(s); training needs at least 2 (check detect/mebin)")
-    k = resolve_num_classes(p, cs)
+    k = resolve_num_classes(p, cs, ds.include_normal, device)
     labels = -np.ones(len(cs.crops), np.int64)
     crops, masks, scores = cs.crops, cs.crop_masks, cs.scores
     base_names: list[str] = []

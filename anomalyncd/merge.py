@@ -1,0 +1,297 @@
+"""Region merging: from crop-level class probabilities to one class per image.
+
+An image with several anomalous regions has one crop per region. AnomalyNCD gives the image
+the class of a weighted sum of its crops' probabilities, the weights being a softmax over the
+image's crops of ``sqrt(mask area in pixels) / T``: large regions dominate, and ``T`` sets how
+strongly (large ``T``: plain average; small ``T``: the largest region decides). The paper uses
+``T = 50`` on MTD and ``T = 100`` on MVTec AD. ``strategy="mean"`` is the plain average of the
+paper's ablation.
+
+Pure functions on arrays; the ``merge`` stage does the I/O.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError, atomic_path
+
+STRATEGIES = ("weighted", "mean")
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis`` (float64 in, float64 out)."""
+    x = np.asarray(x, dtype=np.float64)
+    z = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def novel_probabilities(probs: np.ndarray, head: int, num_labeled: int = 0) -> np.ndarray:
+    """The selected head's class probabilities over the novel classes: (M, n_head, K) ->
+    (M, K - num_labeled).
+
+    ``infer`` stores ``probs = softmax(logits / 0.1)`` over the novel outputs with the
+    ``num_labeled`` base outputs (first in K) zeroed, i.e. exactly the crop probabilities of
+    region merging, so they are used as they are; dropping the base columns makes cluster
+    ``k`` the k-th novel class. Rows must sum to 1.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be (M, n_head, K), got shape {probs.shape}")
+    if not 0 <= head < probs.shape[1]:
+        raise ValueError(f"selected head {head} outside 0..{probs.shape[1] - 1}")
+    out = probs[:, head, num_labeled:]
+    if out.shape[1] == 0:
+        raise ValueError(f"no novel classes: K = {probs.shape[2]}, num_labeled = {num_labeled}")
+    if len(out) and not np.allclose(out.sum(1), 1.0, atol=1e-3):
+        raise ValueError("novel-class probabilities do not sum to 1; rerun infer")
+    return out
+
+
+def region_weights(
+    areas: np.ndarray,
+    image_index: np.ndarray,
+    n_images: int,
+    strategy: str = "weighted",
+    temperature: float = 50.0,
+) -> np.ndarray:
+    """Weight of every crop within its image; the weights of one image's crops sum to 1.
+
+    areas: (M,) anomaly pixels of each crop's region. image_index: (M,) int, the image of
+    each crop, in ``0..n_images-1``. Returns float64 (M,).
+
+    ``weighted``: softmax over the image's crops of ``sqrt(area) / temperature``.
+    ``mean``: ``1 / (number of crops of the image)``.
+    """
+    areas = np.asarray(areas, dtype=np.float64)
+    image_index = np.asarray(image_index, dtype=np.int64)
+    _check_crops(areas, image_index, n_images)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"merge strategy {strategy!r} is not one of {list(STRATEGIES)}")
+    if strategy == "mean":
+        logit = np.zeros_like(areas)
+    else:
+        if not temperature > 0:
+            raise ValueError(f"merge temperature must be > 0, got {temperature}")
+        if np.any(areas < 0):
+            raise ValueError("crop areas must be >= 0")
+        logit = np.sqrt(areas) / temperature
+    # Softmax within groups: subtract each image's max for stability, then normalise.
+    group_max = np.full(n_images, -np.inf)
+    np.maximum.at(group_max, image_index, logit)
+    e = np.exp(logit - group_max[image_index])
+    total = np.zeros(n_images)
+    np.add.at(total, image_index, e)
+    return e / total[image_index]
+
+
+@dataclass
+class MergedPredictions:
+    """Image-level result of :func:`merge_regions`.
+
+    probs: float64 (N, K) merged class probabilities (NaN rows for images without crops).
+    labels: int64 (N,) argmax class, -1 for images without crops. confidence: float64 (N,)
+    probability of that class (NaN without crops). n_crops: int64 (N,). weights: float64 (M,)
+    each crop's weight within its image.
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    n_crops: np.ndarray
+    weights: np.ndarray
+
+
+def merge_regions(
+    crop_probs: np.ndarray,
+    areas: np.ndarray,
+    image_index: np.ndarray,
+    n_images: int,
+    strategy: str = "weighted",
+    temperature: float = 50.0,
+) -> MergedPredictions:
+    """Merge crop probabilities (M, K) into image probabilities (N, K).
+
+    An image's probabilities are the :func:`region_weights`-weighted sum of its crops'
+    probabilities, so an image with one crop keeps that crop's prediction exactly. Images
+    without crops get NaN probabilities and label -1.
+    """
+    crop_probs = np.asarray(crop_probs, dtype=np.float64)
+    if crop_probs.ndim != 2:
+        raise ValueError(f"crop_probs must be (M, K), got shape {crop_probs.shape}")
+    image_index = np.asarray(image_index, dtype=np.int64)
+    if len(crop_probs) != len(image_index):
+        raise ValueError(f"crop_probs has {len(crop_probs)} rows but image_index has {len(image_index)}")
+    w = region_weights(areas, image_index, n_images, strategy, temperature)
+    probs = np.zeros((n_images, crop_probs.shape[1]))
+    np.add.at(probs, image_index, w[:, None] * crop_probs)
+    n_crops = np.bincount(image_index, minlength=n_images).astype(np.int64)
+    empty = n_crops == 0
+    probs[empty] = np.nan
+    labels = np.full(n_images, -1, dtype=np.int64)
+    confidence = np.full(n_images, np.nan)
+    if (~empty).any():
+        labels[~empty] = np.argmax(probs[~empty], axis=1)
+        confidence[~empty] = probs[~empty, labels[~empty]]
+    return MergedPredictions(probs=probs, labels=labels, confidence=confidence, n_crops=n_crops, weights=w)
+
+
+def _check_crops(areas: np.ndarray, image_index: np.ndarray, n_images: int) -> None:
+    if areas.ndim != 1 or image_index.ndim != 1 or len(areas) != len(image_index):
+        raise ValueError(f"areas {areas.shape} and image_index {image_index.shape} must be (M,) of equal length")
+    if len(image_index) and (image_index.min() < 0 or image_index.max() >= n_images):
+        raise ValueError(f"image_index must lie in 0..{n_images - 1}")
+
+
+# -- tables ----------------------------------------------------------------------------------
+# The merge stage and ``anomalyncd predict`` write the same two tables: one row per image and
+# one row per crop. Crop boxes inside an image row are ``x0 y0 x1 y1`` joined by ``;``, in the
+# order of the crop classes in ``crop_clusters``.
+
+
+def _fmt(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.6f}"
+
+
+def image_rows(
+    ids: list[str],
+    images: list[str],
+    categories: list[str],
+    merged: MergedPredictions,
+    boxes: np.ndarray,
+    image_index: np.ndarray,
+    crop_labels: np.ndarray,
+) -> list[dict[str, str | int]]:
+    """One row per image: id, image path, category, cluster (-1: no crop), confidence,
+    n_crops, boxes, crop_clusters and prob_<k> for every class k.
+
+    boxes: int (M, 4); image_index: int (M,); crop_labels: int (M,) each crop's own class.
+    """
+    per_image: list[list[int]] = [[] for _ in ids]
+    for j, i in enumerate(np.asarray(image_index).tolist()):
+        per_image[i].append(j)
+    rows = []
+    for i, id_ in enumerate(ids):
+        js = per_image[i]
+        row: dict[str, str | int] = {
+            "id": id_,
+            "image": images[i],
+            "category": categories[i],
+            "cluster": int(merged.labels[i]),
+            "confidence": _fmt(merged.confidence[i]),
+            "n_crops": int(merged.n_crops[i]),
+            "boxes": ";".join(" ".join(str(int(v)) for v in boxes[j]) for j in js),
+            "crop_clusters": ";".join(str(int(crop_labels[j])) for j in js),
+        }
+        row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(merged.probs[i])})
+        rows.append(row)
+    return rows
+
+
+def crop_rows(
+    crop_ids: list[str],
+    image_ids: list[str],
+    boxes: np.ndarray,
+    areas: np.ndarray,
+    scores: np.ndarray,
+    crop_probs: np.ndarray,
+    weights: np.ndarray,
+) -> list[dict[str, str | int]]:
+    """One row per crop: crop_id, image_id, box (x0, y0, x1, y1), area, score, its own
+    cluster and confidence, its weight in the image merge, and prob_<k>.
+
+    image_ids: (M,) the image id of each crop; crop_probs: (M, K); weights: (M,).
+    """
+    labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, int)
+    rows = []
+    for j, cid in enumerate(crop_ids):
+        x0, y0, x1, y1 = (int(v) for v in boxes[j])
+        row: dict[str, str | int] = {
+            "crop_id": cid,
+            "image_id": image_ids[j],
+            "x0": x0,
+            "y0": y0,
+            "x1": x1,
+            "y1": y1,
+            "area": int(areas[j]),
+            "score": _fmt(float(scores[j])),
+            "cluster": int(labels[j]),
+            "confidence": _fmt(float(crop_probs[j, labels[j]])),
+            "weight": _fmt(float(weights[j])),
+        }
+        row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(crop_probs[j])})
+        rows.append(row)
+    return rows
+
+
+def parse_boxes(s: str) -> np.ndarray:
+    """Inverse of the ``boxes`` cell of :func:`image_rows`: int64 (k, 4)."""
+    if not s:
+        return np.zeros((0, 4), dtype=np.int64)
+    return np.array([[int(v) for v in b.split()] for b in s.split(";")], dtype=np.int64)
+
+
+def parse_ints(s: str) -> list[int]:
+    """Inverse of the ``crop_clusters`` cell of :func:`image_rows`."""
+    return [int(v) for v in s.split(";")] if s else []
+
+
+def n_classes(row: dict) -> int:
+    """Number of classes in a table row (its ``prob_<k>`` columns)."""
+    return sum(1 for k in row if k.startswith("prob_"))
+
+
+def write_table(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Write ``rows`` as CSV atomically (columns: those of the first row unless given)."""
+    columns = columns or (list(rows[0]) if rows else [])
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Read a CSV written by :func:`write_table`, checking that ``required`` columns exist."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: not found; run the merge stage first (dvc repro merge)")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {missing}; rerun the stage that writes it")
+        return list(reader)
+
+
+def merge_tables(
+    ids: list[str],
+    images: list[str],
+    categories: list[str],
+    crop_ids: list[str],
+    image_index: np.ndarray,
+    boxes: np.ndarray,
+    areas: np.ndarray,
+    scores: np.ndarray,
+    crop_probs: np.ndarray,
+    strategy: str = "weighted",
+    temperature: float = 50.0,
+) -> tuple[list[dict], list[dict]]:
+    """Region merging of N images with M crops, as the two tables (image rows, crop rows).
+
+    The one code path behind the ``merge`` stage and ``anomalyncd predict``. ids, images,
+    categories: (N,); crop_ids, image_index, boxes (M, 4), areas, scores: (M,); crop_probs
+    (M, K) from :func:`novel_probabilities`.
+    """
+    merged = merge_regions(crop_probs, areas, image_index, len(ids), strategy, temperature)
+    crop_labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, dtype=np.int64)
+    img_rows = image_rows(ids, images, categories, merged, boxes, image_index, crop_labels)
+    crop_image_ids = [ids[i] for i in np.asarray(image_index).tolist()]
+    c_rows = crop_rows(crop_ids, crop_image_ids, boxes, areas, scores, crop_probs, merged.weights)
+    return img_rows, c_rows

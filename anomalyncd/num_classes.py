@@ -1,0 +1,237 @@
+"""Estimate how many classes a set of features holds (``train.num_classes: auto``).
+
+Class discovery papers are told the number of novel classes; a factory does not know it. The
+functions here choose it from the crops' [CLS] features alone.
+Every estimator scores each candidate K in ``1..k_max`` (higher is better, ``nan`` where a
+score is undefined) and returns a :class:`KEstimate` holding the evidence, so that the pipeline
+can log it and plot score against K.
+
+Estimators (``method``):
+
+- ``eigengap``: spectral gap of a k-nearest-neighbour affinity graph with local scaling
+  (Zelnik-Manor & Perona, 2004). Score of K is ``lambda_{K+1} - lambda_K`` of the normalised
+  Laplacian; one cluster is a first-class answer (a large gap after ``lambda_1 = 0``).
+- ``silhouette``: mean cosine silhouette of k-means with K clusters. Undefined for K = 1; a
+  best silhouette below ``min_silhouette`` means "no cluster structure" and answers 1.
+- ``stability``: agreement (ARI) of k-means fitted on two random halves of the data, over
+  resamplings (Ben-Hur et al., 2002; Lange et al., 2004). Undefined for K = 1 (a single
+  cluster is trivially stable), answered like ``silhouette``.
+
+Features are L2-normalised (the classifier heads are cosine classifiers) and reduced with PCA
+before any estimator runs; see :func:`prepare_features`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import csgraph
+from scipy.spatial.distance import cdist
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+METHODS = ("silhouette", "eigengap", "stability")
+
+
+@dataclass
+class KEstimate:
+    """An estimated number of classes and the evidence for it.
+
+    k: the chosen number of classes. candidates: the Ks scored, ``1..k_max``. scores: one score
+    per candidate under ``method`` (higher is better; ``nan`` where undefined). method: the
+    estimator's name.
+    """
+
+    k: int
+    candidates: list[int]
+    scores: list[float]
+    method: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``nan`` scores become ``None``."""
+        return {
+            "k": self.k,
+            "method": self.method,
+            "candidates": list(self.candidates),
+            "scores": [_finite_or_none(s) for s in self.scores],
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def prepare_features(features: np.ndarray, n_components: int = 32) -> np.ndarray:
+    """L2-normalise rows, centre, and project on the top principal components.
+
+    features: float (M, D). Returns float64 (M, min(n_components, D, M)). PCA keeps the
+    estimators fast and drops directions that carry only noise; rows that are all zero stay zero.
+    """
+    x = _check_features(features)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = x - x.mean(axis=0, keepdims=True)
+    n = min(n_components, x.shape[0], x.shape[1])
+    # SVD of the centred data; sign-fix each component for determinism
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    signs = np.sign(vt[:n, np.argmax(np.abs(vt[:n]), axis=1)].diagonal())
+    signs[signs == 0] = 1
+    return u[:, :n] * s[:n] * signs
+
+
+def _check_features(features: np.ndarray) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (M, D), got shape {x.shape}")
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 feature rows to estimate a number of classes, got {len(x)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or infinite values")
+    return x
+
+
+def _k_max(k_max: int, m: int) -> int:
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    return max(1, min(k_max, m - 1))
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int = 4) -> KMeans:
+    with warnings.catch_warnings():  # duplicate crops give fewer distinct clusters than k: expected
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+
+
+# -- estimators -------------------------------------------------------------------------------
+
+
+def eigengap_scores(x: np.ndarray, k_max: int, n_neighbors: int = 10, scale_neighbor: int = 7) -> np.ndarray:
+    """Eigengaps of the normalised Laplacian of a locally scaled kNN graph.
+
+    x: float (M, d) prepared features. Returns float (k_max,): entry K-1 is
+    ``lambda_{K+1} - lambda_K`` (eigenvalues ascending, ``lambda_1 = 0``), K = 1..k_max.
+    The affinity of neighbours i, j is ``exp(-d_ij^2 / (sigma_i sigma_j))``, sigma_i being the
+    distance from i to its ``scale_neighbor``-th neighbour; the graph is symmetrised by union.
+    """
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    nn = max(1, min(n_neighbors, m - 1))
+    d = cdist(x, x)
+    order = np.argsort(d, axis=1, kind="stable")[:, 1 : nn + 1]
+    sigma = d[np.arange(m), order[:, min(scale_neighbor, nn) - 1]]
+    sigma = np.maximum(sigma, 1e-12)
+    a = np.zeros((m, m))
+    rows = np.repeat(np.arange(m), nn)
+    cols = order.ravel()
+    a[rows, cols] = np.exp(-(d[rows, cols] ** 2) / (sigma[rows] * sigma[cols]))
+    a = np.maximum(a, a.T)
+    lap = csgraph.laplacian(a, normed=True)
+    lam = np.linalg.eigvalsh(lap)[: k_max + 1]  # k_max < m, so there are k_max + 1 of them
+    return np.diff(lam)
+
+
+def silhouette_scores(x: np.ndarray, k_max: int, seed: int = 0, sample_size: int = 3000) -> np.ndarray:
+    """Cosine silhouette of k-means with K clusters, K = 1..k_max (K = 1 is ``nan``).
+
+    x: float (M, d) prepared features. Returns float (k_max,). Above ``sample_size`` points the
+    silhouette (quadratic in M) is averaged over a seeded random sample of that size.
+    """
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    out = np.full(k_max, np.nan)
+    for k in range(2, k_max + 1):
+        labels = _kmeans(x, k, seed).labels_
+        if len(np.unique(labels)) > 1:
+            n = sample_size if m > sample_size else None
+            out[k - 1] = silhouette_score(x, labels, metric="cosine", sample_size=n, random_state=seed)
+    return out
+
+
+def stability_scores(x: np.ndarray, k_max: int, n_resamples: int = 10, seed: int = 0) -> np.ndarray:
+    """Mean ARI between k-means fitted on two disjoint random halves, compared on all points.
+
+    x: float (M, d) prepared features. Returns float (k_max,), K = 1 is ``nan``. Each
+    resampling splits the points in two halves, fits k-means with K clusters on each, labels
+    every point with both models and scores the agreement of the two labellings with the
+    adjusted Rand index.
+    """
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    rng = np.random.default_rng(seed)
+    out = np.full(k_max, np.nan)
+    splits = [rng.permutation(m) for _ in range(n_resamples)]
+    for k in range(2, k_max + 1):
+        aris = []
+        for b, perm in enumerate(splits):
+            half_a, half_b = perm[: m // 2], perm[m // 2 :]
+            if min(len(half_a), len(half_b)) < k:
+                continue
+            la = _kmeans(x[half_a], k, seed + b, n_init=2).predict(x)
+            lb = _kmeans(x[half_b], k, seed + b, n_init=2).predict(x)
+            aris.append(adjusted_rand_score(la, lb))
+        if aris:
+            out[k - 1] = float(np.mean(aris))
+    return out
+
+
+# -- the entry point --------------------------------------------------------------------------
+
+
+def estimate_num_classes(
+    features: np.ndarray,
+    k_max: int = 10,
+    method: str = "silhouette",
+    seed: int = 0,
+    n_components: int = 32,
+    min_silhouette: float = 0.25,
+    min_stability: float = 0.6,
+) -> KEstimate:
+    """Estimate the number of classes among ``features``.
+
+    features: float (M, D), one row per crop (e.g. the normed [CLS] features). k_max: the
+    largest K considered (clamped to M - 1). method: one of :data:`METHODS`. min_silhouette,
+    min_stability: below these best scores, ``silhouette`` and ``stability`` answer K = 1.
+    Deterministic for a given seed.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    x = _check_features(features)
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    candidates = list(range(1, k_max + 1))
+    z = prepare_features(x, n_components)
+    if m < 3 or k_max == 1:
+        return KEstimate(1, candidates, [float("nan")] * k_max, method)
+    if method == "eigengap":
+        scores = eigengap_scores(z, k_max)
+        k = int(np.argmax(scores)) + 1
+    elif method == "silhouette":
+        scores = silhouette_scores(z, k_max, seed)
+        k = _pick_or_one(scores, min_silhouette)
+    else:
+        scores = stability_scores(z, k_max, seed=seed)
+        k = _pick_or_one(scores, min_stability)
+    return KEstimate(k, candidates, scores.tolist(), method)
+
+
+def _pick_or_one(scores: np.ndarray, floor: float) -> int:
+    """argmax K of ``scores`` (nan ignored, ties to the smallest K); 1 if the best is below ``floor``."""
+    if not np.isfinite(scores).any():
+        return 1
+    best = int(np.nanargmax(scores))
+    return 1 if scores[best] < floor else best + 1
+
+
+def count_massive_classes(probs: np.ndarray, min_fraction: float = 0.02) -> int:
+    """Classes of an over-complete head that keep real mass.
+
+    probs: float (M, K) class probabilities of M crops. A class counts when the share of crops
+    whose argmax is that class is at least ``min_fraction``. Returns an int in 1..K.
+    """
+    p = np.asarray(probs)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"probs must be a non-empty 2-D array (M, K), got shape {p.shape}")
+    share = np.bincount(p.argmax(axis=1), minlength=p.shape[1]) / len(p)
+    return max(1, int((share >= min_fraction).sum()))

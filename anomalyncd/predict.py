@@ -1,0 +1,221 @@
+"""Prediction on new images with a finished run (inductive use, no retraining).
+
+A finished run's project directory holds everything needed: the fitted detector
+(``models/detector.pt``) and the normalisation of its maps (``norm_min``/``norm_max`` in the
+map store), MEBin's search range (``lo``/``hi`` in the crop store) and params, the trained
+model with its selected head (``models/mgvit.pt``), the merge params, and, where the run had
+ground truth, the matched true type of each discovered class (``metrics/evaluate.json``).
+New images go through the same functions as the run's own images, so predicting the run's own
+images reproduces its image-level predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from . import paths
+from .config import DetectParams, InferParams, MebinParams, MergeParams, load_params
+from .datasets import IMAGE_EXTENSIONS
+from .io import InputError, read_image
+from .merge import merge_tables, novel_probabilities
+from .store import read_crops, read_maps
+
+MAP_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")  # what the external detector reads
+CHUNK = 32  # images per detector / MEBin pass, bounds memory on large folders
+
+
+@dataclass
+class Run:
+    """What :func:`predict_images` needs from a finished run's project directory."""
+
+    root: Path
+    detect: DetectParams
+    mebin: MebinParams
+    merge: MergeParams
+    infer: InferParams
+    lo: int
+    hi: int
+    norm_min: float
+    norm_max: float
+    names: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def detector(self) -> Path:
+        return self.root / paths.DETECTOR
+
+    @property
+    def model(self) -> Path:
+        return self.root / paths.MODEL
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read a finished run's params, stored ranges and class names; clear errors if unfinished."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: run directory not found; pass the project directory of a finished run (--run)")
+    for rel in (Path("params.yaml"), paths.MAPS, paths.CROPS, paths.MODEL):
+        if not (root / rel).exists():
+            raise InputError(f"{root / rel}: missing; finish the run first (cd {root} && dvc repro)")
+    params = root / "params.yaml"
+    ms_attrs = read_maps(root / paths.MAPS).attrs
+    cs_attrs = read_crops(root / paths.CROPS).attrs
+    for name, attrs, key in (("norm_min", ms_attrs, paths.MAPS), ("norm_max", ms_attrs, paths.MAPS), ("lo", cs_attrs, paths.CROPS), ("hi", cs_attrs, paths.CROPS)):
+        if name not in attrs:
+            raise InputError(f"{root / key}: has no {name!r}; rerun the stage that writes it (dvc repro)")
+    return Run(
+        root=root,
+        detect=load_params("detect", params),
+        mebin=load_params("mebin", params),
+        merge=load_params("merge", params),
+        infer=load_params("infer", params),
+        lo=int(cs_attrs["lo"]),
+        hi=int(cs_attrs["hi"]),
+        norm_min=float(ms_attrs["norm_min"]),
+        norm_max=float(ms_attrs["norm_max"]),
+        names=class_names(root / paths.METRICS / "evaluate.json"),
+    )
+
+
+def class_names(metrics_path: Path) -> dict[int, str]:
+    """Discovered class -> matched true type from an evaluate metrics file ({} if none)."""
+    if not metrics_path.exists():
+        return {}
+    clusters = json.loads(metrics_path.read_text()).get("clusters", {})
+    return {int(k): v["matched"] for k, v in clusters.items() if v.get("matched")}
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """(id, path) of every image named or found (recursively) in the given folders.
+
+    A folder's images get ids ``<folder name>/<path inside it>`` without extension (so
+    ``test/crack/000`` for ``.../test`` and ``crack/000`` for ``.../test/crack``); a file's id is
+    its name without extension. Ids must be unique.
+    """
+    found: list[tuple[str, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += [((item.resolve().name / p.relative_to(item)).with_suffix("").as_posix(), p) for p in files]
+        elif item.is_file():
+            found.append((item.stem, item))
+        else:
+            raise InputError(f"{item}: no such image or folder")
+    if not found:
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {[str(i) for i in inputs]}")
+    seen: dict[str, Path] = {}
+    for id_, p in found:
+        if id_ in seen:
+            raise InputError(f"{p} and {seen[id_]} have the same name {id_!r}; pass them from one folder or rename one")
+        seen[id_] = p
+    return found
+
+
+def find_maps(maps_dir: str | os.PathLike, ids: Sequence[str]) -> list[Path]:
+    """The map file of each image id in ``maps_dir``: ``<id>.<npy|png|tif|tiff>`` (or the id's
+    file name alone)."""
+    root = Path(maps_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: maps folder not found (--maps)")
+    out = []
+    for id_ in ids:
+        cands = [root / f"{id_}{e}" for e in MAP_EXTENSIONS] + [root / f"{Path(id_).name}{e}" for e in MAP_EXTENSIONS]
+        hit = next((c for c in cands if c.is_file()), None)
+        if hit is None:
+            raise InputError(f"{root}: no anomaly map for image {id_!r} (expected {id_}.npy or .png)")
+        out.append(hit)
+    return out
+
+
+def predict_images(
+    run: Run,
+    images: list[tuple[str, Path]],
+    maps_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
+    ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
+
+    Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to
+    ``detect.map_size`` as the ``external`` detector reads map files; either way they are
+    normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
+    """
+    import cv2
+
+    from .detect import load_detector, normalise_u8
+    from .detect.external import read_map_file
+    from .inference import predict_crops
+    from .mebin import mebin_image
+
+    detector = None
+    map_files = find_maps(maps_dir, [i for i, _ in images]) if maps_dir is not None else None
+    if map_files is None:
+        if not run.detector.exists():
+            raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
+        detector = load_detector(run.detector, device=None if device in (None, "auto") else device)
+
+    crops, masks, index, boxes, areas, scores = [], [], [], [], [], []
+    bar = tqdm(total=len(images), desc="predict: maps + mebin", unit="img", disable=not progress)
+    for s in range(0, len(images), CHUNK):
+        chunk = images[s : s + CHUNK]
+        rgb = [read_image(p) for _, p in chunk]
+        if detector is not None:
+            try:
+                raw = list(detector.predict(rgb))
+            except InputError as e:
+                raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
+        else:
+            size = (run.detect.map_size, run.detect.map_size)
+            raw = [cv2.resize(read_map_file(f), size, interpolation=cv2.INTER_LINEAR) for f in map_files[s : s + CHUNK]]
+        for k, (img, m) in enumerate(zip(rgb, raw)):
+            # the run's global map range, as the detect stage normalised the run's own maps
+            map_u8 = normalise_u8(m, run.norm_min, run.norm_max)
+            _, c = mebin_image(map_u8, img, run.lo, run.hi, run.mebin)
+            crops.append(c.crops)
+            masks.append(c.crop_masks)
+            boxes.append(c.boxes)
+            areas.append(c.areas)
+            scores.append(c.scores)
+            index.append(np.full(len(c), s + k, np.int64))
+            bar.update()
+    bar.close()
+
+    crops_a = np.concatenate(crops)
+    ps = predict_crops(
+        run.model, crops_a, np.concatenate(masks), device or run.infer.device, batch_size or run.infer.batch_size
+    )
+    crop_probs = novel_probabilities(ps.probs, ps.head, int(ps.attrs.get("num_labeled", 0)))
+    image_index = np.concatenate(index)
+    ids = [i for i, _ in images]
+    per_image: dict[int, int] = {}
+    crop_ids = []
+    for i in image_index.tolist():
+        crop_ids.append(f"{ids[i]}#{per_image.get(i, 0)}")
+        per_image[i] = per_image.get(i, 0) + 1
+    rows, _ = merge_tables(
+        ids=ids,
+        images=[str(p) for _, p in images],
+        categories=[""] * len(images),
+        crop_ids=crop_ids,
+        image_index=image_index,
+        boxes=np.concatenate(boxes).reshape(-1, 4),
+        areas=np.concatenate(areas),
+        scores=np.concatenate(scores),
+        crop_probs=crop_probs,
+        strategy=run.merge.strategy,
+        temperature=run.merge.temperature,
+    )
+    first = ("id", "image", "cluster")
+    return [
+        {**{c: r[c] for c in first}, "name": run.names.get(int(r["cluster"]), "")}
+        | {c: v for c, v in r.items() if c not in first and c != "category"}
+        for r in rows
+    ]

@@ -1,0 +1,85 @@
+"""train.num_classes: auto: the resolve step of the train stage (tiny ViT, random weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyncd import auto_k
+from anomalyncd.config import TrainParams
+from anomalyncd.io import InputError
+from anomalyncd.num_classes import KEstimate
+
+
+def tiny_params(**kw) -> TrainParams:
+    return TrainParams(**{"model": "vit_tiny_patch16_224", "image_size": 32, "auto_max": 4, **kw})
+
+
+def two_kinds_of_crops(n: int = 12, size: int = 37) -> tuple[np.ndarray, np.ndarray]:
+    """Half bright round spots, half dark bars on grey: uint8 (n, S, S, 3), masks (n, S, S)."""
+    rng = np.random.default_rng(0)
+    crops = np.full((n, size, size, 3), 128, np.uint8) + rng.integers(0, 10, (n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        region = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < 100 if i % 2 else np.abs(yy - size // 2) < 5
+        masks[i][region] = 1
+        crops[i][region] = 240 if i % 2 else 20
+    return crops, masks
+
+
+def resolve(tmp_path, p: TrainParams, include_normal: bool = False) -> tuple[int, dict, list]:
+    crops, masks = two_kinds_of_crops()
+    k = auto_k.resolve_num_classes(p, crops, masks, include_normal, tmp_path / "m.json", tmp_path / "p.json")
+    return k, json.loads((tmp_path / "m.json").read_text()), json.loads((tmp_path / "p.json").read_text())
+
+
+def test_a_given_num_classes_is_used_and_the_estimate_logged(tmp_path):
+    k, metrics, plot = resolve(tmp_path, tiny_params(num_classes=3))
+    assert k == 3
+    assert metrics["num_classes"] == 3 and metrics["auto"] is False
+    assert 1 <= metrics["estimate"] <= 4
+    assert metrics["method"] == "silhouette"
+
+
+def test_auto_trains_with_the_estimate(tmp_path):
+    k, metrics, _ = resolve(tmp_path, tiny_params(num_classes="auto"))
+    assert k == metrics["estimate"] == metrics["num_classes"]
+    assert metrics["auto"] is True
+
+
+def test_plot_has_a_score_per_defined_candidate(tmp_path):
+    _, metrics, plot = resolve(tmp_path, tiny_params(num_classes="auto"))
+    assert [row["k"] for row in plot] == [2, 3, 4]  # silhouette is undefined for K = 1
+    assert {f"k{row['k']}": row["score"] for row in plot} == metrics["scores"]
+
+
+def test_the_normal_cluster_is_not_a_defect_class(tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: KEstimate(3, [1, 2, 3], [0, 0.5, 0.9], "silhouette"))
+    k, metrics, _ = resolve(tmp_path, tiny_params(num_classes="auto"), include_normal=True)
+    assert k == metrics["estimate"] == 2
+
+
+def test_features_leave_the_global_torch_rng_alone():
+    crops, masks = two_kinds_of_crops(4)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    auto_k.region_features(tiny_params(), crops, masks)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_features_are_deterministic_for_a_seed():
+    crops, masks = two_kinds_of_crops(4)
+    a = auto_k.region_features(tiny_params(seed=1), crops, masks)
+    b = auto_k.region_features(tiny_params(seed=1), crops, masks)
+    assert a.shape == (4, 192)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [{"num_classes": 0}, {"auto_max": 0}])
+def test_bad_params_are_errors_naming_the_key(tmp_path, bad):
+    with pytest.raises(InputError, match="train\\.(num_classes|auto_max)"):
+        resolve(tmp_path, tiny_params(**bad))

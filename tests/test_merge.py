@@ -1,0 +1,167 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomalyncd.io import InputError
+from anomalyncd.merge import (
+    crop_rows,
+    image_rows,
+    merge_regions,
+    n_classes,
+    novel_probabilities,
+    parse_boxes,
+    parse_ints,
+    read_table,
+    region_weights,
+    softmax,
+    write_table,
+)
+
+
+def test_weights_are_softmax_of_sqrt_area_over_temperature():
+    areas = np.array([100.0, 400.0, 2500.0])
+    w = region_weights(areas, np.zeros(3, int), 1, "weighted", temperature=10.0)
+    expected = np.exp([1.0, 2.0, 5.0]) / np.exp([1.0, 2.0, 5.0]).sum()
+    np.testing.assert_allclose(w, expected)
+
+
+def test_weights_sum_to_one_per_image():
+    rng = np.random.default_rng(0)
+    idx = np.array([0, 0, 1, 2, 2, 2])
+    w = region_weights(rng.uniform(1, 1e4, 6), idx, 3, "weighted", 50.0)
+    np.testing.assert_allclose(np.bincount(idx, weights=w), 1.0)
+
+
+def test_weights_stay_finite_for_huge_areas_and_small_temperature():
+    w = region_weights(np.array([1e8, 4e8]), np.array([0, 0]), 1, "weighted", temperature=0.01)
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, [0.0, 1.0])
+
+
+def test_mean_strategy_weights_crops_equally():
+    w = region_weights(np.array([1.0, 1e6, 5.0]), np.array([0, 0, 1]), 2, "mean")
+    np.testing.assert_allclose(w, [0.5, 0.5, 1.0])
+
+
+def test_single_crop_image_keeps_its_crop_prediction():
+    probs = np.array([[0.1, 0.7, 0.2]])
+    out = merge_regions(probs, np.array([30]), np.array([0]), 1)
+    np.testing.assert_allclose(out.probs, probs)
+    assert out.labels.tolist() == [1]
+    assert out.confidence[0] == pytest.approx(0.7)
+
+
+def test_large_region_outweighs_small_regions():
+    # Two small crops vote class 0, one large crop votes class 1.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])
+    areas = np.array([25, 25, 10000])
+    idx = np.zeros(3, int)
+    assert merge_regions(probs, areas, idx, 1, "weighted", temperature=10.0).labels[0] == 1
+    assert merge_regions(probs, areas, idx, 1, "mean").labels[0] == 0
+
+
+def test_merged_probabilities_are_the_weighted_sum():
+    probs = softmax(np.random.default_rng(1).normal(size=(5, 4)) / 0.1)
+    idx = np.array([0, 1, 1, 1, 2])
+    areas = np.array([10, 50, 80, 300, 7])
+    out = merge_regions(probs, areas, idx, 3, "weighted", 50.0)
+    w = np.exp(np.sqrt(areas[1:4]) / 50.0)
+    w /= w.sum()
+    np.testing.assert_allclose(out.probs[1], (w[:, None] * probs[1:4]).sum(0))
+    np.testing.assert_allclose(out.probs.sum(1), 1.0)
+    assert out.n_crops.tolist() == [1, 3, 1]
+
+
+def test_image_without_crops_gets_no_label():
+    out = merge_regions(np.array([[0.2, 0.8]]), np.array([4]), np.array([1]), 2)
+    assert out.labels.tolist() == [-1, 1]
+    assert np.isnan(out.probs[0]).all() and np.isnan(out.confidence[0])
+    assert out.n_crops.tolist() == [0, 1]
+
+
+def test_bad_strategy_and_temperature_are_errors():
+    with pytest.raises(ValueError, match="strategy"):
+        region_weights(np.ones(1), np.zeros(1, int), 1, "max")
+    with pytest.raises(ValueError, match="temperature"):
+        region_weights(np.ones(1), np.zeros(1, int), 1, "weighted", 0.0)
+    with pytest.raises(ValueError, match="image_index"):
+        region_weights(np.ones(1), np.array([3]), 2)
+
+
+def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    idx = np.array([0, 0, 1])
+    boxes = np.array([[0, 1, 10, 12], [5, 5, 9, 9], [2, 2, 4, 4]])
+    merged = merge_regions(probs, np.array([100, 4, 9]), idx, 3, "weighted", 5.0)
+    rows = image_rows(["a", "b", "c"], ["a.png", "b.png", "c.png"], ["t"] * 3, merged, boxes, idx, probs.argmax(1))
+    write_table(tmp_path / "p.csv", rows)
+    back = read_table(tmp_path / "p.csv", required=("id", "cluster"))
+    assert [r["cluster"] for r in back] == [str(merged.labels[0]), "0", "-1"]
+    np.testing.assert_array_equal(parse_boxes(back[0]["boxes"]), boxes[:2])
+    assert parse_ints(back[0]["crop_clusters"]) == [0, 1]
+    assert back[2]["n_crops"] == "0" and back[2]["boxes"] == "" and back[2]["confidence"] == ""
+    assert n_classes(back[0]) == 2
+    assert float(back[0]["prob_0"]) == pytest.approx(merged.probs[0, 0], abs=1e-6)
+
+
+def test_crop_table_has_one_row_per_crop_with_its_weight(tmp_path):
+    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
+    rows = crop_rows(["a#0", "a#1"], ["a", "a"], np.array([[0, 0, 4, 4], [1, 1, 3, 3]]), np.array([16, 4]),
+                     np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]))
+    assert [r["cluster"] for r in rows] == [0, 1]
+    assert rows[1]["confidence"] == "0.700000" and rows[0]["weight"] == "0.600000"
+
+
+def test_reading_a_missing_table_names_the_stage(tmp_path):
+    with pytest.raises(InputError, match="merge"):
+        read_table(tmp_path / "nope.csv")
+
+
+def test_novel_probabilities_take_the_selected_head_and_drop_base_classes():
+    probs = np.zeros((2, 3, 5))
+    probs[:, 1, 2:] = [[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]
+    probs[:, 0, 2:] = 1 / 3
+    out = novel_probabilities(probs, head=1, num_labeled=2)
+    np.testing.assert_allclose(out, probs[:, 1, 2:])
+
+
+def test_novel_probabilities_reject_unnormalised_input():
+    with pytest.raises(ValueError, match="sum to 1"):
+        novel_probabilities(np.full((1, 1, 3), 0.5), head=0)
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+def test_merge_stage_writes_one_row_per_image_and_per_crop(tmp_path, monkeypatch):
+    from anomalyncd import paths
+    from stages import merge as stage
+
+    from .synthetic_run import make_project
+
+    made = make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    stage.main(params=Path("params.yaml"))
+    images = read_table(paths.PREDICTIONS)
+    crops = read_table(paths.CROP_PREDICTIONS)
+    cs = made["crops"]
+    assert [r["id"] for r in images] == cs.ids
+    assert [r["crop_id"] for r in crops] == cs.crop_ids
+    expected = merge_regions(made["probs"][:, 1], cs.areas, cs.image_index, len(cs.ids), "weighted", 10.0)
+    assert [int(r["cluster"]) for r in images] == expected.labels.tolist()
+    assert [int(r["n_crops"]) for r in images] == expected.n_crops.tolist()
+    assert images[0]["image"] == made["records"][0].image
+
+
+def test_merge_stage_rejects_probabilities_of_other_crops(tmp_path, monkeypatch):
+    from anomalyncd import paths
+    from anomalyncd.store import ProbSet, write_probs
+    from stages import merge as stage
+
+    from .synthetic_run import make_project
+
+    make_project(tmp_path)
+    write_probs(tmp_path / paths.PROBS, ProbSet(probs=np.full((2, 1, 3), 1 / 3), logits=np.zeros((2, 1, 3)), features=np.zeros((2, 1)), head=0))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="rerun infer"):
+        stage.main(params=Path("params.yaml"))

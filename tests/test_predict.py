@@ -1,0 +1,168 @@
+"""``anomalyncd predict``: classify new images with a finished run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from anomalyncd.io import InputError, write_image
+from anomalyncd.predict import class_names, find_images, find_maps, load_run
+
+from .conftest import ROOT
+
+
+def _img(path: Path) -> Path:
+    write_image(path, np.zeros((8, 8, 3), np.uint8))
+    return path
+
+
+def test_folder_images_are_found_recursively_with_ids_from_the_folder(tmp_path):
+    _img(tmp_path / "new" / "a.png")
+    _img(tmp_path / "new" / "sub" / "b.jpg")
+    (tmp_path / "new" / "notes.txt").write_text("x")
+    found = find_images([tmp_path / "new"])
+    assert [i for i, _ in found] == ["new/a", "new/sub/b"]
+
+
+def test_single_files_keep_their_names_as_ids(tmp_path):
+    found = find_images([_img(tmp_path / "x.png"), _img(tmp_path / "y.bmp")])
+    assert [i for i, _ in found] == ["x", "y"]
+
+
+def test_two_images_with_one_name_are_an_error(tmp_path):
+    a, b = _img(tmp_path / "a" / "img.png"), _img(tmp_path / "b" / "img.png")
+    with pytest.raises(InputError, match="same name"):
+        find_images([a, b])
+
+
+def test_missing_inputs_and_empty_folders_are_errors(tmp_path):
+    with pytest.raises(InputError, match="no such image"):
+        find_images([tmp_path / "nope.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        find_images([tmp_path / "empty"])
+
+
+def test_map_files_are_matched_to_images_by_id(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((4, 4), np.float32))
+    (tmp_path / "test" / "crack").mkdir(parents=True)
+    write_image(tmp_path / "test" / "crack" / "b.png", np.full((4, 4), 7, np.uint8))
+    files = find_maps(tmp_path, ["a", "test/crack/b", "other/a"])
+    assert [f.name for f in files] == ["a.npy", "b.png", "a.npy"]
+    with pytest.raises(InputError, match="no anomaly map"):
+        find_maps(tmp_path, ["c"])
+
+
+def test_an_unfinished_run_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="run directory not found"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "params.yaml").write_text("merge: {}\n")
+    with pytest.raises(InputError, match="dvc repro"):
+        load_run(tmp_path)
+
+
+def test_class_names_come_from_the_evaluate_metrics(tmp_path):
+    m = tmp_path / "evaluate.json"
+    m.write_text(json.dumps({"clusters": {"0": {"size": 2, "matched": "crack"}, "1": {"size": 0, "matched": None}}}))
+    assert class_names(m) == {0: "crack"}
+    assert class_names(tmp_path / "absent.json") == {}
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+TINY = {
+    "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 3},
+    "detect": {"map_size": 64},
+    "mebin": {"crop_size": 36, "workers": 1},
+    "train": {"image_size": 32, "epochs": 1, "batch_size": 16},
+}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny demo project after ``dvc repro``."""
+    proj = tmp_path_factory.mktemp("predict") / "run"
+    for name in COPY:
+        src, dst = ROOT / name, proj / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(git + ["init", "-q"], proj)
+    _run(git + ["add", "-A"], proj)
+    _run(git + ["commit", "-qm", "init"], proj)
+    _run([sys.executable, "-m", "dvc", "repro", "--no-commit"], proj)
+    return proj
+
+
+def _defect_folders(proj: Path) -> list[Path]:
+    test_dir = proj / "data" / "demo" / "tile" / "test"
+    return [d for d in sorted(test_dir.iterdir()) if d.name != "good"]
+
+
+def _assert_same_predictions(proj: Path, out: Path) -> None:
+    with open(proj / "data" / "merge" / "predictions.csv", newline="") as fh:
+        run_rows = {str((proj / r["image"]).resolve()): r for r in csv.DictReader(fh)}
+    with open(out, newline="") as fh:
+        new_rows = {str(Path(r["image"]).resolve()): r for r in csv.DictReader(fh)}
+    assert set(new_rows) == set(run_rows)
+    metrics = json.loads((proj / "metrics" / "evaluate.json").read_text())
+    for key, r in run_rows.items():
+        n = new_rows[key]
+        assert n["cluster"] == r["cluster"], key
+        assert n["n_crops"] == r["n_crops"] and n["boxes"] == r["boxes"], key
+        if r["confidence"]:  # empty for an image without crops
+            assert float(n["confidence"]) == pytest.approx(float(r["confidence"]), abs=1e-4), key
+        else:
+            assert n["confidence"] == "", key
+        if r["cluster"] != "-1":
+            assert n["name"] == (metrics["clusters"][r["cluster"]]["matched"] or "")
+
+
+@pytest.mark.slow
+def test_predicting_the_runs_own_images_reproduces_its_predictions(finished_run, tmp_path):
+    out = tmp_path / "preds.csv"
+    folders = [str(d) for d in _defect_folders(finished_run)]
+    _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+    _assert_same_predictions(finished_run, out)
+
+
+@pytest.mark.slow
+def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run, tmp_path):
+    from anomalyncd.store import read_maps
+
+    ms = read_maps(finished_run / "data" / "detect" / "maps.zarr.zip")
+    maps_dir = tmp_path / "maps"
+    for id_, m in zip(ms.ids, ms.maps):  # tile/test/crack/000 -> <maps>/crack/000.npy
+        f = maps_dir / (id_.split("/", 2)[2] + ".npy")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        np.save(f, m)
+    out = tmp_path / "preds.csv"
+    folders = [str(d) for d in _defect_folders(finished_run)]
+    args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out)]
+    _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run)
+    _assert_same_predictions(finished_run, out)
