@@ -36,14 +36,14 @@ def _scratch(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> Non
     d = np.array([np.cos(angle), np.sin(angle)]) * length / 2
     p0, p1 = tuple(int(v) for v in c - d), tuple(int(v) for v in c + d)
     m = np.zeros_like(mask, dtype=np.uint8)
-    cv2.line(m, p0, p1, 1, thickness=1, lineType=cv2.LINE_8)
-    img[m > 0] = np.clip(img[m > 0].astype(int) + 70, 0, 255)
+    cv2.line(m, p0, p1, 1, thickness=2, lineType=cv2.LINE_8)
+    img[m > 0] = np.clip(img[m > 0].astype(int) + 90, 0, 255)
     mask |= m > 0
 
 
 def _hole(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> None:
     s = img.shape[0]
-    r = int(rng.uniform(0.03, 0.07) * s) + 1
+    r = int(rng.uniform(0.04, 0.07) * s) + 1
     c = tuple(int(v) for v in rng.uniform(0.15, 0.85, 2) * s)
     m = np.zeros_like(mask, dtype=np.uint8)
     cv2.circle(m, c, r, 1, thickness=-1)
@@ -61,7 +61,7 @@ def _crack(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> None:
         for _ in range(int(rng.integers(4, 8))):
             a += rng.normal(0, 0.5)
             q = p + np.array([np.cos(a), np.sin(a)]) * s * 0.04
-            cv2.line(m, tuple(int(v) for v in p), tuple(int(v) for v in q), 1, thickness=1)
+            cv2.line(m, tuple(int(v) for v in p), tuple(int(v) for v in q), 1, thickness=2)
             p = q
             if depth > 0 and rng.random() < 0.25:
                 stack.append((p.copy(), a + rng.choice([-1, 1]) * rng.uniform(0.6, 1.2), depth - 1))
@@ -72,14 +72,14 @@ def _crack(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> None:
 def _stain(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> None:
     s = img.shape[0]
     c = rng.uniform(0.2, 0.8, 2) * s
-    axes = rng.uniform(0.06, 0.14, 2) * s
+    axes = rng.uniform(0.06, 0.11, 2) * s
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     ang = rng.uniform(0, np.pi)
     dx, dy = xx - c[0], yy - c[1]
     u = (dx * np.cos(ang) + dy * np.sin(ang)) / axes[0]
     v = (-dx * np.sin(ang) + dy * np.cos(ang)) / axes[1]
     w = np.exp(-(u**2 + v**2))
-    colour = np.array([40.0, -10.0, -35.0]) * rng.uniform(0.8, 1.2)
+    colour = np.array([16.0, -4.0, -14.0]) * rng.uniform(0.9, 1.1)
     img[:] = np.clip(img + w[:, :, None] * colour, 0, 255).astype(np.uint8)
     mask |= w > 0.35
 

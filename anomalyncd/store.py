@@ -151,7 +151,8 @@ def write_group(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray
 
 
 def read_group(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Read every array and the attrs of a store written by :func:`write_group`."""
+    """Read every array and the user attrs (without ``kind``/``layout_version``) of a store
+    written by :func:`write_group`."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: store not found; run the stage that writes it first (dvc repro)")
@@ -175,6 +176,7 @@ def read_group(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray
             arrays.update({f"masks/{n}": a[...] for n, a in masks.arrays()})
     finally:
         store.close()
+    del attrs["kind"], attrs["layout_version"]
     return arrays, attrs
 
 
@@ -219,8 +221,6 @@ def write_maps(path: str | os.PathLike, ms: MapSet) -> None:
 def read_maps(path: str | os.PathLike) -> MapSet:
     arrays, attrs = read_group(path, "maps")
     ids = attrs.pop("ids")
-    for k in ("kind", "layout_version"):
-        attrs.pop(k)
     return MapSet(ids=ids, attrs=attrs, **arrays)
 
 
@@ -244,8 +244,6 @@ def write_crops(path: str | os.PathLike, cs: CropSet) -> None:
 def read_crops(path: str | os.PathLike) -> CropSet:
     arrays, attrs = read_group(path, "crops")
     ids = attrs.pop("ids")
-    for k in ("kind", "layout_version"):
-        attrs.pop(k)
     masks = [arrays.pop(f"masks/{i}").astype(bool) for i in range(len(ids))]
     return CropSet(ids=ids, masks=masks, attrs=attrs, **arrays)
 
@@ -266,6 +264,4 @@ def write_probs(path: str | os.PathLike, ps: ProbSet) -> None:
 def read_probs(path: str | os.PathLike) -> ProbSet:
     arrays, attrs = read_group(path, "probs")
     head = attrs.pop("head")
-    for k in ("kind", "layout_version"):
-        attrs.pop(k)
     return ProbSet(head=head, attrs=attrs, **arrays)

@@ -24,7 +24,7 @@ COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvci
 # Small enough for a 2-core CI machine; the real defaults are in params.yaml.
 TINY = {
     "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 4},
-    "detect": {"map_size": 64},
+    "detect": {"map_size": 64, "image_size": 64},
     "mebin": {"crop_size": 36},
     "train": {"image_size": 32, "epochs": 1, "batch_size": 16},
 }
@@ -115,6 +115,11 @@ def test_code_change_of_one_stage_reruns_it_and_what_follows(project):
     finally:
         merge.write_text(original)
         _run([sys.executable, "-m", "dvc", "repro"], project)
+
+
+def test_new_images_under_the_same_names_rerun_detection(project):
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "demo.seed=1"], project)
+    assert _ran(out)[:3] == ["demo", "prepare", "detect"]  # the manifest is the same, the images are not
 
 
 def test_single_stage_reruns_alone_from_cached_inputs(project):
