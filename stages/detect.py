@@ -57,7 +57,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     todo = manifest.to_classify(ds.include_normal)
     if not todo:
         raise InputError(f"{paths.MANIFEST}: no images to classify (no test images, or only normal ones)")
-    extra = metrics_records(manifest, todo) if p.method not in ("external",) else []
+    # External maps exist only for the images to classify: no extra normal images then.
+    extra = metrics_records(manifest, todo) if p.method != "external" else []
     det = create_detector(p, DetectContext(dataset_root=ds.root))
     typer.echo(f"detect: method {p.method}, backbone {p.backbone}, weights: {det.weights}", err=True)
     if p.backbone != "filterbank" and not det.pretrained and p.method in ("patchcore", "padim", "musc"):
