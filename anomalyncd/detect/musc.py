@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..io import InputError
-from .base import Detector, register
-from .features import FILTERBANK, build_backbone
-from .ops import CHUNK_ELEMENTS, batches, resolve_device, to_batch, upsample_maps
-from .patchcore import backbone_spec
+from .base import register
+from .ops import CHUNK_ELEMENTS, batches, to_batch, upsample_maps
+from .patchcore import BackboneDetector
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +100,13 @@ def split_subsets(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 @register("musc")
-class MuSc(Detector):
+class MuSc(BackboneDetector):
+    # The full-resolution filter bank is pooled to a grid of stride 8 (16 x 16 at 128 px,
+    # as many patches as a ViT/14 at 224 px): the cost grows with the square of its size.
+    filterbank_stride = 8
+
     def __init__(self, params, context=None) -> None:
         super().__init__(params, context)
-        self.spec = backbone_spec(params)
-        self.device = resolve_device(params.device)
-        self.backbone = build_backbone(self.spec).to(self.device)
-        self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
-        self.weights = self.spec.weights
-        # The full-resolution filter bank is pooled to a grid of stride 8 (16 x 16 at 128 px,
-        # as many patches as a ViT/14 at 224 px): the cost grows with the square of its size.
-        self.stride = 8 if self.spec.name == FILTERBANK else 1
         self.references: list[torch.Tensor] | None = None  # per layer (R, C, h, w), float16
 
     @torch.inference_mode()

@@ -19,10 +19,9 @@ import torch
 from tqdm import tqdm
 
 from ..io import InputError
-from .base import Detector, register
-from .features import FILTERBANK, build_backbone
-from .ops import batches, resolve_device, to_batch, upsample_maps
-from .patchcore import SMOOTH_SIGMA_PX, backbone_spec, patch_features
+from .base import register
+from .ops import batches, to_batch, upsample_maps
+from .patchcore import SMOOTH_SIGMA_PX, BackboneDetector, patch_features
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +45,11 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
 
 
 @register("padim")
-class PaDiM(Detector):
+class PaDiM(BackboneDetector):
     needs_training_images = True
 
     def __init__(self, params, context=None) -> None:
         super().__init__(params, context)
-        self.spec = backbone_spec(params)
-        self.device = resolve_device(params.device)
-        self.backbone = build_backbone(self.spec).to(self.device)
-        self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
-        self.weights = self.spec.weights
-        self.stride = 4 if self.spec.name == FILTERBANK else 1
         self.dims: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None

@@ -14,7 +14,7 @@ score is the map maximum (taken by the stage).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -61,9 +61,11 @@ def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-@register("patchcore")
-class PatchCore(Detector):
-    needs_training_images = True
+class BackboneDetector(Detector):
+    """A detector on the patch features of a backbone (a timm model or the filter bank)."""
+
+    #: The filter bank works at full resolution: it is pooled to a grid of this stride.
+    filterbank_stride: ClassVar[int] = 4
 
     def __init__(self, params, context=None) -> None:
         super().__init__(params, context)
@@ -72,8 +74,15 @@ class PatchCore(Detector):
         self.backbone = build_backbone(self.spec).to(self.device)
         self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
         self.weights = self.spec.weights
-        # The filter bank works at full resolution: pool it to a grid like a CNN's stride 4.
-        self.stride = 4 if self.spec.name == FILTERBANK else 1
+        self.stride = self.filterbank_stride if self.spec.name == FILTERBANK else 1
+
+
+@register("patchcore")
+class PatchCore(BackboneDetector):
+    needs_training_images = True
+
+    def __init__(self, params, context=None) -> None:
+        super().__init__(params, context)
         self.bank: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
