@@ -11,7 +11,6 @@ one-off cache cost, seconds per epoch of each mode and the speed-up.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
