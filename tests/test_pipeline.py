@@ -4,41 +4,18 @@ project, on a tiny demo. Checks the outputs and that DVC reruns exactly what cha
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from .conftest import ROOT
+from .project import run as _run
+from .project import tiny_project
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "evaluate"]
-COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
-
-# Small enough for a 2-core CI machine; the real defaults are in params.yaml.
-TINY = {
-    "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 4},
-    "detect": {"map_size": 64, "image_size": 64},
-    "mebin": {"crop_size": 36},
-    "train": {"image_size": 32, "epochs": 1, "batch_size": 16},
-}
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    env["DVC_NO_ANALYTICS"] = "1"
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-4000:]}"
-    return out
 
 
 def _ran(output: str) -> list[str]:
@@ -56,22 +33,7 @@ def _assert_reran_from(output: str, first: str) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A fresh git+DVC copy of the project with tiny params, after one full `dvc repro`."""
-    proj = tmp_path_factory.mktemp("project")
-    for name in COPY:
-        src = ROOT / name
-        dst = proj / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], proj)
-    _run(["git", "add", "-A"], proj)
-    _run(["git", "commit", "-qm", "init"], proj)
+    proj = tiny_project(tmp_path_factory.mktemp("project"))
     out = _run([sys.executable, "-m", "dvc", "repro"], proj)
     assert _ran(out) == STAGES
     _run(["git", "add", "-A"], proj)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from anomalyncd.io import InputError, write_image
 from anomalyncd.predict import class_names, find_images, find_maps, load_run
 
-from .conftest import ROOT
+from .project import TINY as PIPELINE_TINY
+from .project import run as _run
+from .project import tiny_project
 
 
 def _img(path: Path) -> Path:
@@ -79,42 +77,13 @@ def test_class_names_come_from_the_evaluate_metrics(tmp_path):
 
 # -- end to end ------------------------------------------------------------------------------
 
-COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
-TINY = {
-    "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 3},
-    "detect": {"map_size": 64},
-    "mebin": {"crop_size": 36, "workers": 1},
-    "train": {"image_size": 32, "epochs": 1, "batch_size": 16},
-}
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return proc.stdout + proc.stderr
+TINY = {**PIPELINE_TINY, "demo": {**PIPELINE_TINY["demo"], "n_per_type": 3}, "mebin": {"crop_size": 36, "workers": 1}}
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A tiny demo project after ``dvc repro``."""
-    proj = tmp_path_factory.mktemp("predict") / "run"
-    for name in COPY:
-        src, dst = ROOT / name, proj / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    _run(git + ["init", "-q"], proj)
-    _run(git + ["add", "-A"], proj)
-    _run(git + ["commit", "-qm", "init"], proj)
+    proj = tiny_project(tmp_path_factory.mktemp("predict") / "run", TINY)
     _run([sys.executable, "-m", "dvc", "repro", "--no-commit"], proj)
     return proj
 
