@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import eval_views
+from .device import resolve_device
 from .losses import STUDENT_TEMP
 from .model import MGViTClassifier, load_model
 from .store import ProbSet
@@ -59,8 +60,7 @@ def predict_crops(
     probs/logits float32 (M, n_head, K), features float32 (M, D) and the selected head.
     Probabilities are softmax(logits / 0.1) over the novel outputs (base outputs are 0).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     net, info = load_model(checkpoint_path, device)
     cfg = net.cfg
     feats, logits = crop_outputs(net, crops, crop_masks, device, batch_size)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from . import losses
 from .augment import train_views
+from .device import resolve_device
 from .io import InputError, atomic_path
 from .model import MGViTClassifier
 
@@ -143,10 +144,7 @@ def init_distributed(device: str) -> str:
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun with CUDA each
     process takes ``cuda:LOCAL_RANK`` and NCCL; on CPU gloo.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"params.yaml: device {device!r} requested but CUDA is not available; use auto or cpu")
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"

@@ -15,13 +15,6 @@ from tqdm import tqdm
 CHUNK_ELEMENTS = 1 << 26
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def to_batch(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
     """RGB ``uint8`` images ``(H_i, W_i, 3)`` -> float ``(B, 3, size, size)`` in [0, 1] (area resize)."""
     arr = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])

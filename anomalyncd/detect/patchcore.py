@@ -24,7 +24,8 @@ from tqdm import tqdm
 from ..io import InputError
 from .base import Detector, register
 from .features import FILTERBANK, BackboneSpec, build_backbone
-from .ops import batches, greedy_coreset, nearest_distance, resolve_device, to_batch, upsample_maps
+from ..device import resolve_device
+from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_maps
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class BackboneDetector(Detector):
     def __init__(self, params, context=None) -> None:
         super().__init__(params, context)
         self.spec = backbone_spec(params)
-        self.device = resolve_device(params.device)
+        self.device = torch.device(resolve_device(params.device))
         self.backbone = build_backbone(self.spec).to(self.device)
         self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
         self.weights = self.spec.weights
