@@ -20,14 +20,14 @@ import time
 import cv2
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
 
 from anomalyncd.config import DatasetParams
 from anomalyncd.datasets import read_dataset
 from anomalyncd.inference import crop_outputs, novel_probabilities
 from anomalyncd.io import read_image, read_mask
+from anomalyncd.merge import merge_regions
+from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig
 from anomalyncd.training import TrainConfig, TrainData, train
 
@@ -53,27 +53,13 @@ def mask_crops(
     return out
 
 
-def merge(crop_probs: np.ndarray, image_index: np.ndarray, areas: np.ndarray, n_images: int, t: float = 50.0) -> np.ndarray:
-    """Image labels: argmax of crop probabilities weighted by softmax(sqrt(area) / t) per image."""
-    out = -np.ones(n_images, np.int64)  # -1: no crop
-    for i in range(n_images):
-        sel = image_index == i
-        if not sel.any():
-            continue
-        z = np.sqrt(areas[sel]) / t
-        w = np.exp(z - z.max())
-        out[i] = int(np.argmax((w / w.sum()) @ crop_probs[sel]))
-    return out
-
-
-def scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    cm = confusion_matrix(true, pred)
-    rows, cols = linear_sum_assignment(-cm)
-    return {
-        "nmi": normalized_mutual_info_score(true, pred),
-        "ari": adjusted_rand_score(true, pred),
-        "f1": cm[rows, cols].sum() / len(true),
-    }
+def image_scores(true: np.ndarray, crop_probs: np.ndarray, image_index: np.ndarray, areas: np.ndarray,
+                 n_images: int, keep: np.ndarray | None = None) -> dict[str, float]:
+    """Merge crops to images as the merge stage does (weights softmax(sqrt(area) / 50)), then
+    score the images (optionally only ``keep``) as the evaluate stage does: NMI, ARI, F1."""
+    labels = merge_regions(crop_probs, areas, image_index, n_images).labels
+    keep = np.ones(n_images, bool) if keep is None else keep
+    return score_clustering(true[keep], labels[keep]).summary()
 
 
 def main() -> None:
@@ -114,8 +100,7 @@ def main() -> None:
     feats0, _ = crop_outputs(net, crops, masks)
     f0 = feats0 / np.linalg.norm(feats0, axis=1, keepdims=True)
     km = KMeans(n_clusters=len(types), n_init=10, random_state=args.seed).fit(f0)
-    base_img = merge(np.eye(len(types))[km.labels_], index, areas, len(records))
-    base = scores(labels[keep], base_img[keep])
+    base = image_scores(labels, np.eye(len(types))[km.labels_], index, areas, len(records), keep)
 
     data = TrainData(crops, masks, np.ones(len(crops), np.float32), -np.ones(len(crops), np.int64))
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -123,8 +108,7 @@ def main() -> None:
     res = train(net, data, tc)
     _, logits = crop_outputs(net, crops, masks)
     probs = novel_probabilities(torch.from_numpy(logits), 0).numpy()[:, res.head]
-    ours_img = merge(probs, index, areas, len(records))
-    ours = scores(labels[keep], ours_img[keep])
+    ours = image_scores(labels, probs, index, areas, len(records), keep)
 
     print(f"untrained [CLS] + k-means  image-level: NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}  F1 {base['f1']:.3f}")
     print(f"trained MGViT (head {res.head})    image-level: NMI {ours['nmi']:.3f}  ARI {ours['ari']:.3f}  F1 {ours['f1']:.3f}")

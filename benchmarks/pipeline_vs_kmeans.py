@@ -7,14 +7,14 @@ The baseline rebuilds the model exactly as the train stage initialises it (same 
 seed, before any training), clusters its [CLS] features of the same crops with k-means
 (k = number of outputs), and merges crops to images the same way as the trained model's
 probabilities (softmax over the image's crops of sqrt(mask area) / 50). Images without a
-crop form one extra cluster for both. Prints image-level NMI, ARI and Hungarian F1.
+crop count as wrong for both, as in the evaluate stage. Prints image-level NMI, ARI and Hungarian F1.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from mtd_train import merge, scores
+from mtd_train import image_scores
 from sklearn.cluster import KMeans
 
 from anomalyncd import paths
@@ -23,20 +23,18 @@ from anomalyncd.datasets import Manifest
 from anomalyncd.inference import crop_outputs
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone
 from anomalyncd.store import read_crops, read_probs
-from stages.train import resolve_num_classes
 
 
 def main() -> None:
     p = load_params("train")
     ds = load_params("dataset")
     records = Manifest.read(paths.MANIFEST).to_classify(ds.include_normal)
-    types = sorted({r.defect_type for r in records})
-    truth = np.array([types.index(r.defect_type) for r in records])
+    truth = np.array([r.defect_type for r in records])
     cs = read_crops(paths.CROPS)
     ps = read_probs(paths.PROBS)
     n = len(cs.ids)
 
-    k = resolve_num_classes(p, cs) + int(ds.include_normal)
+    k = ps.attrs["num_unlabeled"]  # the trained model's novel outputs, normal slot included
     cfg = ModelConfig(model=p.model, image_size=p.image_size, mask_layers=p.mask_layers,
                       grad_from_block=p.grad_from_block, n_head=p.n_head, num_unlabeled=k,
                       has_normal=ds.include_normal)
@@ -46,11 +44,10 @@ def main() -> None:
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     km = KMeans(n_clusters=k, n_init=10, random_state=p.seed).fit(feats)
     areas = cs.areas.astype(np.float64)
-    base = merge(np.eye(k)[km.labels_], cs.image_index, areas, n)
-    ours = merge(ps.probs[:, ps.head], cs.image_index, areas, n)
+    base = image_scores(truth, np.eye(k)[km.labels_], cs.image_index, areas, n)
+    ours = image_scores(truth, ps.probs[:, ps.head], cs.image_index, areas, n)
     print(f"{n} images, {len(cs.crops)} crops, {int((np.bincount(cs.image_index, minlength=n) == 0).sum())} images without a crop")
-    for name, pred in (("untrained [CLS] + k-means", base), (f"trained MGViT (head {ps.head})", ours)):
-        s = scores(truth, pred)
+    for name, s in (("untrained [CLS] + k-means", base), (f"trained MGViT (head {ps.head})", ours)):
         print(f"{name:<28} image-level: NMI {s['nmi']:.3f}  ARI {s['ari']:.3f}  F1 {s['f1']:.3f}")
 
 

@@ -53,7 +53,7 @@ def mebin_examples(cs: CropSet, n: int, seed: int) -> list[MebinEntry]:
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
     p = load_params("evaluate", params)
-    records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
+    records = Manifest.read(paths.MANIFEST).by_id()
     rows = read_table(paths.PREDICTIONS, IMAGE_COLUMNS)
     crow = read_table(paths.CROP_PREDICTIONS, CROP_COLUMNS)
     cs = read_crops(paths.CROPS)

@@ -151,7 +151,7 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/mebin/crops.zarr.zip and metrics/mebin.json."""
     p = load_params("mebin", params)
-    records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
+    records = Manifest.read(paths.MANIFEST).by_id()
     cs, metrics = build_crops(read_maps(paths.MAPS), records, p)
     write_crops(paths.CROPS, cs)
     write_json(paths.METRICS / "mebin.json", metrics)

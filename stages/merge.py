@@ -27,7 +27,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     """Write data/merge/predictions.csv and data/merge/crops.csv."""
     p = load_params("merge", params)
     cs, ps = read_crops(paths.CROPS), read_probs(paths.PROBS)
-    records = {r.id: r for r in Manifest.read(paths.MANIFEST).records}
+    records = Manifest.read(paths.MANIFEST).by_id()
     unknown = [i for i in cs.ids if i not in records]
     if unknown:
         raise InputError(f"{paths.CROPS}: image ids not in {paths.MANIFEST}: {unknown[:5]}; rerun mebin (dvc repro)")

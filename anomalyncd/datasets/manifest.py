@@ -46,6 +46,10 @@ class Manifest:
         """The images the pipeline classifies, in manifest order."""
         return [r for r in self.records if r.split == "test" and (include_normal or not r.is_normal)]
 
+    def by_id(self) -> dict[str, Record]:
+        """Records keyed by image id (the join key of every artifact)."""
+        return {r.id: r for r in self.records}
+
     def train_normal(self) -> list[Record]:
         return [r for r in self.records if r.split == "train"]
 
