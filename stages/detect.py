@@ -102,10 +102,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     save_detector(det, paths.DETECTOR)
 
     metrics = {
-        "method": p.method,
-        "backbone": p.backbone,
-        "weights": det.weights,
-        "pretrained": bool(det.pretrained),
+        **{k: attrs[k] for k in ("method", "backbone", "weights", "pretrained")},
         "images": len(todo),
         "normal_images_for_metrics": len(extra),
         "seconds": round(seconds, 2),

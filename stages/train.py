@@ -26,6 +26,7 @@ import typer
 
 from anomalyncd import auto_k, paths
 from anomalyncd.config import TrainParams, load_params
+from anomalyncd.datasets import IMAGE_EXTENSIONS
 from anomalyncd.io import InputError, read_image, read_mask, write_json
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone, save_model
 from anomalyncd.stage import run
@@ -36,7 +37,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 CHECKPOINT = Path("checkpoints/train.pt")
 LIVE_DIR = Path("dvclive/train")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # params that change how a run is executed, not what it computes
 NOT_IN_FINGERPRINT = {"resume", "num_workers", "device"}
 
@@ -65,7 +65,7 @@ def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.nd
     crops, masks, labels = [], [], []
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() not in IMAGE_EXTS or f.stem.endswith("_mask"):
+            if f.suffix.lower() not in IMAGE_EXTENSIONS or f.stem.endswith("_mask"):
                 continue
             mask_file = f.with_name(f"{f.stem}_mask.png")
             if not mask_file.exists():
