@@ -1,11 +1,20 @@
 """``train.num_classes: auto``: the number of defect classes the train stage uses.
 
-The estimate runs on the mask-guided [CLS] features of the crops, computed by the model the
-train stage starts from (timm/DINO weights with ``pretrained``/``checkpoint``, else random
-weights from ``train.seed``) with mask guidance in *every* block, so that the [CLS] token
-describes the anomalous region only (measured in ``benchmarks/bench_num_classes.py``: with
-random weights, guidance in the last block only leaves too little of the region in the
-feature). The estimator itself is :func:`anomalyncd.num_classes.estimate_num_classes`.
+The estimate describes each crop's anomalous region by one of two features
+(``train.auto_features``) and counts the clusters among them with
+:func:`anomalyncd.num_classes.estimate_num_classes`:
+
+- ``filterbank`` (default): the weight-free multi-scale filter bank of the detectors
+  (:class:`anomalyncd.detect.features.FilterBank`) averaged over the region's mask. It needs no
+  pretrained weights; on the demo, k-means with the true K on it reaches crop NMI 0.85-1.0,
+  against 0.45-0.58 for the [CLS] features of a random-weight ViT.
+- ``mgvit``: the mask-guided [CLS] features of the model the train stage starts from
+  (timm/DINO weights with ``pretrained``/``checkpoint``, else random weights from
+  ``train.seed``), with mask guidance in *every* block so that the token describes the region
+  only. Worth comparing once pretrained weights are available.
+
+Crops whose mask is empty (images where MEBin found nothing get one whole-image crop) describe
+no region and are left out of the estimate.
 
 The estimate is made and logged on every run, so that a given ``num_classes`` can be checked
 against it; it replaces ``num_classes`` only when that is ``auto``.
@@ -15,15 +24,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .augment import eval_views
 from .config import TrainParams
+from .detect.features import FilterBank
 from .io import InputError, write_json
 from .model import MGViT, create_backbone
 from .num_classes import KEstimate, estimate_num_classes
+
+
+DESCRIPTOR_SIZE = 64  # crops are resampled to this size before the filter bank
+DESCRIPTOR_SIGMAS = (1.0, 2.0, 4.0, 8.0)  # filter-bank scales, in pixels of the resampled crop
+
+
+@torch.no_grad()
+def region_descriptors(crops: np.ndarray, crop_masks: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Filter-bank responses averaged over each crop's mask: float32 (M, 8 * 4).
+
+    crops uint8 (M, C, C, 3) RGB; crop_masks (M, C, C) in {0, 1}. Crops are resampled to
+    64 x 64 (area interpolation; the mask becomes a soft weight) so that the filter scales mean
+    the same for any ``mebin.crop_size``. An empty mask gives a zero row.
+    """
+    bank = FilterBank(list(DESCRIPTOR_SIGMAS))
+    size = (DESCRIPTOR_SIZE, DESCRIPTOR_SIZE)
+    out = np.zeros((len(crops), bank.channels), np.float32)
+    for s in range(0, len(crops), batch_size):
+        imgs = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in crops[s : s + batch_size]])
+        masks = np.stack(
+            [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) for m in crop_masks[s : s + batch_size]]
+        )
+        responses = bank(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0)[0]
+        w = torch.from_numpy(masks)[:, None]
+        pooled = (responses * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-6)
+        out[s : s + batch_size] = pooled.numpy()
+    return out
 
 
 @torch.no_grad()
@@ -49,35 +87,47 @@ def region_features(
     return torch.cat(out).numpy()
 
 
+def estimation_features(p: TrainParams, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """The features ``train.auto_features`` names, float32 (M, D), for crops with a region."""
+    if p.auto_features == "filterbank":
+        return region_descriptors(crops, crop_masks)
+    if p.auto_features == "mgvit":
+        return region_features(p, crops, crop_masks, device)
+    raise InputError(f"params.yaml: train.auto_features={p.auto_features!r} must be filterbank or mgvit")
+
+
 def resolve_num_classes(
     p: TrainParams,
     crops: np.ndarray,
     crop_masks: np.ndarray,
-    include_normal: bool,
     metrics_path: str | Path,
     plot_path: str | Path,
     device: str = "cpu",
 ) -> int:
     """The number of defect classes to train with; writes the estimate's metrics and plot.
 
-    With ``include_normal`` the crops of defect-free images form one more cluster, so the
-    defect classes are the estimate minus one (at least 1). Returns ``p.num_classes`` when it
-    is an int, the estimate when it is ``"auto"``.
+    Only crops with a region are clustered, so the estimate counts defect classes; with
+    ``dataset.include_normal`` the normal slot comes on top of it, and the whole-image crops of
+    defect-free images where MEBin finds nothing are not counted (regions a detector finds on
+    defect-free images are: they can add a cluster). Returns ``p.num_classes`` when it is an
+    int, the estimate when it is ``"auto"``.
     """
     if p.num_classes != "auto" and p.num_classes < 1:
         raise InputError(f"params.yaml: train.num_classes={p.num_classes} must be at least 1, or auto")
     if p.auto_max < 1:
         raise InputError(f"params.yaml: train.auto_max={p.auto_max} must be at least 1")
-    feats = region_features(p, crops, crop_masks, device)
-    k_max = p.auto_max + int(include_normal)
+    has_region = np.asarray(crop_masks).any(axis=(1, 2))
+    feats = estimation_features(p, crops[has_region], crop_masks[has_region], device)
     if len(feats) >= 2:
-        est = estimate_num_classes(feats, k_max=k_max, method=p.auto_method, seed=p.seed)
+        est = estimate_num_classes(feats, k_max=p.auto_max, method=p.auto_method, seed=p.seed)
     else:  # nothing to compare: one class
         est = KEstimate(1, [1], [float("nan")], p.auto_method)
-    estimate = max(1, est.k - int(include_normal))
+    estimate = est.k
     auto = p.num_classes == "auto"
     chosen = estimate if auto else int(p.num_classes)
-    write_json(metrics_path, num_classes_metrics(est, estimate, chosen, auto))
+    metrics = num_classes_metrics(est, estimate, chosen, auto)
+    metrics.update(features=p.auto_features, crops=int(has_region.sum()), crops_without_region=int((~has_region).sum()))
+    write_json(metrics_path, metrics)
     write_json(plot_path, num_classes_plot(est))
     return chosen
 

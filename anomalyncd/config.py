@@ -95,7 +95,8 @@ class TrainParams:
     image_size: int = 64
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
-    auto_method: Literal["silhouette", "eigengap", "stability"] = "silhouette"  # anomalyncd.num_classes
+    auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "bic"  # anomalyncd.num_classes
+    auto_features: Literal["filterbank", "mgvit"] = "filterbank"  # what the estimate clusters (anomalyncd.auto_k)
     mask_layers: int = 1  # mask guidance in the last N blocks
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4

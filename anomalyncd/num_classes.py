@@ -8,6 +8,12 @@ can log it and plot score against K.
 
 Estimators (``method``):
 
+- ``bic`` (default): Bayesian information criterion of a Gaussian mixture with K components on
+  the leading principal components, the covariance model chosen by BIC as well (model-based
+  clustering, Fraley & Raftery, 2002). Score of K is ``-BIC``; one cluster is a first-class
+  answer. On the demo's region descriptors it found the true K on 9 of 10 seeds and was one
+  off on the tenth, where silhouette merged the two dark defect types on 8
+  (``benchmarks/bench_num_classes.py estimators``).
 - ``eigengap``: spectral gap of a k-nearest-neighbour affinity graph with local scaling
   (Zelnik-Manor & Perona, 2004). Score of K is ``lambda_{K+1} - lambda_K`` of the normalised
   Laplacian; one cluster is a first-class answer (a large gap after ``lambda_1 = 0``).
@@ -32,8 +38,9 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.mixture import GaussianMixture
 
-METHODS = ("silhouette", "eigengap", "stability")
+METHODS = ("bic", "silhouette", "eigengap", "stability")
 
 
 @dataclass
@@ -105,6 +112,34 @@ def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int = 4) -> KMeans:
 
 
 # -- estimators -------------------------------------------------------------------------------
+
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def bic_scores(x: np.ndarray, k_max: int, n_components: int = 11, reg_covar: float = 1e-4, seed: int = 0) -> np.ndarray:
+    """``-BIC`` of the best Gaussian mixture with K components, K = 1..k_max.
+
+    x: float (M, d) prepared features (principal components, largest first). Only the first
+    ``n_components`` columns are modelled, scaled so that the first has unit standard deviation,
+    which makes ``reg_covar`` (added to every covariance diagonal) a fixed fraction of the data's
+    spread. For each K the covariance model (full, tied, diagonal or spherical) is chosen by BIC
+    too, as model-based clustering does: full covariances fit clusters of different shapes,
+    the simpler models keep isotropic clusters from being split for want of data.
+    Returns float (k_max,), higher is better.
+    """
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    z = x[:, : max(1, n_components)]
+    z = z / max(float(z[:, 0].std()), 1e-12)
+    out = np.full(k_max, -np.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for k in range(1, k_max + 1):
+            for cov in COVARIANCE_TYPES:
+                gmm = GaussianMixture(k, covariance_type=cov, reg_covar=reg_covar, n_init=3, random_state=seed)
+                out[k - 1] = max(out[k - 1], -gmm.fit(z).bic(z))
+    return out
 
 
 def eigengap_scores(x: np.ndarray, k_max: int, n_neighbors: int = 10, scale_neighbor: int = 7) -> np.ndarray:
@@ -182,7 +217,7 @@ def stability_scores(x: np.ndarray, k_max: int, n_resamples: int = 10, seed: int
 def estimate_num_classes(
     features: np.ndarray,
     k_max: int = 10,
-    method: str = "silhouette",
+    method: str = "bic",
     seed: int = 0,
     n_components: int = 32,
     min_silhouette: float = 0.25,
@@ -204,7 +239,10 @@ def estimate_num_classes(
     z = prepare_features(x, n_components)
     if m < 3 or k_max == 1:
         return KEstimate(1, candidates, [float("nan")] * k_max, method)
-    if method == "eigengap":
+    if method == "bic":
+        scores = bic_scores(z, k_max, seed=seed)
+        k = int(np.argmax(scores)) + 1
+    elif method == "eigengap":
         scores = eigengap_scores(z, k_max)
         k = int(np.argmax(scores)) + 1
     elif method == "silhouette":

@@ -2,13 +2,16 @@
 
 Two measurements, both printed as tables:
 
-``estimators``: every estimator of :mod:`anomalyncd.num_classes` on the crops of an existing
-run (``data/mebin/crops.zarr.zip``, true classes from the manifest), on [CLS] features with
-mask guidance in all blocks (what ``auto`` uses) and in the last block only, plus the
-over-complete head (train with ``auto_max`` outputs, count the outputs that keep at least 2% /
-5% of the crops) when ``--overcomplete-epochs`` is given::
+``estimators``: every estimator of :mod:`anomalyncd.num_classes` on every feature the estimate
+can use (the filter-bank region descriptors, the mask-guided [CLS] features with guidance in all
+blocks, and in the last block only), on the crops of one run per seed (the data stages run in a
+scratch copy of the repository with ``demo.seed`` set), or on existing runs (``--runs``). Prints
+the estimate of each (features, method) pair per run, and how often it is exact and within 1;
+``--overcomplete-epochs`` adds the over-complete head (train with ``auto_max`` outputs, count
+the outputs that keep at least 2% / 5% of the crops)::
 
-    python benchmarks/bench_num_classes.py estimators --overcomplete-epochs 6
+    python benchmarks/bench_num_classes.py estimators --seeds 0 1 2 3 4 5 6 7 8 9
+    python benchmarks/bench_num_classes.py estimators --dataset mtd --set detect.method=ground_truth
 
 ``pipeline``: the whole pipeline in a scratch copy of the repository, once per seed
 (``demo.seed`` and ``train.seed``), with ``num_classes`` set to ``auto`` and to fixed values
@@ -58,45 +61,58 @@ def crop_labels(crops_path: Path, manifest_path: Path) -> np.ndarray:
     return image_labels[cs.image_index]
 
 
-def run_estimators(args: argparse.Namespace) -> None:
+def feature_sets(p, crops: np.ndarray, crop_masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Every feature ``auto`` can cluster, for the crops that have a region."""
+    import torch
+
+    from anomalyncd.augment import eval_views
+    from anomalyncd.auto_k import region_descriptors, region_features
+    from anomalyncd.model import MGViT, create_backbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)
+        enc = MGViT(create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint), 1, 0).eval()
+    x, mk = eval_views(crops, crop_masks, p.image_size)
+    with torch.no_grad():
+        last = torch.cat([enc(torch.from_numpy(x[s : s + 64]), torch.from_numpy(mk[s : s + 64])) for s in range(0, len(x), 64)])
+    return {
+        "filterbank": region_descriptors(crops, crop_masks),
+        "mgvit": region_features(p, crops, crop_masks),
+        "mgvit-last": last.numpy(),
+    }
+
+
+def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, str], int]:
+    """Print and return the estimate of every (features, method) pair on one run's crops."""
     import torch
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
-    from anomalyncd.augment import eval_views
-    from anomalyncd.auto_k import region_features
     from anomalyncd.config import load_params
-    from anomalyncd.model import MGViT, create_backbone
     from anomalyncd.num_classes import METHODS, count_massive_classes, estimate_num_classes, prepare_features
     from anomalyncd.store import read_crops
 
-    torch.set_num_threads(1)
-    p = load_params("train", args.params)
-    cs = read_crops(args.crops)
-    y = crop_labels(args.crops, args.manifest)
+    crops_path = run / "data/mebin/crops.zarr.zip"
+    p = load_params("train", run / "params.yaml")
+    cs = read_crops(crops_path)
+    y = crop_labels(crops_path, run / "data/prepared/manifest.csv")
+    keep = cs.crop_masks.any(axis=(1, 2))
+    y = y[keep]
     k_true = len(np.unique(y))
-    print(f"{len(y)} crops, true classes {k_true}, crops per class {np.bincount(y).tolist()}")
-
-    def last_block_features() -> np.ndarray:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(p.seed)
-            enc = MGViT(create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint), 1, 0).eval()
-        x, mk = eval_views(cs.crops, cs.crop_masks, p.image_size)
-        with torch.no_grad():
-            return torch.cat([enc(torch.from_numpy(x[s : s + 64]), torch.from_numpy(mk[s : s + 64]))
-                              for s in range(0, len(x), 64)]).numpy()
-
-    feature_sets = {"all blocks": region_features(p, cs.crops, cs.crop_masks), "last block": last_block_features()}
-    print(f"\n{'features':<12} {'kmeans@K NMI':>12}  " + "  ".join(f"{m:>10}" for m in METHODS) + "   seconds")
-    for name, f in feature_sets.items():
+    print(f"\n{run}: {len(y)} crops with a region ({int((~keep).sum())} without), true classes {k_true}, "
+          f"crops per class {np.bincount(y).tolist()}")
+    print(f"{'features':<12} {'kmeans@K NMI':>12}  " + "  ".join(f"{m:>10}" for m in METHODS) + "   seconds")
+    out = {}
+    for name, f in feature_sets(p, cs.crops[keep], cs.crop_masks[keep]).items():
         labels = KMeans(k_true, n_init=4, random_state=0).fit(prepare_features(f)).labels_
         row, secs = [], []
         for m in METHODS:
             t = time.perf_counter()
-            row.append(estimate_num_classes(f, k_max=p.auto_max, method=m, seed=p.seed).k)
+            out[name, m] = estimate_num_classes(f, k_max=p.auto_max, method=m, seed=p.seed).k
+            row.append(out[name, m])
             secs.append(time.perf_counter() - t)
         print(f"{name:<12} {normalized_mutual_info_score(y, labels):>12.3f}  "
-              + "  ".join(f"{k:>10}" for k in row) + "   " + " ".join(f"{s:.1f}" for s in secs))
+              + "  ".join(f"{k:>10}" for k in row) + "   " + " ".join(f"{s:.1f}" for s in secs), flush=True)
 
     if args.overcomplete_epochs:
         from anomalyncd.inference import crop_outputs, novel_probabilities
@@ -105,15 +121,43 @@ def run_estimators(args: argparse.Namespace) -> None:
 
         torch.manual_seed(p.seed)
         net = MGViTClassifier(ModelConfig(model=p.model, image_size=p.image_size, num_unlabeled=p.auto_max))
-        data = TrainData(cs.crops, cs.crop_masks, cs.scores.astype(np.float32), -np.ones(len(y), np.int64))
+        data = TrainData(cs.crops, cs.crop_masks, cs.scores.astype(np.float32), -np.ones(len(cs.crops), np.int64))
         t = time.perf_counter()
         res = train(net, data, TrainConfig(epochs=args.overcomplete_epochs, seed=p.seed, trunk_cache_views=4))
-        _, logits = crop_outputs(net, cs.crops, cs.crop_masks)
+        _, logits = crop_outputs(net, cs.crops[keep], cs.crop_masks[keep])
         probs = novel_probabilities(torch.from_numpy(logits[:, res.head]), 0).numpy()
         share = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
-        print(f"\nover-complete head ({p.auto_max} outputs, {args.overcomplete_epochs} epochs, "
+        print(f"over-complete head ({p.auto_max} outputs, {args.overcomplete_epochs} epochs, "
               f"{time.perf_counter() - t:.0f} s): shares {np.round(np.sort(share)[::-1], 2).tolist()}; "
               f"count >= 2%: {count_massive_classes(probs, 0.02)}, >= 5%: {count_massive_classes(probs, 0.05)}")
+    return out
+
+
+def run_estimators(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if args.runs:
+        runs = [Path(r) for r in args.runs]
+    else:  # one scratch run per seed: the data stages only
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-num-classes-"))
+        runs = []
+        for seed in args.seeds:
+            run = work / f"seed{seed}"
+            run.mkdir(parents=True, exist_ok=True)
+            copy_repo(run)
+            params, stages = base_params(run, args)
+            set_key(params, "demo.seed", seed)
+            set_key(params, "train.seed", seed)
+            run_stages(run, stages, params, open(run / "bench.log", "a"))
+            runs.append(run)
+    results = [estimators_on_run(run, args) for run in runs]
+    k_true = args.true_k
+    print(f"\nover {len(runs)} runs (true K {k_true}): estimates, exact / within 1")
+    for key in results[0]:
+        ks = [r[key] for r in results]
+        exact, near = sum(k == k_true for k in ks), sum(abs(k - k_true) <= 1 for k in ks)
+        print(f"  {key[0]:<12} {key[1]:<10} {' '.join(map(str, ks)):<24} {exact}/{len(ks)}  {near}/{len(ks)}")
 
 
 # -- the whole pipeline -----------------------------------------------------------------------
@@ -152,20 +196,25 @@ def image_metrics(work: Path) -> dict:
     return {k: img.get(k, float("nan")) for k in ("nmi", "ari", "f1")}
 
 
-def run_pipeline(args: argparse.Namespace) -> None:
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-num-classes-"))
-    work.mkdir(parents=True, exist_ok=True)
-    copy_repo(work)
+def base_params(work: Path, args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """params.yaml of the scratch copy with ``--dataset`` and ``--set`` applied; the data stages."""
     base = yaml.safe_load((work / "params.yaml").read_text())
+    stages_data = STAGES_DATA
     if args.dataset == "mtd":
         set_key(base, "dataset.layout", "mtd")
         set_key(base, "dataset.root", str(Path(args.mtd_root).resolve()))
         stages_data = STAGES_DATA[1:]
-    else:
-        stages_data = STAGES_DATA
     for kv in args.set:
         key, value = kv.split("=", 1)
         set_key(base, key, yaml.safe_load(value))
+    return base, stages_data
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-num-classes-"))
+    work.mkdir(parents=True, exist_ok=True)
+    copy_repo(work)
+    base, stages_data = base_params(work, args)
     log = open(work / "bench.log", "a")
     print(f"workdir {work} (stage logs in bench.log)")
     print(f"{'seed':>4} {'num_classes':>11} {'used':>4} {'estimate':>8} {'nmi':>6} {'ari':>6} {'f1':>6} {'seconds':>7}")
@@ -201,25 +250,24 @@ def run_pipeline(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("estimators", help="every estimator on the crops of an existing run")
-    e.add_argument("--crops", type=Path, default=ROOT / "data/mebin/crops.zarr.zip")
-    e.add_argument("--manifest", type=Path, default=ROOT / "data/prepared/manifest.csv")
-    e.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    e = sub.add_parser("estimators", help="every estimator and feature on the crops of one run per seed")
+    e.add_argument("--runs", nargs="*", default=[], help="existing runs (repository copies with data/) instead of seeds")
     e.add_argument("--overcomplete-epochs", type=int, default=0)
     p = sub.add_parser("pipeline", help="the whole pipeline with num_classes auto and fixed")
-    p.add_argument("--dataset", choices=["demo", "mtd"], default="demo")
-    p.add_argument("--mtd-root", default=str(ROOT.parent / "shared/datasets/mtd"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--true-k", type=int, default=None, help="default: 4 (demo), 5 (mtd)")
     p.add_argument("--ks", nargs="+", default=None, help="num_classes settings; default auto K K-1 K+1 2K")
-    p.add_argument("--set", nargs="*", default=[], help="extra params, e.g. train.epochs=6")
-    p.add_argument("--workdir", default=None, help="scratch copy of the repo (default: a new temp dir)")
+    for q in (e, p):
+        q.add_argument("--dataset", choices=["demo", "mtd"], default="demo")
+        q.add_argument("--mtd-root", default=str(ROOT.parent / "shared/datasets/mtd"))
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        q.add_argument("--true-k", type=int, default=None, help="default: 4 (demo), 5 (mtd)")
+        q.add_argument("--set", nargs="*", default=[], help="extra params, e.g. train.epochs=6")
+        q.add_argument("--workdir", default=None, help="scratch copy of the repo (default: a new temp dir)")
     args = ap.parse_args()
+    if args.true_k is None:
+        args.true_k = 5 if args.dataset == "mtd" else 4
     if args.cmd == "estimators":
         run_estimators(args)
     else:
-        if args.true_k is None:
-            args.true_k = 5 if args.dataset == "mtd" else 4
         run_pipeline(args)
 
 

@@ -41,14 +41,14 @@ LIVE_DIR = Path("dvclive/train")
 NOT_IN_FINGERPRINT = {"resume", "num_workers", "device"}
 
 
-def resolve_num_classes(params: TrainParams, crops: CropSet, include_normal: bool, device: str) -> int:
+def resolve_num_classes(params: TrainParams, crops: CropSet, device: str) -> int:
     """Number of defect classes to discover (the novel outputs, without the normal slot).
 
     ``num_classes: auto`` estimates it from the crops; the estimate is logged on every run
     (``metrics/num_classes.json``, ``plots/num_classes.json``), see :mod:`anomalyncd.auto_k`.
     """
     return auto_k.resolve_num_classes(
-        params, crops.crops, crops.crop_masks, include_normal, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device
+        params, crops.crops, crops.crop_masks, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device
     )
 
 
@@ -135,7 +135,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     cs = read_crops(paths.CROPS)
     if len(cs.crops) < 2:
         raise InputError(f"{paths.CROPS}: {len(cs.crops)} crop(s); training needs at least 2 (check detect/mebin)")
-    k = resolve_num_classes(p, cs, ds.include_normal, device)
+    k = resolve_num_classes(p, cs, device)
     labels = -np.ones(len(cs.crops), np.int64)
     crops, masks, scores = cs.crops, cs.crop_masks, cs.scores
     base_names: list[str] = []

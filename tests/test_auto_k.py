@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -31,9 +32,9 @@ def two_kinds_of_crops(n: int = 12, size: int = 37) -> tuple[np.ndarray, np.ndar
     return crops, masks
 
 
-def resolve(tmp_path, p: TrainParams, include_normal: bool = False) -> tuple[int, dict, list]:
+def resolve(tmp_path, p: TrainParams) -> tuple[int, dict, list]:
     crops, masks = two_kinds_of_crops()
-    k = auto_k.resolve_num_classes(p, crops, masks, include_normal, tmp_path / "m.json", tmp_path / "p.json")
+    k = auto_k.resolve_num_classes(p, crops, masks, tmp_path / "m.json", tmp_path / "p.json")
     return k, json.loads((tmp_path / "m.json").read_text()), json.loads((tmp_path / "p.json").read_text())
 
 
@@ -42,7 +43,7 @@ def test_a_given_num_classes_is_used_and_the_estimate_logged(tmp_path):
     assert k == 3
     assert metrics["num_classes"] == 3 and metrics["auto"] is False
     assert 1 <= metrics["estimate"] <= 4
-    assert metrics["method"] == "silhouette"
+    assert metrics["method"] == "bic" and metrics["features"] == "filterbank"
 
 
 def test_auto_trains_with_the_estimate(tmp_path):
@@ -51,16 +52,59 @@ def test_auto_trains_with_the_estimate(tmp_path):
     assert metrics["auto"] is True
 
 
+def test_two_kinds_of_region_are_two_classes(tmp_path):
+    k, _, _ = resolve(tmp_path, tiny_params(num_classes="auto"))
+    assert k == 2
+
+
 def test_plot_has_a_score_per_defined_candidate(tmp_path):
     _, metrics, plot = resolve(tmp_path, tiny_params(num_classes="auto"))
-    assert [row["k"] for row in plot] == [2, 3, 4]  # silhouette is undefined for K = 1
+    assert [row["k"] for row in plot] == [1, 2, 3, 4]
     assert {f"k{row['k']}": row["score"] for row in plot} == metrics["scores"]
+    _, metrics, plot = resolve(tmp_path, tiny_params(num_classes="auto", auto_method="silhouette"))
+    assert [row["k"] for row in plot] == [2, 3, 4]  # silhouette is undefined for K = 1
 
 
-def test_the_normal_cluster_is_not_a_defect_class(tmp_path, monkeypatch):
-    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: KEstimate(3, [1, 2, 3], [0, 0.5, 0.9], "silhouette"))
-    k, metrics, _ = resolve(tmp_path, tiny_params(num_classes="auto"), include_normal=True)
-    assert k == metrics["estimate"] == 2
+def test_crops_without_a_region_are_left_out(tmp_path, monkeypatch):
+    """Whole-image crops of images where MEBin found nothing (defect-free ones among them) are no class."""
+    crops, masks = two_kinds_of_crops()
+    masks[:3] = 0
+    seen = []
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: seen.append(len(f)) or KEstimate(2, [1, 2], [0, 1], "bic"))
+    auto_k.resolve_num_classes(tiny_params(num_classes="auto"), crops, masks, tmp_path / "m.json", tmp_path / "p.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert seen == [9]
+    assert metrics["crops"] == 9 and metrics["crops_without_region"] == 3
+
+
+def test_no_region_at_all_is_one_class(tmp_path):
+    crops, masks = two_kinds_of_crops()
+    k = auto_k.resolve_num_classes(
+        tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json"
+    )
+    assert k == 1
+
+
+def test_mgvit_features_are_the_mask_guided_cls_tokens(tmp_path, monkeypatch):
+    crops, masks = two_kinds_of_crops(4)
+    p = tiny_params(auto_features="mgvit")
+    np.testing.assert_array_equal(auto_k.estimation_features(p, crops, masks), auto_k.region_features(p, crops, masks))
+
+
+def test_region_descriptors_describe_the_masked_region_only():
+    crops, masks = two_kinds_of_crops(4)
+    d = auto_k.region_descriptors(crops, masks)
+    assert d.shape == (4, 32) and d.dtype == np.float32
+    assert np.linalg.norm(d[0] - d[2]) < 0.1 * np.linalg.norm(d[0] - d[1])  # same kind close, other kind far
+    np.testing.assert_array_equal(auto_k.region_descriptors(crops, np.zeros_like(masks)), 0)
+
+
+def test_region_descriptors_do_not_depend_on_the_crop_size():
+    small, small_masks = two_kinds_of_crops(4, size=37)
+    large = np.stack([cv2.resize(c, (256, 256), interpolation=cv2.INTER_NEAREST) for c in small])
+    large_masks = np.stack([cv2.resize(m, (256, 256), interpolation=cv2.INTER_NEAREST) for m in small_masks])
+    a, b = auto_k.region_descriptors(small, small_masks), auto_k.region_descriptors(large, large_masks)
+    assert np.linalg.norm(a - b, axis=1).max() < 0.2 * np.linalg.norm(a[0] - a[1])
 
 
 def test_features_leave_the_global_torch_rng_alone():

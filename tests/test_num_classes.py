@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from anomalyncd.num_classes import (
+    METHODS,
     KEstimate,
     count_massive_classes,
     estimate_num_classes,
@@ -29,13 +30,13 @@ def blobs(sizes: list[int], d: int = 48, seed: int = 0, spread: float = 0.5) -> 
     return np.concatenate(xs).astype(np.float32), np.array(ys)
 
 
-@pytest.mark.parametrize("method", ["eigengap", "silhouette", "stability"])
+@pytest.mark.parametrize("method", METHODS)
 def test_one_blob_is_one_class(method):
     x, _ = blobs([80])
     assert estimate_num_classes(x, k_max=8, method=method).k == 1
 
 
-@pytest.mark.parametrize("method", ["eigengap", "silhouette", "stability"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n", [2, 4, 6])
 def test_equal_blobs_give_their_count(method, n):
     x, _ = blobs([30] * n, seed=n)
@@ -45,8 +46,8 @@ def test_equal_blobs_give_their_count(method, n):
 @pytest.mark.parametrize("sizes", [[60, 30, 15, 8], [80, 20, 20, 10, 10]])
 def test_unequal_blobs_give_their_count(sizes):
     x, _ = blobs(sizes, seed=1)
-    assert estimate_num_classes(x, k_max=8, method="eigengap").k == len(sizes)
-    assert estimate_num_classes(x, k_max=8, method="silhouette").k == len(sizes)
+    for method in ("bic", "eigengap", "silhouette"):
+        assert estimate_num_classes(x, k_max=8, method=method).k == len(sizes), method
 
 
 def test_estimate_holds_a_score_per_candidate():
@@ -107,7 +108,7 @@ def test_count_massive_classes_ignores_near_empty_outputs():
     assert count_massive_classes(probs, min_fraction=0.02) == 3
 
 
-@pytest.mark.parametrize("method", ["eigengap", "silhouette", "stability"])
+@pytest.mark.parametrize("method", METHODS)
 def test_identical_features_are_one_class(method):
     x = np.tile(np.arange(8, dtype=np.float32), (20, 1))
     assert estimate_num_classes(x, k_max=5, method=method).k == 1
