@@ -11,8 +11,8 @@ Estimators (``method``):
 - ``bic`` (default): Bayesian information criterion of a Gaussian mixture with K components on
   the leading principal components, the covariance model chosen by BIC as well (model-based
   clustering, Fraley & Raftery, 2002). Score of K is ``-BIC``; one cluster is a first-class
-  answer. On the demo's region descriptors it found the true K on 9 of 10 seeds and was one
-  off on the tenth, where silhouette merged the two dark defect types on 8
+  answer. On the demo's region descriptors it found the true K on 10 of 10 seeds, where
+  silhouette merged the two dark defect types on all 10
   (``benchmarks/bench_num_classes.py estimators``).
 - ``eigengap``: spectral gap of a k-nearest-neighbour affinity graph with local scaling
   (Zelnik-Manor & Perona, 2004). Score of K is ``lambda_{K+1} - lambda_K`` of the normalised

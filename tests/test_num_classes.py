@@ -117,3 +117,16 @@ def test_identical_features_are_one_class(method):
 def test_silhouette_floor_turns_weak_structure_into_one_class():
     x, _ = blobs([30, 30, 30])
     assert estimate_num_classes(x, k_max=5, method="silhouette", min_silhouette=0.99).k == 1
+
+
+def test_bic_counts_clusters_of_different_shapes():
+    """Elongated clusters at right angles and a round one: full covariances, not extra clusters."""
+    rng = np.random.default_rng(0)
+    d = 16
+    a = rng.normal(size=(60, d)) * 0.05
+    a[:, 0] *= 40  # long along axis 0
+    b = rng.normal(size=(50, d)) * 0.05
+    b[:, 1] *= 40  # long along axis 1
+    c = rng.normal(size=(25, d)) * 0.05
+    x = np.concatenate([a + 6 * np.eye(d)[2], b - 6 * np.eye(d)[2], c + 6 * np.eye(d)[3]]) + 10 * np.eye(d)[4]
+    assert estimate_num_classes(x, k_max=8, method="bic").k == 3
