@@ -5,9 +5,10 @@ The estimate describes each crop's anomalous region by one of two features
 :func:`anomalyncd.num_classes.estimate_num_classes`:
 
 - ``filterbank`` (default): the weight-free multi-scale filter bank of the detectors
-  (:class:`anomalyncd.detect.features.FilterBank`) averaged over the region's mask. It needs no
-  pretrained weights; on the demo, k-means with the true K on it reaches crop NMI 0.85-1.0,
-  against 0.45-0.58 for the [CLS] features of a random-weight ViT.
+  (:class:`anomalyncd.detect.features.FilterBank`) pooled over the region
+  (:func:`region_descriptors`). It needs no pretrained weights; on 10 demo seeds, k-means with
+  the true K on it reaches crop NMI 0.84-1.00, against 0.36-0.58 for the [CLS] features of a
+  random-weight ViT.
 - ``mgvit``: the mask-guided [CLS] features of the model the train stage starts from
   (timm/DINO weights with ``pretrained``/``checkpoint``, else random weights from
   ``train.seed``), with mask guidance in *every* block so that the token describes the region
