@@ -100,7 +100,7 @@ class TrainParams:
     mask_layers: int = 1  # mask guidance in the last N blocks
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
-    epochs: int = 20
+    epochs: int = 50
     batch_size: int = 32
     lr: float = 0.003
     momentum: float = 0.9
@@ -108,7 +108,7 @@ class TrainParams:
     min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * min_lr_ratio
     warmup_teacher_temp: float = 0.07
     teacher_temp: float = 0.04
-    warmup_teacher_epochs: int = 40
+    warmup_teacher_epochs: int = 30
     repeat_times: int = 1  # each teacher-temperature step is held this many epochs
     memax_weight: float = 4.0
     anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)
