@@ -95,6 +95,12 @@ def region_features(
     return torch.cat(out).numpy()
 
 
+def with_region(crop_masks: np.ndarray) -> np.ndarray:
+    """bool (M,): which crops have a non-empty mask (MEBin makes an empty whole-image crop
+    for an image where it finds nothing)."""
+    return np.asarray(crop_masks).any(axis=(1, 2))
+
+
 def estimation_features(p: TrainParams, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu") -> np.ndarray:
     """The features ``train.auto_features`` names, float32 (M, D), for crops with a region."""
     if p.auto_features == "filterbank":
@@ -124,28 +130,27 @@ def resolve_num_classes(
         raise InputError(f"params.yaml: train.num_classes={p.num_classes} must be at least 1, or auto")
     if p.auto_max < 1:
         raise InputError(f"params.yaml: train.auto_max={p.auto_max} must be at least 1")
-    has_region = np.asarray(crop_masks).any(axis=(1, 2))
+    has_region = with_region(crop_masks)
     feats = estimation_features(p, crops[has_region], crop_masks[has_region], device)
     if len(feats) >= 2:
         est = estimate_num_classes(feats, k_max=p.auto_max, method=p.auto_method, seed=p.seed)
     else:  # nothing to compare: one class
         est = KEstimate(1, [1], [float("nan")], p.auto_method)
-    estimate = est.k
     auto = p.num_classes == "auto"
-    chosen = estimate if auto else int(p.num_classes)
-    metrics = num_classes_metrics(est, estimate, chosen, auto)
+    chosen = est.k if auto else int(p.num_classes)
+    metrics = num_classes_metrics(est, chosen, auto)
     metrics.update(features=p.auto_features, crops=int(has_region.sum()), crops_without_region=int((~has_region).sum()))
     write_json(metrics_path, metrics)
     write_json(plot_path, num_classes_plot(est))
     return chosen
 
 
-def num_classes_metrics(est: KEstimate, estimate: int, chosen: int, auto: bool) -> dict:
+def num_classes_metrics(est: KEstimate, chosen: int, auto: bool) -> dict:
     """The metrics file: the K used, the estimate, and the score of every candidate K."""
     d = est.to_dict()
     return {
         "num_classes": chosen,
-        "estimate": estimate,
+        "estimate": est.k,
         "auto": auto,
         "method": est.method,
         "scores": {f"k{k}": s for k, s in zip(d["candidates"], d["scores"]) if s is not None},

@@ -88,6 +88,7 @@ def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, st
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
+    from anomalyncd.auto_k import with_region
     from anomalyncd.config import load_params
     from anomalyncd.num_classes import METHODS, count_massive_classes, estimate_num_classes, prepare_features
     from anomalyncd.store import read_crops
@@ -96,7 +97,7 @@ def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, st
     p = load_params("train", run / "params.yaml")
     cs = read_crops(crops_path)
     y = crop_labels(crops_path, run / "data/prepared/manifest.csv")
-    keep = cs.crop_masks.any(axis=(1, 2))
+    keep = with_region(cs.crop_masks)
     y = y[keep]
     k_true = len(np.unique(y))
     print(f"\n{run}: {len(y)} crops with a region ({int((~keep).sum())} without), true classes {k_true}, "

@@ -85,7 +85,7 @@ def test_no_region_at_all_is_one_class(tmp_path):
     assert k == 1
 
 
-def test_mgvit_features_are_the_mask_guided_cls_tokens(tmp_path, monkeypatch):
+def test_mgvit_features_are_the_mask_guided_cls_tokens():
     crops, masks = two_kinds_of_crops(4)
     p = tiny_params(auto_features="mgvit")
     np.testing.assert_array_equal(auto_k.estimation_features(p, crops, masks), auto_k.region_features(p, crops, masks))
