@@ -34,7 +34,7 @@ from .augment import eval_views
 from .config import TrainParams
 from .detect.features import FilterBank
 from .io import InputError, write_json
-from .model import MGViT, create_backbone
+from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
 from .num_classes import KEstimate, estimate_num_classes
 
 
@@ -76,23 +76,34 @@ def region_descriptors(crops: np.ndarray, crop_masks: np.ndarray, batch_size: in
 def region_features(
     p: TrainParams, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu", batch_size: int = 64
 ) -> np.ndarray:
-    """Normed [CLS] features of every crop, mask guidance in all blocks, evaluation transform.
+    """Mask-guided features of every crop from the untrained encoder of ``train.model``,
+    evaluation transform: a ViT's [CLS] with mask guidance in all blocks, or a CNN's
+    standardised mask-weighted mean feature (no adapter).
 
     crops uint8 (M, C, C, 3) RGB; crop_masks (M, C, C) in {0, 1}. Returns float32 (M, D).
     The global torch RNG is left as it was (the train stage draws its own initialisation).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)
-        backbone = create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint)
-    depth = len(backbone.blocks)
-    encoder = MGViT(backbone, mask_layers=depth, grad_from_block=depth).to(device).eval()
-    out = []
+        backbone = create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers)
+    if is_vit(p.model):
+        depth = len(backbone.blocks)
+        encoder = MGViT(backbone, mask_layers=depth, grad_from_block=depth)
+    else:
+        encoder = MaskGuidedCNN(backbone, mask_layers=0)
+    encoder = encoder.to(device).eval()
+    tokens, pmasks = [], []
     for s in tqdm(range(0, len(crops), batch_size), desc="num_classes features", leave=False):
         x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], p.image_size)
-        out.append(encoder(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device)).float().cpu())
-    if not out:
+        t, pm = encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+        tokens.append(t)
+        pmasks.append(pm)
+    if not tokens:
         return np.zeros((0, encoder.embed_dim), np.float32)
-    return torch.cat(out).numpy()
+    tokens, pmasks = torch.cat(tokens), torch.cat(pmasks)
+    if encoder.needs_calibration:
+        encoder.calibrate(tokens, pmasks)
+    return encoder.head_blocks(tokens, pmasks).float().cpu().numpy()
 
 
 def with_region(crop_masks: np.ndarray) -> np.ndarray:

@@ -59,7 +59,7 @@ class DetectParams:
     checkpoint: str = ""  # local weights file for the timm backbone
     image_size: int = 128  # images are resized to image_size x image_size
     batch_size: int = 16
-    coreset_ratio: float = 0.1  # patchcore: fraction of training patches kept in the memory bank
+    bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
@@ -89,9 +89,10 @@ class TrainParams:
     batch_size: 32, lr: 0.003, trunk_cache_views: 0`` (see ``params.yaml``).
     """
 
-    model: str = "vit_tiny_patch16_224"  # any timm ViT with a [CLS] token
-    pretrained: bool = False  # timm downloads the weights of ``model``
+    model: str = "vit_tiny_patch16_224"  # a timm ViT with a [CLS] token (MGViT) or a timm CNN (MaskGuidedCNN)
+    pretrained: bool = False  # ImageNet weights: packaged for tf_efficientnet_lite0/1/2, else timm's download
     checkpoint: str = ""  # or: a local timm/DINO state dict file
+    layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # CNN: feature maps pooled (timm out_indices)
     image_size: int = 64
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered

@@ -29,7 +29,8 @@ from anomalyncd.io import read_image, read_mask
 from anomalyncd.merge import merge_regions
 from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig
-from anomalyncd.training import TrainConfig, TrainData, train
+from anomalyncd.config import TrainParams
+from anomalyncd.training import TrainData, train
 
 
 def mask_crops(
@@ -103,7 +104,7 @@ def main() -> None:
     base = image_scores(labels, np.eye(len(types))[km.labels_], index, areas, len(records), keep)
 
     data = TrainData(crops, masks, np.ones(len(crops), np.float32), -np.ones(len(crops), np.int64))
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    tc = TrainParams(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      trunk_cache_views=args.views)
     res = train(net, data, tc)
     _, logits = crop_outputs(net, crops, masks)

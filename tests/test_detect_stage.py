@@ -18,7 +18,7 @@ from anomalyncd.io import InputError, read_image
 from anomalyncd.store import read_maps
 from stages.detect import main
 
-TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "layers": [1, 2, 4], "coreset_ratio": 0.2}
+TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "layers": [1, 2, 4], "bank_size": 200}
 
 
 @pytest.fixture
