@@ -97,8 +97,9 @@ class Detector(ABC):
 
 
 def normalise_u8(maps: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Min-max ``maps`` (any shape) from ``[lo, hi]`` to uint8 0..255, clipping outside."""
-    scaled = (np.asarray(maps, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+    """Min-max ``maps`` (any shape) from ``[lo, hi]`` to uint8 0..255, clipping outside (any
+    positive range, however small: maps in units of 1e-15 are maps too)."""
+    scaled = (np.asarray(maps, dtype=np.float64) - lo) / (hi - lo if hi > lo else 1.0)
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
