@@ -1,3 +1,8 @@
+import subprocess
+import sys
+import tempfile
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -102,3 +107,41 @@ def test_same_arrays_give_byte_identical_stores(tmp_path):
     time.sleep(2.1)  # zip entries carry a modification time with 2-second resolution
     store.write_crops(tmp_path / "b.zarr.zip", _crops())
     assert (tmp_path / "a.zarr.zip").read_bytes() == (tmp_path / "b.zarr.zip").read_bytes()
+
+
+def _flip_a_byte_of(path, member: str) -> None:
+    """Change one byte inside ``member``'s stored data: the zip stays readable, its CRC does not match."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_store_whose_data_fails_its_crc_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.zarr.zip"
+    store.write_maps(path, _maps())
+    with zipfile.ZipFile(path) as zf:
+        member = next(n for n in zf.namelist() if n.startswith("maps/c/"))
+    _flip_a_byte_of(path, member)
+    with pytest.raises(InputError, match="m.zarr.zip: not a readable anomalyncd store .*CRC"):
+        store.read_maps(path)
+
+
+def test_a_store_is_built_beside_it_not_in_the_temp_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    store.write_maps(tmp_path / "out" / "m.zarr.zip", _maps())
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.zarr.zip"]
+
+
+def test_the_build_folder_of_a_killed_write_is_removed_by_the_next(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    left = tmp_path / f".m.zarr.zip.tmp-{proc.pid}.d"  # what a write killed while building leaves
+    (left / "maps" / "c").mkdir(parents=True)
+    (left / "maps" / "c" / "0").write_bytes(b"\0" * 1000)
+    store.write_maps(tmp_path / "m.zarr.zip", _maps())
+    assert [p.name for p in tmp_path.iterdir()] == ["m.zarr.zip"]
