@@ -257,7 +257,10 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found; run the train stage first (dvc repro train)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged file
+        raise InputError(f"{path}: not a readable model file ({e}); rerun the train stage (dvc repro train)") from e
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise InputError(f"{path}: not a model written by the anomalyncd train stage")
     cfg = ModelConfig(**payload["config"])

@@ -316,7 +316,10 @@ def train(
     history: list[dict] = []
     start = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a run killed while the disk filled, a damaged file
+            raise InputError(f"{checkpoint}: not a readable checkpoint ({e}); set train.resume=false to start again") from e
         if state.get("fingerprint") != fingerprint:
             raise InputError(
                 f"{checkpoint}: checkpoint of a run with other params or inputs; "
