@@ -181,10 +181,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
                 "num_outputs": cfg.num_outputs,
                 "pretrained": bool(p.pretrained or p.checkpoint),
                 "processes": world,
-                "cache_seconds": round(result.cache_seconds, 2),
-                "seconds": round(time.time() - t0, 2),
             },
         )
+        # timings vary from run to run: a log, not a DVC-tracked metric
+        write_json(paths.LOGS / "train.json", {"seconds": round(time.time() - t0, 2), "cache_seconds": round(result.cache_seconds, 2)})
         typer.echo(
             f"train: {len(cs.crops)} crops, {len(result.history)} epochs on {device} x{world}, "
             f"head {result.head}, loss {last.get('loss', float('nan')):.4f} -> {paths.MODEL}"
