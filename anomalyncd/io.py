@@ -104,6 +104,16 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, through a Python file object: a full disk is
+    then an ``OSError`` that :func:`atomic_path` reports (torch's own file writer raises a
+    ``RuntimeError`` that names neither the file nor the cause)."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
@@ -221,4 +231,4 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
     arr = rgb[:, :, ::-1] if rgb.ndim == 3 else rgb
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(arr)):
-        raise OSError(f"{path}: could not write image")
+        raise InputError(f"{path}: could not write this image; check that its folder is writable and the disk not full")

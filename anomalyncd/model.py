@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import InputError, atomic_path
+from .io import InputError, save_torch
 
 
 @dataclass
@@ -245,8 +245,7 @@ def save_model(path, net: MGViTClassifier, head: int, extra: dict | None = None)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     payload = {"format": MODEL_FORMAT, "config": net.cfg.to_dict(), "head": int(head), "state_dict": state}
     payload.update(extra or {})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifier, dict]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import losses
 from .augment import train_views
 from .device import resolve_device
-from .io import InputError, atomic_path
+from .io import InputError, save_torch
 from .model import MGViTClassifier
 
 CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from every real epoch
@@ -440,7 +440,6 @@ def _save_checkpoint(path, net, opt, epoch: int, history: list[dict], fingerprin
         "history": history,
         "fingerprint": fingerprint,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 

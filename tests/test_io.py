@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import subprocess
@@ -119,6 +120,17 @@ def test_a_full_disk_or_read_only_folder_names_the_output_and_keeps_the_old_one(
         io.write_json(out, {"a": 1})
     assert out.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_torch_file_on_a_full_disk_is_an_error_naming_it(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"old")
+    monkeypatch.setattr(io, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    with pytest.raises(InputError, match="model.pt: cannot write \\(No space left on device\\); free some disk space"):
+        io.save_torch({"w": torch.zeros(100_000)}, out)
+    assert out.read_bytes() == b"old"
 
 
 def _app(body) -> typer.Typer:

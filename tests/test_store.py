@@ -1,6 +1,7 @@
+import os
+import signal
 import subprocess
 import sys
-import tempfile
 import zipfile
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 
 from anomalyncd import store
 from anomalyncd.io import InputError
+
+from .conftest import ROOT
 
 
 def _maps(n=3, s=8):
@@ -129,19 +132,23 @@ def test_a_store_whose_data_fails_its_crc_is_a_clear_error(tmp_path):
         store.read_maps(path)
 
 
-def test_a_store_is_built_beside_it_not_in_the_temp_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+KILLED_WRITE = """
+import os, signal, sys, zipfile
+from tests.test_store import _maps
+from anomalyncd import store
+zipfile.ZipFile.writestr = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed while zipping
+store.write_maps(sys.argv[1], _maps())
+"""
+
+
+def test_what_a_killed_write_leaves_is_beside_the_store_and_removed_by_the_next(tmp_path):
     (tmp_path / "tmp").mkdir()
-    store.write_maps(tmp_path / "out" / "m.zarr.zip", _maps())
-    assert list((tmp_path / "tmp").iterdir()) == []
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.zarr.zip"]
-
-
-def test_the_build_folder_of_a_killed_write_is_removed_by_the_next(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    left = tmp_path / f".m.zarr.zip.tmp-{proc.pid}.d"  # what a write killed while building leaves
-    (left / "maps" / "c").mkdir(parents=True)
-    (left / "maps" / "c" / "0").write_bytes(b"\0" * 1000)
-    store.write_maps(tmp_path / "m.zarr.zip", _maps())
-    assert [p.name for p in tmp_path.iterdir()] == ["m.zarr.zip"]
+    out = tmp_path / "out" / "m.zarr.zip"
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(out)], cwd=ROOT, env=env)
+    assert proc.wait() == -signal.SIGKILL
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing in $TMPDIR, where no later run would look
+    left = {p.name for p in out.parent.iterdir()}
+    assert left == {f".m.zarr.zip.tmp-{proc.pid}", f".m.zarr.zip.tmp-{proc.pid}.d"}
+    store.write_maps(out, _maps())
+    assert [p.name for p in out.parent.iterdir()] == ["m.zarr.zip"]

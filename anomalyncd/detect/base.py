@@ -19,7 +19,7 @@ import torch
 
 from ..config import DetectParams
 from ..datasets import Record
-from ..io import InputError, atomic_path, read_image
+from ..io import InputError, read_image, save_torch
 
 DETECTORS: dict[str, type["Detector"]] = {}
 
@@ -123,8 +123,7 @@ def save_detector(det: Detector, path: str | os.PathLike) -> None:
         "norm_max": float(det.norm_max),
         "state": det.state_dict(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(blob, path)
 
 
 def load_detector(path: str | os.PathLike, device: str | None = None) -> Detector:
