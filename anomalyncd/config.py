@@ -201,7 +201,8 @@ class EvaluateParams:
     mebin_plots: int = 6  # images whose MEBin count sequence the report plots
 
     def __post_init__(self) -> None:
-        require("evaluate", self, report_images=(self.report_images >= 0, ">= 0"), mebin_plots=(self.mebin_plots >= 0, ">= 0"))
+        require("evaluate", self, report_images=(self.report_images >= 0, ">= 0"),
+                mebin_plots=(self.mebin_plots >= 0, ">= 0"))
 
 
 SECTIONS: dict[str, type] = {
