@@ -23,6 +23,7 @@ against it; it replaces ``num_classes`` only when that is ``auto``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import cv2
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from .augment import eval_views
 from .config import TrainParams
 from .detect.features import FilterBank
-from .io import InputError, write_json
+from .io import InputError, InputWarning, write_json
 from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
 from .num_classes import KEstimate, estimate_num_classes
 
@@ -135,12 +136,14 @@ def resolve_num_classes(
     ``dataset.include_normal`` the normal slot comes on top of it, and the whole-image crops of
     defect-free images where MEBin finds nothing are not counted (regions a detector finds on
     defect-free images are: they can add a cluster). Returns ``p.num_classes`` when it is an
-    int, the estimate when it is ``"auto"``.
+    int, the estimate when it is ``"auto"``. More classes than crops is an ``InputError``; an
+    ``auto`` estimate at the largest K it could consider is an :class:`InputWarning`.
     """
-    if p.num_classes != "auto" and p.num_classes < 1:
-        raise InputError(f"params.yaml: train.num_classes={p.num_classes} must be at least 1, or auto")
-    if p.auto_max < 1:
-        raise InputError(f"params.yaml: train.auto_max={p.auto_max} must be at least 1")
+    if p.num_classes != "auto" and p.num_classes > len(crops):
+        raise InputError(
+            f"params.yaml: train.num_classes={p.num_classes} but there are only {len(crops)} crops to classify "
+            f"(a class needs at least one); set it to at most {len(crops)}, or auto"
+        )
     has_region = with_region(crop_masks)
     feats = estimation_features(p, crops[has_region], crop_masks[has_region], device)
     if len(feats) >= 2:
@@ -149,11 +152,26 @@ def resolve_num_classes(
         est = KEstimate(1, [1], [float("nan")], p.auto_method)
     auto = p.num_classes == "auto"
     chosen = est.k if auto else int(p.num_classes)
+    if auto and len(est.candidates) > 1 and est.k == max(est.candidates):
+        warnings.warn(bound_warning(est.k, p.auto_max, len(feats)), InputWarning, stacklevel=2)
     metrics = num_classes_metrics(est, chosen, auto)
     metrics.update(features=p.auto_features, crops=int(has_region.sum()), crops_without_region=int((~has_region).sum()))
     write_json(metrics_path, metrics)
     write_json(plot_path, num_classes_plot(est))
     return chosen
+
+
+def bound_warning(k: int, auto_max: int, n_crops: int) -> str:
+    """Why an estimate equal to the largest K considered is only a lower bound."""
+    if k == auto_max:
+        return (
+            f"params.yaml: train.num_classes auto: the estimate {k} is the largest number considered "
+            f"(train.auto_max={auto_max}), so there may be more classes; raise train.auto_max to check"
+        )
+    return (
+        f"params.yaml: train.num_classes auto: the estimate {k} is the most that {n_crops} crops with a region "
+        "can tell apart, so there may be more classes; classify more images to check"
+    )
 
 
 def num_classes_metrics(est: KEstimate, chosen: int, auto: bool) -> dict:

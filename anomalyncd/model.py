@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import InputError, atomic_path
+from .io import InputError, save_torch
 from .weights import architecture, create_timm_model
 
 # timm modules whose models are Vision Transformers with a [CLS] token (MGViT); every other
@@ -434,8 +434,7 @@ def save_model(path, net: MGViTClassifier, head: int, extra: dict | None = None)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     payload = {"format": MODEL_FORMAT, "config": net.cfg.to_dict(), "head": int(head), "state_dict": state}
     payload.update(extra or {})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifier, dict]:
@@ -446,7 +445,10 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found; run the train stage first (dvc repro train)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged file
+        raise InputError(f"{path}: not a readable model file ({e}); rerun the train stage (dvc repro train)") from e
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise InputError(f"{path}: not a model written by the anomalyncd train stage")
     cfg = ModelConfig(**payload["config"])

@@ -39,7 +39,7 @@ from . import losses
 from .augment import eval_views, train_views
 from .config import TrainParams
 from .device import resolve_device
-from .io import InputError, atomic_path
+from .io import InputError, save_torch
 from .model import MGViTClassifier
 
 CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from every real epoch
@@ -309,7 +309,10 @@ def train(
     history: list[dict] = []
     start = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a run killed while the disk filled, a damaged file
+            raise InputError(f"{checkpoint}: not a readable checkpoint ({e}); set train.resume=false to start again") from e
         if state.get("fingerprint") != fingerprint:
             raise InputError(
                 f"{checkpoint}: checkpoint of a run with other params or inputs; "
@@ -430,7 +433,6 @@ def _save_checkpoint(path, net, opt, epoch: int, history: list[dict], fingerprin
         "history": history,
         "fingerprint": fingerprint,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import cv2
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from anomalyncd import auto_k
 from anomalyncd.config import TrainParams
-from anomalyncd.io import InputError
+from anomalyncd.io import InputError, InputWarning
 from anomalyncd.num_classes import KEstimate
 
 
@@ -70,7 +71,7 @@ def test_crops_without_a_region_are_left_out(tmp_path, monkeypatch):
     crops, masks = two_kinds_of_crops()
     masks[:3] = 0
     seen = []
-    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: seen.append(len(f)) or KEstimate(2, [1, 2], [0, 1], "bic"))
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: seen.append(len(f)) or KEstimate(2, [1, 2, 3], [0, 1, 0], "bic"))
     auto_k.resolve_num_classes(tiny_params(num_classes="auto"), crops, masks, tmp_path / "m.json", tmp_path / "p.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert seen == [9]
@@ -127,3 +128,27 @@ def test_features_are_deterministic_for_a_seed():
 def test_bad_params_are_errors_naming_the_key(tmp_path, bad):
     with pytest.raises(InputError, match="train\\.(num_classes|auto_max)"):
         resolve(tmp_path, tiny_params(**bad))
+
+
+def test_more_classes_than_crops_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="train.num_classes=13 but there are only 12 crops"):
+        resolve(tmp_path, tiny_params(num_classes=13))
+
+
+def test_an_auto_estimate_at_auto_max_warns_that_there_may_be_more(tmp_path):
+    with pytest.warns(InputWarning, match=r"estimate 2 is the largest number considered \(train.auto_max=2\)"):
+        k, _, _ = resolve(tmp_path, tiny_params(num_classes="auto", auto_max=2))
+    assert k == 2
+
+
+def test_an_auto_estimate_at_what_the_crops_can_tell_warns_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: KEstimate(3, [1, 2, 3], [0, 1, 2], "bic"))
+    with pytest.warns(InputWarning, match="estimate 3 is the most that 12 crops with a region can tell apart"):
+        resolve(tmp_path, tiny_params(num_classes="auto", auto_max=10))
+
+
+def test_an_estimate_below_its_bound_gives_no_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        k, _, _ = resolve(tmp_path, tiny_params(num_classes="auto", auto_max=4))
+    assert k == 2

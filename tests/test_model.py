@@ -140,6 +140,15 @@ def test_loading_a_missing_model_is_an_input_error(tmp_path):
         load_model(tmp_path / "none.pt")
 
 
+def test_loading_a_truncated_model_is_an_input_error(tmp_path):
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, n_head=1, num_unlabeled=2)
+    save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=0)
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="m.pt: not a readable model file .*dvc repro train"):
+        load_model(tmp_path / "m.pt")
+
+
 def test_predict_crops_gives_novel_probabilities_of_every_head(tmp_path):
     from anomalyncd.inference import predict_crops
 

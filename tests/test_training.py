@@ -119,6 +119,15 @@ def test_resuming_a_checkpoint_of_other_params_is_an_input_error(tmp_path):
         train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", resume=True, fingerprint="two")
 
 
+def test_resuming_a_truncated_checkpoint_is_an_input_error(tmp_path):
+    cfg = TrainConfig(epochs=1, **FAST)
+    train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="x")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputError, match="c.pt: not a readable checkpoint .*resume=false"):
+        train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", resume=True, fingerprint="x")
+
+
 def test_trunk_cache_trains_only_the_unfrozen_blocks_deterministically():
     cfg = TrainParams(epochs=2, **{**FAST, "trunk_cache_views": 3})
     nets = [tiny_net() for _ in range(2)]
@@ -246,6 +255,8 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert res.exit_code == 0, res.output
     metrics = json.loads((paths.METRICS / "train.json").read_text())
     assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is False
+    assert not any("seconds" in k for k in metrics)  # timings vary per run: not in a DVC-tracked metric
+    assert set(json.loads((paths.LOGS / "train.json").read_text())) == {"seconds", "cache_seconds"}
     assert len((Path("dvclive/train/plots/metrics/loss.tsv")).read_text().splitlines()) == 3  # header + 2 epochs
     res = runner.invoke(infer_stage.app, [])
     assert res.exit_code == 0, res.output
