@@ -234,6 +234,10 @@ class MGViT(nn.Module):
         x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
         return self._blocks(x, pmask, 0, self.grad_from_block), pmask
 
+    def pooled_trunk(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+        """The frozen part's patch tokens averaged over the mask (B, D): the baseline feature."""
+        return masked_attention_pool(tokens[:, self.num_prefix :], pmask, torch.zeros_like(pmask))
+
     def head_blocks(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         """Trainable part: the remaining blocks, final norm, [CLS] token (B, D)."""
         x = self._blocks(tokens, pmask, self.grad_from_block, self.depth)
@@ -353,6 +357,11 @@ class MaskGuidedCNN(nn.Module):
         std = ((w * (t - mean) ** 2).sum(0)).sqrt()
         self.feat_mean.copy_(mean.float())
         self.feat_std.copy_(std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float())
+
+    def pooled_trunk(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+        """The standardised frozen features averaged over the mask (B, D): the baseline
+        feature, which is also this encoder's output before training."""
+        return masked_attention_pool((tokens - self.feat_mean) / self.feat_std, pmask, torch.zeros_like(pmask))
 
     def head_blocks(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         """Trainable part: standardise, adapt, mask-restricted attention pooling -> (B, D)."""

@@ -103,12 +103,15 @@ class ProbSet:
     """Crop-level predictions (written by ``infer``).
 
     probs: float32 (M, n_head, K) class probabilities of every head; logits: float32
-    (M, n_head, K); features: float32 (M, D) the normed [CLS] features; head: the selected head.
+    (M, n_head, K); features: float32 (M, D) the encoder's features; baseline_features: float32
+    (M, D0) the frozen backbone's mask-pooled features (the k-means baseline); head: the
+    selected head.
     """
 
     probs: np.ndarray
     logits: np.ndarray
     features: np.ndarray
+    baseline_features: np.ndarray
     head: int
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +119,7 @@ class ProbSet:
         m = len(self.probs)
         _check_len("logits", self.logits, m)
         _check_len("features", self.features, m)
+        _check_len("baseline_features", self.baseline_features, m)
 
 
 def _check_len(name: str, arr: Any, n: int) -> None:
@@ -271,6 +275,7 @@ def write_probs(path: str | os.PathLike, ps: ProbSet) -> None:
             "probs": ps.probs.astype(np.float32),
             "logits": ps.logits.astype(np.float32),
             "features": ps.features.astype(np.float32),
+            "baseline_features": ps.baseline_features.astype(np.float32),
         },
         {"head": int(ps.head), **ps.attrs},
     )

@@ -126,7 +126,7 @@ from anomalyncd.training import TrainData, train
         data = TrainData(cs.crops, cs.crop_masks, cs.scores.astype(np.float32), -np.ones(len(cs.crops), np.int64))
         t = time.perf_counter()
         res = train(net, data, TrainParams(epochs=args.overcomplete_epochs, seed=p.seed, trunk_cache_views=4))
-        _, logits = crop_outputs(net, cs.crops[keep], cs.crop_masks[keep])
+        logits = crop_outputs(net, cs.crops[keep], cs.crop_masks[keep]).logits
         probs = novel_probabilities(torch.from_numpy(logits[:, res.head]), 0).numpy()
         share = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
         print(f"over-complete head ({p.auto_max} outputs, {args.overcomplete_epochs} epochs, "

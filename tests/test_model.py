@@ -141,7 +141,7 @@ def test_loading_a_missing_model_is_an_input_error(tmp_path):
 
 
 def test_loading_a_truncated_model_is_an_input_error(tmp_path):
-    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, n_head=1, num_unlabeled=2)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=1, num_unlabeled=2)
     save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=0)
     data = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])

@@ -182,3 +182,28 @@ def test_evaluate_stage_without_ground_truth_says_so_and_still_reports(tmp_path,
     assert "image" not in m
     assert _links_resolve(tmp_path / "reports")
     assert "No ground truth" in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_evaluate_stage_scores_the_frozen_feature_baseline_beside_the_model(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from anomalyncd import paths
+    from anomalyncd.store import read_probs, write_probs
+    from stages import evaluate, merge
+
+    from .synthetic_run import make_project
+
+    run = make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ps = read_probs(paths.PROBS)
+    types = sorted({r.defect_type for r in run["records"]})
+    truth = np.array([types.index(r.defect_type) for r in run["records"]])[run["crops"].image_index]
+    noise = np.random.default_rng(0).normal(0, 0.1, (len(truth), len(types)))
+    ps.baseline_features = (np.eye(len(types))[truth] * 5 + noise).astype(np.float32)  # separates the types
+    write_probs(paths.PROBS, ps)
+    merge.main(params=Path("params.yaml"))
+    evaluate.main(params=Path("params.yaml"))
+    m = json.loads(Path("metrics/evaluate.json").read_text())
+    assert set(m["baseline"]["image"]) == {"n", "nmi", "ari", "f1"}
+    assert m["baseline"]["crop"]["nmi"] == pytest.approx(1.0) and m["baseline"]["image"]["f1"] == pytest.approx(1.0)
