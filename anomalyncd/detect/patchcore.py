@@ -1,8 +1,8 @@
 """PatchCore (Roth et al., CVPR 2022): nearest-neighbour distance to a memory bank of normal
 patch features.
 
-Patch features: every backbone layer is averaged over its 3x3 neighbourhood, resized to the
-grid of the first layer and concatenated, then standardised per channel with the mean and
+Patch features: every backbone layer is averaged over its 3x3 neighbourhood, brought onto one
+grid (the first of two layers, the middle of three) and concatenated, then standardised per channel with the mean and
 standard deviation of the training patches (so that channels of very different scale, such
 as filter-bank responses, weigh alike; the standard deviation has a floor of ``STD_FLOOR``
 times the mean one). The memory bank of ``bank_size`` patches is chosen by greedy coreset
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..grids import common_grid
 from ..io import InputError
 from .base import Detector, register
 from .features import FILTERBANK, BackboneSpec, build_backbone
@@ -30,7 +31,7 @@ from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_m
 
 log = logging.getLogger(__name__)
 
-CANDIDATES_PER_ENTRY = 10  # patches sampled from the training images per memory-bank entry
+CANDIDATES_PER_ENTRY = 4  # patches sampled from the training images per memory-bank entry
 SMOOTH_SIGMA_PX = 4.0  # Gaussian smoothing of the map, in pixels of the working image
 STD_FLOOR = 0.2  # channel standardisation: std at least this fraction of the mean std
 
@@ -51,17 +52,11 @@ def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
     """Backbone outputs ``[(B, C_l, h_l, w_l)]`` -> patch features ``(B, sum C_l, h, w)``.
 
     Each layer is first pooled by ``stride`` (for full-resolution backbones such as the filter
-    bank), averaged over its 3x3 neighbourhood, then resized to the grid of the first layer.
+    bank), averaged over its 3x3 neighbourhood, then brought onto one grid
+    (:func:`anomalyncd.grids.common_grid`).
     """
-    out = []
-    for f in layers:
-        if stride > 1:
-            f = F.avg_pool2d(f, stride)
-        f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
-        if out and f.shape[-2:] != out[0].shape[-2:]:
-            f = F.interpolate(f, size=out[0].shape[-2:], mode="bilinear", align_corners=False)
-        out.append(f)
-    return torch.cat(out, dim=1)
+    pooled = [F.avg_pool2d(F.avg_pool2d(f, stride) if stride > 1 else f, 3, stride=1, padding=1, count_include_pad=False) for f in layers]
+    return torch.cat(common_grid(pooled), dim=1)
 
 
 class BackboneDetector(Detector):
