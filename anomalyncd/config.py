@@ -124,10 +124,10 @@ class TrainParams:
     auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "bic"  # anomalyncd.num_classes
     auto_features: Literal["filterbank", "mgvit"] = "filterbank"  # what the estimate clusters (anomalyncd.auto_k)
     head_init: Literal["kmeans", "random"] = "kmeans"  # novel outputs start at k-means centroids of the untrained features
-    mask_layers: int = 1  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
+    mask_layers: int = 0  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
-    epochs: int = 50
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 0.003
     momentum: float = 0.9
@@ -135,7 +135,7 @@ class TrainParams:
     min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * min_lr_ratio
     warmup_teacher_temp: float = 0.07
     teacher_temp: float = 0.04
-    warmup_teacher_epochs: int = 30
+    warmup_teacher_epochs: int = 20
     repeat_times: int = 1  # each teacher-temperature step is held this many epochs
     memax_weight: float = 4.0
     anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)
