@@ -120,7 +120,10 @@ def mean_entropy_penalty(logits: torch.Tensor, student_temp: float = STUDENT_TEM
     """``log K - H(mean prediction)``: zero when the batch uses every output equally.
 
     logits: (N, K). Minimising it maximises the entropy of the batch-average prediction.
+    No rows (N = 0): no penalty.
     """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     avg = F.softmax(logits / student_temp, dim=-1).mean(0)
     entropy = -(avg * torch.log(avg.clamp(min=1e-12))).sum()
     return math.log(avg.numel()) - entropy

@@ -14,7 +14,7 @@ Pseudo-label correction needs a normal output, so it is active only when the mod
 
 Loss of one batch (per head h, then averaged over heads)::
 
-    cluster_h = distill_h + memax_weight * memax_h
+    cluster_h = distill_h + memax_weight * memax_h     (both on the unlabelled rows only)
     no base set:   total = cluster + contrastive
     with base set: total = (1 - sup_weight) * (cluster + contrastive) + sup_weight * (ce + supcon)
 """
@@ -241,7 +241,7 @@ def batch_loss(
         lg = logits[h]
         teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, normal_slot)
         distill.append(losses.distillation(lg, teacher, unl, losses.STUDENT_TEMP))
-        memax.append(losses.mean_entropy_penalty(lg, losses.STUDENT_TEMP))
+        memax.append(losses.mean_entropy_penalty(lg[unl2], losses.STUDENT_TEMP))
         if supervised and bool(lab_rows.any()):
             ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], losses.STUDENT_TEMP))
     distill_h = torch.stack(distill)

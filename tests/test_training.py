@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from anomalyncd import losses
 from anomalyncd.config import TrainParams
 from anomalyncd.io import InputError
 from anomalyncd.model import MGViTClassifier, ModelConfig
 from anomalyncd.training import (
     TrainData,
+    batch_loss,
     cached_view_pairs,
     cosine_lr,
     epoch_batches,
@@ -144,6 +146,36 @@ def test_labelled_base_set_adds_supervised_terms():
     res = train(net, tiny_data(m=16, labelled=6), TrainParams(epochs=1, **FAST))
     assert {"ce", "supcon", "distill", "contrastive", "memax"} <= res.history[0].keys()
     assert all(np.isfinite(v) for v in res.history[0].values())
+
+
+def base_batch(labels: list[int], k: int = 5, heads: int = 2, seed: int = 0):
+    """A view-major batch of logits (heads, 2B, k), projections (2B, 8), labels and scores (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(labels)
+    return torch.randn(heads, 2 * b, k, generator=g) * 0.3, torch.randn(2 * b, 8, generator=g), \
+        torch.tensor(labels), torch.rand(b, generator=g)
+
+
+def test_memax_is_computed_on_the_unlabelled_rows_only():
+    logits, proj, labels, scores = base_batch([0, 1, 0, -1, -1, -1])
+    cfg = TrainParams()
+    total, parts = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, None, supervised=True)
+    unl2 = torch.cat([labels < 0, labels < 0])
+    memax = torch.stack([losses.mean_entropy_penalty(lg[unl2]) for lg in logits]).mean()
+    torch.testing.assert_close(parts["memax"], memax)
+    cluster = parts["distill"] + cfg.memax_weight * memax
+    expected = (1 - cfg.sup_weight) * (cluster + parts["contrastive"]) + cfg.sup_weight * (parts["ce"] + parts["supcon"])
+    torch.testing.assert_close(total, expected)
+    # the labelled rows' outputs do not enter me-max at all
+    moved = logits.clone()
+    moved[:, ~unl2] = torch.tensor([10.0, 0, 0, 0, 0])
+    torch.testing.assert_close(batch_loss(proj, moved, labels, scores, cfg, 0.05, 2, None, True)[1]["memax"], memax)
+
+
+def test_batch_of_labelled_crops_only_has_no_memax():
+    logits, proj, labels, scores = base_batch([0, 1, 1, 0])
+    total, parts = batch_loss(proj, logits, labels, scores, TrainParams(), 0.05, 2, None, supervised=True)
+    assert parts["memax"].item() == 0.0 and torch.isfinite(total)
 
 
 def test_one_trunk_cache_view_is_an_input_error():
