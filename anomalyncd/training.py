@@ -299,7 +299,7 @@ def train(
     if cfg.trunk_cache_views and not net.encoder.has_frozen_trunk:
         raise InputError(
             "params.yaml: train.trunk_cache_views needs frozen blocks (train.grad_from_block > 0); "
-            "set trunk_cache_views: 0 to train the whole ViT"
+            "set trunk_cache_views: 0 to train every block"
         )
     t0 = time.perf_counter()
     net.to(device)
