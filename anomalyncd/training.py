@@ -68,7 +68,7 @@ class TrainData:
 
 @dataclass
 class TrainResult:
-    head: int  # selected head: lowest mean distillation loss in the last epoch
+    head: int  # selected head: lowest mean cluster loss in the last epoch
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     seconds: float = 0.0
     resumed_from: int = 0  # epochs loaded from the checkpoint
@@ -81,9 +81,12 @@ def cosine_lr(epoch: int, epochs: int, lr: float, min_ratio: float) -> float:
     return lo + (lr - lo) * (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
 
 
-def select_head(distill_per_head: list[float] | np.ndarray) -> int:
-    """Index of the head with the lowest mean distillation loss (first on ties)."""
-    return int(np.argmin(np.asarray(distill_per_head, dtype=np.float64)))
+def select_head(cluster_per_head: list[float] | np.ndarray) -> int:
+    """Index of the head with the lowest mean cluster loss (first on ties).
+
+    The cluster loss of a head is distillation + memax_weight * me-max, the authors' criterion.
+    """
+    return int(np.argmin(np.asarray(cluster_per_head, dtype=np.float64)))
 
 
 def epoch_batches(labels: np.ndarray, batch_size: int, seed: int, epoch: int, min_size: int = 2) -> list[np.ndarray]:
@@ -229,7 +232,7 @@ def batch_loss(
 
     proj: (2B, P); logits: (H, 2B, K); labels: (B,) int64 (-1 unlabelled); scores: (B,).
     ``supervised``: a labelled base set takes part in training (enables CE and SupCon).
-    Returns (total, parts) with parts['distill_heads'] of shape (H,).
+    Returns (total, parts) with parts['cluster_heads'] (H,): each head's cluster loss.
     """
     unl = labels < 0
     unl2 = torch.cat([unl, unl])
@@ -244,10 +247,10 @@ def batch_loss(
         memax.append(losses.mean_entropy_penalty(lg[unl2], losses.STUDENT_TEMP))
         if supervised and bool(lab_rows.any()):
             ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], losses.STUDENT_TEMP))
-    distill_h = torch.stack(distill)
-    cluster = (distill_h + cfg.memax_weight * torch.stack(memax)).mean()
+    cluster_h = torch.stack(distill) + cfg.memax_weight * torch.stack(memax)
+    cluster = cluster_h.mean()
     contrast = losses.info_nce(proj)
-    parts = {"distill": distill_h.mean(), "memax": torch.stack(memax).mean(), "contrastive": contrast}
+    parts = {"distill": torch.stack(distill).mean(), "memax": torch.stack(memax).mean(), "contrastive": contrast}
     if not supervised:
         total = cluster + contrast
     else:
@@ -260,7 +263,7 @@ def batch_loss(
         parts.update(ce=ce_m, supcon=sup)
         total = (1 - cfg.sup_weight) * (cluster + contrast) + cfg.sup_weight * (ce_m + sup)
     parts["loss"] = total
-    parts["distill_heads"] = distill_h
+    parts["cluster_heads"] = cluster_h
     return total, parts
 
 
@@ -388,12 +391,12 @@ def train(
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.detach().cpu().double() * n
             count += n
-        packed = torch.cat([sums["distill_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
+        packed = torch.cat([sums["cluster_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
         packed = _all_sum(packed)
         h = cfgm.n_head
         total_n = float(packed[-1])
         metrics = {k: float(packed[h + i]) / total_n for i, k in enumerate(_scalar_keys(sums))}
-        metrics.update({f"distill_head{i}": float(packed[i]) / total_n for i in range(h)})
+        metrics.update({f"cluster_head{i}": float(packed[i]) / total_n for i in range(h)})
         metrics.update(lr=lr, teacher_temp=tt)
         history.append(metrics)
         if rank == 0:
@@ -401,7 +404,7 @@ def train(
                 _save_checkpoint(checkpoint, net, opt, epoch + 1, history, fingerprint)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-    head = select_head([history[-1][f"distill_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
+    head = select_head([history[-1][f"cluster_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
     return TrainResult(
         head=head,
         history=history,
@@ -412,7 +415,7 @@ def train(
 
 
 def _scalar_keys(sums: dict) -> list[str]:
-    return sorted(k for k in sums if k != "distill_heads")
+    return sorted(k for k in sums if k != "cluster_heads")
 
 
 def _cached_batch(cache: tuple[torch.Tensor, torch.Tensor], pairs: np.ndarray, idx: np.ndarray):

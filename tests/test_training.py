@@ -65,7 +65,7 @@ def test_cosine_lr_goes_from_lr_towards_lr_times_ratio():
     assert cosine_lr(50, 50, 0.003, 1e-3) == pytest.approx(3e-6)
 
 
-def test_select_head_picks_the_lowest_distillation_loss():
+def test_select_head_picks_the_lowest_loss():
     assert select_head([0.9, 0.3, 0.5]) == 1
     assert select_head([0.2, 0.2]) == 0
 
@@ -170,6 +170,21 @@ def test_memax_is_computed_on_the_unlabelled_rows_only():
     moved = logits.clone()
     moved[:, ~unl2] = torch.tensor([10.0, 0, 0, 0, 0])
     torch.testing.assert_close(batch_loss(proj, moved, labels, scores, cfg, 0.05, 2, None, True)[1]["memax"], memax)
+
+
+def test_heads_are_ranked_by_distillation_plus_weighted_memax():
+    logits, proj, labels, scores = base_batch([0, -1, -1, -1], heads=3)
+    cfg = TrainParams(memax_weight=4.0)
+    parts = [batch_loss(proj, logits[h : h + 1], labels, scores, cfg, 0.05, 2, None, True)[1] for h in range(3)]
+    _, together = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, None, True)
+    expected = torch.stack([p["distill"] + 4.0 * p["memax"] for p in parts])
+    torch.testing.assert_close(together["cluster_heads"], expected)
+
+
+def test_training_keeps_the_head_of_lowest_cluster_loss():
+    res = train(tiny_net(), tiny_data(), TrainParams(epochs=1, **FAST))
+    last = res.history[-1]
+    assert res.head == select_head([last[f"cluster_head{i}"] for i in range(2)])
 
 
 def test_batch_of_labelled_crops_only_has_no_memax():
