@@ -55,8 +55,12 @@ def teacher_temperature(
 ) -> float:
     """Teacher temperature at ``epoch`` (0-based).
 
-    Goes from ``start`` to ``end`` linearly over the first ``warmup_epochs`` epochs in steps
-    held for ``repeat_times`` epochs each, then stays at ``end``.
+    Goes from ``start`` to ``end`` linearly over the first ``warmup_epochs`` epochs in
+    ceil(warmup_epochs / repeat_times) steps held for ``repeat_times`` epochs each (the last
+    step, ``end``, for what remains of the warm-up), then stays at ``end``. When
+    ``repeat_times`` divides ``warmup_epochs`` this is the authors' schedule; otherwise theirs
+    has int(warmup_epochs / repeat_times) steps, so its list is shorter than the training and
+    fails before the last epochs (e.g. 48 entries for 30 / 4 and 50 epochs).
     """
     if epoch >= warmup_epochs or warmup_epochs <= 0:
         return float(end)
