@@ -1,0 +1,79 @@
+"""After a run: pseudo-label correction toward the first novel output, or none, on the run's crops.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_correction.py   # from the project root
+
+The authors' code always pulls the teacher target of a crop scoring below ``anomaly_thred``
+toward the first novel output; the project does so only when that output is the normal slot
+(``dataset.include_normal``). This retrains the run's model twice on the run's crops, from the
+same initialisation and with the run's ``train`` params, once with each behaviour:
+
+- ``toward output 0``: the correction acts (the authors; the project with ``include_normal``);
+- ``none``: no correction (the project without ``include_normal``).
+
+With ``include_normal`` the project's own run is ``toward output 0``; without it, ``none``
+(its figures are also the run's ``metrics/evaluate.json``, printed beside them). Crops are
+merged to images and scored as in ``benchmarks/mtd_train.py`` (sqrt(area) / 50 weights).
+Prints how many crops score below the threshold, then image-level NMI, ARI and F1 of each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from mtd_train import image_scores
+
+from anomalyncd import paths
+from anomalyncd.config import load_params
+from anomalyncd.datasets import Manifest
+from anomalyncd.device import resolve_device
+from anomalyncd.inference import crop_outputs, novel_probabilities
+from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone
+from anomalyncd.store import read_crops, read_probs
+from anomalyncd.training import TrainData, train
+from stages.train import train_config
+
+
+def retrain(p, correct_first: bool, num_unlabeled: int, cs, device: str) -> np.ndarray:
+    """Train the run's model on its crops ``cs``; crop probabilities (M, K) of the selected head.
+
+    correct_first: the first novel output receives the correction (``has_normal``)."""
+    cfg = ModelConfig(model=p.model, image_size=p.image_size, mask_layers=p.mask_layers,
+                      grad_from_block=p.grad_from_block, n_head=p.n_head, num_unlabeled=num_unlabeled,
+                      has_normal=correct_first)
+    torch.manual_seed(p.seed)
+    net = MGViTClassifier(cfg, create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint))
+    data = TrainData(cs.crops, cs.crop_masks, cs.scores, -np.ones(len(cs.crops), np.int64))
+    res = train(net, data, train_config(p), device)
+    _, logits = crop_outputs(net, cs.crops, cs.crop_masks, device)
+    return novel_probabilities(torch.from_numpy(logits), 0).numpy()[:, res.head]
+
+
+def main() -> None:
+    p = load_params("train")
+    ds = load_params("dataset")
+    device = resolve_device(p.device)
+    records = Manifest.read(paths.MANIFEST).to_classify(ds.include_normal)
+    truth = np.array([r.defect_type for r in records])
+    cs = read_crops(paths.CROPS)
+    k = read_probs(paths.PROBS).attrs["num_unlabeled"]  # the run's novel outputs, normal slot included
+    weight = np.clip(p.anomaly_thred - cs.scores, 0, None)
+    print(f"{len(records)} images ({int(sum(r.is_normal for r in records))} normal), {len(cs.crops)} crops, "
+          f"{int((weight > 0).sum())} below anomaly_thred {p.anomaly_thred} (mean weight {weight.mean():.3f})")
+    run = json.loads(paths.METRICS.joinpath("evaluate.json").read_text())["image"]
+    print(f"{'the run':<16} {'(evaluate.json)':<19} image-level: NMI {run['nmi']:.3f}  ARI {run['ari']:.3f}  F1 {run['f1']:.3f}")
+    whose = {True: "authors, project" if ds.include_normal else "authors",
+             False: "-" if ds.include_normal else "project"}
+    for correct_first in (True, False):
+        t0 = time.perf_counter()
+        probs = retrain(p, correct_first, k, cs, device)
+        s = image_scores(truth, probs, cs.image_index, cs.areas.astype(np.float64), len(records))
+        name = "toward output 0" if correct_first else "none"
+        print(f"{name:<16} {'(' + whose[correct_first] + ')':<19} image-level: NMI {s['nmi']:.3f}  ARI {s['ari']:.3f}  "
+              f"F1 {s['f1']:.3f}   ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
