@@ -33,21 +33,18 @@ from anomalyncd.inference import crop_outputs, novel_probabilities
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone
 from anomalyncd.store import read_crops, read_probs
 from anomalyncd.training import TrainData, train
-from stages.train import train_config
 
 
 def retrain(p, correct_first: bool, num_unlabeled: int, cs, device: str) -> np.ndarray:
     """Train the run's model on its crops ``cs``; crop probabilities (M, K) of the selected head.
 
     correct_first: the first novel output receives the correction (``has_normal``)."""
-    cfg = ModelConfig(model=p.model, image_size=p.image_size, mask_layers=p.mask_layers,
-                      grad_from_block=p.grad_from_block, n_head=p.n_head, num_unlabeled=num_unlabeled,
-                      has_normal=correct_first)
+    cfg = ModelConfig.from_params(p, num_unlabeled=num_unlabeled, has_normal=correct_first)
     torch.manual_seed(p.seed)
-    net = MGViTClassifier(cfg, create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint))
+    net = MGViTClassifier(cfg, create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers))
     data = TrainData(cs.crops, cs.crop_masks, cs.scores, -np.ones(len(cs.crops), np.int64))
-    res = train(net, data, train_config(p), device)
-    _, logits = crop_outputs(net, cs.crops, cs.crop_masks, device)
+    res = train(net, data, p, device)
+    logits = crop_outputs(net, cs.crops, cs.crop_masks, device).logits
     return novel_probabilities(torch.from_numpy(logits), 0).numpy()[:, res.head]
 
 

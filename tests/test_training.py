@@ -122,7 +122,7 @@ def test_resuming_a_checkpoint_of_other_params_is_an_input_error(tmp_path):
 
 
 def test_resuming_a_truncated_checkpoint_is_an_input_error(tmp_path):
-    cfg = TrainConfig(epochs=1, **FAST)
+    cfg = TrainParams(epochs=1, **FAST)
     train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="x")
     data = (tmp_path / "c.pt").read_bytes()
     (tmp_path / "c.pt").write_bytes(data[: len(data) // 3])
