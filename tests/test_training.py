@@ -152,8 +152,9 @@ def base_batch(labels: list[int], k: int = 5, heads: int = 2, seed: int = 0):
     """A view-major batch of logits (heads, 2B, k), projections (2B, 8), labels and scores (B,)."""
     g = torch.Generator().manual_seed(seed)
     b = len(labels)
-    return torch.randn(heads, 2 * b, k, generator=g) * 0.3, torch.randn(2 * b, 8, generator=g), \
-        torch.tensor(labels), torch.rand(b, generator=g)
+    logits = torch.randn(heads, 2 * b, k, generator=g) * 0.3
+    proj = torch.randn(2 * b, 8, generator=g)
+    return logits, proj, torch.tensor(labels), torch.rand(b, generator=g)
 
 
 def test_memax_is_computed_on_the_unlabelled_rows_only():
