@@ -9,8 +9,9 @@ The frozen-trunk cache (``trunk_cache_views: V``) runs V augmented views of ever
 through the frozen blocks (every DDP process builds the whole cache) and trains the later
 blocks and the heads on two distinct cached views per crop and epoch.
 
-Pseudo-label correction needs a normal output, so it is active only when the model has one
-(``dataset.include_normal``); without it low-score crops train like the others.
+Pseudo-label correction pulls the teacher target of every unlabelled crop scoring below
+``anomaly_thred`` toward the first novel output, as the authors do: the normal slot with
+``dataset.include_normal``, otherwise the first defect class (``anomaly_thred: 0`` turns it off).
 
 Loss of one batch (per head h, then averaged over heads)::
 
@@ -225,24 +226,24 @@ def batch_loss(
     cfg: TrainParams,
     teacher_temp: float,
     num_labeled: int,
-    normal_slot: int | None,
     supervised: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts for a view-major batch.
 
     proj: (2B, P); logits: (H, 2B, K); labels: (B,) int64 (-1 unlabelled); scores: (B,).
+    Low-score crops are corrected toward output ``num_labeled``, the first novel one.
     ``supervised``: a labelled base set takes part in training (enables CE and SupCon).
     Returns (total, parts) with parts['cluster_heads'] (H,): each head's cluster loss.
     """
     unl = labels < 0
     unl2 = torch.cat([unl, unl])
-    w = losses.correction_weight(torch.cat([scores, scores]), cfg.anomaly_thred) if normal_slot is not None else None
+    w = losses.correction_weight(torch.cat([scores, scores]), cfg.anomaly_thred)
     distill, memax, ce = [], [], []
     lab_rows = torch.cat([~unl, ~unl])
     lab2 = torch.cat([labels, labels])
     for h in range(logits.shape[0]):
         lg = logits[h]
-        teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, normal_slot)
+        teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, num_labeled)
         distill.append(losses.distillation(lg, teacher, unl, losses.STUDENT_TEMP))
         memax.append(losses.mean_entropy_penalty(lg[unl2], losses.STUDENT_TEMP))
         if supervised and bool(lab_rows.any()):
@@ -381,7 +382,6 @@ def train(
                 cfg,
                 tt,
                 cfgm.num_labeled,
-                cfgm.normal_slot,
                 supervised,
             )
             opt.zero_grad(set_to_none=True)

@@ -160,7 +160,7 @@ def base_batch(labels: list[int], k: int = 5, heads: int = 2, seed: int = 0):
 def test_memax_is_computed_on_the_unlabelled_rows_only():
     logits, proj, labels, scores = base_batch([0, 1, 0, -1, -1, -1])
     cfg = TrainParams()
-    total, parts = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, None, supervised=True)
+    total, parts = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, supervised=True)
     unl2 = torch.cat([labels < 0, labels < 0])
     memax = torch.stack([losses.mean_entropy_penalty(lg[unl2]) for lg in logits]).mean()
     torch.testing.assert_close(parts["memax"], memax)
@@ -170,14 +170,14 @@ def test_memax_is_computed_on_the_unlabelled_rows_only():
     # the labelled rows' outputs do not enter me-max at all
     moved = logits.clone()
     moved[:, ~unl2] = torch.tensor([10.0, 0, 0, 0, 0])
-    torch.testing.assert_close(batch_loss(proj, moved, labels, scores, cfg, 0.05, 2, None, True)[1]["memax"], memax)
+    torch.testing.assert_close(batch_loss(proj, moved, labels, scores, cfg, 0.05, 2, True)[1]["memax"], memax)
 
 
 def test_heads_are_ranked_by_distillation_plus_weighted_memax():
     logits, proj, labels, scores = base_batch([0, -1, -1, -1], heads=3)
     cfg = TrainParams(memax_weight=4.0)
-    parts = [batch_loss(proj, logits[h : h + 1], labels, scores, cfg, 0.05, 2, None, True)[1] for h in range(3)]
-    _, together = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, None, True)
+    parts = [batch_loss(proj, logits[h : h + 1], labels, scores, cfg, 0.05, 2, True)[1] for h in range(3)]
+    _, together = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, True)
     expected = torch.stack([p["distill"] + 4.0 * p["memax"] for p in parts])
     torch.testing.assert_close(together["cluster_heads"], expected)
 
@@ -188,9 +188,33 @@ def test_training_keeps_the_head_of_lowest_cluster_loss():
     assert res.head == select_head([last[f"cluster_head{i}"] for i in range(2)])
 
 
+def test_low_score_crops_are_pulled_toward_the_first_novel_output():
+    logits, proj, labels, _ = base_batch([-1, -1, -1, -1], k=4)
+    scores = torch.tensor([0.0, 0.2, 0.9, 1.0])
+    _, parts = batch_loss(proj, logits, labels, scores, TrainParams(anomaly_thred=0.5), 0.05, 0, False)
+    # the authors' DistillLoss: teacher w * onehot(first novel output) + (1 - w) * softmax(logits / T)
+    w = (0.5 - torch.cat([scores, scores])).clamp(min=0)[:, None]
+    expected = []
+    for lg in logits:
+        teacher = w * torch.eye(4)[0] + (1 - w) * torch.softmax(lg / 0.05, dim=-1)
+        student = torch.log_softmax(lg / 0.1, dim=-1)
+        t0, t1, s0, s1 = *teacher.chunk(2), *student.chunk(2)
+        expected.append(((-t0 * s1).sum(-1).mean() + (-t1 * s0).sum(-1).mean()) / 2)
+    torch.testing.assert_close(parts["distill"], torch.stack(expected).mean())
+
+
+def test_correction_acts_without_a_normal_slot():
+    data = tiny_data()
+    data.scores[:] = 0.0  # every crop as unsure as can be
+    nets = [tiny_net(has_normal=False) for _ in range(2)]
+    for net, thred in zip(nets, (0.5, 0.0)):  # anomaly_thred 0: no correction
+        train(net, data, TrainParams(epochs=1, anomaly_thred=thred, **FAST))
+    assert not torch.equal(nets[0].head.weight, nets[1].head.weight)
+
+
 def test_batch_of_labelled_crops_only_has_no_memax():
     logits, proj, labels, scores = base_batch([0, 1, 1, 0])
-    total, parts = batch_loss(proj, logits, labels, scores, TrainParams(), 0.05, 2, None, supervised=True)
+    total, parts = batch_loss(proj, logits, labels, scores, TrainParams(), 0.05, 2, supervised=True)
     assert parts["memax"].item() == 0.0 and torch.isfinite(total)
 
 
