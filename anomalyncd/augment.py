@@ -23,7 +23,7 @@ BRIGHTNESS = (0.6, 1.4)
 CONTRAST = (0.6, 1.4)
 SATURATION = (0.6, 1.8)
 SHARPNESS = (0.2, 2.0)
-BLUR_KERNELS = tuple(range(9, 34, 2))
+BLUR_KERNELS = tuple(range(9, 34, 4))  # the authors draw from 9, 13, ..., 33
 BLUR_SIGMA = (0.1, 2.0)
 POSTERIZE_BITS = (5, 8)
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0

@@ -55,8 +55,12 @@ def teacher_temperature(
 ) -> float:
     """Teacher temperature at ``epoch`` (0-based).
 
-    Goes from ``start`` to ``end`` linearly over the first ``warmup_epochs`` epochs in steps
-    held for ``repeat_times`` epochs each, then stays at ``end``.
+    Goes from ``start`` to ``end`` linearly over the first ``warmup_epochs`` epochs in
+    ceil(warmup_epochs / repeat_times) steps held for ``repeat_times`` epochs each (the last
+    step, ``end``, for what remains of the warm-up), then stays at ``end``. When
+    ``repeat_times`` divides ``warmup_epochs`` this is the authors' schedule; otherwise theirs
+    has int(warmup_epochs / repeat_times) steps, so its list is shorter than the training and
+    fails before the last epochs (e.g. 48 entries for 30 / 4 and 50 epochs).
     """
     if epoch >= warmup_epochs or warmup_epochs <= 0:
         return float(end)
@@ -120,7 +124,10 @@ def mean_entropy_penalty(logits: torch.Tensor, student_temp: float = STUDENT_TEM
     """``log K - H(mean prediction)``: zero when the batch uses every output equally.
 
     logits: (N, K). Minimising it maximises the entropy of the batch-average prediction.
+    No rows (N = 0): no penalty.
     """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     avg = F.softmax(logits / student_temp, dim=-1).mean(0)
     entropy = -(avg * torch.log(avg.clamp(min=1e-12))).sum()
     return math.log(avg.numel()) - entropy

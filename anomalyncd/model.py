@@ -206,15 +206,11 @@ class MGViT(nn.Module):
         return self.grad_from_block > 0
 
     def freeze(self) -> None:
-        """Freeze everything before block ``grad_from_block``; later blocks and the final norm train."""
+        """Train only the blocks from ``grad_from_block`` on, as the authors do: the embeddings,
+        tokens and the final norm stay as loaded (frozen even with ``grad_from_block`` 0)."""
         for name, param in self.backbone.named_parameters():
-            if name.startswith("blocks."):
-                trainable = int(name.split(".")[1]) >= self.grad_from_block
-            elif name.startswith(("norm.", "fc_norm.")):
-                trainable = True
-            else:  # embeddings, tokens, norm_pre
-                trainable = self.grad_from_block == 0
-            param.requires_grad_(trainable)
+            parts = name.split(".")
+            param.requires_grad_(parts[0] == "blocks" and int(parts[1]) >= self.grad_from_block)
 
     def _blocks(self, x: torch.Tensor, pmask: torch.Tensor, start: int, end: int) -> torch.Tensor:
         allow = None

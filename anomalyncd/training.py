@@ -9,12 +9,13 @@ The frozen-trunk cache (``trunk_cache_views: V``) runs V augmented views of ever
 through the frozen blocks (every DDP process builds the whole cache) and trains the later
 blocks and the heads on two distinct cached views per crop and epoch.
 
-Pseudo-label correction needs a normal output, so it is active only when the model has one
-(``dataset.include_normal``); without it low-score crops train like the others.
+Pseudo-label correction pulls the teacher target of every unlabelled crop scoring below
+``anomaly_thred`` toward the first novel output, as the authors do: the normal slot with
+``dataset.include_normal``, otherwise the first defect class (``anomaly_thred: 0`` turns it off).
 
 Loss of one batch (per head h, then averaged over heads)::
 
-    cluster_h = distill_h + memax_weight * memax_h
+    cluster_h = distill_h + memax_weight * memax_h     (both on the unlabelled rows only)
     no base set:   total = cluster + contrastive
     with base set: total = (1 - sup_weight) * (cluster + contrastive) + sup_weight * (ce + supcon)
 """
@@ -69,7 +70,7 @@ class TrainData:
 
 @dataclass
 class TrainResult:
-    head: int  # selected head: lowest mean distillation loss in the last epoch
+    head: int  # selected head: lowest mean cluster loss in the last epoch
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     seconds: float = 0.0
     resumed_from: int = 0  # epochs loaded from the checkpoint
@@ -82,9 +83,12 @@ def cosine_lr(epoch: int, epochs: int, lr: float, min_ratio: float) -> float:
     return lo + (lr - lo) * (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
 
 
-def select_head(distill_per_head: list[float] | np.ndarray) -> int:
-    """Index of the head with the lowest mean distillation loss (first on ties)."""
-    return int(np.argmin(np.asarray(distill_per_head, dtype=np.float64)))
+def select_head(cluster_per_head: list[float] | np.ndarray) -> int:
+    """Index of the head with the lowest mean cluster loss (first on ties).
+
+    The cluster loss of a head is distillation + memax_weight * me-max, the authors' criterion.
+    """
+    return int(np.argmin(np.asarray(cluster_per_head, dtype=np.float64)))
 
 
 def epoch_batches(labels: np.ndarray, batch_size: int, seed: int, epoch: int, min_size: int = 2) -> list[np.ndarray]:
@@ -197,7 +201,8 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     (:meth:`MaskGuidedCNN.calibrate`) and, with ``head_init: kmeans``, the novel outputs of
     every head, set to the k-means centroids (seed ``seed + head``) of the untrained features
     of the unlabelled crops, so that training starts from the clustering of the frozen features
-    and refines it. With a normal slot, the centroid of the lowest mean anomaly score takes it.
+    and refines it. The centroids go in order of their crops' mean anomaly score, so the first
+    novel output, toward which the correction pulls low-score crops, is the lowest.
     """
     net.eval()
     parts = [
@@ -218,9 +223,9 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     for h in range(cfg.n_head):
         km = KMeans(k, n_init=10, random_state=seed + h).fit(feats.astype(np.float64))
         centres = km.cluster_centers_
-        if cfg.normal_slot is not None:
-            mean_score = [data.scores[np.flatnonzero(data.labels < 0)[km.labels_ == c]].mean() for c in range(k)]
-            centres = centres[np.argsort(mean_score, kind="stable")]
+        # the first novel output (the normal slot, if any) is where the correction pulls low scores
+        mean_score = [data.scores[np.flatnonzero(data.labels < 0)[km.labels_ == c]].mean() for c in range(k)]
+        centres = centres[np.argsort(mean_score, kind="stable")]
         net.head.weight[h, cfg.num_labeled :] = torch.from_numpy(centres).to(net.head.weight)
 
 
@@ -243,32 +248,32 @@ def batch_loss(
     cfg: TrainParams,
     teacher_temp: float,
     num_labeled: int,
-    normal_slot: int | None,
     supervised: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts for a view-major batch.
 
     proj: (2B, P); logits: (H, 2B, K); labels: (B,) int64 (-1 unlabelled); scores: (B,).
+    Low-score crops are corrected toward output ``num_labeled``, the first novel one.
     ``supervised``: a labelled base set takes part in training (enables CE and SupCon).
-    Returns (total, parts) with parts['distill_heads'] of shape (H,).
+    Returns (total, parts) with parts['cluster_heads'] (H,): each head's cluster loss.
     """
     unl = labels < 0
     unl2 = torch.cat([unl, unl])
-    w = losses.correction_weight(torch.cat([scores, scores]), cfg.anomaly_thred) if normal_slot is not None else None
+    w = losses.correction_weight(torch.cat([scores, scores]), cfg.anomaly_thred)
     distill, memax, ce = [], [], []
     lab_rows = torch.cat([~unl, ~unl])
     lab2 = torch.cat([labels, labels])
     for h in range(logits.shape[0]):
         lg = logits[h]
-        teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, normal_slot)
+        teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, num_labeled)
         distill.append(losses.distillation(lg, teacher, unl, losses.STUDENT_TEMP))
-        memax.append(losses.mean_entropy_penalty(lg, losses.STUDENT_TEMP))
+        memax.append(losses.mean_entropy_penalty(lg[unl2], losses.STUDENT_TEMP))
         if supervised and bool(lab_rows.any()):
             ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], losses.STUDENT_TEMP))
-    distill_h = torch.stack(distill)
-    cluster = (distill_h + cfg.memax_weight * torch.stack(memax)).mean()
+    cluster_h = torch.stack(distill) + cfg.memax_weight * torch.stack(memax)
+    cluster = cluster_h.mean()
     contrast = losses.info_nce(proj)
-    parts = {"distill": distill_h.mean(), "memax": torch.stack(memax).mean(), "contrastive": contrast}
+    parts = {"distill": torch.stack(distill).mean(), "memax": torch.stack(memax).mean(), "contrastive": contrast}
     if not supervised:
         total = cluster + contrast
     else:
@@ -281,7 +286,7 @@ def batch_loss(
         parts.update(ce=ce_m, supcon=sup)
         total = (1 - cfg.sup_weight) * (cluster + contrast) + cfg.sup_weight * (ce_m + sup)
     parts["loss"] = total
-    parts["distill_heads"] = distill_h
+    parts["cluster_heads"] = cluster_h
     return total, parts
 
 
@@ -320,7 +325,7 @@ def train(
     if cfg.trunk_cache_views and not net.encoder.has_frozen_trunk:
         raise InputError(
             "params.yaml: train.trunk_cache_views needs frozen blocks (train.grad_from_block > 0); "
-            "set trunk_cache_views: 0 to train the whole ViT"
+            "set trunk_cache_views: 0 to train every block"
         )
     t0 = time.perf_counter()
     net.to(device)
@@ -398,7 +403,6 @@ def train(
                 cfg,
                 tt,
                 cfgm.num_labeled,
-                cfgm.normal_slot,
                 supervised,
             )
             opt.zero_grad(set_to_none=True)
@@ -408,12 +412,12 @@ def train(
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.detach().cpu().double() * n
             count += n
-        packed = torch.cat([sums["distill_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
+        packed = torch.cat([sums["cluster_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
         packed = _all_sum(packed)
         h = cfgm.n_head
         total_n = float(packed[-1])
         metrics = {k: float(packed[h + i]) / total_n for i, k in enumerate(_scalar_keys(sums))}
-        metrics.update({f"distill_head{i}": float(packed[i]) / total_n for i in range(h)})
+        metrics.update({f"cluster_head{i}": float(packed[i]) / total_n for i in range(h)})
         metrics.update(lr=lr, teacher_temp=tt)
         history.append(metrics)
         if rank == 0:
@@ -421,7 +425,7 @@ def train(
                 _save_checkpoint(checkpoint, net, opt, epoch + 1, history, fingerprint)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-    head = select_head([history[-1][f"distill_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
+    head = select_head([history[-1][f"cluster_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
     return TrainResult(
         head=head,
         history=history,
@@ -432,7 +436,7 @@ def train(
 
 
 def _scalar_keys(sums: dict) -> list[str]:
-    return sorted(k for k in sums if k != "distill_heads")
+    return sorted(k for k in sums if k != "cluster_heads")
 
 
 def _cached_batch(cache: tuple[torch.Tensor, torch.Tensor], pairs: np.ndarray, idx: np.ndarray):

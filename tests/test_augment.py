@@ -71,3 +71,19 @@ def test_color_jitter_stays_in_range():
     img = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
     out = augment.color_jitter(img, np.random.default_rng(1))
     assert out.min() >= 0 and out.max() <= 255 and not np.allclose(out, img)
+
+
+def test_blur_kernel_is_drawn_from_the_authors_sizes(monkeypatch):
+    seen = []
+    blur = augment.cv2.GaussianBlur
+
+    def recording_blur(img, ksize, sigma, **kw):
+        seen.append(ksize)
+        return blur(img, ksize, sigma, **kw)
+
+    monkeypatch.setattr(augment.cv2, "GaussianBlur", recording_blur)
+    img, mask = coded_crop()
+    for seed in range(200):
+        augment.train_view(img, mask, 64, np.random.default_rng(seed))
+    assert {k for k, _ in seen} == {9, 13, 17, 21, 25, 29, 33}  # step 4, not every odd size
+    assert all(w == h for w, h in seen)

@@ -58,6 +58,26 @@ def test_teacher_temperature_holds_each_step_for_repeat_times_epochs():
     assert temps[38] == pytest.approx(0.04) and temps[41] == pytest.approx(0.04)
 
 
+def authors_schedule(warmup: int, repeat: int, epochs: int, start: float = 0.07, end: float = 0.04) -> np.ndarray:
+    """The authors' teacher-temperature list (one entry per epoch when repeat divides warmup)."""
+    steps = np.linspace(start, end, int(warmup / repeat)).repeat(repeat)
+    return np.concatenate([steps, np.ones(epochs - warmup) * end])
+
+
+@pytest.mark.parametrize("warmup,repeat", [(40, 4), (40, 1), (30, 1), (30, 3)])
+def test_teacher_temperature_is_the_authors_schedule_when_repeat_divides_warmup(warmup, repeat):
+    ours = [losses.teacher_temperature(e, warmup, 0.07, 0.04, repeat) for e in range(50)]
+    np.testing.assert_allclose(ours, authors_schedule(warmup, repeat, 50), rtol=0, atol=1e-15)
+
+
+def test_teacher_temperature_rounds_the_number_of_steps_up_where_the_authors_list_runs_short():
+    assert len(authors_schedule(30, 4, 50)) == 48  # theirs would fail at epoch 48
+    ours = [losses.teacher_temperature(e, 30, 0.07, 0.04, repeat_times=4) for e in range(50)]
+    steps = np.linspace(0.07, 0.04, 8)  # ceil(30 / 4) steps of 4 epochs, the last one cut to 2
+    np.testing.assert_allclose(ours[:30], steps.repeat(4)[:30], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(ours[30:], 0.04)
+
+
 def test_teacher_zeroes_base_outputs_for_unlabelled_crops():
     logits = torch.tensor([[0.5, 0.1, 0.1], [0.5, 0.1, 0.1]])
     t = losses.teacher_targets(logits, 1.0, num_labeled=1, unlabeled=torch.tensor([True, False]))

@@ -99,12 +99,27 @@ def test_timm_state_dict_loads_unchanged_and_full_mask_matches_timm():
         torch.testing.assert_close(enc(x, torch.ones(2, 32, 32)), ref.forward_features((x - mean) / std)[:, 0])
 
 
-def test_blocks_before_grad_from_block_are_frozen():
+def trainable(enc: MGViT) -> set[str]:
+    return {n for n, p in enc.backbone.named_parameters() if p.requires_grad}
+
+
+def test_only_the_blocks_from_grad_from_block_train():
     enc = MGViT(tiny_vit(depth=3), mask_layers=1, grad_from_block=2)
-    trainable = {n for n, p in enc.backbone.named_parameters() if p.requires_grad}
-    assert any(n.startswith("blocks.2.") for n in trainable)
-    assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed", "pos_embed", "cls_token")) for n in trainable)
-    assert "norm.weight" in trainable
+    names = [n for n, _ in enc.backbone.named_parameters()]
+    assert trainable(enc) == {n for n in names if n.startswith("blocks.2.")}
+    assert "norm.weight" not in trainable(enc)  # the final norm stays as loaded, as the authors'
+
+
+def test_grad_from_block_zero_trains_every_block_but_not_the_embeddings_or_final_norm():
+    enc = MGViT(tiny_vit(depth=2), mask_layers=1, grad_from_block=0)
+    names = [n for n, _ in enc.backbone.named_parameters()]
+    assert trainable(enc) == {n for n in names if n.startswith("blocks.")}
+
+
+def test_vit_small_trains_exactly_its_last_block():
+    enc = MGViT(timm.create_model("vit_small_patch16_224", num_classes=0), mask_layers=1, grad_from_block=11)
+    n_trainable = sum(p.numel() for p in enc.parameters() if p.requires_grad)
+    assert n_trainable == sum(p.numel() for p in enc.backbone.blocks[11].parameters())
 
 
 def test_out_of_range_mask_layers_is_an_input_error():

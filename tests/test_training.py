@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from anomalyncd import losses
 from anomalyncd.config import TrainParams
 from anomalyncd.io import InputError
 from anomalyncd.model import MGViTClassifier, ModelConfig
 from anomalyncd.training import (
     TrainData,
+    batch_loss,
     cached_view_pairs,
     cosine_lr,
     epoch_batches,
@@ -63,7 +65,7 @@ def test_cosine_lr_goes_from_lr_towards_lr_times_ratio():
     assert cosine_lr(50, 50, 0.003, 1e-3) == pytest.approx(3e-6)
 
 
-def test_select_head_picks_the_lowest_distillation_loss():
+def test_select_head_picks_the_lowest_loss():
     assert select_head([0.9, 0.3, 0.5]) == 1
     assert select_head([0.2, 0.2]) == 0
 
@@ -120,7 +122,7 @@ def test_resuming_a_checkpoint_of_other_params_is_an_input_error(tmp_path):
 
 
 def test_resuming_a_truncated_checkpoint_is_an_input_error(tmp_path):
-    cfg = TrainConfig(epochs=1, **FAST)
+    cfg = TrainParams(epochs=1, **FAST)
     train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="x")
     data = (tmp_path / "c.pt").read_bytes()
     (tmp_path / "c.pt").write_bytes(data[: len(data) // 3])
@@ -144,6 +146,76 @@ def test_labelled_base_set_adds_supervised_terms():
     res = train(net, tiny_data(m=16, labelled=6), TrainParams(epochs=1, **FAST))
     assert {"ce", "supcon", "distill", "contrastive", "memax"} <= res.history[0].keys()
     assert all(np.isfinite(v) for v in res.history[0].values())
+
+
+def base_batch(labels: list[int], k: int = 5, heads: int = 2, seed: int = 0):
+    """A view-major batch of logits (heads, 2B, k), projections (2B, 8), labels and scores (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(labels)
+    logits = torch.randn(heads, 2 * b, k, generator=g) * 0.3
+    proj = torch.randn(2 * b, 8, generator=g)
+    return logits, proj, torch.tensor(labels), torch.rand(b, generator=g)
+
+
+def test_memax_is_computed_on_the_unlabelled_rows_only():
+    logits, proj, labels, scores = base_batch([0, 1, 0, -1, -1, -1])
+    cfg = TrainParams()
+    total, parts = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, supervised=True)
+    unl2 = torch.cat([labels < 0, labels < 0])
+    memax = torch.stack([losses.mean_entropy_penalty(lg[unl2]) for lg in logits]).mean()
+    torch.testing.assert_close(parts["memax"], memax)
+    cluster = parts["distill"] + cfg.memax_weight * memax
+    expected = (1 - cfg.sup_weight) * (cluster + parts["contrastive"]) + cfg.sup_weight * (parts["ce"] + parts["supcon"])
+    torch.testing.assert_close(total, expected)
+    # the labelled rows' outputs do not enter me-max at all
+    moved = logits.clone()
+    moved[:, ~unl2] = torch.tensor([10.0, 0, 0, 0, 0])
+    torch.testing.assert_close(batch_loss(proj, moved, labels, scores, cfg, 0.05, 2, True)[1]["memax"], memax)
+
+
+def test_heads_are_ranked_by_distillation_plus_weighted_memax():
+    logits, proj, labels, scores = base_batch([0, -1, -1, -1], heads=3)
+    cfg = TrainParams(memax_weight=4.0)
+    parts = [batch_loss(proj, logits[h : h + 1], labels, scores, cfg, 0.05, 2, True)[1] for h in range(3)]
+    _, together = batch_loss(proj, logits, labels, scores, cfg, 0.05, 2, True)
+    expected = torch.stack([p["distill"] + 4.0 * p["memax"] for p in parts])
+    torch.testing.assert_close(together["cluster_heads"], expected)
+
+
+def test_training_keeps_the_head_of_lowest_cluster_loss():
+    res = train(tiny_net(), tiny_data(), TrainParams(epochs=1, **FAST))
+    last = res.history[-1]
+    assert res.head == select_head([last[f"cluster_head{i}"] for i in range(2)])
+
+
+def test_low_score_crops_are_pulled_toward_the_first_novel_output():
+    logits, proj, labels, _ = base_batch([-1, -1, -1, -1], k=4)
+    scores = torch.tensor([0.0, 0.2, 0.9, 1.0])
+    _, parts = batch_loss(proj, logits, labels, scores, TrainParams(anomaly_thred=0.5), 0.05, 0, False)
+    # the authors' DistillLoss: teacher w * onehot(first novel output) + (1 - w) * softmax(logits / T)
+    w = (0.5 - torch.cat([scores, scores])).clamp(min=0)[:, None]
+    expected = []
+    for lg in logits:
+        teacher = w * torch.eye(4)[0] + (1 - w) * torch.softmax(lg / 0.05, dim=-1)
+        student = torch.log_softmax(lg / 0.1, dim=-1)
+        t0, t1, s0, s1 = *teacher.chunk(2), *student.chunk(2)
+        expected.append(((-t0 * s1).sum(-1).mean() + (-t1 * s0).sum(-1).mean()) / 2)
+    torch.testing.assert_close(parts["distill"], torch.stack(expected).mean())
+
+
+def test_correction_acts_without_a_normal_slot():
+    data = tiny_data()
+    data.scores[:] = 0.0  # every crop as unsure as can be
+    nets = [tiny_net(has_normal=False) for _ in range(2)]
+    for net, thred in zip(nets, (0.5, 0.0)):  # anomaly_thred 0: no correction
+        train(net, data, TrainParams(epochs=1, anomaly_thred=thred, **FAST))
+    assert not torch.equal(nets[0].head.weight, nets[1].head.weight)
+
+
+def test_batch_of_labelled_crops_only_has_no_memax():
+    logits, proj, labels, scores = base_batch([0, 1, 1, 0])
+    total, parts = batch_loss(proj, logits, labels, scores, TrainParams(), 0.05, 2, supervised=True)
+    assert parts["memax"].item() == 0.0 and torch.isfinite(total)
 
 
 def test_one_trunk_cache_view_is_an_input_error():
