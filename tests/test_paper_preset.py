@@ -28,6 +28,7 @@ AUTHORS = {
     "train.weight_decay": 5.0e-5,
     "train.min_lr_ratio": 1.0e-3,  # cosine annealing to lr * 1e-3
     "train.epochs": 50,
+    "train.head_init": "random",  # their heads start from random weights
     "train.sup_weight": 0.3,
     "train.memax_weight": 4.0,
     "train.anomaly_thred": 0.5,
