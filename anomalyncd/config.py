@@ -71,7 +71,7 @@ class MebinParams:
 
     sample_rate: int = 4
     min_interval_len: int = 4
-    erode: bool = True
+    noise_filter: Literal["area", "erosion", "none"] = "area"  # anomalyncd.mebin.NOISE_FILTERS; erosion: the paper
     padding: float = 0.1
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
