@@ -24,6 +24,7 @@ against it; it replaces ``num_classes`` only when that is ``auto``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -35,7 +36,7 @@ from .config import TrainParams
 from .detect.features import FilterBank
 from .io import InputError, write_json
 from .model import MGViT, create_backbone
-from .num_classes import KEstimate, estimate_num_classes
+from .num_classes import KEstimate, estimate_lines, estimate_num_classes
 
 
 DESCRIPTOR_SIZE = 64  # crops are resampled to this size before the filter bank
@@ -117,8 +118,10 @@ def resolve_num_classes(
     metrics_path: str | Path,
     plot_path: str | Path,
     device: str = "cpu",
+    echo: Callable[[str], None] | None = None,
 ) -> int:
-    """The number of defect classes to train with; writes the estimate's metrics and plot.
+    """The number of defect classes to train with; writes the estimate's metrics and plot, and
+    passes the lines of :func:`estimate_lines` (the estimate and any warning) to ``echo``.
 
     Only crops with a region are clustered, so the estimate counts defect classes; with
     ``dataset.include_normal`` the normal slot comes on top of it, and the whole-image crops of
@@ -138,20 +141,24 @@ def resolve_num_classes(
         est = KEstimate(1, [1], [float("nan")], p.auto_method)
     auto = p.num_classes == "auto"
     chosen = est.k if auto else int(p.num_classes)
-    metrics = num_classes_metrics(est, chosen, auto)
+    metrics = num_classes_metrics(est, chosen, auto, p.auto_max)
     metrics.update(features=p.auto_features, crops=int(has_region.sum()), crops_without_region=int((~has_region).sum()))
     write_json(metrics_path, metrics)
     write_json(plot_path, num_classes_plot(est))
+    for line in estimate_lines(metrics) if echo else ():
+        echo(line)
     return chosen
 
 
-def num_classes_metrics(est: KEstimate, chosen: int, auto: bool) -> dict:
-    """The metrics file: the K used, the estimate, and the score of every candidate K."""
+def num_classes_metrics(est: KEstimate, chosen: int, auto: bool, auto_max: int) -> dict:
+    """The metrics file: the K used, the estimate, the largest K considered and the score of
+    every candidate K."""
     d = est.to_dict()
     return {
         "num_classes": chosen,
         "estimate": est.k,
         "auto": auto,
+        "auto_max": auto_max,
         "method": est.method,
         "scores": {f"k{k}": s for k, s in zip(d["candidates"], d["scores"]) if s is not None},
     }

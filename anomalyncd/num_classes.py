@@ -276,3 +276,30 @@ def count_massive_classes(probs: np.ndarray, min_fraction: float = 0.02) -> int:
         raise ValueError(f"probs must be a non-empty 2-D array (M, K), got shape {p.shape}")
     share = np.bincount(p.argmax(axis=1), minlength=p.shape[1]) / len(p)
     return max(1, int((share >= min_fraction).sum()))
+
+
+def estimate_lines(metrics: dict) -> list[str]:
+    """What the train stage prints and the report shows about the estimate: one line
+    ``estimated K = n (...)`` with the score curve and the K trained with, then a line starting
+    ``warning:`` when the estimate is ``auto_max`` (there may be more classes) or 1 (no cluster
+    structure found). ``metrics``: the dict of ``anomalyncd.auto_k.num_classes_metrics``
+    (``metrics/num_classes.json``)."""
+    k, k_max = metrics["estimate"], metrics.get("auto_max")
+    scores = metrics.get("scores", {})
+    curve = ", ".join(f"{c[1:]}: {v:.4g}" + ("*" if int(c[1:]) == k else "") for c, v in scores.items())
+    used = "train.num_classes: auto" if metrics.get("auto") else "train.num_classes"
+    lines = [
+        f"estimated K = {k} ({metrics['method']} over {metrics.get('crops', '?')} region crops; score by K, "
+        f"higher is better: {curve or 'none defined'}); training with K = {metrics['num_classes']} ({used})"
+    ]
+    if k_max is not None and k == k_max and k_max > 1:
+        lines.append(
+            f"warning: the estimate is train.auto_max = {k_max}, the largest K considered: there may be more "
+            "classes; raise train.auto_max"
+        )
+    if k == 1:
+        lines.append(
+            "warning: the estimate is 1: the crops' regions show no cluster structure (or fewer than 2 crops "
+            "have a region); look at the crops in the report, or set train.num_classes"
+        )
+    return lines

@@ -12,7 +12,7 @@ import torch
 from anomalyncd import auto_k
 from anomalyncd.config import TrainParams
 from anomalyncd.io import InputError
-from anomalyncd.num_classes import KEstimate
+from anomalyncd.num_classes import KEstimate, estimate_lines
 
 
 def tiny_params(**kw) -> TrainParams:
@@ -83,6 +83,34 @@ def test_no_region_at_all_is_one_class(tmp_path):
         tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json"
     )
     assert k == 1
+
+
+def test_the_estimate_is_echoed_with_its_score_curve(tmp_path):
+    crops, masks = two_kinds_of_crops()
+    lines = []
+    auto_k.resolve_num_classes(tiny_params(num_classes=3), crops, masks, tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("estimated K = 2 (bic over 12 region crops; score by K")
+    assert "2: " in lines[0] and "*" in lines[0] and lines[0].endswith("training with K = 3 (train.num_classes)")
+
+
+def test_an_estimate_at_auto_max_or_at_one_comes_with_a_warning(tmp_path):
+    crops, masks = two_kinds_of_crops()
+    lines = []
+    auto_k.resolve_num_classes(tiny_params(num_classes="auto", auto_max=2), crops, masks, tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
+    assert lines[0].endswith("training with K = 2 (train.num_classes: auto)")
+    assert lines[1].startswith("warning: the estimate is train.auto_max = 2") and "raise train.auto_max" in lines[1]
+    lines.clear()
+    auto_k.resolve_num_classes(tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
+    assert lines[0].startswith("estimated K = 1 (bic over 0 region crops") and lines[1].startswith("warning: the estimate is 1")
+
+
+def test_estimate_lines_read_the_metrics_file_format():
+    metrics = {"num_classes": 5, "estimate": 7, "auto": False, "auto_max": 10, "method": "bic", "crops": 344,
+               "scores": {"k6": 9314.2, "k7": 9331.0, "k8": 9199.5}}
+    assert estimate_lines(metrics) == [
+        "estimated K = 7 (bic over 344 region crops; score by K, higher is better: 6: 9314, 7: 9331*, 8: 9200); "
+        "training with K = 5 (train.num_classes)"
+    ]
 
 
 def test_mgvit_features_are_the_mask_guided_cls_tokens():
