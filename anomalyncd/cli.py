@@ -50,7 +50,7 @@ def predict(
     counts = Counter(f"{row['cluster']}" + (f" ({row['name']})" if row["name"] else "") for row in found)
     typer.echo(
         f"predict: {len(rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
-        f"no anomaly found (no class): {len(rows) - len(found)}"
+        f"no anomaly found: {len(rows) - len(found)}"
     )
 
 

@@ -33,15 +33,15 @@ from .io import InputError
 #: The paper's rules 3 and 5: erode once with a 6 x 6 all-ones kernel (OpenCV's default anchor
 #: and border).
 ERODE_KERNEL = np.ones((6, 6), np.uint8)
-#: How MEBin keeps specks of noise out of its regions (``mebin.noise_filter``):
-#: ``area`` drops regions smaller than :func:`min_region_area` and keeps the others whole, so a
-#: long thin defect stays; ``erosion`` is the paper's 6 x 6 erosion, which erases every region
-#: thinner than 6 map pixels whatever its length, and shrinks the rest; ``none`` keeps every
-#: pixel above the threshold (pixel noise on maps at full image resolution then keeps the
-#: region count from settling).
-NOISE_FILTERS = ("area", "erosion", "none")
-#: ``area``: the smallest region is the paper's kernel (36 pixels) on a 256-pixel map, scaled with
-#: the map (9 pixels at the default ``detect.map_size`` of 128).
+#: How MEBin erodes each binarized map (``mebin.erosion``), which keeps specks of noise out of
+#: its regions: ``paper`` erodes with ERODE_KERNEL, and so erases every region thinner than 6 map
+#: pixels whatever its length (a scratch, a crack) and shrinks the others; ``keep_thin`` erodes
+#: the same way but keeps, as they are, the regions the erosion would erase whole when they
+#: have at least :func:`min_region_area` pixels; ``off`` keeps every pixel above the threshold
+#: (pixel noise on maps at full image resolution then keeps the region count from settling).
+EROSION_RULES = ("keep_thin", "paper", "off")
+#: ``keep_thin``: the smallest region kept is the kernel (36 pixels) on a 256-pixel map, scaled
+#: with the map (9 pixels at the default ``detect.map_size`` of 128).
 AREA_REFERENCE_SIDE = 256
 
 Box = tuple[float, float, float, float]
@@ -177,39 +177,40 @@ def _first_step_lut(lo: int, hi: int, sample_rate: int) -> np.ndarray:
     return first.astype(np.uint8)
 
 
-def _check_filter(noise_filter: str) -> str:
-    if noise_filter not in NOISE_FILTERS:
-        raise InputError(f"params.yaml: mebin.noise_filter must be one of {list(NOISE_FILTERS)}, got {noise_filter!r}")
-    return noise_filter
+def _check_rule(erosion: str) -> str:
+    if erosion not in EROSION_RULES:
+        raise InputError(f"params.yaml: mebin.erosion must be one of {list(EROSION_RULES)}, got {erosion!r}")
+    return erosion
 
 
 def min_region_area(shape: tuple[int, ...]) -> int:
-    """``noise_filter: area``: the fewest pixels a region of a map of ``shape`` (h, w) keeps,
+    """``erosion: keep_thin``: the fewest pixels an erased region of a map of ``shape`` (h, w) needs,
     ``36 * (max(h, w) / 256) ** 2`` rounded, at least 1."""
     return max(1, round(ERODE_KERNEL.size * (max(shape[:2]) / AREA_REFERENCE_SIDE) ** 2))
 
 
-def _count_regions(fg: np.ndarray, min_area: int) -> int:
-    """8-connected components of ``fg`` (uint8 (h, w) in {0, 1}) with at least ``min_area`` pixels."""
-    if min_area <= 1:
-        return cv2.connectedComponents(fg, connectivity=8)[0] - 1
-    stats = cv2.connectedComponentsWithStats(fg, connectivity=8)[2]
-    return int((stats[1:, cv2.CC_STAT_AREA] >= min_area).sum())
+def _thin_regions(fg: np.ndarray, eroded: np.ndarray, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, keep)``: the 8-connected regions of ``fg`` (uint8 (h, w) in {0, 1}) and, per
+    label, whether the erosion erased it whole (no pixel of it in ``eroded``) and it has at
+    least ``min_area`` pixels: the regions ``keep_thin`` adds to the eroded mask."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    keep = (stats[:, cv2.CC_STAT_AREA] >= min_area) & (np.bincount(labels[eroded > 0], minlength=n) == 0)
+    keep[0] = False  # the background
+    return labels, keep
 
 
 def count_sequence(
-    map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, noise_filter: str = "area"
+    map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, erosion: str = "keep_thin"
 ) -> np.ndarray:
     """Rule 3: int32 (T,) 8-connected region counts along the threshold sweep.
 
-    Same result as binarizing the rescaled map at every threshold, filtering the noise
-    (:data:`NOISE_FILTERS`: eroding, or dropping regions under :func:`min_region_area`) and
-    labelling, but much faster:
+    Same result as binarizing the rescaled map at every threshold, eroding it
+    (:data:`EROSION_RULES`) and labelling, but much faster:
 
     - erosion commutes with thresholding (eroding ``{r > t}`` is thresholding the
       min-filtered map), and min-filtering commutes with the monotone rescaling, so the 8-bit
-      map is eroded once and every pixel is mapped, through a 256-entry table, to the first
-      sweep step at which it is foreground;
+      map is eroded once and every pixel of the map and of the eroded map is mapped, through a
+      256-entry table, to the first sweep step at which it is foreground;
     - the foreground only changes at steps where some pixel enters, so only those are
       labelled; steps before the first entry count 0, and each labelled count holds until the
       next entry;
@@ -217,20 +218,26 @@ def count_sequence(
     """
     check_map(map_u8)
     _check_range(lo, hi)
-    _check_filter(noise_filter)
+    rule = _check_rule(erosion)
     n_steps = len(sweep_thresholds(sample_rate))
-    src = cv2.erode(map_u8, ERODE_KERNEL) if noise_filter == "erosion" else map_u8
-    min_area = min_region_area(map_u8.shape) if noise_filter == "area" else 1
-    first = cv2.LUT(src, _first_step_lut(lo, hi, sample_rate))
+    lut = _first_step_lut(lo, hi, sample_rate)
+    first = cv2.LUT(map_u8, lut)  # the eroded map's foreground lies inside this one's
+    first_eroded = cv2.LUT(cv2.erode(map_u8, ERODE_KERNEL), lut) if rule != "off" else first
+    min_area = min_region_area(map_u8.shape)
     counts = np.zeros(n_steps, np.int32)
-    entries = np.flatnonzero(np.bincount(first.ravel(), minlength=n_steps + 1)[:n_steps])
+    steps = first_eroded if rule == "paper" else first
+    entries = np.flatnonzero(np.bincount(steps.ravel(), minlength=n_steps + 1)[:n_steps])
     if entries.size == 0:
         return counts
-    ever = first < n_steps
+    ever = steps < n_steps
     rows, cols = np.flatnonzero(ever.any(axis=1)), np.flatnonzero(ever.any(axis=0))
-    box = first[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    box, box_eroded = first[window], first_eroded[window]
     for step, until in zip(entries, [*entries[1:], n_steps]):
-        counts[step:until] = _count_regions((box <= step).view(np.uint8), min_area)
+        eroded = (box_eroded <= step).view(np.uint8)
+        counts[step:until] = cv2.connectedComponents(eroded, connectivity=8)[0] - 1
+        if rule == "keep_thin":
+            counts[step:until] += int(_thin_regions((box <= step).view(np.uint8), eroded, min_area)[1].sum())
     return counts
 
 
@@ -273,19 +280,18 @@ def stable_threshold(
     return int(t * (int(hi) - int(lo)) / 255 + int(lo)), est
 
 
-def binarize(map_u8: np.ndarray, threshold: int, noise_filter: str = "area") -> np.ndarray:
-    """Rule 5: bool (H, W), the map strictly above ``threshold``, its noise filtered as
-    :func:`count_sequence` filters it (see :data:`NOISE_FILTERS`)."""
+def binarize(map_u8: np.ndarray, threshold: int, erosion: str = "keep_thin") -> np.ndarray:
+    """Rule 5: bool (H, W), the map strictly above ``threshold``, eroded as :func:`count_sequence`
+    erodes it (see :data:`EROSION_RULES`)."""
     fg = (check_map(map_u8) > threshold).astype(np.uint8)
-    rule = _check_filter(noise_filter)
-    if rule == "erosion":
-        return cv2.erode(fg, ERODE_KERNEL).astype(bool)
-    if rule == "none":
+    rule = _check_rule(erosion)
+    if rule == "off":
         return fg.astype(bool)
-    labels, stats = cv2.connectedComponentsWithStats(fg, connectivity=8)[1:3]
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_region_area(fg.shape)
-    keep[0] = False  # the background
-    return keep[labels]
+    eroded = cv2.erode(fg, ERODE_KERNEL)
+    if rule == "paper":
+        return eroded.astype(bool)
+    labels, keep = _thin_regions(fg, eroded, min_region_area(fg.shape))
+    return keep[labels] | (eroded > 0)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -479,10 +485,10 @@ def mebin_image(
         raise InputError(f"image: expected a uint8 (H, W, 3) RGB array, got {desc}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InputError(f"image: empty image of shape {image.shape}")
-    counts = count_sequence(map_u8, lo, hi, params.sample_rate, params.noise_filter)
+    counts = count_sequence(map_u8, lo, hi, params.sample_rate, params.erosion)
     threshold, est = stable_threshold(counts, lo, hi, params.sample_rate, params.min_interval_len)
     size = image.shape[:2]
-    mask = resize_mask(binarize(map_u8, threshold, params.noise_filter), size)
+    mask = resize_mask(binarize(map_u8, threshold, params.erosion), size)
     boxes = crop_boxes(mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
     crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size)
     return ImageResult(threshold, est, counts, mask), crops

@@ -421,7 +421,7 @@ def _header(out: Path, data: ReportData) -> str:
     if data.mebin_metrics:
         mm = data.mebin_metrics
         rows = [
-            ["noise filter", mm.get("noise_filter")],
+            ["erosion", mm.get("erosion")],
             ["images with no anomaly found", mm.get("images_without_anomaly")],
             ["crops per image", mm.get("crops_per_image")],
             ["true regions found (at least half inside the crops)", mm.get("gt_regions_found")],

@@ -1,4 +1,4 @@
-"""How much of MTD's real defects MEBin's crops hold, for each ``mebin.noise_filter``.
+"""How much of MTD's real defects MEBin's crops hold, for each ``mebin.erosion`` rule.
 
 Maps come from one of two places:
 
@@ -10,7 +10,7 @@ Maps come from one of two places:
   on MTD): the maps the pipeline really binarizes, e.g. those of ``detect.method=ground_truth``
   or of the default detector.
 
-MEBin then runs with the default params and each noise filter. Printed per filter: ground-truth
+MEBin then runs with the default params and each erosion rule. Printed per rule: ground-truth
 regions (8-connected, larger than 64 px) *found* (at least half of their pixels inside the
 crops), regions whose bounding box lies *whole* inside one crop, the fraction of ground-truth
 pixels inside the crops, and the images where MEBin found no anomaly. Crops without mask pixels
@@ -61,7 +61,7 @@ def synthetic_maps(gts: list[np.ndarray], seed: int = 0, map_size: int = 0) -> l
 
 def recovery(
     root: Path,
-    noise_filter: str = "area",
+    erosion: str = "keep_thin",
     seed: int = 0,
     map_size: int = 0,
     maps_store: Path | None = None,
@@ -81,13 +81,13 @@ def recovery(
         if missing:
             raise SystemExit(f"{maps_store}: no map for {len(missing)} MTD defect images, e.g. {missing[:3]}")
         maps_u8 = [ms.maps_u8[index[r.id]] for r in records]
-    params = MebinParams(noise_filter=noise_filter)
+    params = MebinParams(erosion=erosion)
     lo, hi = mebin.search_range(maps_u8)
     coverage: dict[str, mebin.GtCoverage] = {}
     no_anomaly: dict[str, int] = {}
     per_type: dict[str, int] = {}
     n_crops = 0
-    for r, gt, m in tqdm(list(zip(records, gts, maps_u8)), desc=f"mebin {noise_filter}", unit="img", disable=not progress):
+    for r, gt, m in tqdm(list(zip(records, gts, maps_u8)), desc=f"mebin {erosion}", unit="img", disable=not progress):
         res, crops = mebin.mebin_image(m, read_image(r.image), lo, hi, params)
         t = r.defect_type
         coverage[t] = coverage.get(t, mebin.GtCoverage()) + mebin.gt_coverage(gt, crops.boxes, crops.areas, MIN_REGION)
@@ -111,19 +111,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--map-size", type=int, default=0, help="synthetic maps: square side; 0: each image's own size")
     ap.add_argument("--maps", type=Path, default=None, help="a run's maps store instead of synthetic maps")
-    ap.add_argument("--noise-filter", nargs="+", default=list(mebin.NOISE_FILTERS), choices=mebin.NOISE_FILTERS)
+    ap.add_argument("--erosion", nargs="+", default=list(mebin.EROSION_RULES), choices=mebin.EROSION_RULES)
     args = ap.parse_args()
     root = Path(args.root)
     if not root.is_dir():
         raise SystemExit(f"{root}: MTD not found; pass --root")
 
     source = str(args.maps) if args.maps else f"synthetic, {args.map_size or 'native'} px, seed {args.seed}"
-    for rule in args.noise_filter:
+    for rule in args.erosion:
         t0 = time.perf_counter()
         res = recovery(root, rule, args.seed, args.map_size, args.maps, progress=False)
         total = sum(res["coverage"].values(), mebin.GtCoverage())
         n_images = res["images"]
-        print(f"noise_filter {rule}: MTD {n_images} defect images, maps {source}, search range "
+        print(f"erosion {rule}: MTD {n_images} defect images, maps {source}, search range "
               f"[{res['lo']}, {res['hi']}], {res['crops']} crops, {time.perf_counter() - t0:.1f} s")
         for t, c in sorted(res["coverage"].items()):
             print(_line(t, c, res["no_anomaly"][t], res["per_type"][t]))

@@ -140,7 +140,7 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
         "hi": hi,
         "mean_threshold": float(cs.thresholds.mean()),
         "mean_mask_fraction": float(np.mean([m.mean() for m in cs.masks])),
-        "noise_filter": p.noise_filter,
+        "erosion": p.erosion,
         # where masks exist, the fractions of ground-truth regions (> MIN_GT_REGION px) found (at
         # least half inside the crops), of those whole inside one crop, and of the defect pixels
         # inside the crops; crops of images without anomaly hold no region

@@ -61,7 +61,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     none_found = sum(1 for r in img_rows if r["status"] == STATUS[False])
     typer.echo(
         f"merge ({p.strategy}, T={p.temperature:g}): {len(img_rows)} images, {len(crop_rows)} crops, "
-        f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}; {none_found} images with no anomaly found (no class)"
+        f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}; no anomaly found in {none_found} images"
     )
 
 

@@ -75,11 +75,11 @@ def _run(tmp_path, ground_truth=True, n=6, size=48, no_anomaly=()):
         confusion=(["a", "b"], [0, 1], np.array([[3, 0], [0, 3]])) if ground_truth else None,
         mebin=[MebinEntry(id=images[0].id, thresholds=np.arange(200, 0, -20), counts=seq, chosen=120)],
         detect={"method": "patchcore", "backbone": "filterbank", "weights": "none", "image_auroc": 0.9, "aupro": 0.8},
-        mebin_metrics={"noise_filter": "area", "images_without_anomaly": len(no_anomaly), "gt_regions_found": 0.95},
+        mebin_metrics={"erosion": "keep_thin", "images_without_anomaly": len(no_anomaly), "gt_regions_found": 0.95},
         num_classes={"num_classes": 3, "estimate": 4, "auto": False, "auto_max": 4, "method": "bic", "crops": 6,
                      "scores": {"k1": 1.0, "k2": 3.0, "k3": 3.5, "k4": 4.0}},
         curves={"loss": (np.arange(5), np.linspace(3, 1, 5)), "lr": (np.arange(5), np.geomspace(1e-2, 1e-4, 5))},
-        params={"mebin": {"noise_filter": "area", "padding": 0.1}, "train": {"epochs": 5}},
+        params={"mebin": {"erosion": "keep_thin", "padding": 0.1}, "train": {"epochs": 5}},
     )
 
 
@@ -148,7 +148,7 @@ def test_report_shows_detection_mebin_estimate_and_parameters(tmp_path):
     assert "true regions found (at least half inside the crops)" in page
     assert "estimated K = 4 (bic over 6 region crops" in page
     assert "the estimate is train.auto_max = 4" in page  # the warning
-    assert "id='params'" in page and "noise_filter" in page
+    assert "id='params'" in page and "keep_thin" in page
 
 
 def test_region_panels_outline_both_masks_and_overlay_the_map():
