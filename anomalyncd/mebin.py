@@ -5,10 +5,12 @@ low, counts connected components at each step and picks the end of the longest *
 interval* (a run of equal, non-zero counts). The binary mask then gives square crop boxes
 centred on each anomaly region; nearby boxes are merged and the largest ``est_count + 1`` kept.
 
-Everything here is a pure function on arrays and reproduces the authors' published code on the
-same maps (the places where their code differs from a plain reading of the paper are noted
-where they happen). The threshold sweep is computed without one erosion and labelling pass per
-threshold: see :func:`count_sequence`.
+Everything here is a pure function on arrays and, with ``erosion="paper"``, reproduces the
+authors' published code on the same maps (the places where their code differs from a plain
+reading of the paper are noted where they happen). The default ``keep_thin`` differs in one
+place: regions the paper's 6 x 6 erosion would erase whole (scratches, cracks, small holes on a
+128-pixel map) are kept (see :data:`EROSION_RULES`). The threshold sweep is computed without
+one erosion and labelling pass per threshold: see :func:`count_sequence`.
 
 Shapes: maps are ``uint8 (S, S)`` (any ``(h, w)`` works), images ``uint8 (H, W, 3)`` RGB,
 masks ``bool (H, W)``, boxes ``int (m, 4)`` as ``(x0, y0, x1, y1)`` with ``x1, y1``
