@@ -8,8 +8,8 @@ driven by an explicit ``numpy.random.Generator``: a view is a pure function of
 data-loading workers.
 
 Inputs are RGB ``uint8`` crops ``(C, C, 3)`` (grayscale ``(C, C)`` is expanded to 3 channels)
-and masks ``(C, C)`` in {0, 1}. Outputs are ``float32`` images ``(3, S, S)`` with ImageNet
-normalisation and ``float32`` masks ``(S, S)`` in {0, 1}.
+and masks ``(C, C)`` in {0, 1}. Outputs are ``float32`` images ``(3, S, S)`` in [0, 1] (the
+encoder applies its backbone's own mean and std) and ``float32`` masks ``(S, S)`` in {0, 1}.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 CROP_PCT = 0.875
 
 BRIGHTNESS = (0.6, 1.4)
@@ -50,10 +48,9 @@ def _resize(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, n
     return img, mask
 
 
-def normalize(img: np.ndarray) -> np.ndarray:
-    """uint8/float (S, S, 3) RGB -> float32 (3, S, S) with ImageNet mean/std."""
-    out = (img.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+def to_chw(img: np.ndarray) -> np.ndarray:
+    """uint8/float (S, S, 3) RGB in 0..255 -> float32 (3, S, S) in [0, 1]."""
+    return np.ascontiguousarray((img.astype(np.float32) / 255.0).transpose(2, 0, 1))
 
 
 def eval_view(img: np.ndarray, mask: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +59,7 @@ def eval_view(img: np.ndarray, mask: np.ndarray, image_size: int) -> tuple[np.nd
     img, mask = _resize(img, mask, size)
     o = (size - image_size) // 2
     sl = np.s_[o : o + image_size, o : o + image_size]
-    return normalize(img[sl]), mask[sl].astype(np.float32)
+    return to_chw(img[sl]), mask[sl].astype(np.float32)
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -131,7 +128,7 @@ def train_view(
     ksize = int(rng.choice(BLUR_KERNELS))
     out = cv2.GaussianBlur(out, (ksize, ksize), rng.uniform(*BLUR_SIGMA), borderType=cv2.BORDER_REFLECT)
     out = posterize(np.round(out).astype(np.uint8), int(rng.integers(POSTERIZE_BITS[0], POSTERIZE_BITS[1] + 1)))
-    return normalize(out), np.ascontiguousarray(mask, dtype=np.float32)
+    return to_chw(out), np.ascontiguousarray(mask, dtype=np.float32)
 
 
 def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:

@@ -23,6 +23,7 @@ against it; it replaces ``num_classes`` only when that is ``auto``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -34,9 +35,9 @@ from tqdm import tqdm
 from .augment import eval_views
 from .config import TrainParams
 from .detect.features import FilterBank
-from .io import InputError, write_json
-from .model import MGViT, create_backbone
-from .num_classes import KEstimate, estimate_lines, estimate_num_classes
+from .io import InputError, InputWarning, write_json
+from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
+from .num_classes import KEstimate, estimate_num_classes, estimate_summary
 
 
 DESCRIPTOR_SIZE = 64  # crops are resampled to this size before the filter bank
@@ -77,23 +78,34 @@ def region_descriptors(crops: np.ndarray, crop_masks: np.ndarray, batch_size: in
 def region_features(
     p: TrainParams, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu", batch_size: int = 64
 ) -> np.ndarray:
-    """Normed [CLS] features of every crop, mask guidance in all blocks, evaluation transform.
+    """Mask-guided features of every crop from the untrained encoder of ``train.model``,
+    evaluation transform: a ViT's [CLS] with mask guidance in all blocks, or a CNN's
+    standardised mask-weighted mean feature (no adapter).
 
     crops uint8 (M, C, C, 3) RGB; crop_masks (M, C, C) in {0, 1}. Returns float32 (M, D).
     The global torch RNG is left as it was (the train stage draws its own initialisation).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)
-        backbone = create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint)
-    depth = len(backbone.blocks)
-    encoder = MGViT(backbone, mask_layers=depth, grad_from_block=depth).to(device).eval()
-    out = []
+        backbone = create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers)
+    if is_vit(p.model):
+        depth = len(backbone.blocks)
+        encoder = MGViT(backbone, mask_layers=depth, grad_from_block=depth)
+    else:
+        encoder = MaskGuidedCNN(backbone, mask_layers=0)
+    encoder = encoder.to(device).eval()
+    tokens, pmasks = [], []
     for s in tqdm(range(0, len(crops), batch_size), desc="num_classes features", leave=False):
         x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], p.image_size)
-        out.append(encoder(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device)).float().cpu())
-    if not out:
+        t, pm = encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+        tokens.append(t)
+        pmasks.append(pm)
+    if not tokens:
         return np.zeros((0, encoder.embed_dim), np.float32)
-    return torch.cat(out).numpy()
+    tokens, pmasks = torch.cat(tokens), torch.cat(pmasks)
+    if encoder.needs_calibration:
+        encoder.calibrate(tokens, pmasks)
+    return encoder.head_blocks(tokens, pmasks).float().cpu().numpy()
 
 
 def with_region(crop_masks: np.ndarray) -> np.ndarray:
@@ -121,18 +133,20 @@ def resolve_num_classes(
     echo: Callable[[str], None] | None = None,
 ) -> int:
     """The number of defect classes to train with; writes the estimate's metrics and plot, and
-    passes the lines of :func:`estimate_lines` (the estimate and any warning) to ``echo``.
+    passes the line ``estimated K = n (...)`` of :func:`estimate_summary` to ``echo``.
 
     Only crops with a region are clustered, so the estimate counts defect classes; with
     ``dataset.include_normal`` the normal slot comes on top of it, and the whole-image crops of
     defect-free images where MEBin finds nothing are not counted (regions a detector finds on
     defect-free images are: they can add a cluster). Returns ``p.num_classes`` when it is an
-    int, the estimate when it is ``"auto"``.
+    int, the estimate when it is ``"auto"``. More classes than crops is an ``InputError``; an
+    ``auto`` estimate at the largest K it could consider, or of 1, is an :class:`InputWarning`.
     """
-    if p.num_classes != "auto" and p.num_classes < 1:
-        raise InputError(f"params.yaml: train.num_classes={p.num_classes} must be at least 1, or auto")
-    if p.auto_max < 1:
-        raise InputError(f"params.yaml: train.auto_max={p.auto_max} must be at least 1")
+    if p.num_classes != "auto" and p.num_classes > len(crops):
+        raise InputError(
+            f"params.yaml: train.num_classes={p.num_classes} but there are only {len(crops)} crops to classify "
+            f"(a class needs at least one); set it to at most {len(crops)}, or auto"
+        )
     has_region = with_region(crop_masks)
     feats = estimation_features(p, crops[has_region], crop_masks[has_region], device)
     if len(feats) >= 2:
@@ -145,20 +159,24 @@ def resolve_num_classes(
     metrics.update(features=p.auto_features, crops=int(has_region.sum()), crops_without_region=int((~has_region).sum()))
     write_json(metrics_path, metrics)
     write_json(plot_path, num_classes_plot(est))
-    for line in estimate_lines(metrics) if echo else ():
+    line, warns = estimate_summary(metrics)
+    if echo:
         echo(line)
+    for w in warns:
+        warnings.warn(w, InputWarning, stacklevel=2)
     return chosen
 
 
 def num_classes_metrics(est: KEstimate, chosen: int, auto: bool, auto_max: int) -> dict:
-    """The metrics file: the K used, the estimate, the largest K considered and the score of
-    every candidate K."""
+    """The metrics file: the K used, the estimate, ``auto_max``, the largest K the estimator
+    could consider (fewer crops allow fewer) and the score of every candidate K."""
     d = est.to_dict()
     return {
         "num_classes": chosen,
         "estimate": est.k,
         "auto": auto,
         "auto_max": auto_max,
+        "largest_k": max(est.candidates),
         "method": est.method,
         "scores": {f"k{k}": s for k, s in zip(d["candidates"], d["scores"]) if s is not None},
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from anomalyncd.stage import run
+from anomalyncd.stage import fail, run
 
 from stages import demo, detect, evaluate, infer, mebin, merge, prepare, train
 
@@ -44,14 +44,18 @@ def predict(
 
     r = load_run(run_dir)
     images = find_images(inputs)
-    rows = predict_images(r, images, maps, device, batch_size)
-    write_table(out, rows)
-    found = [row for row in rows if row["status"] == STATUS[True]]
+    pred = predict_images(r, images, maps, device, batch_size)
+    write_table(out, pred.rows)
+    found = [row for row in pred.rows if row["status"] == STATUS[True]]
     counts = Counter(f"{row['cluster']}" + (f" ({row['name']})" if row["name"] else "") for row in found)
     typer.echo(
-        f"predict: {len(rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
-        f"no anomaly found: {len(rows) - len(found)}"
+        f"predict: {len(pred.rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
+        f"no anomaly found: {len(pred.rows) - len(found)}"
     )
+    if pred.failed:
+        for line in pred.failed:
+            typer.echo(f"error: {line}", err=True)
+        fail(f"{len(pred.failed)} of {len(images)} images not classified (listed above); the others are in {out}")
 
 
 def main() -> None:

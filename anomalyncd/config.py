@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per ``params.yaml`` section.
 
-Stages call :func:`load_params` for their section; unknown keys and wrong types are errors
-that name ``params.yaml`` and the key, so a typo never silently falls back to a default.
+Stages call :func:`load_params` for their section; unknown keys, wrong types and values out of
+range are errors that name ``params.yaml`` and the key, so a typo never silently falls back to a
+default and a zero batch size never reaches the code.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ class DemoParams:
     n_per_type: int = 20
     types: list[str] = field(default_factory=lambda: ["scratch", "hole", "crack", "stain"])
 
+    def __post_init__(self) -> None:
+        require(
+            "demo",
+            self,
+            image_size=(self.image_size >= 1, "at least 1"),
+            n_train=(self.n_train >= 0, ">= 0"),
+            n_test_normal=(self.n_test_normal >= 0, ">= 0"),
+            n_per_type=(self.n_per_type >= 1, "at least 1"),
+            types=(len(self.types) >= 1, "a non-empty list"),
+        )
+
 
 @dataclass
 class DetectParams:
@@ -59,10 +71,22 @@ class DetectParams:
     checkpoint: str = ""  # local weights file for the timm backbone
     image_size: int = 128  # images are resized to image_size x image_size
     batch_size: int = 16
-    coreset_ratio: float = 0.1  # patchcore: fraction of training patches kept in the memory bank
+    bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
+
+    def __post_init__(self) -> None:
+        require(
+            "detect",
+            self,
+            map_size=(self.map_size >= 1, "at least 1"),
+            image_size=(self.image_size >= 1, "at least 1"),
+            batch_size=(self.batch_size >= 1, "at least 1"),
+            layers=(len(self.layers) >= 1, "a non-empty list"),
+            bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
+            train_images=(self.train_images >= 0, ">= 0 (0: all)"),
+        )
 
 
 @dataclass
@@ -89,9 +113,10 @@ class TrainParams:
     batch_size: 32, lr: 0.003, trunk_cache_views: 0`` (see ``params.yaml``).
     """
 
-    model: str = "vit_tiny_patch16_224"  # any timm ViT with a [CLS] token
-    pretrained: bool = False  # timm downloads the weights of ``model``
+    model: str = "vit_tiny_patch16_224"  # a timm ViT with a [CLS] token (MGViT) or a timm CNN (MaskGuidedCNN)
+    pretrained: bool = False  # ImageNet weights: packaged for tf_efficientnet_lite0/1/2, else timm's download
     checkpoint: str = ""  # or: a local timm/DINO state dict file
+    layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # CNN: feature maps pooled (timm out_indices)
     image_size: int = 64
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
@@ -120,11 +145,40 @@ class TrainParams:
     seed: int = 0
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        require(
+            "train",
+            self,
+            image_size=(self.image_size >= 1, "at least 1"),
+            num_classes=(self.num_classes == "auto" or self.num_classes >= 1, "at least 1, or auto"),
+            auto_max=(self.auto_max >= 1, "at least 1"),
+            mask_layers=(self.mask_layers >= 0, ">= 0"),
+            grad_from_block=(self.grad_from_block >= 0, ">= 0"),
+            n_head=(self.n_head >= 1, "at least 1"),
+            epochs=(self.epochs >= 1, "at least 1"),
+            batch_size=(self.batch_size >= 2, "at least 2 (the losses compare the crops of a batch)"),
+            lr=(self.lr > 0, "> 0"),
+            momentum=(0 <= self.momentum < 1, "in [0, 1)"),
+            weight_decay=(self.weight_decay >= 0, ">= 0"),
+            min_lr_ratio=(0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            warmup_teacher_temp=(self.warmup_teacher_temp > 0, "> 0"),
+            teacher_temp=(self.teacher_temp > 0, "> 0"),
+            warmup_teacher_epochs=(self.warmup_teacher_epochs >= 0, ">= 0"),
+            repeat_times=(self.repeat_times >= 1, "at least 1"),
+            memax_weight=(self.memax_weight >= 0, ">= 0"),
+            sup_weight=(0 <= self.sup_weight <= 1, "in [0, 1]"),
+            trunk_cache_views=(self.trunk_cache_views == 0 or self.trunk_cache_views >= 2, "0 (off) or at least 2"),
+            num_workers=(self.num_workers >= 0, ">= 0"),
+        )
+
 
 @dataclass
 class InferParams:
     batch_size: int = 64
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require("infer", self, batch_size=(self.batch_size >= 1, "at least 1"))
 
 
 @dataclass
@@ -135,6 +189,9 @@ class MergeParams:
     strategy: Literal["weighted", "mean"] = "weighted"
     temperature: float = 50.0
 
+    def __post_init__(self) -> None:
+        require("merge", self, temperature=(self.temperature > 0, "> 0"))
+
 
 @dataclass
 class EvaluateParams:
@@ -143,6 +200,10 @@ class EvaluateParams:
     seed: int = 0
     report_images: int = 24  # thumbnails per class in the report
     mebin_plots: int = 6  # images whose MEBin count sequence the report plots
+
+    def __post_init__(self) -> None:
+        require("evaluate", self, report_images=(self.report_images >= 0, ">= 0"),
+                mebin_plots=(self.mebin_plots >= 0, ">= 0"))
 
 
 SECTIONS: dict[str, type] = {
@@ -157,6 +218,14 @@ SECTIONS: dict[str, type] = {
 }
 
 T = TypeVar("T")
+
+
+def require(section: str, obj: Any, **rules: tuple[bool, str]) -> None:
+    """Raise ``InputError`` "params.yaml: <section>.<field> must be <limit>, got <value>" for
+    the first rule ``field=(ok, limit)`` that fails (dataclasses check their ranges with it)."""
+    for name, (ok, limit) in rules.items():
+        if not ok:
+            raise InputError(f"{PARAMS_FILE}: {section}.{name} must be {limit}, got {getattr(obj, name)!r}")
 
 
 def load_params(section: str, path: str | Path = PARAMS_FILE) -> Any:

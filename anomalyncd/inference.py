@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,26 +26,38 @@ def novel_probabilities(logits: torch.Tensor, num_labeled: int, temperature: flo
     return F.pad(probs, (num_labeled, 0))
 
 
+@dataclass
+class CropOutputs:
+    """What the network gives for M crops: features float32 (M, D) (the encoder's output),
+    logits float32 (M, n_head, K), and baseline float32 (M, D0), the frozen part's features
+    pooled over the mask (:meth:`MaskGuidedCNN.pooled_trunk`, the k-means baseline's input)."""
+
+    features: np.ndarray
+    logits: np.ndarray
+    baseline: np.ndarray
+
+
 @torch.no_grad()
 def crop_outputs(
     net: MGViTClassifier, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu", batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features and logits of every crop under the evaluation transform.
+) -> CropOutputs:
+    """Features, logits and baseline features of every crop under the evaluation transform.
 
-    crops uint8 (M, C, C, 3); crop_masks (M, C, C) in {0, 1}. Returns features float32 (M, D)
-    (final normed [CLS]) and logits float32 (M, n_head, K).
+    crops uint8 (M, C, C, 3); crop_masks (M, C, C) in {0, 1}. The trunk runs once per crop.
     """
     net.eval()
-    feats, logits = [], []
-    m = len(crops)
-    for s in tqdm(range(0, m, batch_size), desc="infer", leave=False):
+    feats, logits, base = [], [], []
+    for s in tqdm(range(0, len(crops), batch_size), desc="infer", leave=False):
         x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], net.cfg.image_size)
-        f, _, lg = net(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+        tokens, pmask = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+        f, _, lg = net(tokens, pmask, cached=True)
         feats.append(f.cpu())
         logits.append(lg.transpose(0, 1).cpu())
+        base.append(net.encoder.pooled_trunk(tokens, pmask).cpu())
     if not feats:
-        return np.zeros((0, net.encoder.embed_dim), np.float32), np.zeros((0, net.cfg.n_head, net.cfg.num_outputs), np.float32)
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+        empty = np.zeros((0, net.encoder.embed_dim), np.float32)
+        return CropOutputs(empty, np.zeros((0, net.cfg.n_head, net.cfg.num_outputs), np.float32), empty)
+    return CropOutputs(*(torch.cat(t).float().numpy() for t in (feats, logits, base)))
 
 
 def predict_crops(
@@ -63,8 +76,8 @@ def predict_crops(
     device = resolve_device(device)
     net, info = load_model(checkpoint_path, device)
     cfg = net.cfg
-    feats, logits = crop_outputs(net, crops, crop_masks, device, batch_size)
-    probs = novel_probabilities(torch.from_numpy(logits), cfg.num_labeled).numpy()
+    out = crop_outputs(net, crops, crop_masks, device, batch_size)
+    probs = novel_probabilities(torch.from_numpy(out.logits), cfg.num_labeled).numpy()
     attrs = {
         "num_labeled": cfg.num_labeled,
         "num_unlabeled": cfg.num_unlabeled,
@@ -72,4 +85,11 @@ def predict_crops(
         "temperature": STUDENT_TEMP,
         "class_names": info.get("class_names", []),
     }
-    return ProbSet(probs=probs.astype(np.float32), logits=logits, features=feats, head=int(info["head"]), attrs=attrs)
+    return ProbSet(
+        probs=probs.astype(np.float32),
+        logits=out.logits,
+        features=out.features,
+        baseline_features=out.baseline,
+        head=int(info["head"]),
+        attrs=attrs,
+    )

@@ -1,10 +1,12 @@
-"""Small I/O helpers shared by every stage: atomic outputs, images, JSON."""
+"""Small I/O helpers shared by every stage: atomic outputs, images, masks, JSON."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,24 +19,82 @@ class InputError(ValueError):
     """Bad user input: the message names the file or param and the fix."""
 
 
+class InputWarning(UserWarning):
+    """Input a stage goes on with, but the user should know about (a soft mask cut at half range,
+    an estimate at its bound): names the file or param."""
+
+
+#: OSError codes a user fixes (space, permissions), not a bug: one ``error:`` line, no traceback.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def disk_error_message(e: OSError, path: str | os.PathLike | None = None) -> str:
+    """``<file>: <what>; <how to fix>`` for an OSError whose code is in :data:`DISK_ERRNOS`."""
+    where = path if path is not None else (e.filename or "disk")
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some disk space" if full else f"make {Path(where).parent} writable"
+    return f"{where}: cannot write ({e.strerror}); {fix} and run again (the previous output is kept)"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success.
 
     Works for files and directories. On an exception the temporary is removed and any
     previous ``path`` is left untouched, so no later stage can trust a half-written output.
+    Temporaries of ``path`` left by killed processes are removed first; a full disk or a
+    read-only folder is an :class:`InputError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         _remove(tmp)
+        try:
+            yield tmp
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            _remove(tmp)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise InputError(disk_error_message(e, path)) from e
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` (``.<name>.tmp-<pid>`` and ``.<name>.tmp-<pid>.<x>``)
+    whose process is gone.
+
+    A run killed inside :func:`atomic_path` leaves its temporary behind (a checkpoint, a
+    store being built); the next write of the same output removes it. Returns what was removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)(\..+)?")
+    removed = []
+    for p in sorted(path.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m and not pid_alive(int(m.group(1))):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (ours or another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(p: Path) -> None:
@@ -42,6 +102,16 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():
         p.unlink()
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, through a Python file object: a full disk is
+    then an ``OSError`` that :func:`atomic_path` reports (torch's own file writer raises a
+    ``RuntimeError`` that names neither the file nor the cause)."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -60,13 +130,57 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as RGB ``uint8`` ``(H, W, 3)``; grayscale becomes 3 channels."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def decode_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED, what: str = "image") -> np.ndarray:
+    """The pixels of an image file as OpenCV decodes them (BGR order, the file's bit depth).
+
+    A missing, empty or undecodable file, and a truncated JPEG (OpenCV would fill its missing
+    part with grey and only log a warning that names no file), are an ``InputError``.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read this {what} ({e.strerror or e}); check that the file exists") from e
+    if jpeg_truncated(raw):
+        raise InputError(f"{path}: truncated JPEG (the file ends before the image data does); replace the file")
+    img = cv2.imdecode(np.frombuffer(raw, np.uint8), flags) if raw else None
     if img is None:
-        raise InputError(f"{path}: cannot read this image (missing, empty or not an image file)")
-    if img.dtype != np.uint8:
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        raise InputError(f"{path}: cannot read this {what} (empty or not an image file)")
+    return img
+
+
+def jpeg_truncated(raw: bytes) -> bool:
+    """Whether ``raw`` is a JPEG stream without its end-of-image marker after the last scan.
+
+    Entropy-coded data never holds a marker (0xFF bytes are stuffed), so the last start-of-scan
+    (FF DA) of a complete file is followed by an end-of-image (FF D9); a thumbnail's own EOI
+    comes before the main scans and does not count.
+    """
+    return raw[:2] == b"\xff\xd8" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda")
+
+
+def to_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Pixels as ``uint8``, scaled by the bit depth so that intensities compare across images.
+
+    8-bit stays as it is, 16-bit is divided by 257 (65535 -> 255), floats in [0, 1] are
+    multiplied by 255; any other pixel type is an ``InputError`` naming ``path``.
+    """
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return np.round(img / 257.0).astype(np.uint8)
+    if np.issubdtype(img.dtype, np.floating) and np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1:
+        return np.round(img * 255.0).astype(np.uint8)
+    raise InputError(
+        f"{path}: pixels are {img.dtype}"
+        + (" outside [0, 1]" if np.issubdtype(img.dtype, np.floating) else "")
+        + "; save the image with 8 or 16 bits per channel (or as floats in [0, 1])"
+    )
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB ``uint8`` ``(H, W, 3)``; grayscale becomes 3 channels, 16-bit is
+    scaled by its bit depth (not per image: intensities stay comparable across images)."""
+    img = to_uint8(decode_image(path), path)
     if img.ndim == 2:
         return np.repeat(img[:, :, None], 3, axis=2)
     if img.shape[2] == 4:
@@ -74,27 +188,41 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
-def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a binary mask as ``bool`` ``(H, W)`` (any non-zero pixel is foreground).
-
-    ``shape`` (H, W), when given, must match: a mask of another size is an error.
-    """
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise InputError(f"{path}: cannot read this mask (missing, empty or not an image file)")
+def read_mask_levels(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A mask's grey levels, ``uint8`` ``(H, W)``; ``shape`` (H, W), when given, must match."""
+    m = decode_image(path, cv2.IMREAD_GRAYSCALE, "mask")
     if shape is not None and m.shape != tuple(shape):
         raise InputError(
             f"{path}: mask is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}; "
             "masks must have their image's size"
         )
-    return m > 0
+    return m
+
+
+def is_binary_mask(levels: np.ndarray) -> bool:
+    """Whether a mask holds at most two grey levels, one of them 0 (e.g. {0, 255} or {0, 1})."""
+    return bool(((levels == 0) | (levels == levels.max())).all())
+
+
+def binarise_mask(levels: np.ndarray) -> np.ndarray:
+    """``bool`` (H, W): any non-zero pixel of a binary mask; of a soft one (blurred,
+    anti-aliased, JPEG), the pixels at half its peak or above (128 of 255), which would otherwise
+    grow to everything its blur touches."""
+    return levels > 0 if is_binary_mask(levels) else levels >= (int(levels.max()) + 1) // 2
+
+
+def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask as ``bool`` ``(H, W)`` (see :func:`binarise_mask`).
+
+    ``shape`` (H, W), when given, must match: a mask of another size is an error.
+    """
+    return binarise_mask(read_mask_levels(path, shape))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """Return ``(H, W)`` of an image file, raising ``InputError`` if unreadable."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise InputError(f"{path}: cannot read this image (missing, empty or not an image file)")
+    """Return ``(H, W)`` of an image file, raising ``InputError`` if it is unreadable,
+    truncated or of an unsupported pixel type."""
+    img = to_uint8(decode_image(path), path)
     return int(img.shape[0]), int(img.shape[1])
 
 
@@ -103,4 +231,4 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
     arr = rgb[:, :, ::-1] if rgb.ndim == 3 else rgb
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(arr)):
-        raise OSError(f"{path}: could not write image")
+        raise InputError(f"{path}: could not write this image; check that its folder is writable and the disk not full")

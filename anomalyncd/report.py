@@ -29,7 +29,7 @@ import numpy as np
 
 from .io import atomic_path, read_image, read_mask, write_image
 from .mebin import crop_padded
-from .num_classes import estimate_lines
+from .num_classes import estimate_summary
 
 THUMB_SIZE = 128
 FULL_MAX_SIDE = 768
@@ -378,7 +378,7 @@ def _legend() -> str:
 
 
 def _warnings(data: ReportData) -> list[str]:
-    out = [line[len("warning: "):] for line in _estimate(data)[1:]]
+    out = [_e(w) for w in _estimate(data)[1]] if data.num_classes.get("estimate") is not None else []
     none_found = data.metrics.get("no_anomaly", {}).get("images", 0)
     if none_found:
         out.append(
@@ -390,8 +390,8 @@ def _warnings(data: ReportData) -> list[str]:
     return out
 
 
-def _estimate(data: ReportData) -> list[str]:
-    return estimate_lines(data.num_classes) if data.num_classes.get("estimate") is not None else []
+def _estimate(data: ReportData) -> tuple[str, list[str]]:
+    return estimate_summary(data.num_classes)
 
 
 def _header(out: Path, data: ReportData) -> str:
@@ -412,6 +412,8 @@ def _header(out: Path, data: ReportData) -> str:
     parts.append("<h2>Results</h2>")
     if m.get("ground_truth"):
         rows = [[lvl, m[lvl]["n"], m[lvl]["nmi"], m[lvl]["ari"], m[lvl]["f1"]] for lvl in ("image", "crop") if lvl in m]
+        base = m.get("baseline", {})
+        rows += [[f"{lvl}: k-means on the frozen features", b["n"], b["nmi"], b["ari"], b["f1"]] for lvl, b in base.items() if lvl in ("image", "crop")]
         parts.append("<h3>Class discovery</h3>" + _table(["level", "n", "NMI", "ARI", "F1"], rows))
     if data.detect:
         keys = [("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro")]

@@ -1,8 +1,9 @@
 """The artifact store: the one module that knows how stages exchange arrays.
 
 Every artifact is a zarr v3 group packed into a single ``*.zarr.zip`` file, so DVC hashes one
-file per artifact however many images there are. A store is built in a temporary directory,
-zipped to a temporary file and renamed into place: a failed stage leaves no store behind.
+file per artifact however many images there are. A store is built in a temporary folder beside
+it, zipped to a temporary file and renamed into place: a failed stage leaves no store behind,
+and a killed one leaves temporaries that the next write removes.
 
 Per-image arrays are in the order of ``ids`` (the images to classify, see
 ``Manifest.to_classify``); per-crop arrays are in crop order and point at their image through
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +103,15 @@ class ProbSet:
     """Crop-level predictions (written by ``infer``).
 
     probs: float32 (M, n_head, K) class probabilities of every head; logits: float32
-    (M, n_head, K); features: float32 (M, D) the normed [CLS] features; head: the selected head.
+    (M, n_head, K); features: float32 (M, D) the encoder's features; baseline_features: float32
+    (M, D0) the frozen backbone's mask-pooled features (the k-means baseline); head: the
+    selected head.
     """
 
     probs: np.ndarray
     logits: np.ndarray
     features: np.ndarray
+    baseline_features: np.ndarray
     head: int
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +119,7 @@ class ProbSet:
         m = len(self.probs)
         _check_len("logits", self.logits, m)
         _check_len("features", self.features, m)
+        _check_len("baseline_features", self.baseline_features, m)
 
 
 def _check_len(name: str, arr: Any, n: int) -> None:
@@ -126,57 +131,72 @@ def _check_len(name: str, arr: Any, n: int) -> None:
 
 
 def write_group(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write ``arrays`` (names may contain ``/``) and ``attrs`` as one zipped zarr group."""
-    with tempfile.TemporaryDirectory(prefix="anomalyncd-store-") as tmpdir:
-        group = zarr.open_group(
-            LocalStore(tmpdir),
-            mode="w",
-            attributes={"kind": kind, "layout_version": LAYOUT_VERSION, **_jsonable(attrs)},
-        )
-        for name, arr in arrays.items():
-            arr = np.ascontiguousarray(arr)
-            chunks = _chunks(arr)
-            a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks)
-            if arr.size:
-                a[...] = arr
-        with atomic_path(path) as tmp:
+    """Write ``arrays`` (names may contain ``/``) and ``attrs`` as one zipped zarr group.
+
+    The group is built in a folder beside the zip's temporary (``.<name>.tmp-<pid>.d``), so
+    that what a killed run leaves behind is found and removed by the next write of ``path``.
+    """
+    with atomic_path(path) as tmp:
+        build = tmp.with_name(tmp.name + ".d")
+        try:
+            _build_group(build, kind, arrays, attrs)
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                root = Path(tmpdir)
-                for f in sorted(root.rglob("*")):
+                for f in sorted(build.rglob("*")):
                     if f.is_file():
                         # A fixed date: the same arrays give the same bytes, so DVC sees no change.
-                        info = zipfile.ZipInfo(f.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                        info = zipfile.ZipInfo(f.relative_to(build).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
                         zf.writestr(info, f.read_bytes())
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _build_group(folder: Path, kind: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    group = zarr.open_group(
+        LocalStore(folder),
+        mode="w",
+        attributes={"kind": kind, "layout_version": LAYOUT_VERSION, **_jsonable(attrs)},
+    )
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(arr))
+        if arr.size:
+            a[...] = arr
 
 
 def read_group(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     """Read every array and the user attrs (without ``kind``/``layout_version``) of a store
-    written by :func:`write_group`."""
+    written by :func:`write_group`. A damaged store (bad zip, bad CRC, missing chunk) is an
+    ``InputError`` naming it."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: store not found; run the stage that writes it first (dvc repro)")
     try:
         store = ZipStore(path, mode="r")
-        group = zarr.open_group(store, mode="r")
+        try:
+            group = zarr.open_group(store, mode="r")
+            attrs = dict(group.attrs)
+            _check_header(path, attrs, kind)
+            arrays = {name: arr[...] for name, arr in group.arrays()}
+            if "masks" in {n for n, _ in group.groups()}:
+                arrays.update({f"masks/{n}": a[...] for n, a in group["masks"].arrays()})
+        finally:
+            store.close()
+    except (InputError, MemoryError):
+        raise
     except Exception as e:  # noqa: BLE001 - any zarr/zip failure is a broken store
         raise InputError(f"{path}: not a readable anomalyncd store ({e}); rerun the stage that writes it") from e
-    try:
-        attrs = dict(group.attrs)
-        if attrs.get("kind") != kind:
-            raise InputError(f"{path}: holds {attrs.get('kind')!r} data, expected {kind!r}")
-        if attrs.get("layout_version") != LAYOUT_VERSION:
-            raise InputError(
-                f"{path}: store layout version {attrs.get('layout_version')} != {LAYOUT_VERSION}; "
-                "rerun the stage that writes it"
-            )
-        arrays = {name: arr[...] for name, arr in group.arrays()}
-        if "masks" in {n for n, _ in group.groups()}:
-            masks = group["masks"]
-            arrays.update({f"masks/{n}": a[...] for n, a in masks.arrays()})
-    finally:
-        store.close()
     del attrs["kind"], attrs["layout_version"]
     return arrays, attrs
+
+
+def _check_header(path: Path, attrs: dict, kind: str) -> None:
+    if attrs.get("kind") != kind:
+        raise InputError(f"{path}: holds {attrs.get('kind')!r} data, expected {kind!r}")
+    if attrs.get("layout_version") != LAYOUT_VERSION:
+        raise InputError(
+            f"{path}: store layout version {attrs.get('layout_version')} != {LAYOUT_VERSION}; "
+            "rerun the stage that writes it"
+        )
 
 
 def _chunks(arr: np.ndarray) -> tuple[int, ...]:
@@ -255,6 +275,7 @@ def write_probs(path: str | os.PathLike, ps: ProbSet) -> None:
             "probs": ps.probs.astype(np.float32),
             "logits": ps.logits.astype(np.float32),
             "features": ps.features.astype(np.float32),
+            "baseline_features": ps.baseline_features.astype(np.float32),
         },
         {"head": int(ps.head), **ps.attrs},
     )

@@ -36,36 +36,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import losses
-from .augment import train_views
+from .augment import eval_views, train_views
+from .config import TrainParams
 from .device import resolve_device
-from .io import InputError, atomic_path
+from .io import InputError, save_torch
 from .model import MGViTClassifier
 
 CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from every real epoch
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (see ``params.yaml`` ``train`` for the paper preset)."""
-
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 0.003
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    min_lr_ratio: float = 1e-3
-    seed: int = 0
-    warmup_teacher_temp: float = 0.07
-    teacher_temp: float = 0.04
-    warmup_teacher_epochs: int = 40
-    repeat_times: int = 1
-    student_temp: float = losses.STUDENT_TEMP
-    contrast_temp: float = 1.0
-    memax_weight: float = 4.0
-    anomaly_thred: float = 0.5
-    sup_weight: float = 0.3
-    trunk_cache_views: int = 0
-    num_workers: int = 0
 
 
 @dataclass
@@ -212,6 +189,20 @@ def build_trunk_cache(
     return torch.stack(toks), torch.stack(pms)
 
 
+@torch.no_grad()
+def calibrate(net: MGViTClassifier, data: TrainData, device: str, batch_size: int = 64) -> None:
+    """Let the encoder fit its input statistics (:meth:`MaskGuidedCNN.calibrate`) on the
+    trunk outputs of every crop under the evaluation transform (deterministic)."""
+    toks, pms = [], []
+    net.eval()
+    for s in range(0, len(data.crops), batch_size):
+        x, mk = eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size)
+        t, p = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
+        toks.append(t)
+        pms.append(p)
+    net.encoder.calibrate(torch.cat(toks), torch.cat(pms))
+
+
 def cached_view_pairs(m: int, views: int, seed: int, epoch: int) -> np.ndarray:
     """Which two distinct cached views each crop uses in ``epoch``: int (M, 2)."""
     rng = np.random.default_rng([seed, epoch, CACHE_EPOCH])
@@ -228,7 +219,7 @@ def batch_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     scores: torch.Tensor,
-    cfg: TrainConfig,
+    cfg: TrainParams,
     teacher_temp: float,
     num_labeled: int,
     normal_slot: int | None,
@@ -249,13 +240,13 @@ def batch_loss(
     for h in range(logits.shape[0]):
         lg = logits[h]
         teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, normal_slot)
-        distill.append(losses.distillation(lg, teacher, unl, cfg.student_temp))
-        memax.append(losses.mean_entropy_penalty(lg, cfg.student_temp))
+        distill.append(losses.distillation(lg, teacher, unl, losses.STUDENT_TEMP))
+        memax.append(losses.mean_entropy_penalty(lg, losses.STUDENT_TEMP))
         if supervised and bool(lab_rows.any()):
-            ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], cfg.student_temp))
+            ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], losses.STUDENT_TEMP))
     distill_h = torch.stack(distill)
     cluster = (distill_h + cfg.memax_weight * torch.stack(memax)).mean()
-    contrast = losses.info_nce(proj, cfg.contrast_temp)
+    contrast = losses.info_nce(proj)
     parts = {"distill": distill_h.mean(), "memax": torch.stack(memax).mean(), "contrastive": contrast}
     if not supervised:
         total = cluster + contrast
@@ -287,7 +278,7 @@ def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
 def train(
     net: MGViTClassifier,
     data: TrainData,
-    cfg: TrainConfig,
+    cfg: TrainParams,
     device: str = "cpu",
     checkpoint: str | Path | None = None,
     resume: bool = False,
@@ -305,18 +296,23 @@ def train(
     rank, world = dist_env()
     if cfg.trunk_cache_views == 1 or cfg.trunk_cache_views < 0:
         raise InputError("params.yaml: train.trunk_cache_views must be 0 (off) or at least 2 (two views per crop)")
-    if cfg.trunk_cache_views and net.encoder.grad_from_block == 0:
+    if cfg.trunk_cache_views and not net.encoder.has_frozen_trunk:
         raise InputError(
             "params.yaml: train.trunk_cache_views needs frozen blocks (train.grad_from_block > 0); "
             "set trunk_cache_views: 0 to train the whole ViT"
         )
     t0 = time.perf_counter()
     net.to(device)
+    if net.encoder.needs_calibration:
+        calibrate(net, data, device)
     opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     history: list[dict] = []
     start = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a run killed while the disk filled, a damaged file
+            raise InputError(f"{checkpoint}: not a readable checkpoint ({e}); set train.resume=false to start again") from e
         if state.get("fingerprint") != fingerprint:
             raise InputError(
                 f"{checkpoint}: checkpoint of a run with other params or inputs; "
@@ -437,7 +433,6 @@ def _save_checkpoint(path, net, opt, epoch: int, history: list[dict], fingerprin
         "history": history,
         "fingerprint": fingerprint,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 

@@ -113,7 +113,7 @@ def quality(args) -> None:
     out = {
         "method": p.method, "backbone": p.backbone, "layers": p.layers, "weights": r["weights"],
         "image_size": p.image_size, "map_size": p.map_size, "train_images": p.train_images,
-        "coreset_ratio": p.coreset_ratio, "test_images": len(records),
+        "bank_size": p.bank_size, "test_images": len(records),
         **{k: round(v, 4) for k, v in m.items()}, "pixel_auroc_per_type": per_type,
         "fit_s": round(r["fit_s"], 1), "map_s": round(r["map_s"], 1), "peak_mb": round(r["peak_mb"]),
     }

@@ -118,14 +118,15 @@ def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, st
     if args.overcomplete_epochs:
         from anomalyncd.inference import crop_outputs, novel_probabilities
         from anomalyncd.model import MGViTClassifier, ModelConfig
-        from anomalyncd.training import TrainConfig, TrainData, train
+        from anomalyncd.config import TrainParams
+from anomalyncd.training import TrainData, train
 
         torch.manual_seed(p.seed)
         net = MGViTClassifier(ModelConfig(model=p.model, image_size=p.image_size, num_unlabeled=p.auto_max))
         data = TrainData(cs.crops, cs.crop_masks, cs.scores.astype(np.float32), -np.ones(len(cs.crops), np.int64))
         t = time.perf_counter()
-        res = train(net, data, TrainConfig(epochs=args.overcomplete_epochs, seed=p.seed, trunk_cache_views=4))
-        _, logits = crop_outputs(net, cs.crops[keep], cs.crop_masks[keep])
+        res = train(net, data, TrainParams(epochs=args.overcomplete_epochs, seed=p.seed, trunk_cache_views=4))
+        logits = crop_outputs(net, cs.crops[keep], cs.crop_masks[keep]).logits
         probs = novel_probabilities(torch.from_numpy(logits[:, res.head]), 0).numpy()
         share = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
         print(f"over-complete head ({p.auto_max} outputs, {args.overcomplete_epochs} epochs, "

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from anomalyncd.model import MGViTClassifier, ModelConfig
-from anomalyncd.training import TrainConfig, TrainData, train
+from anomalyncd.config import TrainParams
+from anomalyncd.training import TrainData, train
 
 
 def synthetic_crops(m: int, size: int, seed: int = 0) -> TrainData:
@@ -47,7 +48,7 @@ def main() -> None:
     results = {}
     for views in (0, args.views):
         torch.manual_seed(0)
-        tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, trunk_cache_views=views)
+        tc = TrainParams(epochs=args.epochs, batch_size=args.batch_size, trunk_cache_views=views)
         res = train(MGViTClassifier(cfg), data, tc)
         results[views] = (res.seconds - res.cache_seconds) / args.epochs
         label = "off" if views == 0 else f"{views} views"

@@ -29,7 +29,8 @@ from anomalyncd.io import read_image, read_mask
 from anomalyncd.merge import merge_regions
 from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig
-from anomalyncd.training import TrainConfig, TrainData, train
+from anomalyncd.config import TrainParams
+from anomalyncd.training import TrainData, train
 
 
 def mask_crops(
@@ -97,16 +98,16 @@ def main() -> None:
                       grad_from_block=args.grad_from_block, n_head=4, num_unlabeled=len(types))
     torch.manual_seed(args.seed)
     net = MGViTClassifier(cfg)
-    feats0, _ = crop_outputs(net, crops, masks)
+    feats0 = crop_outputs(net, crops, masks).features
     f0 = feats0 / np.linalg.norm(feats0, axis=1, keepdims=True)
     km = KMeans(n_clusters=len(types), n_init=10, random_state=args.seed).fit(f0)
     base = image_scores(labels, np.eye(len(types))[km.labels_], index, areas, len(records), keep)
 
     data = TrainData(crops, masks, np.ones(len(crops), np.float32), -np.ones(len(crops), np.int64))
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    tc = TrainParams(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      trunk_cache_views=args.views)
     res = train(net, data, tc)
-    _, logits = crop_outputs(net, crops, masks)
+    logits = crop_outputs(net, crops, masks).logits
     probs = novel_probabilities(torch.from_numpy(logits), 0).numpy()[:, res.head]
     ours = image_scores(labels, probs, index, areas, len(records), keep)
 

@@ -40,7 +40,7 @@ def main() -> None:
                       has_normal=ds.include_normal)
     torch.manual_seed(p.seed)
     untrained = MGViTClassifier(cfg, create_backbone(p.model, p.image_size))
-    feats, _ = crop_outputs(untrained, cs.crops, cs.crop_masks)
+    feats = crop_outputs(untrained, cs.crops, cs.crop_masks).features
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     km = KMeans(n_clusters=k, n_init=10, random_state=p.seed).fit(feats)
     areas = cs.areas.astype(np.float64)

@@ -43,6 +43,16 @@ def _masks(records: list[Record]) -> list[np.ndarray]:
     return [read_mask(r.mask) if r.mask else np.zeros((r.height, r.width), bool) for r in records]
 
 
+def check_finite(maps: np.ndarray, records: list[Record], method: str) -> None:
+    """Raise ``InputError`` before anything is written if a map (N, S, S) holds NaN or inf."""
+    bad = [r.id for r, ok in zip(records, np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)) if not ok]
+    if bad:
+        raise InputError(
+            f"params.yaml: detect.method {method} made NaN or infinite maps for {len(bad)} image(s), e.g. {bad[:3]}; "
+            "try another detect.method or backbone"
+        )
+
+
 def _finite(d: dict) -> dict:
     """NaN -> None, so the metrics file stays valid JSON."""
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
@@ -73,6 +83,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         det.fit(LazyImages([r.image for r in manifest.train_normal()]))
     all_maps = det.map_records(todo + extra)
     seconds = time.perf_counter() - start
+    check_finite(all_maps, todo + extra, p.method)
 
     maps = all_maps[: len(todo)]
     lo, hi = float(maps.min()), float(maps.max())
@@ -105,7 +116,6 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         **{k: attrs[k] for k in ("method", "backbone", "weights", "pretrained")},
         "images": len(todo),
         "normal_images_for_metrics": len(extra),
-        "seconds": round(seconds, 2),
     }
     evaluated = todo + extra
     if manifest.has_ground_truth and any(r.mask for r in evaluated):
@@ -131,6 +141,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     with atomic_path(paths.PLOTS / "detect_grid.png") as tmp:
         tmp.write_bytes(cv2.imencode(".png", np.ascontiguousarray(grid[:, :, ::-1]))[1].tobytes())
     write_json(paths.METRICS / "detect.json", _finite(metrics))
+    write_json(paths.LOGS / "detect.json", {"seconds": round(seconds, 2)})  # not a metric: it varies per run
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in metrics)
     typer.echo(f"detect: {len(todo)} maps ({p.method}) -> {paths.MAPS}" + (f"; {shown}" if shown else ""))
 

@@ -22,14 +22,15 @@ import typer
 import yaml
 
 from anomalyncd import paths
-from anomalyncd.config import load_params
+from anomalyncd.baseline import kmeans_clusters
+from anomalyncd.config import MergeParams, load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError, write_json
-from anomalyncd.merge import STATUS, n_classes, parse_boxes, parse_ints, read_table, write_table
-from anomalyncd.metrics import evaluate_predictions
+from anomalyncd.merge import STATUS, merge_regions, n_classes, parse_boxes, parse_ints, read_table, write_table
+from anomalyncd.metrics import evaluate_predictions, score_clustering
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
 from anomalyncd.stage import run
-from anomalyncd.store import CropSet, read_crops, read_maps
+from anomalyncd.store import CropSet, ProbSet, read_crops, read_maps, read_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -63,6 +64,23 @@ def read_optional_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def baseline_metrics(cs: CropSet, ps: ProbSet, mp: MergeParams, seed: int, records: dict) -> dict:
+    """Image and crop NMI / ARI / F1 of the frozen-feature baseline (:mod:`anomalyncd.baseline`):
+    k-means on the crops' mask-pooled backbone features, merged to images like the model's
+    predictions (images without anomaly count as wrong)."""
+    if len(ps.baseline_features) != len(cs.crops):
+        raise InputError(f"{paths.PROBS}: {len(ps.baseline_features)} crops, {paths.CROPS} has {len(cs.crops)}; rerun infer (dvc repro)")
+    k = int(ps.attrs.get("num_unlabeled", ps.probs.shape[-1]))
+    crop_labels = kmeans_clusters(ps.baseline_features, k, seed)
+    merged = merge_regions(np.eye(k)[crop_labels], cs.areas, cs.image_index, len(cs.ids), mp.strategy, mp.temperature)
+    truth = [records[i].defect_type for i in cs.ids]
+    known = [t is not None and t != "" for t in truth]
+    image = score_clustering([t for t, k_ in zip(truth, known) if k_], merged.labels[np.array(known)])
+    crop_truth = [truth[i] for i in cs.image_index]
+    crop = score_clustering(crop_truth, crop_labels)
+    return {"features": "frozen backbone, mask-pooled; PCA + k-means", "image": image.summary(), "crop": crop.summary()}
+
+
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
@@ -92,6 +110,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         image_anomaly=anomaly,
     )
     names = ev.image_scores.matching if ev.image_scores else {}
+    if ev.metrics["ground_truth"]:
+        ev.metrics["baseline"] = baseline_metrics(cs, read_probs(paths.PROBS), load_params("merge", params), p.seed, records)
     write_json(paths.METRICS / "evaluate.json", ev.metrics)
 
     # The confusion plot: one row per image, DVC's confusion template counts them.
@@ -150,6 +170,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     m = ev.metrics
     if m["ground_truth"]:
         summary = " ".join(f"{lvl} NMI {m[lvl]['nmi']:.3f} ARI {m[lvl]['ari']:.3f} F1 {m[lvl]['f1']:.3f};" for lvl in ("image", "crop") if lvl in m)
+        b = m["baseline"]["image"]
+        summary += f" (k-means on the frozen features: image NMI {b['nmi']:.3f} ARI {b['ari']:.3f} F1 {b['f1']:.3f})"
     else:
         summary = "no ground truth; cluster sizes " + str({c: v["size"] for c, v in m["clusters"].items()})
     typer.echo(f"evaluate: {summary} no anomaly found in {m['no_anomaly']['images']} images; report: {paths.REPORT / 'index.html'}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -31,7 +31,7 @@ from anomalyncd.io import InputError, read_image, read_mask, write_json
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone, save_model
 from anomalyncd.stage import run
 from anomalyncd.store import CropSet, read_crops
-from anomalyncd.training import TrainConfig, TrainData, dist_env, init_distributed, train
+from anomalyncd.training import TrainData, dist_env, init_distributed, train
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -101,11 +101,6 @@ def _base_hash(folder: str) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file()) if folder else []
 
 
-def train_config(p: TrainParams) -> TrainConfig:
-    """The optimisation settings of ``p`` (same field names)."""
-    return TrainConfig(**{f.name: getattr(p, f.name) for f in fields(TrainConfig) if hasattr(p, f.name)})
-
-
 class _Live:
     """DVCLive logger of the per-epoch metrics (rank 0 only); DVC declares its files."""
 
@@ -146,22 +141,16 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         labels = np.concatenate([labels, bl])
     data = TrainData(crops, masks, scores, labels)
     has_normal = bool(ds.include_normal)
-    cfg = ModelConfig(
-        model=p.model,
-        image_size=p.image_size,
-        mask_layers=p.mask_layers,
-        grad_from_block=p.grad_from_block,
-        n_head=p.n_head,
-        num_labeled=len(base_names),
-        num_unlabeled=k + int(has_normal),
-        has_normal=has_normal,
-    )
+    cfg = ModelConfig.from_params(p, num_unlabeled=k + int(has_normal), num_labeled=len(base_names), has_normal=has_normal)
     torch.manual_seed(p.seed)
-    net = MGViTClassifier(cfg, create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint))
+    backbone = create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers)
+    if rank == 0:
+        typer.echo(f"train: model {p.model}, weights: {backbone.weights}", err=True)
+    net = MGViTClassifier(cfg, backbone)
     fp = fingerprint(p, has_normal, world, paths.CROPS, *_base_hash(p.base_dir))
     live = _Live(LIVE_DIR) if rank == 0 else None
     result = train(
-        net, data, train_config(p), device, checkpoint=CHECKPOINT, resume=p.resume, fingerprint=fp, on_epoch=live
+        net, data, p, device, checkpoint=CHECKPOINT, resume=p.resume, fingerprint=fp, on_epoch=live
     )
     if rank == 0:
         live.end()
@@ -180,11 +169,13 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
                 "base_crops": int((labels >= 0).sum()),
                 "num_outputs": cfg.num_outputs,
                 "pretrained": bool(p.pretrained or p.checkpoint),
+                "weights": backbone.weights,
                 "processes": world,
-                "cache_seconds": round(result.cache_seconds, 2),
-                "seconds": round(time.time() - t0, 2),
             },
         )
+        # timings vary from run to run: a log, not a DVC-tracked metric
+        timings = {"seconds": time.time() - t0, "cache_seconds": result.cache_seconds}
+        write_json(paths.LOGS / "train.json", {k: round(v, 2) for k, v in timings.items()})
         typer.echo(
             f"train: {len(cs.crops)} crops, {len(result.history)} epochs on {device} x{world}, "
             f"head {result.head}, loss {last.get('loss', float('nan')):.4f} -> {paths.MODEL}"

@@ -12,7 +12,7 @@ import yaml
 
 from .conftest import ROOT
 
-COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
 
 # Small enough for a 2-core CI machine; the real defaults are in params.yaml.
 TINY = {
@@ -23,14 +23,15 @@ TINY = {
 }
 
 
-def run(args: list[str], cwd: Path) -> str:
-    """Run a command as a user would (this venv's python and dvc first on PATH); return its output."""
+def run(args: list[str], cwd: Path, returncode: int = 0) -> str:
+    """Run a command as a user would (this venv's python and dvc first on PATH); check its exit
+    code and return its output (stdout, then stderr)."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed:\n{out[-4000:]}"
+    assert proc.returncode == returncode, f"{' '.join(map(str, args))} exited with {proc.returncode}:\n{out[-4000:]}"
     return out
 
 

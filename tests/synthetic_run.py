@@ -66,7 +66,7 @@ def make_project(root: Path, categories=("tile",), labelled=True, crops_per_imag
     z = logits / 0.1
     probs = np.exp(z - z.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    write_probs(root / paths.PROBS, ProbSet(probs=probs, logits=logits, features=np.zeros((m, 4), np.float32), head=1))
+    write_probs(root / paths.PROBS, ProbSet(probs=probs, logits=logits, features=np.zeros((m, 4), np.float32), baseline_features=rng.normal(size=(m, 3)).astype(np.float32), head=1))
     (root / "params.yaml").write_text(
         yaml.safe_dump({"merge": {"strategy": "weighted", "temperature": 10.0}, "evaluate": {"report_images": 4, "mebin_plots": 2}})
     )

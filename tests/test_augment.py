@@ -54,7 +54,7 @@ def test_eval_view_is_resize_then_centre_crop():
     img, mask = coded_crop(size=augment.resize_size(64))  # already at the resize size: only the crop
     x, m = augment.eval_view(img, mask, 64)
     o = (augment.resize_size(64) - 64) // 2
-    np.testing.assert_allclose(x, augment.normalize(img[o : o + 64, o : o + 64]), atol=1e-6)
+    np.testing.assert_allclose(x, augment.to_chw(img[o : o + 64, o : o + 64]), atol=1e-6)
     np.testing.assert_array_equal(m, mask[o : o + 64, o : o + 64])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import cv2
 import numpy as np
@@ -11,8 +12,8 @@ import torch
 
 from anomalyncd import auto_k
 from anomalyncd.config import TrainParams
-from anomalyncd.io import InputError
-from anomalyncd.num_classes import KEstimate, estimate_lines
+from anomalyncd.io import InputError, InputWarning
+from anomalyncd.num_classes import KEstimate, estimate_summary
 
 
 def tiny_params(**kw) -> TrainParams:
@@ -70,7 +71,7 @@ def test_crops_without_a_region_are_left_out(tmp_path, monkeypatch):
     crops, masks = two_kinds_of_crops()
     masks[:3] = 0
     seen = []
-    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: seen.append(len(f)) or KEstimate(2, [1, 2], [0, 1], "bic"))
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: seen.append(len(f)) or KEstimate(2, [1, 2, 3], [0, 1, 0], "bic"))
     auto_k.resolve_num_classes(tiny_params(num_classes="auto"), crops, masks, tmp_path / "m.json", tmp_path / "p.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert seen == [9]
@@ -93,24 +94,26 @@ def test_the_estimate_is_echoed_with_its_score_curve(tmp_path):
     assert "2: " in lines[0] and "*" in lines[0] and lines[0].endswith("training with K = 3 (train.num_classes)")
 
 
-def test_an_estimate_at_auto_max_or_at_one_comes_with_a_warning(tmp_path):
+def test_an_auto_estimate_of_one_warns_that_no_structure_was_found(tmp_path):
     crops, masks = two_kinds_of_crops()
     lines = []
-    auto_k.resolve_num_classes(tiny_params(num_classes="auto", auto_max=2), crops, masks, tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
-    assert lines[0].endswith("training with K = 2 (train.num_classes: auto)")
-    assert lines[1].startswith("warning: the estimate is train.auto_max = 2") and "raise train.auto_max" in lines[1]
-    lines.clear()
-    auto_k.resolve_num_classes(tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
-    assert lines[0].startswith("estimated K = 1 (bic over 0 region crops") and lines[1].startswith("warning: the estimate is 1")
+    with pytest.warns(InputWarning, match="the estimate 1 means the crops' regions show no cluster structure"):
+        auto_k.resolve_num_classes(
+            tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json", echo=lines.append
+        )
+    assert lines[0].startswith("estimated K = 1 (bic over 0 region crops") and len(lines) == 1
 
 
-def test_estimate_lines_read_the_metrics_file_format():
-    metrics = {"num_classes": 5, "estimate": 7, "auto": False, "auto_max": 10, "method": "bic", "crops": 344,
-               "scores": {"k6": 9314.2, "k7": 9331.0, "k8": 9199.5}}
-    assert estimate_lines(metrics) == [
-        "estimated K = 7 (bic over 344 region crops; score by K, higher is better: 6: 9314, 7: 9331*, 8: 9200); "
-        "training with K = 5 (train.num_classes)"
-    ]
+def test_estimate_summary_reads_the_metrics_file_format():
+    metrics = {"num_classes": 5, "estimate": 7, "auto": False, "auto_max": 10, "largest_k": 10, "method": "bic",
+               "crops": 344, "scores": {"k6": 9314.2, "k7": 9331.0, "k8": 9199.5}}
+    line = ("estimated K = 7 (bic over 344 region crops; score by K, higher is better: 6: 9314, 7: 9331*, 8: 9200); "
+            "training with K = 5 (train.num_classes)")
+    assert estimate_summary(metrics) == (line, [])
+    line, warns = estimate_summary({**metrics, "auto": True, "num_classes": 10, "estimate": 10})
+    assert line.endswith("training with K = 10 (train.num_classes: auto)")
+    assert warns == ["params.yaml: train.num_classes auto: the estimate 10 is the largest number considered "
+                     "(train.auto_max=10), so there may be more classes; raise train.auto_max to check"]
 
 
 def test_mgvit_features_are_the_mask_guided_cls_tokens():
@@ -155,3 +158,27 @@ def test_features_are_deterministic_for_a_seed():
 def test_bad_params_are_errors_naming_the_key(tmp_path, bad):
     with pytest.raises(InputError, match="train\\.(num_classes|auto_max)"):
         resolve(tmp_path, tiny_params(**bad))
+
+
+def test_more_classes_than_crops_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="train.num_classes=13 but there are only 12 crops"):
+        resolve(tmp_path, tiny_params(num_classes=13))
+
+
+def test_an_auto_estimate_at_auto_max_warns_that_there_may_be_more(tmp_path):
+    with pytest.warns(InputWarning, match=r"estimate 2 is the largest number considered \(train.auto_max=2\)"):
+        k, _, _ = resolve(tmp_path, tiny_params(num_classes="auto", auto_max=2))
+    assert k == 2
+
+
+def test_an_auto_estimate_at_what_the_crops_can_tell_warns_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: KEstimate(3, [1, 2, 3], [0, 1, 2], "bic"))
+    with pytest.warns(InputWarning, match="estimate 3 is the most that 12 crops with a region can tell apart"):
+        resolve(tmp_path, tiny_params(num_classes="auto", auto_max=10))
+
+
+def test_an_estimate_below_its_bound_gives_no_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        k, _, _ = resolve(tmp_path, tiny_params(num_classes="auto", auto_max=4))
+    assert k == 2

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,19 @@ def test_a_stage_with_a_bad_param_fails_with_a_message_naming_it(tmp_path):
     assert out.returncode != 0
     assert "n_trian" in out.stderr + out.stdout
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "stage, params, says",
+    [
+        ("merge", "merge:\n  temperature: 0\n", "merge.temperature must be > 0, got 0.0"),
+        ("train", "train:\n  epoch: 5\n", "train: unknown key(s) ['epoch']"),
+    ],
+)
+def test_bad_params_end_in_one_error_line_and_exit_2_with_nothing_written(tmp_path, stage, params, says):
+    (tmp_path / "params.yaml").write_text(params)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: params.yaml: {says}") and out.stderr.count("\n") == 1, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]

@@ -1,7 +1,10 @@
 import pytest
+import yaml
 
-from anomalyncd.config import DatasetParams, MebinParams, from_dict, load_params
+from anomalyncd.config import SECTIONS, DatasetParams, MebinParams, from_dict, load_params
 from anomalyncd.io import InputError
+
+from .conftest import ROOT
 
 
 def test_missing_keys_keep_their_defaults():
@@ -37,3 +40,35 @@ def test_load_params_reads_one_section(tmp_path):
 def test_load_params_names_a_missing_file(tmp_path):
     with pytest.raises(InputError, match="params file not found"):
         load_params("mebin", tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("detect", "map_size", 0),
+        ("detect", "batch_size", 0),
+        ("detect", "bank_size", -1),
+        ("train", "batch_size", 0),
+        ("train", "batch_size", 1),  # the losses compare the crops of a batch
+        ("train", "n_head", 0),
+        ("train", "lr", -1),
+        ("train", "epochs", 0),  # would write an untrained model
+        ("train", "trunk_cache_views", 1),
+        ("infer", "batch_size", 0),
+        ("merge", "temperature", 0),
+        ("evaluate", "report_images", -1),
+    ],
+)
+def test_values_out_of_range_are_errors_naming_the_key(tmp_path, section, key, value):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(InputError) as e:
+        load_params(section, f)
+    message = str(e.value)
+    assert message.startswith(f"params.yaml: {section}.{key} must be ") and float(message.rsplit("got ", 1)[1]) == value
+
+
+def test_the_defaults_and_the_shipped_params_are_in_range():
+    for section in SECTIONS:
+        load_params(section, ROOT / "params.yaml")
+        SECTIONS[section]()

@@ -1,5 +1,6 @@
 import collections
 import shutil
+import warnings
 
 import cv2
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from anomalyncd.config import DatasetParams, DemoParams
 from anomalyncd.datasets import READERS, Manifest, build_manifest, read_dataset
 from anomalyncd.demo import DEFECTS, generate
-from anomalyncd.io import InputError
+from anomalyncd.io import InputError, InputWarning
 
 from .conftest import MTD, requires_mtd
 
@@ -59,6 +60,34 @@ def test_mask_of_another_size_names_the_mask(tiny_demo):
 def test_unreadable_image_names_the_file(tiny_demo):
     (tiny_demo / "tile/test/hole/001.png").write_bytes(b"garbage")
     with pytest.raises(InputError, match="hole/001.png: cannot read this image"):
+        _manifest("mvtec", tiny_demo)
+
+
+def test_a_truncated_jpeg_is_refused_naming_the_file(tiny_demo):
+    folder = tiny_demo / "tile" / "test"
+    img = cv2.imread(str(folder / "hole" / "001.png"))
+    jpg = folder / "hole" / "extra.jpg"
+    cv2.imwrite(str(jpg), img)
+    jpg.write_bytes(jpg.read_bytes()[:-200])
+    with pytest.raises(InputError, match="hole/extra.jpg: truncated JPEG"):
+        _manifest("folder", folder)
+
+
+def test_soft_masks_are_named_in_one_warning_and_cut_at_half_their_peak(tiny_demo):
+    gt = tiny_demo / "tile" / "ground_truth"
+    soft = [gt / "crack" / "000_mask.png", gt / "hole" / "002_mask.png"]
+    for f in soft:
+        cv2.imwrite(str(f), cv2.GaussianBlur(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (0, 0), 3))
+    with pytest.warns(InputWarning) as caught:
+        _manifest("mvtec", tiny_demo)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert all(str(f) in message for f in soft) and "2 of 12 masks are not binary" in message
+
+
+def test_binary_masks_give_no_warning(tiny_demo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
         _manifest("mvtec", tiny_demo)
 
 
@@ -115,7 +144,8 @@ def test_every_demo_defect_image_has_a_non_empty_mask(tiny_demo):
 
 @requires_mtd()
 def test_mtd_reader_finds_the_published_split():
-    m = _manifest("mtd", MTD)
+    with pytest.warns(InputWarning, match="388 of 392 masks are not binary"):  # anti-aliased edges
+        m = _manifest("mtd", MTD)
     counts = collections.Counter((r.split, r.defect_type) for r in m.records)
     assert counts[("train", "good")] == 761
     assert counts[("test", "good")] == 191

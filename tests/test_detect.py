@@ -32,7 +32,7 @@ def with_spot(img: np.ndarray) -> np.ndarray:
 
 
 def params(**kw) -> DetectParams:
-    base = dict(map_size=32, image_size=32, device="cpu", batch_size=4, coreset_ratio=0.5, layers=[1, 2, 4])
+    base = dict(map_size=32, image_size=32, device="cpu", batch_size=4, bank_size=100, layers=[1, 2, 4])
     return DetectParams(**{**base, **kw})
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from anomalyncd.config import DetectParams
 from anomalyncd.datasets import Record
-from anomalyncd.detect import DetectContext, create_detector
+from anomalyncd.detect import DetectContext, create_detector, normalise_u8
 from anomalyncd.detect.external import read_map_file
-from anomalyncd.io import InputError
+from anomalyncd.io import InputError, InputWarning
 
 
 def record(i: int, root: Path, h: int = 20, w: int = 30) -> Record:
@@ -84,6 +84,50 @@ def test_map_files_are_read_as_float_in_their_range(tmp_path, name, arr, top):
     assert m.min() == pytest.approx(0.0) and m.max() == pytest.approx(top, rel=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16, np.uint8])
+def test_integer_npy_maps_keep_their_values(tmp_path, dtype):
+    arr = (ramp() * 200).astype(dtype)
+    write(tmp_path / "m.npy", arr)
+    np.testing.assert_array_equal(read_map_file(tmp_path / "m.npy"), arr.astype(np.float32))
+
+
+def test_int64_maps_give_the_same_0_to_255_maps_as_float_maps(tmp_path):
+    """int64 maps divided by 9.2e18 became all zero after normalisation, with a perfect AUROC."""
+    recs = [record(i, tmp_path) for i in range(2)]
+    for kind, dtype in (("int", np.int64), ("float", np.float32)):
+        for i, r in enumerate(recs):
+            write(tmp_path / kind / f"{r.id}.npy", np.round(ramp() * 100 * (i + 1)).astype(dtype))
+    a, b = detect(recs, tmp_path / "int"), detect(recs, tmp_path / "float")
+    np.testing.assert_allclose(a, b)
+    u8 = normalise_u8(a, float(a.min()), float(a.max()))
+    assert u8.max() == 255 and (u8[1] > 128).sum() > 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_maps_are_an_error_naming_the_file(tmp_path, bad):
+    arr = ramp()
+    arr[3, 4] = bad
+    write(tmp_path / "m.npy", arr)
+    with pytest.raises(InputError, match="m.npy: map has 1 NaN or infinite values"):
+        read_map_file(tmp_path / "m.npy")
+
+
+def test_two_images_with_one_name_in_different_folders_do_not_share_a_map(tmp_path):
+    a = Record("ds/a/000", str(tmp_path / "ds" / "a" / "000.png"), "", "", "test", "ds")
+    b = Record("ds/b/000", str(tmp_path / "ds" / "b" / "000.png"), "", "", "test", "ds")
+    write(tmp_path / "maps" / "000.npy", ramp())
+    with pytest.raises(InputError, match=r"000.npy: the one map of 2 images \(ds/a/000, ds/b/000\)"):
+        detect([a, b], tmp_path / "maps")
+
+
+def test_two_categories_do_not_share_a_defect_type_map(tmp_path):
+    tile = record(0, tmp_path)
+    wood = Record("wood/test/crack/000", str(tmp_path / "data/wood/test/crack/000.png"), "", "crack", "test", "wood")
+    write(tmp_path / "maps" / "crack" / "000.npy", ramp())  # key 4: <defect_type>/<image_name>
+    with pytest.raises(InputError, match="the one map of 2 images"):
+        detect([tile, wood], tmp_path / "maps")
+
+
 def test_colour_heat_map_is_an_error(tmp_path):
     arr = np.zeros((20, 30, 3), np.uint8)
     arr[..., 2] = 255
@@ -105,7 +149,7 @@ def test_missing_maps_are_an_error_listing_the_first_ids(tmp_path):
 def test_map_of_another_size_is_resized_with_a_warning(tmp_path):
     r = record(0, tmp_path)
     write(tmp_path / "maps" / f"{r.id}.npy", ramp(40, 60))
-    with pytest.warns(UserWarning, match="resized"):
+    with pytest.warns(InputWarning, match="resized"):
         out = detect([r], tmp_path / "maps")
     assert out.shape == (1, 16, 16)
 

@@ -18,7 +18,7 @@ from anomalyncd.io import InputError, read_image
 from anomalyncd.store import read_maps
 from stages.detect import main
 
-TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "layers": [1, 2, 4], "coreset_ratio": 0.2}
+TINY = {"map_size": 32, "image_size": 32, "device": "cpu", "layers": [1, 2, 4], "bank_size": 200}
 
 
 @pytest.fixture
@@ -89,6 +89,38 @@ def test_external_method_reads_maps_of_the_images_to_classify(project):
     ms = read_maps(paths.MAPS)
     assert ms.ids == ms_ids and metrics["normal_images_for_metrics"] == 0
     assert metrics["pixel_auroc"] > 0.99
+
+
+def test_nan_in_external_maps_stops_detect_before_anything_is_written(project):
+    run_stage(project, method="ground_truth")
+    outputs = [paths.MAPS, paths.DETECTOR, paths.METRICS / "detect.json", paths.PLOTS / "detect_grid.png"]
+    before = [f.read_bytes() for f in outputs]
+    gt = read_maps(paths.MAPS)
+    for i, image_id in enumerate(gt.ids):
+        m = gt.maps[i].copy()
+        if i == 5:
+            m[0, 0] = np.nan
+        (project / "ext" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        np.save(project / "ext" / f"{image_id}.npy", m)
+    with pytest.raises(InputError, match=f"{gt.ids[5]}.npy: map has 1 NaN or infinite values"):
+        run_stage(project, method="external", external_dir=str(project / "ext"))
+    assert [f.read_bytes() for f in outputs] == before
+
+
+def test_a_detector_making_nan_maps_is_stopped_before_anything_is_written(project, monkeypatch):
+    from anomalyncd.detect.ground_truth import GroundTruth
+
+    make = GroundTruth.map_records
+    monkeypatch.setattr(GroundTruth, "map_records", lambda self, records: make(self, records) * np.nan)
+    with pytest.raises(InputError, match="detect.method ground_truth made NaN or infinite maps for 14 image"):
+        run_stage(project, method="ground_truth")
+    assert not paths.MAPS.exists() and not paths.DETECTOR.exists()
+
+
+def test_timings_go_to_an_untracked_log_not_to_the_metrics(project):
+    metrics = run_stage(project, method="ground_truth")
+    assert not any("seconds" in k for k in metrics)  # they would change dvc.lock on every run
+    assert json.loads((project / paths.LOGS / "detect.json").read_text())["seconds"] >= 0
 
 
 def test_unknown_method_is_an_input_error(project):

@@ -196,7 +196,7 @@ def test_merge_stage_rejects_probabilities_of_other_crops(tmp_path, monkeypatch)
     from .synthetic_run import make_project
 
     make_project(tmp_path)
-    write_probs(tmp_path / paths.PROBS, ProbSet(probs=np.full((2, 1, 3), 1 / 3), logits=np.zeros((2, 1, 3)), features=np.zeros((2, 1)), head=0))
+    write_probs(tmp_path / paths.PROBS, ProbSet(probs=np.full((2, 1, 3), 1 / 3), logits=np.zeros((2, 1, 3)), features=np.zeros((2, 1)), baseline_features=np.zeros((2, 1)), head=0))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="rerun infer"):
         stage.main(params=Path("params.yaml"))

@@ -92,9 +92,11 @@ def test_timm_state_dict_loads_unchanged_and_full_mask_matches_timm():
     bb = create_backbone("vit_tiny_patch16_224", 32)
     bb.load_state_dict(ref.state_dict(), strict=True)
     enc = MGViT(bb, mask_layers=12, grad_from_block=12).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)  # images in [0, 1]: the encoder applies the model's own mean and std
+    mean = torch.tensor(ref.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(ref.pretrained_cfg["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(enc(x, torch.ones(2, 32, 32)), ref.forward_features(x)[:, 0])
+        torch.testing.assert_close(enc(x, torch.ones(2, 32, 32)), ref.forward_features((x - mean) / std)[:, 0])
 
 
 def test_blocks_before_grad_from_block_are_frozen():
@@ -138,11 +140,20 @@ def test_loading_a_missing_model_is_an_input_error(tmp_path):
         load_model(tmp_path / "none.pt")
 
 
+def test_loading_a_truncated_model_is_an_input_error(tmp_path):
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=1, num_unlabeled=2)
+    save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=0)
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="m.pt: not a readable model file .*dvc repro train"):
+        load_model(tmp_path / "m.pt")
+
+
 def test_predict_crops_gives_novel_probabilities_of_every_head(tmp_path):
     from anomalyncd.inference import predict_crops
 
     torch.manual_seed(0)
-    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, grad_from_block=11, n_head=3, num_labeled=2, num_unlabeled=3)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=3, num_labeled=2, num_unlabeled=3)
     save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=2)
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (5, 36, 36, 3), dtype=np.uint8)

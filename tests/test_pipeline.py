@@ -55,6 +55,25 @@ def test_second_repro_runs_nothing(project):
     assert _ran(out) == []
 
 
+def test_a_rerun_in_a_fresh_clone_leaves_git_status_clean(project, tmp_path):
+    """Every tracked output comes out the same on a rerun: no timings in the metrics or dvc.lock."""
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    out = _run([sys.executable, "-m", "dvc", "repro"], clone)
+    assert _ran(out) == STAGES
+    assert _run(["git", "status", "--porcelain"], clone) == ""
+
+
+def test_a_key_added_to_train_is_refused_not_ignored(project):
+    params = project / "params.yaml"
+    original = params.read_text()
+    try:
+        out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "+train.epoch=5"], project, returncode=255)
+        assert "error: params.yaml: train: unknown key(s) ['epoch']" in out
+    finally:
+        params.write_text(original)
+
+
 def test_train_param_change_reruns_train_and_what_follows_only(project):
     out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=2"], project)
     _assert_reran_from(out, "train")

@@ -135,3 +135,46 @@ def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run
     args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out)]
     _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run)
     _assert_same_predictions(finished_run, out)
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_reported_and_the_others_classified(finished_run, tmp_path):
+    new = tmp_path / "new"
+    good = sorted(_defect_folders(finished_run)[0].glob("*.png"))
+    for f in good:
+        _img(new / f.name).write_bytes(f.read_bytes())
+    (new / "broken.png").write_bytes(b"not an image")
+    jpg = new / "cut.jpg"
+    write_image(jpg, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    jpg.write_bytes(jpg.read_bytes()[:-1000])  # cut inside the scan: OpenCV alone would grey the rest
+    out = tmp_path / "preds.csv"
+    log = _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), str(new), "--out", str(out)],
+               finished_run, returncode=2)
+    assert f"error: {new / 'broken.png'}: cannot read this image" in log
+    assert f"error: {new / 'cut.jpg'}: truncated JPEG" in log
+    assert "error: 2 of 5 images not classified" in log
+    assert [r["id"] for r in _rows(out)] == [f"new/{f.stem}" for f in good]
+
+
+@pytest.mark.slow
+def test_nan_maps_given_to_predict_are_refused_naming_the_file(finished_run, tmp_path):
+    folder = _defect_folders(finished_run)[0]
+    images = sorted(folder.glob("*.png"))
+    maps_dir = tmp_path / "maps"
+    for i, f in enumerate(images):
+        m = np.ones((64, 64), np.float32)
+        m[10:20, 10:20] = 5.0
+        if i == 1:
+            m[0, 0] = np.nan
+        (maps_dir / folder.name).mkdir(parents=True, exist_ok=True)
+        np.save(maps_dir / folder.name / f"{f.stem}.npy", m)
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--run", str(finished_run), str(folder), "--maps", str(maps_dir), "--out", str(out)]
+    log = _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run, returncode=2)
+    assert f"{maps_dir / folder.name / images[1].stem}.npy: map has 1 NaN or infinite values" in log
+    assert [r["id"] for r in _rows(out)] == [f"{folder.name}/{f.stem}" for i, f in enumerate(images) if i != 1]

@@ -76,7 +76,7 @@ def _run(tmp_path, ground_truth=True, n=6, size=48, no_anomaly=()):
         mebin=[MebinEntry(id=images[0].id, thresholds=np.arange(200, 0, -20), counts=seq, chosen=120)],
         detect={"method": "patchcore", "backbone": "filterbank", "weights": "none", "image_auroc": 0.9, "aupro": 0.8},
         mebin_metrics={"erosion": "keep_thin", "images_without_anomaly": len(no_anomaly), "gt_regions_found": 0.95},
-        num_classes={"num_classes": 3, "estimate": 4, "auto": False, "auto_max": 4, "method": "bic", "crops": 6,
+        num_classes={"num_classes": 4, "estimate": 4, "auto": True, "auto_max": 4, "largest_k": 4, "method": "bic", "crops": 6,
                      "scores": {"k1": 1.0, "k2": 3.0, "k3": 3.5, "k4": 4.0}},
         curves={"loss": (np.arange(5), np.linspace(3, 1, 5)), "lr": (np.arange(5), np.geomspace(1e-2, 1e-4, 5))},
         params={"mebin": {"erosion": "keep_thin", "padding": 0.1}, "train": {"epochs": 5}},
@@ -147,7 +147,7 @@ def test_report_shows_detection_mebin_estimate_and_parameters(tmp_path):
     assert "image AUROC" in page and "0.900" in page and "AUPRO" in page
     assert "true regions found (at least half inside the crops)" in page
     assert "estimated K = 4 (bic over 6 region crops" in page
-    assert "the estimate is train.auto_max = 4" in page  # the warning
+    assert "the estimate 4 is the largest number considered (train.auto_max=4)" in page  # the warning
     assert "id='params'" in page and "keep_thin" in page
 
 
@@ -287,3 +287,28 @@ def test_evaluate_stage_without_ground_truth_says_so_and_still_reports(tmp_path,
     assert "image" not in m
     assert _links_resolve(tmp_path / "reports")
     assert "No ground truth" in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_evaluate_stage_scores_the_frozen_feature_baseline_beside_the_model(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from anomalyncd import paths
+    from anomalyncd.store import read_probs, write_probs
+    from stages import evaluate, merge
+
+    from .synthetic_run import make_project
+
+    run = make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ps = read_probs(paths.PROBS)
+    types = sorted({r.defect_type for r in run["records"]})
+    truth = np.array([types.index(r.defect_type) for r in run["records"]])[run["crops"].image_index]
+    noise = np.random.default_rng(0).normal(0, 0.1, (len(truth), len(types)))
+    ps.baseline_features = (np.eye(len(types))[truth] * 5 + noise).astype(np.float32)  # separates the types
+    write_probs(paths.PROBS, ps)
+    merge.main(params=Path("params.yaml"))
+    evaluate.main(params=Path("params.yaml"))
+    m = json.loads(Path("metrics/evaluate.json").read_text())
+    assert set(m["baseline"]["image"]) == {"n", "nmi", "ari", "f1"}
+    assert m["baseline"]["crop"]["nmi"] == pytest.approx(1.0) and m["baseline"]["image"]["f1"] == pytest.approx(1.0)

@@ -1,8 +1,16 @@
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+
 import numpy as np
 import pytest
 
 from anomalyncd import store
 from anomalyncd.io import InputError
+
+from .conftest import ROOT
 
 
 def _maps(n=3, s=8):
@@ -102,3 +110,45 @@ def test_same_arrays_give_byte_identical_stores(tmp_path):
     time.sleep(2.1)  # zip entries carry a modification time with 2-second resolution
     store.write_crops(tmp_path / "b.zarr.zip", _crops())
     assert (tmp_path / "a.zarr.zip").read_bytes() == (tmp_path / "b.zarr.zip").read_bytes()
+
+
+def _flip_a_byte_of(path, member: str) -> None:
+    """Change one byte inside ``member``'s stored data: the zip stays readable, its CRC does not match."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_store_whose_data_fails_its_crc_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.zarr.zip"
+    store.write_maps(path, _maps())
+    with zipfile.ZipFile(path) as zf:
+        member = next(n for n in zf.namelist() if n.startswith("maps/c/"))
+    _flip_a_byte_of(path, member)
+    with pytest.raises(InputError, match="m.zarr.zip: not a readable anomalyncd store .*CRC"):
+        store.read_maps(path)
+
+
+KILLED_WRITE = """
+import os, signal, sys, zipfile
+from tests.test_store import _maps
+from anomalyncd import store
+zipfile.ZipFile.writestr = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed while zipping
+store.write_maps(sys.argv[1], _maps())
+"""
+
+
+def test_what_a_killed_write_leaves_is_beside_the_store_and_removed_by_the_next(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out" / "m.zarr.zip"
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, str(out)], cwd=ROOT, env=env)
+    assert proc.wait() == -signal.SIGKILL
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing in $TMPDIR, where no later run would look
+    left = {p.name for p in out.parent.iterdir()}
+    assert left == {f".m.zarr.zip.tmp-{proc.pid}", f".m.zarr.zip.tmp-{proc.pid}.d"}
+    store.write_maps(out, _maps())
+    assert [p.name for p in out.parent.iterdir()] == ["m.zarr.zip"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from anomalyncd.config import TrainParams
 from anomalyncd.io import InputError
 from anomalyncd.model import MGViTClassifier, ModelConfig
 from anomalyncd.training import (
-    TrainConfig,
     TrainData,
     cached_view_pairs,
     cosine_lr,
@@ -44,7 +44,7 @@ def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int
     return MGViTClassifier(cfg)
 
 
-FAST = dict(batch_size=6, warmup_teacher_epochs=2)
+FAST = dict(batch_size=6, warmup_teacher_epochs=2, trunk_cache_views=0)
 
 
 def state(net: torch.nn.Module) -> dict:
@@ -90,14 +90,14 @@ def test_training_is_deterministic():
     runs = []
     for _ in range(2):
         net = tiny_net()
-        res = train(net, tiny_data(), TrainConfig(epochs=1, **FAST))
+        res = train(net, tiny_data(), TrainParams(epochs=1, **FAST))
         runs.append((state(net), res.history))
     assert_same_state(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
 
 
 def test_resumed_run_reaches_the_same_result(tmp_path):
-    cfg = TrainConfig(epochs=2, **FAST)
+    cfg = TrainParams(epochs=2, **FAST)
     full = tiny_net()
     res_full = train(full, tiny_data(), cfg, checkpoint=tmp_path / "a.pt", fingerprint="x")
 
@@ -113,14 +113,23 @@ def test_resumed_run_reaches_the_same_result(tmp_path):
 
 
 def test_resuming_a_checkpoint_of_other_params_is_an_input_error(tmp_path):
-    cfg = TrainConfig(epochs=1, **FAST)
+    cfg = TrainParams(epochs=1, **FAST)
     train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="one")
     with pytest.raises(InputError, match="resume=false"):
         train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", resume=True, fingerprint="two")
 
 
+def test_resuming_a_truncated_checkpoint_is_an_input_error(tmp_path):
+    cfg = TrainConfig(epochs=1, **FAST)
+    train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="x")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputError, match="c.pt: not a readable checkpoint .*resume=false"):
+        train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", resume=True, fingerprint="x")
+
+
 def test_trunk_cache_trains_only_the_unfrozen_blocks_deterministically():
-    cfg = TrainConfig(epochs=2, trunk_cache_views=3, **FAST)
+    cfg = TrainParams(epochs=2, **{**FAST, "trunk_cache_views": 3})
     nets = [tiny_net() for _ in range(2)]
     frozen_before = nets[0].encoder.backbone.blocks[0].attn.qkv.weight.clone()
     for net in nets:
@@ -132,14 +141,14 @@ def test_trunk_cache_trains_only_the_unfrozen_blocks_deterministically():
 
 def test_labelled_base_set_adds_supervised_terms():
     net = tiny_net(num_labeled=2)
-    res = train(net, tiny_data(m=16, labelled=6), TrainConfig(epochs=1, **FAST))
+    res = train(net, tiny_data(m=16, labelled=6), TrainParams(epochs=1, **FAST))
     assert {"ce", "supcon", "distill", "contrastive", "memax"} <= res.history[0].keys()
     assert all(np.isfinite(v) for v in res.history[0].values())
 
 
 def test_one_trunk_cache_view_is_an_input_error():
     with pytest.raises(InputError, match="trunk_cache_views"):
-        train(tiny_net(), tiny_data(), TrainConfig(epochs=1, trunk_cache_views=1))
+        train(tiny_net(), tiny_data(), TrainParams(epochs=1, trunk_cache_views=1))
 
 
 DDP_SCRIPT = textwrap.dedent(
@@ -147,7 +156,8 @@ DDP_SCRIPT = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, sys.argv[1])
     from tests.test_training import tiny_data, tiny_net
-    from anomalyncd.training import TrainConfig, dist_env, init_distributed, train
+    from anomalyncd.config import TrainParams
+    from anomalyncd.training import dist_env, init_distributed, train
 
     init_distributed("cpu")
     rank, world = dist_env()
@@ -155,7 +165,7 @@ DDP_SCRIPT = textwrap.dedent(
     if rank == 1:  # DDP must broadcast rank 0's initial weights
         with torch.no_grad():
             next(net.head.parameters()).add_(1.0)
-    res = train(net, tiny_data(), TrainConfig(epochs=1, batch_size=8, warmup_teacher_epochs=2), device="cpu")
+    res = train(net, tiny_data(), TrainParams(epochs=1, batch_size=8, warmup_teacher_epochs=2, trunk_cache_views=0), device="cpu")
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
     torch.save({"world": world, "params": flat, "history": res.history}, f"{sys.argv[2]}/rank{rank}.pt")
     """
@@ -205,7 +215,7 @@ def test_base_set_crop_without_mask_is_an_input_error(tmp_path):
 def test_trunk_cache_without_frozen_blocks_is_an_input_error():
     net = tiny_net(grad_from_block=0)
     with pytest.raises(InputError, match="grad_from_block"):
-        train(net, tiny_data(), TrainConfig(epochs=1, trunk_cache_views=2))
+        train(net, tiny_data(), TrainParams(epochs=1, trunk_cache_views=2))
 
 
 def write_tiny_crops(path: Path, m: int = 10) -> None:
@@ -246,6 +256,8 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert "estimated K = " in res.output and "training with K = 2 (train.num_classes)" in res.output
     metrics = json.loads((paths.METRICS / "train.json").read_text())
     assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is False
+    assert not any("seconds" in k for k in metrics)  # timings vary per run: not in a DVC-tracked metric
+    assert set(json.loads((paths.LOGS / "train.json").read_text())) == {"seconds", "cache_seconds"}
     assert len((Path("dvclive/train/plots/metrics/loss.tsv")).read_text().splitlines()) == 3  # header + 2 epochs
     res = runner.invoke(infer_stage.app, [])
     assert res.exit_code == 0, res.output
@@ -258,6 +270,6 @@ def test_data_loading_workers_do_not_change_the_result():
     runs = []
     for workers in (0, 2):
         net = tiny_net()
-        train(net, tiny_data(), TrainConfig(epochs=1, num_workers=workers, **FAST))
+        train(net, tiny_data(), TrainParams(epochs=1, num_workers=workers, **FAST))
         runs.append(state(net))
     assert_same_state(*runs)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable
 
 from tqdm import tqdm
 
-from ..io import InputError, atomic_path, image_size, read_mask
+from ..io import InputError, InputWarning, atomic_path, image_size, is_binary_mask, read_mask_levels
 
 NORMAL = "good"
+SHOW_FILES = 3  # files named in a warning about many
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,29 @@ class Manifest:
 
 def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest:
     """Validate every record (image readable, mask readable and of the image's size, unique
-    ids) and fill in image sizes."""
+    ids) and fill in image sizes. Masks that are not binary get one :class:`InputWarning`
+    naming them: the pipeline cuts them at half range (``anomalyncd.io.binarise_mask``)."""
     records = list(records)
     seen: set[str] = set()
-    out = []
+    out, soft = [], []
     for r in tqdm(records, desc="prepare: checking images", disable=not progress, unit="img"):
         if r.id in seen:
             raise InputError(f"{r.image}: duplicate image id {r.id!r}; image names must be unique per folder")
         seen.add(r.id)
         h, w = image_size(r.image)
-        if r.mask:
-            read_mask(r.mask, shape=(h, w))
+        if r.mask and not is_binary_mask(read_mask_levels(r.mask, shape=(h, w))):
+            soft.append(r.mask)
         out.append(replace(r, height=h, width=w))
+    if soft:
+        warnings.warn(soft_mask_warning(soft, sum(1 for r in records if r.mask)), InputWarning, stacklevel=2)
     return Manifest(out)
+
+
+def soft_mask_warning(soft: list[str], n_masks: int) -> str:
+    """The warning for masks with more than two grey levels (blurred, anti-aliased, JPEG)."""
+    more = f" and {len(soft) - SHOW_FILES} more" if len(soft) > SHOW_FILES else ""
+    return (
+        f"{', '.join(soft[:SHOW_FILES])}{more}: {len(soft)} of {n_masks} masks are not binary (more than two grey "
+        "levels); their pixels at half the mask's peak or above are taken as the defect. Save binary masks "
+        "(0 and 255) if that is not what they mean"
+    )

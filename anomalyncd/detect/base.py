@@ -19,7 +19,7 @@ import torch
 
 from ..config import DetectParams
 from ..datasets import Record
-from ..io import InputError, atomic_path, read_image
+from ..io import InputError, read_image, save_torch
 
 DETECTORS: dict[str, type["Detector"]] = {}
 
@@ -97,8 +97,9 @@ class Detector(ABC):
 
 
 def normalise_u8(maps: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Min-max ``maps`` (any shape) from ``[lo, hi]`` to uint8 0..255, clipping outside."""
-    scaled = (np.asarray(maps, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+    """Min-max ``maps`` (any shape) from ``[lo, hi]`` to uint8 0..255, clipping outside (any
+    positive range, however small: maps in units of 1e-15 are maps too)."""
+    scaled = (np.asarray(maps, dtype=np.float64) - lo) / (hi - lo if hi > lo else 1.0)
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
@@ -122,8 +123,7 @@ def save_detector(det: Detector, path: str | os.PathLike) -> None:
         "norm_max": float(det.norm_max),
         "state": det.state_dict(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(blob, path)
 
 
 def load_detector(path: str | os.PathLike, device: str | None = None) -> Detector:

@@ -11,9 +11,11 @@
 4. ``<defect_type>/<image_name>``;
 5. the bare image name, when exactly one map file has it.
 
-A missing map is an error listing the first image ids without one. A map whose size differs
-from its image is resized, with a warning. Maps are resized to ``detect.map_size`` and scaled
-to [0, 1] by their integer range (PNG/TIFF) or kept as they are (float).
+A missing map is an error listing the first image ids without one; so is a map that several
+images would share (two images named ``000.png`` in different folders and one ``000.npy``). A
+map whose size differs from its image is resized, with a warning. Maps are resized to
+``detect.map_size``; 8- and 16-bit PNG/TIFF maps are scaled to [0, 1] by their bit depth, any
+other map keeps its values (``.npy`` of any number type). NaN or infinite values are an error.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import cv2
 import numpy as np
 
 from ..datasets import Record
-from ..io import InputError
+from ..io import InputError, InputWarning, decode_image
 from .base import Detector, register
 
 MAP_EXTENSIONS = (".png", ".tif", ".tiff", ".npy")
@@ -34,7 +36,7 @@ SHOW_MISSING = 5
 
 
 def read_map_file(path: str | Path) -> np.ndarray:
-    """One map file as float32 ``(H, W)``: integer images scaled to [0, 1], floats unchanged."""
+    """One map file as float32 ``(H, W)``: 8/16-bit images scaled to [0, 1], other values kept."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
@@ -42,9 +44,7 @@ def read_map_file(path: str | Path) -> np.ndarray:
         except Exception as e:  # noqa: BLE001 - any numpy failure is a bad file
             raise InputError(f"{path}: cannot read this .npy map ({e})") from e
     else:
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise InputError(f"{path}: cannot read this map image (empty or not an image file)")
+        arr = decode_image(path, what="map image")
     arr = np.squeeze(arr)
     if arr.ndim == 3:
         if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
@@ -55,11 +55,17 @@ def read_map_file(path: str | Path) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise InputError(f"{path}: a map must be 2-D, got shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.integer):
-        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-    if arr.dtype == bool:
-        return arr.astype(np.float32)
-    return arr.astype(np.float32)
+    if path.suffix.lower() != ".npy" and arr.dtype in (np.uint8, np.uint16):
+        arr = arr / float(np.iinfo(arr.dtype).max)  # an 8- or 16-bit image: its bit depth is its range
+    if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{path}: map values are {arr.dtype}; save numbers (float or integer)")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(
+            f"{path}: map has {int((~np.isfinite(arr)).sum())} NaN or infinite values; "
+            "fix the detector's output (every pixel needs a finite score)"
+        )
+    return arr
 
 
 def index_maps(root: Path) -> dict[str, Path]:
@@ -110,7 +116,22 @@ def match_maps(records: Sequence[Record], index: dict[str, Path], dataset_root: 
             f"detect.external_dir: no map for {len(missing)} of {len(records)} images ({shown}); name each map "
             "like its image id, its path under dataset.root, or <category>/<defect_type>/<image_name>.png"
         )
+    check_one_image_per_map(records, found)
     return found  # type: ignore[return-value]
+
+
+def check_one_image_per_map(records: Sequence[Record], files: Sequence[Path]) -> None:
+    """Raise ``InputError`` if one map file was matched to several images (by a shared name)."""
+    users: dict[Path, list[str]] = {}
+    for r, f in zip(records, files):
+        users.setdefault(f, []).append(r.id)
+    shared = {f: ids for f, ids in users.items() if len(ids) > 1}
+    if shared:
+        f, ids = next(iter(shared.items()))
+        raise InputError(
+            f"{f}: the one map of {len(ids)} images ({', '.join(ids[:SHOW_MISSING])}), and {len(shared)} such map(s) "
+            "in all; give each image its own map, named like its image id or its path under dataset.root"
+        )
 
 
 @register("external")
@@ -135,6 +156,7 @@ class External(Detector):
             warnings.warn(
                 f"detect: {len(resized)} external maps differ in size from their images and were resized, "
                 f"e.g. {'; '.join(resized[:3])}",
+                InputWarning,
                 stacklevel=2,
             )
         return out

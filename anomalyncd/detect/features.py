@@ -8,8 +8,10 @@ normalisation. ``build_backbone`` picks one from a :class:`BackboneSpec`:
   (local mean and standard deviation, gradient magnitude, both Hessian eigenvalues at each
   Gaussian scale), the kind of hand-made texture descriptor that needs nothing downloaded.
 - any timm model name: ``features_only`` feature maps (CNN stages, or ViT blocks reshaped to
-  their patch grid). ``pretrained: true`` lets timm fetch the weights, ``checkpoint`` loads a
-  local file, neither gives random weights (seeded, so a saved detector rebuilds them).
+  their patch grid). ``pretrained: true`` loads ImageNet weights (from an installed package
+  for ``tf_efficientnet_lite0/1/2``, see :mod:`anomalyncd.weights`; timm's download for other
+  names), ``checkpoint`` a local file, neither gives random weights (seeded, so a saved
+  detector rebuilds them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import InputError
+from ..weights import create_timm_model
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +45,6 @@ class BackboneSpec:
     image_size: int = 256
     seed: int = 0
 
-    @property
-    def weights(self) -> str:
-        """How the weights were obtained, for logs and metrics."""
-        if self.name == FILTERBANK:
-            return "none (weight-free filter bank)"
-        if self.checkpoint:
-            return f"checkpoint {self.checkpoint}"
-        return "pretrained (timm)" if self.pretrained else f"random (seed {self.seed})"
-
 
 def build_backbone(spec: BackboneSpec) -> nn.Module:
     """Build the backbone described by ``spec`` in eval mode."""
@@ -64,31 +58,24 @@ class TimmFeatures(nn.Module):
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
-        import timm
-
         kwargs: dict = {"features_only": True, "out_indices": tuple(spec.layers)}
-        if spec.checkpoint:
-            path = Path(spec.checkpoint)
-            if not path.is_file():
-                raise InputError(f"params.yaml: detect.checkpoint {path} is not a file; fix the path or set it to ''")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        else:
-            kwargs["pretrained"] = spec.pretrained
         if _is_vit(spec.name):
             kwargs["img_size"] = spec.image_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)  # random weights are a function of the seed
-            try:
-                self.model = timm.create_model(spec.name, **kwargs)
-            except RuntimeError as e:
-                if "Unknown model" in str(e):
-                    raise InputError(f"params.yaml: detect.backbone {spec.name!r} is not a timm model ({e})") from e
-                raise
-            except (IndexError, AssertionError) as e:
-                raise InputError(
-                    f"params.yaml: detect.layers {spec.layers} out of range for {spec.name} ({e}); for a timm "
-                    "backbone they are feature indices, e.g. [2, 3] for wide_resnet50_2"
-                ) from e
+        try:
+            self.model, self.weights = create_timm_model(
+                spec.name, spec.pretrained, spec.checkpoint, spec.seed, **kwargs
+            )
+        except InputError as e:
+            raise InputError(f"params.yaml: detect.backbone: {e}") from e
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise InputError(f"params.yaml: detect.backbone {spec.name!r} is not a timm model ({e})") from e
+            raise
+        except (IndexError, AssertionError) as e:
+            raise InputError(
+                f"params.yaml: detect.layers {spec.layers} out of range for {spec.name} ({e}); for a timm "
+                "backbone they are feature indices, e.g. [2, 3] for wide_resnet50_2"
+            ) from e
         cfg = self.model.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
@@ -118,6 +105,7 @@ class FilterBank(nn.Module):
     """
 
     per_scale = 8
+    weights = "none (weight-free filter bank)"
 
     def __init__(self, sigmas: list[float]) -> None:
         super().__init__()

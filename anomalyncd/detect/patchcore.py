@@ -5,8 +5,8 @@ Patch features: every backbone layer is averaged over its 3x3 neighbourhood, res
 grid of the first layer and concatenated, then standardised per channel with the mean and
 standard deviation of the training patches (so that channels of very different scale, such
 as filter-bank responses, weigh alike; the standard deviation has a floor of ``STD_FLOOR``
-times the mean one). The memory bank is reduced by greedy coreset
-selection; a test patch scores its distance to the nearest bank entry; the grid is
+times the mean one). The memory bank of ``bank_size`` patches is chosen by greedy coreset
+selection among a random sample of the training patches; a test patch scores its distance to the nearest bank entry; the grid is
 upsampled to the map and smoothed with a Gaussian of 4 px of the working image; the image
 score is the map maximum (taken by the stage).
 """
@@ -14,7 +14,8 @@ score is the map maximum (taken by the stage).
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Sequence
+import math
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_m
 
 log = logging.getLogger(__name__)
 
+CANDIDATES_PER_ENTRY = 10  # patches sampled from the training images per memory-bank entry
 SMOOTH_SIGMA_PX = 4.0  # Gaussian smoothing of the map, in pixels of the working image
 STD_FLOOR = 0.2  # channel standardisation: std at least this fraction of the mean std
 
@@ -74,7 +76,7 @@ class BackboneDetector(Detector):
         self.device = torch.device(resolve_device(params.device))
         self.backbone = build_backbone(self.spec).to(self.device)
         self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
-        self.weights = self.spec.weights
+        self.weights = self.backbone.weights
         self.stride = self.filterbank_stride if self.spec.name == FILTERBANK else 1
 
 
@@ -89,17 +91,20 @@ class PatchCore(BackboneDetector):
         self.std: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def features(self, images: Sequence[np.ndarray], desc: str) -> torch.Tensor:
-        """Patch features ``(N, D, h, w)`` of RGB uint8 images, in batches."""
-        out = []
+    def features(self, images: Sequence[np.ndarray], desc: str) -> Iterator[torch.Tensor]:
+        """Patch features ``(D, h, w)`` of each RGB uint8 image, computed in batches."""
         bs = self.params.batch_size
         for s in tqdm(list(batches(len(images), bs)), desc=desc, unit="batch", disable=len(images) <= bs):
             x = to_batch(images[s], self.spec.image_size, self.device)
-            out.append(patch_features(self.backbone(x), self.stride))
-        return torch.cat(out)
+            yield from patch_features(self.backbone(x), self.stride)
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
-        """Build the memory bank ``(M, D)`` from normal RGB uint8 images."""
+        """Build the memory bank ``(bank_size, D)`` from normal RGB uint8 images.
+
+        Memory stays bounded whatever the number of images: each image contributes a seeded
+        random sample of its patches, ``CANDIDATES_PER_ENTRY * bank_size`` candidates in all,
+        and the greedy coreset picks the bank among them (``bank_size: 0`` keeps every patch).
+        """
         if len(images) == 0:
             raise InputError(
                 "detect.method patchcore needs normal training images (manifest rows with split 'train'); "
@@ -109,19 +114,26 @@ class PatchCore(BackboneDetector):
         if 0 < n < len(images):
             pick = np.sort(np.random.default_rng(self.params.seed).choice(len(images), n, replace=False))
             images = [images[int(i)] for i in pick]
-        feats = self.features(images, "detect: fit patchcore")
-        d = feats.shape[1]
-        patches = feats.permute(0, 2, 3, 1).reshape(-1, d)
+        bank_size = self.params.bank_size
+        per_image = math.ceil(CANDIDATES_PER_ENTRY * bank_size / len(images)) if bank_size else 0
+        rng = torch.Generator().manual_seed(self.params.seed)
+        kept = []
+        for feats in self.features(images, "detect: fit patchcore"):
+            patches = feats.permute(1, 2, 0).reshape(-1, feats.shape[0])
+            if per_image and per_image < len(patches):
+                patches = patches[torch.randperm(len(patches), generator=rng)[:per_image].sort().values]
+            kept.append(patches)
+        patches = torch.cat(kept)
         self.mean = patches.mean(0)
         std = patches.std(0)
         # A floor keeps a channel that barely varies on normal images (the colour of a
         # uniformly tinted surface) from dominating every distance and the map's range.
         self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
         patches = (patches - self.mean) / self.std
-        n_keep = max(1, int(round(self.params.coreset_ratio * len(patches))))
+        n_keep = min(bank_size, len(patches)) if bank_size else len(patches)
         idx = greedy_coreset(patches, n_keep, seed=self.params.seed)
         self.bank = patches[idx].contiguous()
-        log.info("patchcore: memory bank %d of %d patches, %d dims", len(self.bank), len(patches), d)
+        log.info("patchcore: memory bank %d of %d candidate patches, %d dims", len(self.bank), len(patches), patches.shape[1])
 
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""MaskGuidedCNN: a frozen pretrained CNN pooled over the anomalous region."""
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyncd.config import TrainParams
+from anomalyncd.model import (
+    MaskGuidedCNN,
+    MGViTClassifier,
+    ModelConfig,
+    create_backbone,
+    load_model,
+    masked_attention_pool,
+    save_model,
+)
+from anomalyncd.training import TrainData, train
+
+FAST = dict(batch_size=6, warmup_teacher_epochs=2, trunk_cache_views=0, epochs=2)
+
+
+def cnn_config(**kw) -> ModelConfig:
+    base = dict(model="tf_efficientnet_lite0", image_size=64, mask_layers=1, grad_from_block=0, n_head=2,
+                num_unlabeled=3, layers=[2, 3], proj_hidden=32, proj_dim=16)
+    return ModelConfig(**{**base, **kw})
+
+
+def tiny_cnn(**kw) -> MGViTClassifier:
+    torch.manual_seed(0)
+    cfg = cnn_config(**kw)
+    return MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, pretrained=True, layers=cfg.layers))
+
+
+def tiny_data(m: int = 12) -> TrainData:
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (m, 73, 73, 3), dtype=np.uint8)
+    masks = np.zeros((m, 73, 73), np.uint8)
+    masks[:, 20:50, 10:60] = 1
+    return TrainData(crops, masks, rng.random(m).astype(np.float32), -np.ones(m, np.int64))
+
+
+def test_tokens_outside_the_mask_cannot_change_the_pooled_feature():
+    torch.manual_seed(0)
+    x, logits = torch.randn(2, 6, 4), torch.randn(2, 6)
+    pmask = torch.tensor([[0, 0.5, 1, 0, 0, 0.1], [1, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    changed, changed_logits = x.clone(), logits.clone()
+    outside = pmask == 0
+    changed[outside] = torch.randn(int(outside.sum()), 4) * 100
+    changed_logits[outside] = 50.0
+    torch.testing.assert_close(masked_attention_pool(x, pmask, logits), masked_attention_pool(changed, pmask, changed_logits))
+    # the second crop's mask covers one token: the feature is that token
+    torch.testing.assert_close(masked_attention_pool(x, pmask, logits)[1], x[1, 0])
+
+
+def test_a_grazing_mask_still_counts_in_proportion_to_its_coverage():
+    x = torch.tensor([[[1.0], [3.0]]])
+    pooled = masked_attention_pool(x, torch.tensor([[0.1, 0.3]]), torch.zeros(1, 2))
+    torch.testing.assert_close(pooled, torch.tensor([[(0.1 * 1 + 0.3 * 3) / 0.4]]))
+
+
+def test_an_empty_mask_pools_over_the_whole_crop():
+    x, logits = torch.randn(1, 5, 3), torch.zeros(1, 5)
+    torch.testing.assert_close(masked_attention_pool(x, torch.zeros(1, 5), logits), x.mean(1))
+    net = tiny_cnn().eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 64, 64), torch.zeros(2, 64, 64))[0]
+    assert torch.isfinite(out).all()
+
+
+def test_guided_feature_ignores_feature_map_positions_outside_the_mask():
+    enc = tiny_cnn().encoder.eval()
+    tokens, pmask = enc.trunk(torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64))
+    pmask = torch.zeros_like(pmask)
+    pmask[0, :3] = 1.0
+    changed = tokens.clone()
+    changed[0, 3:] = torch.randn_like(changed[0, 3:]) * 10
+    with torch.no_grad():
+        torch.testing.assert_close(enc.head_blocks(tokens, pmask), enc.head_blocks(changed, pmask))
+
+
+def test_new_encoder_is_the_mask_weighted_mean_of_standardised_features():
+    enc = tiny_cnn().encoder.eval()
+    tokens, _ = enc.trunk(torch.rand(3, 3, 64, 64), torch.ones(3, 64, 64))
+    pmask = torch.rand(3, tokens.shape[1])
+    enc.calibrate(tokens, pmask)
+    z = (tokens - enc.feat_mean) / enc.feat_std
+    expected = (pmask[..., None] * z).sum(1) / pmask.sum(1, keepdim=True)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.head_blocks(tokens, pmask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cnn_is_frozen_and_stays_in_eval_mode():
+    net = tiny_cnn()
+    net.train()
+    enc = net.encoder
+    assert not any(p.requires_grad for p in enc.backbone.parameters())
+    assert not enc.backbone.training
+    assert all(p.requires_grad for p in enc.attention.parameters())
+
+
+def test_cached_trunk_gives_the_uncached_output():
+    net = tiny_cnn().eval()
+    x, m = torch.rand(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.5).float()
+    with torch.no_grad():
+        tokens, pmask = net.encoder.trunk(x, m)
+        for a, b in zip(net(x, m), net(tokens, pmask, cached=True)):
+            torch.testing.assert_close(a, b)
+
+
+def test_training_with_the_trunk_cache_is_deterministic_and_keeps_the_cnn():
+    cfg = TrainParams(**{**FAST, "trunk_cache_views": 3})
+    nets = [tiny_cnn() for _ in range(2)]
+    before = {k: v.clone() for k, v in nets[0].encoder.backbone.state_dict().items()}
+    results = [train(net, tiny_data(), cfg) for net in nets]
+    for k, v in nets[0].state_dict().items():
+        torch.testing.assert_close(v, nets[1].state_dict()[k], rtol=0, atol=0, msg=k)
+    for k, v in nets[0].encoder.backbone.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)  # frozen, batch-norm statistics too
+    assert results[0].history == results[1].history
+    assert not torch.equal(nets[0].encoder.attention.weight, torch.zeros_like(nets[0].encoder.attention.weight))
+
+
+def test_resumed_cnn_run_reaches_the_same_result(tmp_path):
+    cfg = TrainParams(**FAST)
+    full = tiny_cnn()
+    train(full, tiny_data(), cfg, checkpoint=tmp_path / "a.pt", fingerprint="x")
+    part = tiny_cnn()
+    train(part, tiny_data(), cfg, checkpoint=tmp_path / "b.pt", fingerprint="x", stop_after=1)
+    resumed = tiny_cnn()
+    res = train(resumed, tiny_data(), cfg, checkpoint=tmp_path / "b.pt", resume=True, fingerprint="x")
+    assert res.resumed_from == 1
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(v, resumed.state_dict()[k], rtol=0, atol=0, msg=k)
+
+
+def test_saved_cnn_model_reloads_without_the_weights_package(tmp_path, monkeypatch):
+    net = tiny_cnn()
+    train(net, tiny_data(), TrainParams(**{**FAST, "epochs": 1}))
+    save_model(tmp_path / "m.pt", net.eval(), head=0)
+    from anomalyncd import weights
+
+    monkeypatch.setattr(weights, "load_packaged", lambda *a: pytest.fail("weights come from the model file"))
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x, m = torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, m)[2], net(x, m)[2])
+
+
+def test_empty_layers_for_a_cnn_is_an_input_error():
+    from anomalyncd.io import InputError
+
+    with pytest.raises(InputError, match="train.layers"):
+        create_backbone("tf_efficientnet_lite0", 64, layers=[])
