@@ -80,9 +80,10 @@ def test_crops_without_a_region_are_left_out(tmp_path, monkeypatch):
 
 def test_no_region_at_all_is_one_class(tmp_path):
     crops, masks = two_kinds_of_crops()
-    k = auto_k.resolve_num_classes(
-        tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json"
-    )
+    with pytest.warns(InputWarning, match="the estimate 1 means"):
+        k = auto_k.resolve_num_classes(
+            tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json"
+        )
     assert k == 1
 
 
