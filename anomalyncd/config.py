@@ -69,7 +69,8 @@ class DetectParams:
     layers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # timm out_indices; filterbank: scales (px)
     pretrained: bool = False  # timm downloads the weights (needs internet)
     checkpoint: str = ""  # local weights file for the timm backbone
-    image_size: int = 128  # images are resized to image_size x image_size
+    image_size: int = 128  # images are resized to image_size x image_size (keep_aspect: shorter side)
+    keep_aspect: bool = False  # patchcore: keep each image's aspect ratio (shorter side = image_size)
     batch_size: int = 16
     bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
@@ -122,7 +123,8 @@ class TrainParams:
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
     auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "bic"  # anomalyncd.num_classes
     auto_features: Literal["filterbank", "mgvit"] = "filterbank"  # what the estimate clusters (anomalyncd.auto_k)
-    mask_layers: int = 1  # mask guidance in the last N blocks
+    head_init: Literal["kmeans", "random"] = "kmeans"  # novel outputs start at k-means centroids of the untrained features
+    mask_layers: int = 1  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
     epochs: int = 50

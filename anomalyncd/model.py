@@ -316,7 +316,7 @@ class MaskGuidedCNN(nn.Module):
         _input_norm(self, backbone)
         self.register_buffer("feat_mean", torch.zeros(self.embed_dim))
         self.register_buffer("feat_std", torch.ones(self.embed_dim))
-        self.adapters = nn.ModuleList(Adapter(self.embed_dim, self.embed_dim) for _ in range(mask_layers))
+        self.adapters = nn.ModuleList(Adapter(self.embed_dim, self.embed_dim // 4) for _ in range(mask_layers))
         self.attention = nn.Linear(self.embed_dim, 1)
         nn.init.zeros_(self.attention.weight)
         nn.init.zeros_(self.attention.bias)

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+from sklearn.cluster import KMeans
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -190,17 +191,37 @@ def build_trunk_cache(
 
 
 @torch.no_grad()
-def calibrate(net: MGViTClassifier, data: TrainData, device: str, batch_size: int = 64) -> None:
-    """Let the encoder fit its input statistics (:meth:`MaskGuidedCNN.calibrate`) on the
-    trunk outputs of every crop under the evaluation transform (deterministic)."""
-    toks, pms = [], []
+def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init: str, seed: int, batch_size: int = 64) -> None:
+    """Fit what the network takes from the training crops before training, on their
+    evaluation views (deterministic): the encoder's channel statistics
+    (:meth:`MaskGuidedCNN.calibrate`) and, with ``head_init: kmeans``, the novel outputs of
+    every head, set to the k-means centroids (seed ``seed + head``) of the untrained features
+    of the unlabelled crops, so that training starts from the clustering of the frozen features
+    and refines it. With a normal slot, the centroid of the lowest mean anomaly score takes it.
+    """
     net.eval()
-    for s in range(0, len(data.crops), batch_size):
-        x, mk = eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size)
-        t, p = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
-        toks.append(t)
-        pms.append(p)
-    net.encoder.calibrate(torch.cat(toks), torch.cat(pms))
+    parts = [
+        net.encoder.trunk(*(torch.from_numpy(a).to(device) for a in eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size)))
+        for s in range(0, len(data.crops), batch_size)
+    ]
+    tokens, pmask = torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+    if net.encoder.needs_calibration:
+        net.encoder.calibrate(tokens, pmask)
+    if head_init == "random":
+        return
+    unl = torch.from_numpy(data.labels < 0)
+    feats = torch.nn.functional.normalize(net.encoder.head_blocks(tokens[unl], pmask[unl]), dim=-1).cpu().numpy()
+    cfg = net.cfg
+    k = cfg.num_unlabeled
+    if len(feats) < k:
+        return
+    for h in range(cfg.n_head):
+        km = KMeans(k, n_init=10, random_state=seed + h).fit(feats.astype(np.float64))
+        centres = km.cluster_centers_
+        if cfg.normal_slot is not None:
+            mean_score = [data.scores[np.flatnonzero(data.labels < 0)[km.labels_ == c]].mean() for c in range(k)]
+            centres = centres[np.argsort(mean_score, kind="stable")]
+        net.head.weight[h, cfg.num_labeled :] = torch.from_numpy(centres).to(net.head.weight)
 
 
 def cached_view_pairs(m: int, views: int, seed: int, epoch: int) -> np.ndarray:
@@ -303,8 +324,7 @@ def train(
         )
     t0 = time.perf_counter()
     net.to(device)
-    if net.encoder.needs_calibration:
-        calibrate(net, data, device)
+    prepare_model(net, data, device, cfg.head_init, cfg.seed)
     opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     history: list[dict] = []
     start = 0

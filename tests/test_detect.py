@@ -257,3 +257,22 @@ def test_filterbank_padim_finds_mtd_blowholes():
     maps = det.map_records(test)
     masks = resize_masks([read_mask(r.mask) if r.mask else np.zeros((8, 8), bool) for r in test], 64)
     assert pixel_auroc(maps, masks) > 0.7  # random-weight ResNet-18 PatchCore: 0.61 over all of MTD
+
+
+def test_aspect_size_keeps_the_shorter_side_and_rounds_the_longer():
+    from anomalyncd.detect.ops import aspect_size
+
+    assert aspect_size((240, 606), 224) == (224, 576)
+    assert aspect_size((606, 240), 224) == (576, 224)
+    assert aspect_size((100, 100), 224) == (224, 224)
+
+
+def test_patchcore_keeping_the_aspect_maps_images_of_any_shape_and_finds_the_spot():
+    rng = np.random.default_rng(0)
+    normal = [rng.integers(100, 140, (h, w, 3), dtype=np.uint8) for h, w in [(32, 64), (64, 32), (40, 40)] * 3]
+    test = [with_spot(rng.integers(100, 140, (32, 32, 3), dtype=np.uint8)), rng.integers(100, 140, (32, 70, 3), dtype=np.uint8)]
+    det = create_detector(params(method="patchcore", keep_aspect=True))
+    det.fit(normal)
+    maps = det.predict(test)
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
+    assert spot_contrast(maps[:1]) > 0

@@ -117,3 +117,21 @@ def test_other_names_keep_random_weights_by_seed_and_refuse_unknown_names():
     torch.testing.assert_close(a.state_dict()["conv1.weight"], b.state_dict()["conv1.weight"])
     with pytest.raises(InputError, match="not a timm model"):
         create_timm_model("no_such_net")
+
+
+def test_packaged_classifier_names_scikit_learns_sample_photographs():
+    """The full network with its ImageNet head, on the two photographs scikit-learn ships: a
+    Chinese temple and a flower. Mis-mapped keys or the wrong input normalisation fail this."""
+    from sklearn.datasets import load_sample_images
+
+    model, _ = create_timm_model("tf_efficientnet_lite0", pretrained=True)
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    temple, flower = load_sample_images().images
+    top3 = []
+    for img in (temple, flower):
+        x = torch.from_numpy(cv2.resize(img, (224, 224), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None] / 255.0
+        with torch.no_grad():
+            top3.append(set(model.eval()((x - mean) / std).topk(3).indices[0].tolist()))
+    assert top3[0] & {442, 497, 538, 663, 832}  # bell cote, church, dome, monastery, stupa
+    assert 985 in top3[1]  # daisy

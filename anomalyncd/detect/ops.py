@@ -15,10 +15,28 @@ from tqdm import tqdm
 CHUNK_ELEMENTS = 1 << 26
 
 
-def to_batch(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
-    """RGB ``uint8`` images ``(H_i, W_i, 3)`` -> float ``(B, 3, size, size)`` in [0, 1] (area resize)."""
-    arr = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
+def to_batch(images: Sequence[np.ndarray], size: int, device: torch.device, keep_aspect: bool = False) -> torch.Tensor:
+    """RGB ``uint8`` images ``(H_i, W_i, 3)`` -> float ``(B, 3, h, w)`` in [0, 1] (area resize).
+
+    ``h = w = size``, or with ``keep_aspect`` the first image's shape scaled so that its shorter
+    side is ``size`` and the longer one a multiple of ``ASPECT_MULTIPLE`` (every image of the
+    batch is resized to it: batch images of one shape).
+    """
+    h, w = aspect_size(images[0].shape[:2], size) if keep_aspect else (size, size)
+    arr = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in images])
     return torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+ASPECT_MULTIPLE = 32  # the coarsest stride of common CNN backbones
+
+
+def aspect_size(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """(h, w) of an image of ``shape`` scaled so that its shorter side is ``size``, the longer
+    one rounded to a multiple of ``ASPECT_MULTIPLE`` (at least ``size``)."""
+    h, w = shape
+    scale = size / min(h, w)
+    long = max(size, int(round(max(h, w) * scale / ASPECT_MULTIPLE)) * ASPECT_MULTIPLE)
+    return (size, long) if h <= w else (long, size)
 
 
 def batches(n: int, size: int) -> Iterator[slice]:

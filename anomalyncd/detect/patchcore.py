@@ -90,13 +90,21 @@ class PatchCore(BackboneDetector):
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
 
+    def batches(self, n: int) -> list[slice]:
+        """Batches of images: ``batch_size`` at a time, or one at a time with ``keep_aspect``
+        (images of different shapes give feature grids of different shapes)."""
+        return list(batches(n, 1 if self.params.keep_aspect else self.params.batch_size))
+
+    def patch_grid(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Patch features ``(B, D, h, w)`` of a batch of RGB uint8 images."""
+        x = to_batch(images, self.spec.image_size, self.device, self.params.keep_aspect)
+        return patch_features(self.backbone(x), self.stride)
+
     @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray], desc: str) -> Iterator[torch.Tensor]:
-        """Patch features ``(D, h, w)`` of each RGB uint8 image, computed in batches."""
-        bs = self.params.batch_size
-        for s in tqdm(list(batches(len(images), bs)), desc=desc, unit="batch", disable=len(images) <= bs):
-            x = to_batch(images[s], self.spec.image_size, self.device)
-            yield from patch_features(self.backbone(x), self.stride)
+        """Patch features ``(D, h, w)`` of each RGB uint8 image."""
+        for s in tqdm(self.batches(len(images)), desc=desc, unit="batch", disable=len(images) <= self.params.batch_size):
+            yield from self.patch_grid(images[s])
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
         """Build the memory bank ``(bank_size, D)`` from normal RGB uint8 images.
@@ -142,10 +150,8 @@ class PatchCore(BackboneDetector):
         size = self.params.map_size
         sigma = SMOOTH_SIGMA_PX * size / self.spec.image_size
         out = np.zeros((len(images), size, size), dtype=np.float32)
-        bs = self.params.batch_size
-        for s in tqdm(list(batches(len(images), bs)), desc="detect: patchcore maps", unit="batch"):
-            x = to_batch(images[s], self.spec.image_size, self.device)
-            f = patch_features(self.backbone(x), self.stride)
+        for s in tqdm(self.batches(len(images)), desc="detect: patchcore maps", unit="batch"):
+            f = self.patch_grid(images[s])
             b, d, h, w = f.shape
             q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
             grid = nearest_distance(q, self.bank).view(b, h, w)
