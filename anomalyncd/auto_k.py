@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -36,7 +37,7 @@ from .config import TrainParams
 from .detect.features import FilterBank
 from .io import InputError, InputWarning, write_json
 from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
-from .num_classes import KEstimate, estimate_num_classes
+from .num_classes import KEstimate, estimate_num_classes, estimate_summary
 
 
 DESCRIPTOR_SIZE = 64  # crops are resampled to this size before the filter bank
@@ -129,15 +130,17 @@ def resolve_num_classes(
     metrics_path: str | Path,
     plot_path: str | Path,
     device: str = "cpu",
+    echo: Callable[[str], None] | None = None,
 ) -> int:
-    """The number of defect classes to train with; writes the estimate's metrics and plot.
+    """The number of defect classes to train with; writes the estimate's metrics and plot, and
+    passes the line ``estimated K = n (...)`` of :func:`estimate_summary` to ``echo``.
 
     Only crops with a region are clustered, so the estimate counts defect classes; with
     ``dataset.include_normal`` the normal slot comes on top of it, and the whole-image crops of
     defect-free images where MEBin finds nothing are not counted (regions a detector finds on
     defect-free images are: they can add a cluster). Returns ``p.num_classes`` when it is an
     int, the estimate when it is ``"auto"``. More classes than crops is an ``InputError``; an
-    ``auto`` estimate at the largest K it could consider is an :class:`InputWarning`.
+    ``auto`` estimate at the largest K it could consider, or of 1, is an :class:`InputWarning`.
     """
     if p.num_classes != "auto" and p.num_classes > len(crops):
         raise InputError(
@@ -152,35 +155,28 @@ def resolve_num_classes(
         est = KEstimate(1, [1], [float("nan")], p.auto_method)
     auto = p.num_classes == "auto"
     chosen = est.k if auto else int(p.num_classes)
-    if auto and len(est.candidates) > 1 and est.k == max(est.candidates):
-        warnings.warn(bound_warning(est.k, p.auto_max, len(feats)), InputWarning, stacklevel=2)
-    metrics = num_classes_metrics(est, chosen, auto)
+    metrics = num_classes_metrics(est, chosen, auto, p.auto_max)
     metrics.update(features=p.auto_features, crops=int(has_region.sum()), crops_without_region=int((~has_region).sum()))
     write_json(metrics_path, metrics)
     write_json(plot_path, num_classes_plot(est))
+    line, warns = estimate_summary(metrics)
+    if echo:
+        echo(line)
+    for w in warns:
+        warnings.warn(w, InputWarning, stacklevel=2)
     return chosen
 
 
-def bound_warning(k: int, auto_max: int, n_crops: int) -> str:
-    """Why an estimate equal to the largest K considered is only a lower bound."""
-    if k == auto_max:
-        return (
-            f"params.yaml: train.num_classes auto: the estimate {k} is the largest number considered "
-            f"(train.auto_max={auto_max}), so there may be more classes; raise train.auto_max to check"
-        )
-    return (
-        f"params.yaml: train.num_classes auto: the estimate {k} is the most that {n_crops} crops with a region "
-        "can tell apart, so there may be more classes; classify more images to check"
-    )
-
-
-def num_classes_metrics(est: KEstimate, chosen: int, auto: bool) -> dict:
-    """The metrics file: the K used, the estimate, and the score of every candidate K."""
+def num_classes_metrics(est: KEstimate, chosen: int, auto: bool, auto_max: int) -> dict:
+    """The metrics file: the K used, the estimate, ``auto_max``, the largest K the estimator
+    could consider (fewer crops allow fewer) and the score of every candidate K."""
     d = est.to_dict()
     return {
         "num_classes": chosen,
         "estimate": est.k,
         "auto": auto,
+        "auto_max": auto_max,
+        "largest_k": max(est.candidates),
         "method": est.method,
         "scores": {f"k{k}": s for k, s in zip(d["candidates"], d["scores"]) if s is not None},
     }

@@ -39,15 +39,19 @@ def predict(
     batch_size: int = typer.Option(None, help="crops per batch (default: the run's infer.batch_size)"),
 ) -> None:
     """Classify new defect images with a finished run, without retraining."""
-    from anomalyncd.merge import write_table
+    from anomalyncd.merge import STATUS, write_table
     from anomalyncd.predict import find_images, load_run, predict_images
 
     r = load_run(run_dir)
     images = find_images(inputs)
     pred = predict_images(r, images, maps, device, batch_size)
     write_table(out, pred.rows)
-    counts = Counter(f"{row['cluster']}" + (f" ({row['name']})" if row["name"] else "") for row in pred.rows)
-    typer.echo(f"predict: {len(pred.rows)} images -> {out}; per class: {dict(sorted(counts.items()))}")
+    found = [row for row in pred.rows if row["status"] == STATUS[True]]
+    counts = Counter(f"{row['cluster']}" + (f" ({row['name']})" if row["name"] else "") for row in found)
+    typer.echo(
+        f"predict: {len(pred.rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
+        f"no anomaly found: {len(pred.rows) - len(found)}"
+    )
     if pred.failed:
         for line in pred.failed:
             typer.echo(f"error: {line}", err=True)

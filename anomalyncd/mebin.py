@@ -5,10 +5,12 @@ low, counts connected components at each step and picks the end of the longest *
 interval* (a run of equal, non-zero counts). The binary mask then gives square crop boxes
 centred on each anomaly region; nearby boxes are merged and the largest ``est_count + 1`` kept.
 
-Everything here is a pure function on arrays and reproduces the authors' published code on the
-same maps (the places where their code differs from a plain reading of the paper are noted
-where they happen). The threshold sweep is computed without one erosion and labelling pass per
-threshold: see :func:`count_sequence`.
+Everything here is a pure function on arrays and, with ``erosion="paper"``, reproduces the
+authors' published code on the same maps (the places where their code differs from a plain
+reading of the paper are noted where they happen). The default ``keep_thin`` differs in one
+place: regions the paper's 6 x 6 erosion would erase whole (scratches, cracks, small holes on a
+128-pixel map) are kept (see :data:`EROSION_RULES`). The threshold sweep is computed without
+one erosion and labelling pass per threshold: see :func:`count_sequence`.
 
 Shapes: maps are ``uint8 (S, S)`` (any ``(h, w)`` works), images ``uint8 (H, W, 3)`` RGB,
 masks ``bool (H, W)``, boxes ``int (m, 4)`` as ``(x0, y0, x1, y1)`` with ``x1, y1``
@@ -17,6 +19,7 @@ exclusive.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,8 +32,19 @@ from PIL import Image
 from .config import MebinParams
 from .io import InputError
 
-#: Rules 3 and 5: erode once with a 6 x 6 all-ones kernel (OpenCV's default anchor and border).
+#: The paper's rules 3 and 5: erode once with a 6 x 6 all-ones kernel (OpenCV's default anchor
+#: and border).
 ERODE_KERNEL = np.ones((6, 6), np.uint8)
+#: How MEBin erodes each binarized map (``mebin.erosion``), which keeps specks of noise out of
+#: its regions: ``paper`` erodes with ERODE_KERNEL, and so erases every region thinner than 6 map
+#: pixels whatever its length (a scratch, a crack) and shrinks the others; ``keep_thin`` erodes
+#: the same way but keeps, as they are, the regions the erosion would erase whole when they
+#: have at least :func:`min_region_area` pixels; ``off`` keeps every pixel above the threshold
+#: (pixel noise on maps at full image resolution then keeps the region count from settling).
+EROSION_RULES = ("keep_thin", "paper", "off")
+#: ``keep_thin``: the smallest region kept is the kernel (36 pixels) on a 256-pixel map, scaled
+#: with the map (9 pixels at the default ``detect.map_size`` of 128).
+AREA_REFERENCE_SIDE = 256
 
 Box = tuple[float, float, float, float]
 
@@ -165,16 +179,40 @@ def _first_step_lut(lo: int, hi: int, sample_rate: int) -> np.ndarray:
     return first.astype(np.uint8)
 
 
-def count_sequence(map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, erode: bool = True) -> np.ndarray:
-    """Rule 3: int32 (T,) 8-connected component counts along the threshold sweep.
+def _check_rule(erosion: str) -> str:
+    if erosion not in EROSION_RULES:
+        raise InputError(f"params.yaml: mebin.erosion must be one of {list(EROSION_RULES)}, got {erosion!r}")
+    return erosion
 
-    Same result as binarizing the rescaled map at every threshold, eroding and labelling, but
-    much faster:
+
+def min_region_area(shape: tuple[int, ...]) -> int:
+    """``erosion: keep_thin``: the fewest pixels an erased region of a map of ``shape`` (h, w) needs,
+    ``36 * (max(h, w) / 256) ** 2`` rounded, at least 1."""
+    return max(1, round(ERODE_KERNEL.size * (max(shape[:2]) / AREA_REFERENCE_SIDE) ** 2))
+
+
+def _thin_regions(fg: np.ndarray, eroded: np.ndarray, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, keep)``: the 8-connected regions of ``fg`` (uint8 (h, w) in {0, 1}) and, per
+    label, whether the erosion erased it whole (no pixel of it in ``eroded``) and it has at
+    least ``min_area`` pixels: the regions ``keep_thin`` adds to the eroded mask."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    keep = (stats[:, cv2.CC_STAT_AREA] >= min_area) & (np.bincount(labels[eroded > 0], minlength=n) == 0)
+    keep[0] = False  # the background
+    return labels, keep
+
+
+def count_sequence(
+    map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, erosion: str = "keep_thin"
+) -> np.ndarray:
+    """Rule 3: int32 (T,) 8-connected region counts along the threshold sweep.
+
+    Same result as binarizing the rescaled map at every threshold, eroding it
+    (:data:`EROSION_RULES`) and labelling, but much faster:
 
     - erosion commutes with thresholding (eroding ``{r > t}`` is thresholding the
       min-filtered map), and min-filtering commutes with the monotone rescaling, so the 8-bit
-      map is eroded once and every pixel is mapped, through a 256-entry table, to the first
-      sweep step at which it is foreground;
+      map is eroded once and every pixel of the map and of the eroded map is mapped, through a
+      256-entry table, to the first sweep step at which it is foreground;
     - the foreground only changes at steps where some pixel enters, so only those are
       labelled; steps before the first entry count 0, and each labelled count holds until the
       next entry;
@@ -182,19 +220,26 @@ def count_sequence(map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, e
     """
     check_map(map_u8)
     _check_range(lo, hi)
+    rule = _check_rule(erosion)
     n_steps = len(sweep_thresholds(sample_rate))
-    src = cv2.erode(map_u8, ERODE_KERNEL) if erode else map_u8
-    first = cv2.LUT(src, _first_step_lut(lo, hi, sample_rate))
+    lut = _first_step_lut(lo, hi, sample_rate)
+    first = cv2.LUT(map_u8, lut)  # the eroded map's foreground lies inside this one's
+    first_eroded = cv2.LUT(cv2.erode(map_u8, ERODE_KERNEL), lut) if rule != "off" else first
+    min_area = min_region_area(map_u8.shape)
     counts = np.zeros(n_steps, np.int32)
-    entries = np.flatnonzero(np.bincount(first.ravel(), minlength=n_steps + 1)[:n_steps])
+    steps = first_eroded if rule == "paper" else first
+    entries = np.flatnonzero(np.bincount(steps.ravel(), minlength=n_steps + 1)[:n_steps])
     if entries.size == 0:
         return counts
-    ever = first < n_steps
+    ever = steps < n_steps
     rows, cols = np.flatnonzero(ever.any(axis=1)), np.flatnonzero(ever.any(axis=0))
-    box = first[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    box, box_eroded = first[window], first_eroded[window]
     for step, until in zip(entries, [*entries[1:], n_steps]):
-        fg = (box <= step).view(np.uint8)
-        counts[step:until] = cv2.connectedComponents(fg, connectivity=8)[0] - 1
+        eroded = (box_eroded <= step).view(np.uint8)
+        counts[step:until] = cv2.connectedComponents(eroded, connectivity=8)[0] - 1
+        if rule == "keep_thin":
+            counts[step:until] += int(_thin_regions((box <= step).view(np.uint8), eroded, min_area)[1].sum())
     return counts
 
 
@@ -237,12 +282,18 @@ def stable_threshold(
     return int(t * (int(hi) - int(lo)) / 255 + int(lo)), est
 
 
-def binarize(map_u8: np.ndarray, threshold: int, erode: bool = True) -> np.ndarray:
-    """Rule 5: bool (H, W), the map strictly above ``threshold``, eroded once if ``erode``."""
+def binarize(map_u8: np.ndarray, threshold: int, erosion: str = "keep_thin") -> np.ndarray:
+    """Rule 5: bool (H, W), the map strictly above ``threshold``, eroded as :func:`count_sequence`
+    erodes it (see :data:`EROSION_RULES`)."""
     fg = (check_map(map_u8) > threshold).astype(np.uint8)
-    if erode:
-        fg = cv2.erode(fg, ERODE_KERNEL)
-    return fg.astype(bool)
+    rule = _check_rule(erosion)
+    if rule == "off":
+        return fg.astype(bool)
+    eroded = cv2.erode(fg, ERODE_KERNEL)
+    if rule == "paper":
+        return eroded.astype(bool)
+    labels, keep = _thin_regions(fg, eroded, min_region_area(fg.shape))
+    return keep[labels] | (eroded > 0)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -436,23 +487,59 @@ def mebin_image(
         raise InputError(f"image: expected a uint8 (H, W, 3) RGB array, got {desc}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InputError(f"image: empty image of shape {image.shape}")
-    counts = count_sequence(map_u8, lo, hi, params.sample_rate, params.erode)
+    counts = count_sequence(map_u8, lo, hi, params.sample_rate, params.erosion)
     threshold, est = stable_threshold(counts, lo, hi, params.sample_rate, params.min_interval_len)
     size = image.shape[:2]
-    mask = resize_mask(binarize(map_u8, threshold, params.erode), size)
+    mask = resize_mask(binarize(map_u8, threshold, params.erosion), size)
     boxes = crop_boxes(mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
     crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size)
     return ImageResult(threshold, est, counts, mask), crops
 
 
-def regions_in_boxes(gt_mask: np.ndarray, boxes: np.ndarray, min_area: int = 64) -> tuple[int, int]:
-    """``(n_regions, n_covered)``: 8-connected regions of ``gt_mask`` (bool (H, W)) larger than
-    ``min_area`` pixels, and how many of them have their bounding box inside one of ``boxes``."""
-    n, _, stats, _ = cv2.connectedComponentsWithStats(gt_mask.astype(np.uint8), connectivity=8)
-    regions = stats[1:][stats[1:, cv2.CC_STAT_AREA] > min_area]
-    boxes = np.asarray(boxes).reshape(-1, 4)
-    covered = 0
-    for x, y, w, h, _ in regions:
-        inside = (boxes[:, 0] <= x) & (boxes[:, 1] <= y) & (boxes[:, 2] >= x + w) & (boxes[:, 3] >= y + h)
-        covered += bool(inside.any())
-    return len(regions), covered
+@dataclass(frozen=True)
+class GtCoverage:
+    """How much of the ground truth the crops of one or more images hold (counts, summable).
+
+    regions: 8-connected ground-truth regions larger than ``min_area`` pixels. found: those
+    with at least half of their pixels inside the crop boxes. whole: those whose bounding box
+    lies inside one crop box (the strict reading, which a crop cut tight around its mask misses
+    by a few pixels). pixels: every ground-truth pixel; pixels_in: those inside a crop box.
+    """
+
+    regions: int = 0
+    found: int = 0
+    whole: int = 0
+    pixels: int = 0
+    pixels_in: int = 0
+
+    def __add__(self, other: "GtCoverage") -> "GtCoverage":
+        return GtCoverage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def metrics(self) -> dict:
+        """The ``metrics/mebin.json`` entries: counts and fractions (None without ground truth)."""
+        return {
+            "gt_regions": self.regions,
+            "gt_regions_found": self.found / self.regions if self.regions else None,
+            "gt_regions_whole_in_a_crop": self.whole / self.regions if self.regions else None,
+            "gt_pixels_in_crops": self.pixels_in / self.pixels if self.pixels else None,
+        }
+
+
+def gt_coverage(gt_mask: np.ndarray, boxes: np.ndarray, areas: np.ndarray, min_area: int = 64) -> GtCoverage:
+    """:class:`GtCoverage` of one image: ``gt_mask`` bool (H, W), its crops' ``boxes`` int (m, 4)
+    and mask ``areas`` int (m,). Crops without mask pixels (the whole-image crop of an image
+    where MEBin found nothing) hold no region and are left out."""
+    gt = np.asarray(gt_mask, bool)
+    boxes = np.asarray(boxes).reshape(-1, 4)[np.asarray(areas).reshape(-1) > 0]
+    inside = np.zeros(gt.shape, bool)
+    for x0, y0, x1, y1 in boxes:
+        inside[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(gt.astype(np.uint8), connectivity=8)
+    in_px = np.bincount(labels[inside & gt], minlength=n)
+    found = whole = 0
+    big = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] > min_area]
+    for k in big:
+        x, y, w, h, area = stats[k]
+        found += 2 * in_px[k] >= area
+        whole += bool(((boxes[:, 0] <= x) & (boxes[:, 1] <= y) & (boxes[:, 2] >= x + w) & (boxes[:, 3] >= y + h)).any())
+    return GtCoverage(len(big), int(found), int(whole), int(gt.sum()), int((inside & gt).sum()))

@@ -7,6 +7,11 @@ strongly (large ``T``: plain average; small ``T``: the largest region decides). 
 ``T = 50`` on MTD and ``T = 100`` on MVTec AD. ``strategy="mean"`` is the plain average of the
 paper's ablation.
 
+An image where MEBin found no anomaly has one whole-image crop with an empty mask. Its class
+would be a guess about the whole surface (often a confident one), so it gets none: it is marked
+``no anomaly found`` with cluster -1 (the normal class instead, when the run has one) and no
+confidence, and so stays out of the sizes and confidences of the defect classes.
+
 Pure functions on arrays; the ``merge`` stage does the I/O.
 """
 
@@ -22,6 +27,15 @@ import numpy as np
 from .io import InputError, atomic_path
 
 STRATEGIES = ("weighted", "mean")
+NO_ANOMALY = -1  # the cluster of an image where MEBin found no anomaly (without a normal class)
+STATUS = {True: "anomaly found", False: "no anomaly found"}
+
+
+def no_anomaly_cluster(prob_attrs: dict) -> int:
+    """The cluster of an image without anomaly: the normal class among the novel classes when
+    the model has one (``normal_slot`` in the probability store's attrs), else :data:`NO_ANOMALY`."""
+    slot = prob_attrs.get("normal_slot")
+    return NO_ANOMALY if slot is None else int(slot) - int(prob_attrs.get("num_labeled", 0))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -95,10 +109,11 @@ def region_weights(
 class MergedPredictions:
     """Image-level result of :func:`merge_regions`.
 
-    probs: float64 (N, K) merged class probabilities (NaN rows for images without crops).
-    labels: int64 (N,) argmax class, -1 for images without crops. confidence: float64 (N,)
-    probability of that class (NaN without crops). n_crops: int64 (N,). weights: float64 (M,)
-    each crop's weight within its image.
+    probs: float64 (N, K) merged class probabilities (NaN rows for images without anomaly).
+    labels: int64 (N,) argmax class, the no-anomaly cluster for images without anomaly.
+    confidence: float64 (N,) probability of that class (NaN without anomaly). n_crops: int64
+    (N,). weights: float64 (M,) each crop's weight within its image. anomaly: bool (N,) whether
+    MEBin found an anomaly region in the image (one of its crops has mask pixels).
     """
 
     probs: np.ndarray
@@ -106,6 +121,7 @@ class MergedPredictions:
     confidence: np.ndarray
     n_crops: np.ndarray
     weights: np.ndarray
+    anomaly: np.ndarray
 
 
 def merge_regions(
@@ -115,12 +131,14 @@ def merge_regions(
     n_images: int,
     strategy: str = "weighted",
     temperature: float = 50.0,
+    no_anomaly: int = NO_ANOMALY,
 ) -> MergedPredictions:
     """Merge crop probabilities (M, K) into image probabilities (N, K).
 
     An image's probabilities are the :func:`region_weights`-weighted sum of its crops'
     probabilities, so an image with one crop keeps that crop's prediction exactly. Images
-    without crops get NaN probabilities and label -1.
+    without an anomaly region (no crop with ``areas > 0``, or no crop at all) get NaN
+    probabilities and the label ``no_anomaly`` (:func:`no_anomaly_cluster`).
     """
     crop_probs = np.asarray(crop_probs, dtype=np.float64)
     if crop_probs.ndim != 2:
@@ -132,14 +150,14 @@ def merge_regions(
     probs = np.zeros((n_images, crop_probs.shape[1]))
     np.add.at(probs, image_index, w[:, None] * crop_probs)
     n_crops = np.bincount(image_index, minlength=n_images).astype(np.int64)
-    empty = n_crops == 0
-    probs[empty] = np.nan
-    labels = np.full(n_images, -1, dtype=np.int64)
+    anomaly = np.bincount(image_index, weights=np.asarray(areas) > 0, minlength=n_images) > 0
+    probs[~anomaly] = np.nan
+    labels = np.full(n_images, no_anomaly, dtype=np.int64)
     confidence = np.full(n_images, np.nan)
-    if (~empty).any():
-        labels[~empty] = np.argmax(probs[~empty], axis=1)
-        confidence[~empty] = probs[~empty, labels[~empty]]
-    return MergedPredictions(probs=probs, labels=labels, confidence=confidence, n_crops=n_crops, weights=w)
+    if anomaly.any():
+        labels[anomaly] = np.argmax(probs[anomaly], axis=1)
+        confidence[anomaly] = probs[anomaly, labels[anomaly]]
+    return MergedPredictions(probs, labels, confidence, n_crops, w, anomaly)
 
 
 def _check_crops(areas: np.ndarray, image_index: np.ndarray, n_images: int) -> None:
@@ -168,8 +186,9 @@ def image_rows(
     image_index: np.ndarray,
     crop_labels: np.ndarray,
 ) -> list[dict[str, str | int]]:
-    """One row per image: id, image path, category, cluster (-1: no crop), confidence,
-    n_crops, boxes, crop_clusters and prob_<k> for every class k.
+    """One row per image: id, image path, category, cluster, status (:data:`STATUS`),
+    confidence (empty without anomaly), n_crops, boxes, crop_clusters and prob_<k> for every
+    class k.
 
     boxes: int (M, 4); image_index: int (M,); crop_labels: int (M,) each crop's own class.
     """
@@ -184,6 +203,7 @@ def image_rows(
             "image": images[i],
             "category": categories[i],
             "cluster": int(merged.labels[i]),
+            "status": STATUS[bool(merged.anomaly[i])],
             "confidence": _fmt(merged.confidence[i]),
             "n_crops": int(merged.n_crops[i]),
             "boxes": ";".join(" ".join(str(int(v)) for v in boxes[j]) for j in js),
@@ -202,16 +222,18 @@ def crop_rows(
     scores: np.ndarray,
     crop_probs: np.ndarray,
     weights: np.ndarray,
+    crop_labels: np.ndarray,
 ) -> list[dict[str, str | int]]:
-    """One row per crop: crop_id, image_id, box (x0, y0, x1, y1), area, score, its own
-    cluster and confidence, its weight in the image merge, and prob_<k>.
+    """One row per crop: crop_id, image_id, box (x0, y0, x1, y1), area, score, its class
+    (``crop_labels`` (M,)) and confidence (empty for a crop without mask pixels, which holds
+    no region), its weight in the image merge, and prob_<k>.
 
     image_ids: (M,) the image id of each crop; crop_probs: (M, K); weights: (M,).
     """
-    labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, int)
     rows = []
     for j, cid in enumerate(crop_ids):
         x0, y0, x1, y1 = (int(v) for v in boxes[j])
+        k = int(crop_labels[j])
         row: dict[str, str | int] = {
             "crop_id": cid,
             "image_id": image_ids[j],
@@ -221,11 +243,11 @@ def crop_rows(
             "y1": y1,
             "area": int(areas[j]),
             "score": _fmt(float(scores[j])),
-            "cluster": int(labels[j]),
-            "confidence": _fmt(float(crop_probs[j, labels[j]])),
+            "cluster": k,
+            "confidence": _fmt(float(crop_probs[j, k])) if areas[j] > 0 else "",
             "weight": _fmt(float(weights[j])),
         }
-        row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(crop_probs[j])})
+        row.update({f"prob_{c}": _fmt(p) for c, p in enumerate(crop_probs[j])})
         rows.append(row)
     return rows
 
@@ -282,16 +304,19 @@ def merge_tables(
     crop_probs: np.ndarray,
     strategy: str = "weighted",
     temperature: float = 50.0,
+    no_anomaly: int = NO_ANOMALY,
 ) -> tuple[list[dict], list[dict]]:
     """Region merging of N images with M crops, as the two tables (image rows, crop rows).
 
     The one code path behind the ``merge`` stage and ``anomalyncd predict``. ids, images,
     categories: (N,); crop_ids, image_index, boxes (M, 4), areas, scores: (M,); crop_probs
-    (M, K) from :func:`novel_probabilities`.
+    (M, K) from :func:`novel_probabilities`; no_anomaly: the cluster of images and crops
+    without an anomaly region (:func:`no_anomaly_cluster`).
     """
-    merged = merge_regions(crop_probs, areas, image_index, len(ids), strategy, temperature)
+    merged = merge_regions(crop_probs, areas, image_index, len(ids), strategy, temperature, no_anomaly)
     crop_labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, dtype=np.int64)
+    crop_labels = np.where(np.asarray(areas) > 0, crop_labels, no_anomaly)
     img_rows = image_rows(ids, images, categories, merged, boxes, image_index, crop_labels)
     crop_image_ids = [ids[i] for i in np.asarray(image_index).tolist()]
-    c_rows = crop_rows(crop_ids, crop_image_ids, boxes, areas, scores, crop_probs, merged.weights)
+    c_rows = crop_rows(crop_ids, crop_image_ids, boxes, areas, scores, crop_probs, merged.weights, crop_labels)
     return img_rows, c_rows

@@ -12,8 +12,9 @@ unmatched because there are more clusters than classes), and
   ``n(class, matched cluster) / n(class)``; a class left without a cluster has both 0.
 
 NMI and ARI need no matching and come from scikit-learn. Label ``-1`` in the predictions marks
-a sample without a prediction (an image without crops): it forms its own group for NMI/ARI, is
-never matched, and counts as an error for F1.
+a sample without a prediction (an image where MEBin found no anomaly, and its crop): it forms
+its own group for NMI/ARI, is never matched, and counts as an error for F1. How many images had
+no anomaly found, per true type, is reported beside the scores.
 """
 
 from __future__ import annotations
@@ -164,6 +165,17 @@ def cluster_summary(labels: np.ndarray, confidence: np.ndarray, n_clusters: int)
     return out
 
 
+def no_anomaly_counts(anomaly: np.ndarray, truth: Sequence[str]) -> dict:
+    """``images``: how many of the images (anomaly: bool (n,)) had no anomaly found, their
+    ``fraction``, and ``per_type``: that count for each true type (``""``: unknown) that has any."""
+    missing = ~np.asarray(anomaly, bool)
+    per_type: dict[str, int] = {}
+    for t in np.asarray(truth, dtype=object)[missing].tolist():
+        per_type[t] = per_type.get(t, 0) + 1
+    n = len(missing)
+    return {"images": int(missing.sum()), "fraction": float(missing.mean()) if n else 0.0, "per_type": dict(sorted(per_type.items()))}
+
+
 def mean_scores(per_group: dict[str, dict[str, float]], keys: Sequence[str] = ("nmi", "ari", "f1")) -> dict:
     """Unweighted mean of each metric over groups (the paper's per-category mean row)."""
     if not per_group:
@@ -189,9 +201,14 @@ def evaluate_predictions(
     crop_pred: Sequence[int],
     crop_category: Sequence[str],
     n_clusters: int,
+    image_anomaly: Sequence[bool] | None = None,
 ) -> Evaluation:
     """Metrics of a run at image level (n,) and crop level (m,) (a crop carries its image's
     true type).
+
+    ``image_anomaly`` (n,): whether MEBin found an anomaly in the image (default: all).
+    ``no_anomaly`` counts the images without, in total and per true type; they have no
+    confidence, so the clusters' mean confidences leave them out.
 
     A true type of ``""`` means unknown: such samples are left out of the ground-truth
     metrics. With no known type at all the metrics hold ``"ground_truth": false`` and the
@@ -203,11 +220,13 @@ def evaluate_predictions(
     image_pred = np.asarray(image_pred, dtype=np.int64)
     crop_pred = np.asarray(crop_pred, dtype=np.int64)
     clusters = cluster_summary(image_pred, np.asarray(image_confidence, dtype=np.float64), n_clusters)
+    found = np.ones(len(image_pred), bool) if image_anomaly is None else np.asarray(image_anomaly, bool)
     metrics: dict = {
         "ground_truth": False,
         "n_images": len(image_pred),
         "n_crops": len(crop_pred),
         "n_clusters": n_clusters,
+        "no_anomaly": no_anomaly_counts(found, image_truth),
     }
     img_known = np.array([bool(t) for t in image_truth], dtype=bool)
     crop_known = np.array([bool(t) for t in crop_truth], dtype=bool)

@@ -276,3 +276,37 @@ def count_massive_classes(probs: np.ndarray, min_fraction: float = 0.02) -> int:
         raise ValueError(f"probs must be a non-empty 2-D array (M, K), got shape {p.shape}")
     share = np.bincount(p.argmax(axis=1), minlength=p.shape[1]) / len(p)
     return max(1, int((share >= min_fraction).sum()))
+
+
+def estimate_summary(metrics: dict) -> tuple[str, list[str]]:
+    """What the train stage prints and the report shows about the estimate: the line
+    ``estimated K = n (...)`` with the score curve and the K trained with, and the warnings of an
+    ``auto`` estimate: at the largest K considered (``auto_max``, or fewer when the crops allow
+    fewer) there may be more classes; at 1 no cluster structure was found. ``metrics``: the
+    dict of ``anomalyncd.auto_k.num_classes_metrics`` (``metrics/num_classes.json``)."""
+    k, scores = metrics["estimate"], metrics.get("scores", {})
+    curve = ", ".join(f"{c[1:]}: {v:.4g}" + ("*" if int(c[1:]) == k else "") for c, v in scores.items())
+    used = "train.num_classes: auto" if metrics.get("auto") else "train.num_classes"
+    line = (
+        f"estimated K = {k} ({metrics['method']} over {metrics.get('crops', '?')} region crops; score by K, "
+        f"higher is better: {curve or 'none defined'}); training with K = {metrics['num_classes']} ({used})"
+    )
+    if not metrics.get("auto"):
+        return line, []
+    prefix = f"params.yaml: train.num_classes auto: the estimate {k}"
+    if k > 1 and k == metrics.get("largest_k"):
+        if k == metrics.get("auto_max"):
+            return line, [
+                f"{prefix} is the largest number considered (train.auto_max={k}), so there may be more classes; "
+                "raise train.auto_max to check"
+            ]
+        return line, [
+            f"{prefix} is the most that {metrics.get('crops')} crops with a region can tell apart, so there may be "
+            "more classes; classify more images to check"
+        ]
+    if k == 1:
+        return line, [
+            f"{prefix} means the crops' regions show no cluster structure (or fewer than 2 crops have a region); "
+            "look at the crops in the report, or set train.num_classes"
+        ]
+    return line, []

@@ -24,7 +24,7 @@ from . import paths
 from .config import DetectParams, InferParams, MebinParams, MergeParams, load_params
 from .datasets import IMAGE_EXTENSIONS
 from .io import InputError, read_image
-from .merge import merge_tables, novel_probabilities
+from .merge import merge_tables, no_anomaly_cluster, novel_probabilities
 from .store import read_crops, read_maps
 
 MAP_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")  # what the external detector reads
@@ -233,6 +233,7 @@ def predict_images(
         crop_probs=crop_probs,
         strategy=run.merge.strategy,
         temperature=run.merge.temperature,
+        no_anomaly=no_anomaly_cluster(ps.attrs),
     )
     first = ("id", "image", "cluster")
     rows = [

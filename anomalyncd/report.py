@@ -1,19 +1,25 @@
 """The static HTML report of a run: ``reports/index.html`` plus image files beside it.
 
-Top of the page: the metrics and the image-level confusion matrix (when ground truth exists)
-or the cluster sizes. Then one section per discovered class with its size, its matched true
-type and a gallery of crop thumbnails (mask outline drawn); each thumbnail links to the full
-image with every crop's box, coloured by the crop's class. Last, the MEBin component-count
-sequence and chosen threshold of a few images. The page has no scripts and no external
-resources, so it opens offline; images are separate files so the page stays small.
+Top of the page: what the thumbnails show (outlines, map colours, borders), any warning, the
+class-discovery, detection and MEBin metrics, the number of classes (the estimate and its score
+chart), the training curves, then the per-type tables and the image-level confusion matrix
+(when ground truth exists) or the cluster sizes. Then one section per discovered class with a
+gallery: for each image its main crop with MEBin's mask and the true mask outlined, beside the
+anomaly map over the same crop; each links to the full image with every crop's box. Then the
+images where MEBin found no anomaly, the MEBin threshold sweeps of a few images, and the
+parameters of the run. The page has no scripts and no external resources, so it opens
+offline; images (charts included, drawn with matplotlib) are separate files so the page stays
+small.
 
 Drawing helpers are pure (arrays in, arrays out); :func:`write_report` does the file I/O.
 """
 
 from __future__ import annotations
 
+import csv
 import html
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -21,11 +27,20 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .io import atomic_path, read_image, write_image
+from .io import atomic_path, read_image, read_mask, write_image
+from .mebin import crop_padded
+from .num_classes import estimate_summary
 
 THUMB_SIZE = 128
 FULL_MAX_SIDE = 768
 FULL_MIN_SIDE = 384
+PANEL_GAP = 4
+MEBIN_COLOR = (255, 215, 0)  # yellow: MEBin's mask
+TRUE_COLOR = (0, 229, 255)  # cyan: the dataset's mask
+NO_ANOMALY_LABEL = "no anomaly found"
+#: training curves drawn in the report: losses on the left, schedules on the right
+LOSS_CURVES = ("loss", "distill", "contrastive", "memax")
+SCHEDULE_CURVES = ("lr", "teacher_temp")
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -41,15 +56,82 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return [tuple(int(round(255 * c)) for c in col[:3]) for col in cols]
 
 
+def draw_outline(rgb: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int], thickness: int = 1) -> np.ndarray:
+    """``rgb`` (h, w, 3) with the outline of ``mask`` (h', w') drawn (resized nearest-neighbour
+    to (h, w) first); ``None`` or an empty mask draws nothing. Returns a new array."""
+    out = np.ascontiguousarray(rgb).copy()
+    if mask is None or not np.any(mask):
+        return out
+    m = cv2.resize(np.asarray(mask, np.uint8), (out.shape[1], out.shape[0]), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, color, thickness=thickness, lineType=cv2.LINE_AA)
+    return out
+
+
 def outline_thumbnail(
-    crop: np.ndarray, mask: np.ndarray, size: int = THUMB_SIZE, color: tuple[int, int, int] = (255, 215, 0)
+    crop: np.ndarray, mask: np.ndarray, size: int = THUMB_SIZE, color: tuple[int, int, int] = MEBIN_COLOR
 ) -> np.ndarray:
     """Resize an RGB crop (C, C, 3) to (size, size, 3) and draw its mask's (C, C) outline."""
     thumb = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_LINEAR)
-    m = cv2.resize(np.asarray(mask, dtype=np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(thumb, contours, -1, color, thickness=max(1, size // 96), lineType=cv2.LINE_AA)
-    return thumb
+    return draw_outline(thumb, mask, color, max(1, size // 96))
+
+
+def map_overlay(rgb: np.ndarray, map_u8: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The anomaly map (h', w') uint8 0..255, resized bilinearly to the image (h, w, 3), in the
+    jet colours (blue low, red high) blended over it with weight ``alpha``: uint8 (h, w, 3)."""
+    m = cv2.resize(np.asarray(map_u8, np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(m, cv2.COLORMAP_JET)[:, :, ::-1]
+    return cv2.addWeighted(np.ascontiguousarray(rgb), 1 - alpha, heat, alpha, 0)
+
+
+def fit_square(rgb: np.ndarray, size: int, fill: int = 255) -> np.ndarray:
+    """``rgb`` (h, w, 3) scaled so its longer side is ``size`` and centred on a ``fill`` square
+    (size, size, 3), so that whole non-square images keep their shape in a gallery."""
+    h, w = rgb.shape[:2]
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    out = np.full((size, size, 3), fill, np.uint8)
+    y, x = (size - nh) // 2, (size - nw) // 2
+    out[y : y + nh, x : x + nw] = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def region_panels(
+    image: np.ndarray,
+    box: Sequence[int],
+    mebin_mask: np.ndarray | None,
+    true_mask: np.ndarray | None,
+    map_u8: np.ndarray | None,
+    size: int = THUMB_SIZE,
+) -> np.ndarray:
+    """Two panels of one box (x0, y0, x1, y1) of an image (H, W, 3), side by side:
+    uint8 (size, 2 * size + PANEL_GAP, 3).
+
+    Left, the image with MEBin's mask (yellow) and the true mask (cyan) outlined; right, the
+    anomaly map (S, S) over it (:func:`map_overlay`). Masks are bool (H, W) or None; parts of
+    the box outside the image are black, as in the crops.
+    """
+    crop = crop_padded(image, box)
+    thick = max(1, size // 96)
+
+    def cut(mask):
+        return None if mask is None else crop_padded(np.asarray(mask, np.uint8), box)
+
+    left = fit_square(crop, size)
+    right = fit_square(crop, size)
+    if map_u8 is not None:
+        full = cv2.resize(np.asarray(map_u8, np.uint8), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        right = fit_square(map_overlay(crop, crop_padded(full, box)), size)
+    for mask, color in ((cut(mebin_mask), MEBIN_COLOR), (cut(true_mask), TRUE_COLOR)):
+        if mask is not None:
+            left = draw_outline(left, _fit_mask(mask, size), color, thick)
+    gap = np.full((size, PANEL_GAP, 3), 255, np.uint8)
+    return np.concatenate([left, gap, right], axis=1)
+
+
+def _fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A mask placed as :func:`fit_square` places its image: uint8 (size, size)."""
+    return fit_square(np.repeat(np.asarray(mask, np.uint8)[:, :, None] * 255, 3, axis=2), size, fill=0)[:, :, 0] > 127
 
 
 def draw_boxes(
@@ -81,16 +163,43 @@ def draw_boxes(
     return out
 
 
-def plot_count_sequence(
-    path: str | os.PathLike, thresholds: np.ndarray, counts: np.ndarray, chosen: int, title: str
-) -> None:
-    """Save a plot of the connected-component count (T,) along the MEBin threshold sweep (T,)
-    with the chosen threshold marked."""
+def full_view(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    colors: Sequence[tuple[int, int, int]],
+    mebin_mask: np.ndarray | None,
+    true_mask: np.ndarray | None,
+    map_u8: np.ndarray | None,
+) -> np.ndarray:
+    """The full image (H, W, 3) with its crop boxes (:func:`draw_boxes`) and the true mask
+    outlined, beside the anomaly map over the image with MEBin's mask outlined; both scaled
+    alike. Returns uint8 (h, 2 w + PANEL_GAP, 3)."""
+    left = draw_boxes(image, boxes, labels, colors)
+    h, w = left.shape[:2]
+    thick = max(1, round(max(h, w) / 300))
+    left = draw_outline(left, true_mask, TRUE_COLOR, thick)
+    small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    right = map_overlay(small, map_u8) if map_u8 is not None else small
+    right = draw_outline(right, mebin_mask, MEBIN_COLOR, thick)
+    return np.concatenate([left, np.full((h, PANEL_GAP, 3), 255, np.uint8), right], axis=1)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_count_sequence(
+    path: str | os.PathLike, thresholds: np.ndarray, counts: np.ndarray, chosen: int, title: str
+) -> None:
+    """Save a plot of the connected-component count (T,) along the MEBin threshold sweep (T,)
+    with the chosen threshold marked."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.0, 2.4), dpi=100)
     ax.step(thresholds, counts, where="mid", color="#1f77b4", lw=1.5)
     ax.axvline(chosen, color="#d62728", ls="--", lw=1.2, label=f"threshold {chosen}")
@@ -104,12 +213,66 @@ def plot_count_sequence(
     plt.close(fig)
 
 
+def plot_num_classes(path: str | os.PathLike, metrics: dict) -> None:
+    """Save the score of each candidate K (``metrics/num_classes.json``'s ``scores``), the
+    estimate starred and the K trained with dashed."""
+    plt = _pyplot()
+    ks = [int(k[1:]) for k in metrics.get("scores", {})]
+    fig, ax = plt.subplots(figsize=(4.8, 2.8), dpi=100)
+    ax.plot(ks, list(metrics.get("scores", {}).values()), "o-", color="#1f77b4", lw=1.5, ms=4)
+    est = metrics["estimate"]
+    if f"k{est}" in metrics.get("scores", {}):
+        ax.plot([est], [metrics["scores"][f"k{est}"]], "*", color="#d62728", ms=14, label=f"estimate K = {est}")
+    ax.axvline(metrics["num_classes"], color="#2ca02c", ls="--", lw=1.2, label=f"trained with K = {metrics['num_classes']}")
+    ax.set_xlabel("K (number of classes)")
+    ax.set_ylabel(f"{metrics['method']} score (higher is better)")
+    ax.set_xticks(ks)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training_curves(path: str | os.PathLike, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Save the per-epoch training curves ``{name: (epochs (E,), values (E,))}``: the losses
+    (:data:`LOSS_CURVES`) on the left, the schedules (:data:`SCHEDULE_CURVES`) on the right."""
+    plt = _pyplot()
+    fig, (ax_l, ax_s) = plt.subplots(1, 2, figsize=(9.0, 3.0), dpi=100)
+    for ax, names, title in ((ax_l, LOSS_CURVES, "losses"), (ax_s, SCHEDULE_CURVES, "schedules")):
+        for name in names:
+            if name in curves:
+                ax.plot(*curves[name], lw=1.4, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    ax_s.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def read_live_curves(folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """DVCLive's per-metric files ``<folder>/<name>.tsv`` (columns step, name) as
+    ``{name: (steps int (E,), values float (E,))}``; a missing folder gives ``{}``."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.tsv")) if Path(folder).is_dir() else []:
+        with open(f, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if rows and f.stem in rows[0]:
+            out[f.stem] = (np.array([int(r["step"]) for r in rows]), np.array([float(r[f.stem]) for r in rows]))
+    return out
+
+
 # -- page model --------------------------------------------------------------------------------
 
 
 @dataclass
 class ImageEntry:
-    """One classified image. boxes: (k, 4); crop_rows: indices of its crops in the CropSet."""
+    """One image of the run. boxes: (k, 4); crop_rows: indices of its crops in the crop table;
+    anomaly: whether MEBin found an anomaly (else its status is "no anomaly found");
+    mebin_mask: bool (H, W) MEBin's mask; map_u8: uint8 (S, S) its anomaly map; true_mask:
+    the path of the dataset's mask ("" if none)."""
 
     id: str
     path: str
@@ -120,6 +283,10 @@ class ImageEntry:
     crop_rows: list[int]
     crop_clusters: list[int]
     crop_weights: list[float]
+    anomaly: bool = True
+    mebin_mask: np.ndarray | None = None
+    map_u8: np.ndarray | None = None
+    true_mask: str = ""
 
 
 @dataclass
@@ -133,103 +300,181 @@ class MebinEntry:
 @dataclass
 class ReportData:
     """Everything the page shows. ``names``: cluster id -> matched true type (may be empty).
-    ``metrics``: the evaluate metrics dict. ``confusion``: (classes, cluster ids, table) or None.
-    ``crops`` / ``crop_masks``: the CropSet arrays the thumbnails come from."""
+    ``metrics``: the evaluate metrics dict; ``detect``, ``mebin_metrics``, ``num_classes``:
+    those stages' metrics files ({} when absent); ``curves``: the training curves
+    (:func:`read_live_curves`); ``params``: params.yaml's sections. ``confusion``: (classes,
+    cluster ids, table) or None."""
 
     title: str
     n_clusters: int
     images: list[ImageEntry]
-    crops: np.ndarray
-    crop_masks: np.ndarray
     metrics: dict
     names: dict[int, str] = field(default_factory=dict)
     confusion: tuple[list[str], list[int], np.ndarray] | None = None
     mebin: list[MebinEntry] = field(default_factory=list)
     per_class_images: int = 24
+    detect: dict = field(default_factory=dict)
+    mebin_metrics: dict = field(default_factory=dict)
+    num_classes: dict = field(default_factory=dict)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
 
 
 def cluster_label(k: int, names: dict[int, str]) -> str:
-    """``class 3 (crack)`` or ``class 3``; ``-1`` is ``no crop``."""
+    """``class 3 (crack)`` or ``class 3``; ``-1`` is ``no anomaly found``."""
     if k < 0:
-        return "no crop"
+        return NO_ANOMALY_LABEL
     return f"class {k} ({names[k]})" if k in names else f"class {k}"
 
 
 def write_report(out_dir: str | os.PathLike, data: ReportData) -> None:
     """Write ``index.html`` and its images into ``out_dir`` (replaced atomically)."""
     with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        (tmp / "img").mkdir()
-        (tmp / "full").mkdir()
-        (tmp / "mebin").mkdir()
+        for sub in ("img", "full", "mebin", "charts"):
+            (tmp / sub).mkdir(parents=True)
         colors = palette(max(1, data.n_clusters))
-        body = [_header(data)]
-        for k in _cluster_order(data):
-            body.append(_class_section(tmp, data, k, colors))
+        body = [_header(tmp, data)]
+        body += [_class_section(tmp, data, k, colors) for k in _cluster_order(data)]
+        body.append(_no_anomaly_section(tmp, data, colors))
         body.append(_mebin_section(tmp, data))
-        (tmp / "index.html").write_text(_page(data.title, "\n".join(body)), encoding="utf-8")
+        body.append(_params_section(data.params))
+        (tmp / "index.html").write_text(_page(data.title, "\n".join(b for b in body if b)), encoding="utf-8")
 
 
 def _cluster_order(data: ReportData) -> list[int]:
+    """Defect classes with images first, in id order; then empty ones (the images without
+    anomaly have their own section)."""
     sizes = {k: 0 for k in range(data.n_clusters)}
     for im in data.images:
-        sizes[im.cluster] = sizes.get(im.cluster, 0) + 1
-    # classes with images first, in id order; then "no crop" (-1); empty classes last
-    return sorted(sizes, key=lambda k: (sizes[k] == 0, k < 0, k))
+        if im.anomaly and im.cluster >= 0:
+            sizes[im.cluster] = sizes.get(im.cluster, 0) + 1
+    return sorted(sizes, key=lambda k: (sizes[k] == 0, k))
 
 
-def _header(data: ReportData) -> str:
+def _fmt(v: object) -> str:
+    """A table cell: floats with 3 decimals (NaN and None empty), anything else as text."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    return f"{v:.3f}" if isinstance(v, float) else _e(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], cls: str = "num") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr><th>" + _e(r[0]) + "</th>" + "".join(f"<td>{_fmt(v)}</td>" for v in r[1:]) + "</tr>" for r in rows)
+    return f"<table class='{cls}'><tr>{head}</tr>{body}</table>"
+
+
+def _legend() -> str:
+    return (
+        "<div class='legend'><b>Reading the thumbnails.</b> Left: the image's main crop, with "
+        "<span class='sw' style='background:rgb%s'></span> MEBin's mask and "
+        "<span class='sw' style='background:rgb%s'></span> the true mask (where the dataset has one) outlined. "
+        "Right: the anomaly map over the same crop (blue low, red high). Border: "
+        "<span class='sw' style='background:#4c4'></span> the true type is the class's matched type, "
+        "<span class='sw' style='background:#e33'></span> it differs, "
+        "<span class='sw' style='background:#999'></span> no ground truth. A thumbnail links to the full image "
+        "with every crop's box.</div>"
+    ) % (MEBIN_COLOR, TRUE_COLOR)
+
+
+def _warnings(data: ReportData) -> list[str]:
+    out = [_e(w) for w in _estimate(data)[1]] if data.num_classes.get("estimate") is not None else []
+    none_found = data.metrics.get("no_anomaly", {}).get("images", 0)
+    if none_found:
+        out.append(
+            f"MEBin found no anomaly in {none_found} of {len(data.images)} images: they have no class and count "
+            "as wrong in the F1 (<a href='#no-anomaly'>see them</a>)."
+        )
+    if data.detect and data.detect.get("pretrained") is False and data.detect.get("backbone") not in (None, "filterbank"):
+        out.append("The detector's backbone ran with random weights: its maps are much weaker than with pretrained ones.")
+    return out
+
+
+def _estimate(data: ReportData) -> tuple[str, list[str]]:
+    return estimate_summary(data.num_classes)
+
+
+def _header(out: Path, data: ReportData) -> str:
     m = data.metrics
-    parts = [f"<h1>{_e(data.title)}</h1>"]
     n_crops = sum(len(im.crop_rows) for im in data.images)
-    parts.append(f"<p>{len(data.images)} images, {n_crops} crops, {data.n_clusters} discovered classes.</p>")
+    none_found = sum(not im.anomaly for im in data.images)
+    parts = [
+        f"<h1>{_e(data.title)}</h1>",
+        f"<p>{len(data.images)} images, {n_crops} crops, {data.n_clusters} discovered classes; "
+        f"{none_found} images with no anomaly found.</p>",
+        _legend(),
+    ]
+    warns = _warnings(data)
+    if not m.get("ground_truth"):
+        warns.insert(0, "No ground truth was available: the classes below are unnamed clusters.")
+    if warns:
+        parts.append("<ul class='warn'>" + "".join(f"<li>{w}</li>" for w in warns) + "</ul>")
+    parts.append("<h2>Results</h2>")
     if m.get("ground_truth"):
-        rows = "".join(
-            f"<tr><th>{lvl}</th><td>{m[lvl]['n']}</td>" + "".join(f"<td>{m[lvl][k]:.3f}</td>" for k in ("nmi", "ari", "f1")) + "</tr>"
-            for lvl in ("image", "crop")
-            if lvl in m
-        )
+        rows = [[lvl, m[lvl]["n"], m[lvl]["nmi"], m[lvl]["ari"], m[lvl]["f1"]] for lvl in ("image", "crop") if lvl in m]
+        base = m.get("baseline", {})
+        rows += [[f"{lvl}: k-means on the frozen features", b["n"], b["nmi"], b["ari"], b["f1"]] for lvl, b in base.items() if lvl in ("image", "crop")]
+        parts.append("<h3>Class discovery</h3>" + _table(["level", "n", "NMI", "ARI", "F1"], rows))
+    if data.detect:
+        keys = [("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro")]
+        shown = [(name, data.detect[k]) for name, k in keys if k in data.detect]
+        desc = f"{data.detect.get('method', '?')}, backbone {data.detect.get('backbone', '?')}, weights: {data.detect.get('weights', '?')}"
+        parts.append(f"<h3>Detection ({_e(desc)})</h3>" + (_table(["metric", "value"], shown) if shown else "<p>No ground truth to score the maps.</p>"))
+    if data.mebin_metrics:
+        mm = data.mebin_metrics
+        rows = [
+            ["erosion", mm.get("erosion")],
+            ["images with no anomaly found", mm.get("images_without_anomaly")],
+            ["crops per image", mm.get("crops_per_image")],
+            ["true regions found (at least half inside the crops)", mm.get("gt_regions_found")],
+            ["true regions whole inside one crop", mm.get("gt_regions_whole_in_a_crop")],
+            ["true defect pixels inside the crops", mm.get("gt_pixels_in_crops")],
+        ]
+        parts.append("<h3>MEBin</h3>" + _table(["", "value"], [r for r in rows if r[1] is not None]))
+    if data.num_classes.get("estimate") is not None:
+        plot_num_classes(out / "charts" / "num_classes.png", data.num_classes)
         parts.append(
-            "<h2>Metrics</h2><table class='num'><tr><th>level</th><th>n</th><th>NMI</th><th>ARI</th><th>F1</th></tr>"
-            f"{rows}</table>"
+            f"<h2>Number of classes</h2><p>{_e(_estimate(data)[0])}</p>"
+            "<img src='charts/num_classes.png' alt='score of each candidate number of classes'>"
         )
-        if m.get("per_category"):
-            cat_rows = "".join(
-                f"<tr><th>{_e(c)}</th>" + "".join(f"<td>{v['image'][k]:.3f}</td>" for k in ("nmi", "ari", "f1")) + "</tr>"
-                for c, v in m["per_category"].items()
-            )
-            mean = m.get("mean", {}).get("image", {})
-            if mean:
-                cat_rows += "<tr class='mean'><th>mean</th>" + "".join(f"<td>{mean[k]:.3f}</td>" for k in ("nmi", "ari", "f1")) + "</tr>"
-            parts.append(
-                "<h3>Per category (image level)</h3><table class='num'><tr><th>category</th><th>NMI</th><th>ARI</th><th>F1</th></tr>"
-                f"{cat_rows}</table>"
-            )
-        if m.get("per_class"):
-            pc = "".join(
-                f"<tr><th>{_e(name)}</th><td>{'' if v['cluster'] is None else v['cluster']}</td><td>{v['support']}</td>"
-                f"<td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td></tr>"
-                for name, v in m["per_class"].items()
-            )
-            parts.append(
-                "<h3>Per true type after matching (image level)</h3><table class='num'><tr><th>true type</th>"
-                f"<th>matched class</th><th>images</th><th>precision</th><th>recall</th></tr>{pc}</table>"
-            )
-        if data.confusion is not None:
-            parts.append(_confusion_table(*data.confusion, data.names))
-    else:
-        parts.append("<p class='warn'>No ground truth was available: the classes below are unnamed clusters.</p>")
+    if data.curves:
+        plot_training_curves(out / "charts" / "training.png", data.curves)
+        parts.append("<h2>Training</h2><img src='charts/training.png' alt='training curves'>")
+    if m.get("ground_truth"):
+        parts.append(_truth_tables(data))
     clusters = m.get("clusters", {})
     if clusters:
         rows = "".join(
-            f"<tr><th><a href='#class-{k}'>{_e(cluster_label(int(k), data.names))}</a></th><td>{v['size']}</td>"
-            f"<td>{'' if v['mean_confidence'] is None else format(v['mean_confidence'], '.3f')}</td></tr>"
+            f"<tr><th><a href='#{_anchor(int(k))}'>{_e(cluster_label(int(k), data.names))}</a></th><td>{v['size']}</td>"
+            f"<td>{_fmt(v['mean_confidence'])}</td></tr>"
             for k, v in clusters.items()
         )
         parts.append(
-            "<h2>Discovered classes</h2><table class='num'><tr><th>class</th><th>images</th><th>mean confidence</th></tr>"
-            f"{rows}</table>"
+            "<h2>Discovered classes</h2><table class='num'><tr><th>class</th><th>images</th><th>mean confidence "
+            f"(images with an anomaly)</th></tr>{rows}</table>"
         )
+    return "\n".join(parts)
+
+
+def _truth_tables(data: ReportData) -> str:
+    m, parts = data.metrics, []
+    if m.get("per_category"):
+        rows = [[c] + [v["image"][k] for k in ("nmi", "ari", "f1")] for c, v in m["per_category"].items()]
+        mean = m.get("mean", {}).get("image", {})
+        if mean:
+            rows.append(["mean"] + [mean[k] for k in ("nmi", "ari", "f1")])
+        parts.append("<h3>Per category (image level)</h3>" + _table(["category", "NMI", "ARI", "F1"], rows))
+    if m.get("per_class"):
+        rows = [
+            [name, v["cluster"], v["support"], v["precision"], v["recall"]]
+            for name, v in m["per_class"].items()
+        ]
+        parts.append(
+            "<h3>Per true type after matching (image level)</h3>"
+            + _table(["true type", "matched class", "images", "precision", "recall"], rows)
+        )
+    if data.confusion is not None:
+        parts.append(_confusion_table(*data.confusion, data.names))
     return "\n".join(parts)
 
 
@@ -248,42 +493,72 @@ def _confusion_table(classes: list[str], clusters: list[int], table: np.ndarray,
     )
 
 
+def _anchor(k: int) -> str:
+    return "no-anomaly" if k < 0 else f"class-{k}"
+
+
 def _class_section(out: Path, data: ReportData, k: int, colors: list[tuple[int, int, int]]) -> str:
-    members = [(i, im) for i, im in enumerate(data.images) if im.cluster == k]
+    members = [(i, im) for i, im in enumerate(data.images) if im.cluster == k and im.anomaly]
     members.sort(key=lambda p: (-np.nan_to_num(p[1].confidence, nan=-1.0), p[1].id))
     label = cluster_label(k, data.names)
     matched = data.names.get(k)
-    title = f"<h2 id='class-{k}'>{_e(label)}: {len(members)} images</h2>"
+    title = f"<h2 id='{_anchor(k)}'>{_e(label)}: {len(members)} images</h2>"
     if not members:
         return title + "<p>No image was assigned to this class.</p>"
     info = f"<p>Matched true type: <b>{_e(matched)}</b></p>" if matched else ""
     figs = []
     for idx, im in members[: data.per_class_images]:
-        full = _full_image(out, data, idx, im, colors)
-        truth = f"<br>true: {_e(im.truth)}" if im.truth else ""
-        wrong = " wrong" if matched and im.truth and im.truth != matched else ""
+        border = "" if not (matched and im.truth) else (" wrong" if im.truth != matched else " right")
         conf = "" if not np.isfinite(im.confidence) else f" {im.confidence:.2f}"
-        if im.crop_rows:
-            j = im.crop_rows[int(np.argmax(im.crop_weights))]
-            thumb = f"img/crop-{j:06d}.png"
-            write_image(out / thumb, outline_thumbnail(data.crops[j], data.crop_masks[j]))
-            img = f"<img src='{thumb}' width='{THUMB_SIZE}' height='{THUMB_SIZE}' alt='{_e(im.id)}'>"
-        else:
-            img = "<div class='nocrop'>no crop</div>"
-        figs.append(
-            f"<figure class='thumb{wrong}'><a href='{full}'>{img}</a>"
-            f"<figcaption>{_e(im.id)}{conf}{truth}</figcaption></figure>"
-        )
+        j = int(np.argmax(im.crop_weights)) if im.crop_rows else None
+        figs.append(_figure(out, data, idx, im, colors, j, border, conf))
     more = f"<p>{len(members) - data.per_class_images} more not shown.</p>" if len(members) > data.per_class_images else ""
     return title + info + "<div class='gallery'>" + "".join(figs) + "</div>" + more
 
 
-def _full_image(out: Path, data: ReportData, idx: int, im: ImageEntry, colors: list[tuple[int, int, int]]) -> str:
-    rel = f"full/{idx:05d}.jpg"
+def _no_anomaly_section(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) -> str:
+    members = [(i, im) for i, im in enumerate(data.images) if not im.anomaly]
+    if not members:
+        return ""
+    members.sort(key=lambda p: p[1].id)
+    figs = [_figure(out, data, idx, im, colors, None, "", "") for idx, im in members[: data.per_class_images]]
+    more = f"<p>{len(members) - data.per_class_images} more not shown.</p>" if len(members) > data.per_class_images else ""
+    return (
+        f"<h2 id='no-anomaly'>{NO_ANOMALY_LABEL}: {len(members)} images</h2>"
+        "<p>MEBin found no stable anomaly region in these images, so they have no class (status "
+        "<code>no anomaly found</code> in <code>data/merge/predictions.csv</code>) and count as wrong in the F1. "
+        "Shown whole: the image, and the anomaly map over it. A true mask without a matching hot spot means the "
+        "detector missed the defect; a hot spot MEBin did not keep means its threshold search (mebin params) did.</p>"
+        "<div class='gallery'>" + "".join(figs) + "</div>" + more
+    )
+
+
+def _figure(
+    out: Path, data: ReportData, idx: int, im: ImageEntry, colors: list[tuple[int, int, int]], crop: int | None, border: str, conf: str
+) -> str:
+    """One gallery entry: the panels of crop number ``crop`` of the image (the whole image when
+    None), linked to its full view."""
     rgb = read_image(im.path)
-    labels = [f"{c}: {data.names[c]}" if c in data.names else str(c) for c in im.crop_clusters]
+    true_mask = read_mask(im.true_mask) if im.true_mask else None
+    box = im.boxes[crop] if crop is not None else (0, 0, rgb.shape[1], rgb.shape[0])
+    rel = f"img/{idx:05d}.png"
+    write_image(out / rel, region_panels(rgb, box, im.mebin_mask, true_mask, im.map_u8))
+    full = _full_image(out, data, idx, im, colors, rgb, true_mask)
+    truth = f"<br>true: {_e(im.truth)}" if im.truth else ""
+    width = 2 * THUMB_SIZE + PANEL_GAP
+    return (
+        f"<figure class='thumb{border}'><a href='{full}'><img src='{rel}' width='{width}' height='{THUMB_SIZE}' "
+        f"alt='{_e(im.id)}'></a><figcaption>{_breakable(im.id)}{conf}{truth}</figcaption></figure>"
+    )
+
+
+def _full_image(
+    out: Path, data: ReportData, idx: int, im: ImageEntry, colors: list[tuple[int, int, int]], rgb: np.ndarray, true_mask
+) -> str:
+    rel = f"full/{idx:05d}.jpg"
+    labels = [cluster_label(c, data.names) if c < 0 else (f"{c}: {data.names[c]}" if c in data.names else str(c)) for c in im.crop_clusters]
     cols = [colors[c % len(colors)] if c >= 0 else (128, 128, 128) for c in im.crop_clusters]
-    drawn = draw_boxes(rgb, im.boxes, labels, cols)
+    drawn = full_view(rgb, im.boxes, labels, cols, im.mebin_mask, true_mask, im.map_u8)
     cv2.imwrite(str(out / rel), np.ascontiguousarray(drawn[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return rel
 
@@ -305,23 +580,42 @@ def _mebin_section(out: Path, data: ReportData) -> str:
     )
 
 
+def _params_section(params: dict) -> str:
+    if not params:
+        return ""
+    tables = "".join(
+        f"<h3>{_e(section)}</h3>" + _table(["param", "value"], [[k, str(v)] for k, v in values.items()], cls="params")
+        for section, values in params.items()
+        if isinstance(values, dict)
+    )
+    return f"<h2 id='params'>Parameters of the run</h2><details><summary>params.yaml</summary>{tables}</details>"
+
+
+def _breakable(s: str) -> str:
+    """Escaped ``s`` that may wrap after ``/``, ``_`` or ``-`` but never inside a name or number."""
+    return "<wbr>".join(_e(p) for p in re.split(r"(?<=[/_-])", s))
+
+
 def _e(s: object) -> str:
     return html.escape(str(s), quote=True)
 
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; }
 table.num td { text-align: right; }
-tr.mean { font-weight: bold; }
-.gallery { display: flex; flex-wrap: wrap; gap: 8px; }
-figure { margin: 0; font-size: 11px; word-break: break-all; }
-figure.thumb { width: 140px; }
-figure.thumb img { border: 3px solid #4c4; }
+table.params td { text-align: left; font-family: monospace; }
+.gallery { display: flex; flex-wrap: wrap; gap: 10px; }
+figure { margin: 0; font-size: 11px; }
+figure.thumb { width: 266px; }
+figure.thumb figcaption { overflow-wrap: break-word; word-break: normal; }
+figure.thumb img { border: 3px solid #999; }
+figure.thumb.right img { border-color: #4c4; }
 figure.thumb.wrong img { border-color: #e33; }
-.nocrop { width: 128px; height: 128px; background: #eee; display: flex; align-items: center; justify-content: center; }
-.warn { background: #fff3cd; padding: 0.5em; }
+.legend { background: #f4f6f8; padding: 0.5em 0.8em; font-size: 13px; border-left: 4px solid #1f77b4; }
+.sw { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: middle; border: 1px solid #666; }
+.warn { background: #fff3cd; padding: 0.5em 0.5em 0.5em 2em; }
 h2 { border-bottom: 1px solid #ddd; margin-top: 1.5em; }
 """
 
@@ -329,8 +623,5 @@ h2 { border-bottom: 1px solid #ddd; margin-top: 1.5em; }
 def _page(title: str, body: str) -> str:
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"
-        "<p style='color:#888;font-size:11px'>Thumbnail border: green = true type equals the class's matched "
-        "type, red = it differs; yellow line: the anomaly mask's outline. Click a thumbnail for the full image with every crop's box.</p>"
-        "</body></html>\n"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
     )

@@ -6,8 +6,9 @@ Reads the run's manifest, crops (``data/mebin``) and crop probabilities (``data/
 The baseline rebuilds the model exactly as the train stage initialises it (same params and
 seed, before any training), clusters its [CLS] features of the same crops with k-means
 (k = number of outputs), and merges crops to images the same way as the trained model's
-probabilities (softmax over the image's crops of sqrt(mask area) / 50). Images without a
-crop count as wrong for both, as in the evaluate stage. Prints image-level NMI, ARI and Hungarian F1.
+probabilities (softmax over the image's crops of sqrt(mask area) / 50). Images where MEBin
+found no anomaly count as wrong for both, as in the evaluate stage. Prints image-level NMI, ARI
+and Hungarian F1.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     areas = cs.areas.astype(np.float64)
     base = image_scores(truth, np.eye(k)[km.labels_], cs.image_index, areas, n)
     ours = image_scores(truth, ps.probs[:, ps.head], cs.image_index, areas, n)
-    print(f"{n} images, {len(cs.crops)} crops, {int((np.bincount(cs.image_index, minlength=n) == 0).sum())} images without a crop")
+    print(f"{n} images, {len(cs.crops)} crops, {int((np.bincount(cs.image_index, weights=cs.areas > 0, minlength=n) == 0).sum())} images without anomaly")
     for name, s in (("untrained [CLS] + k-means", base), (f"trained MGViT (head {ps.head})", ours)):
         print(f"{name:<28} image-level: NMI {s['nmi']:.3f}  ARI {s['ari']:.3f}  F1 {s['f1']:.3f}")
 

@@ -6,29 +6,38 @@ scores with their mean when the run holds several categories. Without ground tru
 sizes and mean confidences, and ``"ground_truth": false``. Writes metrics/evaluate.json (DVC
 metrics; its ``clusters`` entry holds each class's size and matched true type, which
 ``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
-reports/index.html with its images.
+reports/index.html with its images. Images where MEBin found no anomaly have no class: they
+count as wrong in the F1 and ``no_anomaly`` counts them per true type.
+
+The report also shows the detection, MEBin and number-of-classes metrics, the training curves
+and the parameters of the run, and each image's anomaly map; files that are absent (a stage
+run by hand) leave their section out.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 import typer
+import yaml
 
 from anomalyncd import paths
 from anomalyncd.baseline import kmeans_clusters
 from anomalyncd.config import MergeParams, load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError, write_json
-from anomalyncd.merge import merge_regions, n_classes, parse_boxes, parse_ints, read_table, write_table
+from anomalyncd.merge import STATUS, merge_regions, n_classes, parse_boxes, parse_ints, read_table, write_table
 from anomalyncd.metrics import evaluate_predictions, score_clustering
-from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, write_report
+from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
 from anomalyncd.stage import run
-from anomalyncd.store import CropSet, ProbSet, read_crops, read_probs
+from anomalyncd.store import CropSet, ProbSet, read_crops, read_maps, read_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 CONFUSION = paths.PLOTS / "confusion.csv"
-IMAGE_COLUMNS = ("id", "image", "category", "cluster", "confidence", "n_crops", "boxes", "crop_clusters")
+TRAINING_CURVES = Path("dvclive/train/plots/metrics")
+REPORT_PARAMS = ("dataset", "detect", "mebin", "train", "merge", "evaluate")  # dvc.yaml: evaluate's params
+IMAGE_COLUMNS = ("id", "image", "category", "cluster", "status", "confidence", "n_crops", "boxes", "crop_clusters")
 CROP_COLUMNS = ("crop_id", "image_id", "cluster", "confidence", "weight")
 
 
@@ -50,10 +59,15 @@ def mebin_examples(cs: CropSet, n: int, seed: int) -> list[MebinEntry]:
     return [MebinEntry(cs.ids[i], axis, cs.count_seqs[i], int(cs.thresholds[i])) for i in pick]
 
 
+def read_optional_json(path: Path) -> dict:
+    """A metrics file of an earlier stage, or {} when it is absent."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def baseline_metrics(cs: CropSet, ps: ProbSet, mp: MergeParams, seed: int, records: dict) -> dict:
     """Image and crop NMI / ARI / F1 of the frozen-feature baseline (:mod:`anomalyncd.baseline`):
     k-means on the crops' mask-pooled backbone features, merged to images like the model's
-    predictions (images without a crop count as wrong)."""
+    predictions (images without anomaly count as wrong)."""
     if len(ps.baseline_features) != len(cs.crops):
         raise InputError(f"{paths.PROBS}: {len(ps.baseline_features)} crops, {paths.CROPS} has {len(cs.crops)}; rerun infer (dvc repro)")
     k = int(ps.attrs.get("num_unlabeled", ps.probs.shape[-1]))
@@ -81,6 +95,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if [r["crop_id"] for r in crow] != cs.crop_ids:
         raise InputError(f"{paths.CROP_PREDICTIONS}: crops differ from {paths.CROPS}; rerun merge (dvc repro)")
     k = n_classes(rows[0]) if rows else 0
+    anomaly = [r["status"] == STATUS[True] for r in rows]
     truth = {r["id"]: records[r["id"]].defect_type for r in rows}
     cats = {r["id"]: records[r["id"]].category for r in rows}
     ev = evaluate_predictions(
@@ -92,6 +107,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crop_pred=[int(c["cluster"]) for c in crow],
         crop_category=[cats[c["image_id"]] for c in crow],
         n_clusters=k,
+        image_anomaly=anomaly,
     )
     names = ev.image_scores.matching if ev.image_scores else {}
     if ev.metrics["ground_truth"]:
@@ -111,6 +127,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     crop_rows_of: dict[str, list[int]] = {}
     for j, c in enumerate(crow):
         crop_rows_of.setdefault(c["image_id"], []).append(j)
+    mask_of = dict(zip(cs.ids, cs.masks))
+    maps = read_maps(paths.MAPS) if paths.MAPS.exists() else None
+    map_of = dict(zip(maps.ids, maps.maps_u8)) if maps is not None else {}
     images = [
         ImageEntry(
             id=r["id"],
@@ -122,8 +141,12 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             crop_rows=crop_rows_of.get(r["id"], []),
             crop_clusters=parse_ints(r["crop_clusters"]),
             crop_weights=[float(crow[j]["weight"]) for j in crop_rows_of.get(r["id"], [])],
+            anomaly=found,
+            mebin_mask=mask_of.get(r["id"]),
+            map_u8=map_of.get(r["id"]),
+            true_mask=records[r["id"]].mask,
         )
-        for r in rows
+        for r, found in zip(rows, anomaly)
     ]
     s = ev.image_scores
     write_report(
@@ -132,13 +155,16 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             title=f"anomalyncd: {len(rows)} images, {k} discovered classes",
             n_clusters=k,
             images=images,
-            crops=cs.crops,
-            crop_masks=cs.crop_masks,
             metrics=ev.metrics,
             names=names,
             confusion=(s.classes, s.confusion_clusters, s.confusion) if s else None,
             mebin=mebin_examples(cs, p.mebin_plots, p.seed),
             per_class_images=p.report_images,
+            detect=read_optional_json(paths.METRICS / "detect.json"),
+            mebin_metrics=read_optional_json(paths.METRICS / "mebin.json"),
+            num_classes=read_optional_json(paths.NUM_CLASSES_METRICS),
+            curves=read_live_curves(TRAINING_CURVES),
+            params={k: v for k, v in (yaml.safe_load(params.read_text()) or {}).items() if k in REPORT_PARAMS},
         ),
     )
     m = ev.metrics
@@ -148,7 +174,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         summary += f" (k-means on the frozen features: image NMI {b['nmi']:.3f} ARI {b['ari']:.3f} F1 {b['f1']:.3f})"
     else:
         summary = "no ground truth; cluster sizes " + str({c: v["size"] for c, v in m["clusters"].items()})
-    typer.echo(f"evaluate: {summary} report: {paths.REPORT / 'index.html'}")
+    typer.echo(f"evaluate: {summary} no anomaly found in {m['no_anomaly']['images']} images; report: {paths.REPORT / 'index.html'}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from anomalyncd.store import CropSet, MapSet, read_maps, write_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-#: Ground-truth regions smaller than this many pixels are left out of ``gt_regions_in_crops``.
+#: Ground-truth regions of this many pixels or fewer are left out of ``gt_regions_found``.
 MIN_GT_REGION = 64
 
 
@@ -52,8 +52,8 @@ def _init_worker(lo: int, hi: int, params: MebinParams) -> None:
     _share(lo, hi, params)
 
 
-def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, tuple[int, int]]:
-    """One image: MEBin and its crops, plus (GT regions, GT regions inside a crop) if it has a mask."""
+def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, mebin.GtCoverage]:
+    """One image: MEBin, its crops and how much of its ground-truth mask (if any) they hold."""
     image = read_image(job.record.image)
     if image.shape[:2] != job.size:
         raise InputError(
@@ -61,9 +61,9 @@ def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, tuple[int,
             f"for {job.size[1]}x{job.size[0]}; the image changed after detect ran: rerun detect (dvc repro)"
         )
     result, crops = mebin.mebin_image(job.map_u8, image, _SHARED["lo"], _SHARED["hi"], _SHARED["params"])
-    gt = (0, 0)
+    gt = mebin.GtCoverage()
     if job.record.mask:
-        gt = mebin.regions_in_boxes(read_mask(job.record.mask, job.size), crops.boxes, MIN_GT_REGION)
+        gt = mebin.gt_coverage(read_mask(job.record.mask, job.size), crops.boxes, crops.areas, MIN_GT_REGION)
     return job.index, result, crops, gt
 
 
@@ -104,7 +104,7 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
     done.sort(key=lambda d: d[0])
     results = [d[1] for d in done]
     crops = [d[2] for d in done]
-    gt_regions, gt_covered = (sum(d[3][k] for d in done) for k in (0, 1))
+    coverage = sum((d[3] for d in done), mebin.GtCoverage())
 
     cs = CropSet(
         ids=list(ms.ids),
@@ -140,9 +140,11 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
         "hi": hi,
         "mean_threshold": float(cs.thresholds.mean()),
         "mean_mask_fraction": float(np.mean([m.mean() for m in cs.masks])),
-        # ground truth regions > MIN_GT_REGION px whose bounding box lies inside a crop box
-        "gt_regions": gt_regions,
-        "gt_regions_in_crops": gt_covered / gt_regions if gt_regions else None,
+        "erosion": p.erosion,
+        # where masks exist, the fractions of ground-truth regions (> MIN_GT_REGION px) found (at
+        # least half inside the crops), of those whole inside one crop, and of the defect pixels
+        # inside the crops; crops of images without anomaly hold no region
+        **coverage.metrics(),
     }
     return cs, metrics
 

@@ -3,8 +3,10 @@
 Each crop's class probabilities (the selected head's softmax(logits / 0.1) over the novel
 classes, as written by ``infer``) are weighted within their image by a softmax of
 sqrt(mask area) / ``merge.temperature`` and summed; the image's class is the argmax
-(``merge.strategy: mean`` averages instead). Writes one row per image
-(data/merge/predictions.csv) and one per crop (data/merge/crops.csv).
+(``merge.strategy: mean`` averages instead). An image where MEBin found no anomaly gets no
+class: status ``no anomaly found``, cluster -1 (the normal class when the run has one), no
+confidence. Writes one row per image (data/merge/predictions.csv) and one per crop
+(data/merge/crops.csv).
 """
 
 from pathlib import Path
@@ -15,7 +17,7 @@ from anomalyncd import paths
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError
-from anomalyncd.merge import merge_tables, novel_probabilities, write_table
+from anomalyncd.merge import STATUS, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
 from anomalyncd.stage import run
 from anomalyncd.store import read_crops, read_probs
 
@@ -52,13 +54,14 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crop_probs=crop_probs,
         strategy=p.strategy,
         temperature=p.temperature,
+        no_anomaly=no_anomaly_cluster(ps.attrs),
     )
     write_table(paths.PREDICTIONS, img_rows)
     write_table(paths.CROP_PREDICTIONS, crop_rows)
-    no_crop = sum(1 for r in img_rows if r["n_crops"] == 0)
+    none_found = sum(1 for r in img_rows if r["status"] == STATUS[False])
     typer.echo(
         f"merge ({p.strategy}, T={p.temperature:g}): {len(img_rows)} images, {len(crop_rows)} crops, "
-        f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}" + (f"; {no_crop} images without crops" if no_crop else "")
+        f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}; no anomaly found in {none_found} images"
     )
 
 

@@ -44,11 +44,11 @@ NOT_IN_FINGERPRINT = {"resume", "num_workers", "device"}
 def resolve_num_classes(params: TrainParams, crops: CropSet, device: str) -> int:
     """Number of defect classes to discover (the novel outputs, without the normal slot).
 
-    ``num_classes: auto`` estimates it from the crops; the estimate is logged on every run
-    (``metrics/num_classes.json``, ``plots/num_classes.json``), see :mod:`anomalyncd.auto_k`.
+    ``num_classes: auto`` estimates it from the crops; the estimate is printed and logged on every
+    run (``metrics/num_classes.json``, ``plots/num_classes.json``), see :mod:`anomalyncd.auto_k`.
     """
     return auto_k.resolve_num_classes(
-        params, crops.crops, crops.crop_masks, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device
+        params, crops.crops, crops.crop_masks, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device, typer.echo
     )
 
 

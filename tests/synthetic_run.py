@@ -16,9 +16,10 @@ from anomalyncd.store import CropSet, ProbSet, write_crops, write_probs
 SIZE, CROP, K = 48, 16, 3
 
 
-def make_project(root: Path, categories=("tile",), labelled=True, crops_per_image=(1, 2, 3), seed=0) -> dict:
+def make_project(root: Path, categories=("tile",), labelled=True, crops_per_image=(1, 2, 3), seed=0, no_anomaly=()) -> dict:
     """Write the inputs of ``merge`` under ``root`` (the project dir). Types cycle through
-    crack/hole/stain; image i has ``crops_per_image[i % len]`` crops. Returns what was written."""
+    crack/hole/stain; image i has ``crops_per_image[i % len]`` crops, or, for i in
+    ``no_anomaly``, MEBin's one whole-image crop without mask pixels. Returns what was written."""
     rng = np.random.default_rng(seed)
     types = ["crack", "hole", "stain"]
     records, image_index, boxes, areas = [], [], [], []
@@ -31,21 +32,22 @@ def make_project(root: Path, categories=("tile",), labelled=True, crops_per_imag
                 records.append(
                     Record(f"{cat}/test/{t}/{j:03d}", str(p.relative_to(root)), "", t if labelled else "", "test", cat, SIZE, SIZE)
                 )
-                for c in range(crops_per_image[n % len(crops_per_image)]):
+                for c in range(1 if n in no_anomaly else crops_per_image[n % len(crops_per_image)]):
                     image_index.append(n)
-                    boxes.append([c * 10, c * 5, c * 10 + 16, c * 5 + 16])
-                    areas.append(int(rng.integers(4, 200)))
+                    boxes.append([0, 0, SIZE, SIZE] if n in no_anomaly else [c * 10, c * 5, c * 10 + 16, c * 5 + 16])
+                    areas.append(0 if n in no_anomaly else int(rng.integers(4, 200)))
                 n += 1
     (root / paths.MANIFEST).parent.mkdir(parents=True, exist_ok=True)
     Manifest(records).write(root / paths.MANIFEST)
     m = len(image_index)
     masks = np.zeros((m, CROP, CROP), np.uint8)
     masks[:, 4:12, 4:12] = 1
+    masks[np.array(areas) == 0] = 0
     cs = CropSet(
         ids=[r.id for r in records],
         image_sizes=np.full((n, 2), SIZE),
         thresholds=rng.integers(50, 200, n),
-        est_counts=np.array([crops_per_image[i % len(crops_per_image)] for i in range(n)]),
+        est_counts=np.array([0 if i in no_anomaly else crops_per_image[i % len(crops_per_image)] for i in range(n)]),
         count_seqs=rng.integers(0, 6, (n, 64)),
         masks=[np.zeros((SIZE, SIZE), bool) for _ in range(n)],
         crops=rng.integers(0, 255, (m, CROP, CROP, 3), dtype=np.uint8),

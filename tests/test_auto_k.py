@@ -13,7 +13,7 @@ import torch
 from anomalyncd import auto_k
 from anomalyncd.config import TrainParams
 from anomalyncd.io import InputError, InputWarning
-from anomalyncd.num_classes import KEstimate
+from anomalyncd.num_classes import KEstimate, estimate_summary
 
 
 def tiny_params(**kw) -> TrainParams:
@@ -80,10 +80,41 @@ def test_crops_without_a_region_are_left_out(tmp_path, monkeypatch):
 
 def test_no_region_at_all_is_one_class(tmp_path):
     crops, masks = two_kinds_of_crops()
-    k = auto_k.resolve_num_classes(
-        tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json"
-    )
+    with pytest.warns(InputWarning, match="the estimate 1 means"):
+        k = auto_k.resolve_num_classes(
+            tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json"
+        )
     assert k == 1
+
+
+def test_the_estimate_is_echoed_with_its_score_curve(tmp_path):
+    crops, masks = two_kinds_of_crops()
+    lines = []
+    auto_k.resolve_num_classes(tiny_params(num_classes=3), crops, masks, tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("estimated K = 2 (bic over 12 region crops; score by K")
+    assert "2: " in lines[0] and "*" in lines[0] and lines[0].endswith("training with K = 3 (train.num_classes)")
+
+
+def test_an_auto_estimate_of_one_warns_that_no_structure_was_found(tmp_path):
+    crops, masks = two_kinds_of_crops()
+    lines = []
+    with pytest.warns(InputWarning, match="the estimate 1 means the crops' regions show no cluster structure"):
+        auto_k.resolve_num_classes(
+            tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json", echo=lines.append
+        )
+    assert lines[0].startswith("estimated K = 1 (bic over 0 region crops") and len(lines) == 1
+
+
+def test_estimate_summary_reads_the_metrics_file_format():
+    metrics = {"num_classes": 5, "estimate": 7, "auto": False, "auto_max": 10, "largest_k": 10, "method": "bic",
+               "crops": 344, "scores": {"k6": 9314.2, "k7": 9331.0, "k8": 9199.5}}
+    line = ("estimated K = 7 (bic over 344 region crops; score by K, higher is better: 6: 9314, 7: 9331*, 8: 9200); "
+            "training with K = 5 (train.num_classes)")
+    assert estimate_summary(metrics) == (line, [])
+    line, warns = estimate_summary({**metrics, "auto": True, "num_classes": 10, "estimate": 10})
+    assert line.endswith("training with K = 10 (train.num_classes: auto)")
+    assert warns == ["params.yaml: train.num_classes auto: the estimate 10 is the largest number considered "
+                     "(train.auto_max=10), so there may be more classes; raise train.auto_max to check"]
 
 
 def test_mgvit_features_are_the_mask_guided_cls_tokens():

@@ -18,8 +18,8 @@ def test_unknown_key_is_an_error_that_lists_known_keys():
 
 
 def test_wrong_type_is_an_error_naming_the_key():
-    with pytest.raises(InputError, match=r"mebin\.erode.*true/false"):
-        from_dict(MebinParams, {"erode": "yes"}, where="mebin")
+    with pytest.raises(InputError, match=r"mebin\.padding.*number"):
+        from_dict(MebinParams, {"padding": "yes"}, where="mebin")
 
 
 def test_literal_values_are_checked():

@@ -13,15 +13,24 @@ from anomalyncd.io import InputError
 KERNEL = np.ones((6, 6), np.uint8)
 
 
-def literal_counts(map_u8, lo, hi, sample_rate=4, erode=True):
-    """Rule 3 word for word: rescale, then binarize, erode and label at every threshold."""
+def literal_counts(map_u8, lo, hi, sample_rate=4, erosion="paper"):
+    """Rule 3 word for word: rescale, then binarize, filter the noise and label at every
+    threshold (paper: erode with the 6 x 6 kernel; keep_thin: erode, and count the regions
+    the erosion erased whole that have at least 36 * (side / 256) ** 2 pixels)."""
     norm = np.where(map_u8 < lo, 0, (map_u8.astype(np.float64) - lo) / (hi - lo) * 255)
+    min_area = max(1, round(36 * (max(map_u8.shape) / 256) ** 2))
     out = []
     for t in range(255, 0, -sample_rate):
         b = np.where(norm > t, 255, 0).astype(np.uint8)
-        if erode:
-            b = cv2.erode(b, KERNEL)
-        out.append(cv2.connectedComponents(b, connectivity=8)[0] - 1)
+        eroded = cv2.erode(b, KERNEL)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(b, connectivity=8)
+        if erosion == "paper":
+            out.append(cv2.connectedComponents(eroded, connectivity=8)[0] - 1)
+        elif erosion == "keep_thin":  # eroded regions, plus regions the erosion erased whole
+            erased = [k for k in range(1, n) if not eroded[labels == k].any() and stats[k, cv2.CC_STAT_AREA] >= min_area]
+            out.append(cv2.connectedComponents(eroded, connectivity=8)[0] - 1 + len(erased))
+        else:
+            out.append(n - 1)
     return out
 
 
@@ -68,19 +77,19 @@ def test_sweep_thresholds_step_down_from_255_while_positive():
     assert ts[0] == 255 and ts[-1] == 3 and len(ts) == 64 and np.all(np.diff(ts) == -4)
 
 
-@pytest.mark.parametrize("erode", [True, False])
+@pytest.mark.parametrize("erosion", mebin.EROSION_RULES)
 @pytest.mark.parametrize("lo,hi", [(40, 230), (0, 255), (120, 180)])
-def test_count_sequence_equals_labelling_at_every_threshold(erode, lo, hi):
+def test_count_sequence_equals_labelling_at_every_threshold(erosion, lo, hi):
     rng = np.random.default_rng(lo + hi)
     for seed in range(4):
-        m = np.zeros((48, 40), np.float32)
+        m = np.zeros((96, 80), np.float32)  # keep_thin: erased regions of at least 5 pixels stay
         for _ in range(rng.integers(1, 5)):
-            x, y = (int(v) for v in rng.integers(0, 40, 2))
+            x, y = (int(v) for v in rng.integers(0, 80, 2))
             cv2.circle(m, (x, y), int(rng.integers(2, 9)), float(rng.uniform(0.3, 1.0)), -1)
         m = cv2.GaussianBlur(m, (0, 0), 2) * 255 + rng.uniform(0, 40, m.shape)
         m = np.clip(m, 0, 255).astype(np.uint8)
-        got = mebin.count_sequence(m, lo, hi, sample_rate=3 + seed % 2, erode=erode)
-        assert got.tolist() == literal_counts(m, lo, hi, 3 + seed % 2, erode)
+        got = mebin.count_sequence(m, lo, hi, sample_rate=3 + seed % 2, erosion=erosion)
+        assert got.tolist() == literal_counts(m, lo, hi, 3 + seed % 2, erosion)
 
 
 def test_count_sequence_counts_separate_blobs_once_they_appear():
@@ -90,11 +99,52 @@ def test_count_sequence_counts_separate_blobs_once_they_appear():
     np.testing.assert_array_equal(counts, np.select([ts >= 200, ts >= 100], [0, 1], 2))
 
 
-def test_erosion_removes_regions_thinner_than_the_kernel():
+def test_erosion_removes_regions_thinner_than_the_kernel_keep_thin_keeps_them():
     m = np.zeros((30, 30), np.uint8)
     m[10:15, 2:28] = 200  # 5 px thick line
-    assert not mebin.count_sequence(m, 0, 255, erode=True).any()
-    assert mebin.count_sequence(m, 0, 255, erode=False).max() == 1
+    assert not mebin.count_sequence(m, 0, 255, erosion="paper").any()
+    assert mebin.count_sequence(m, 0, 255, erosion="keep_thin").max() == 1
+    assert mebin.count_sequence(m, 0, 255, erosion="off").max() == 1
+
+
+def test_min_region_area_is_the_papers_kernel_on_a_256_pixel_map_scaled_with_the_map():
+    assert mebin.min_region_area((256, 256)) == 36
+    assert mebin.min_region_area((128, 128)) == 9 and mebin.min_region_area((96, 128)) == 9
+    assert mebin.min_region_area((512, 300)) == 144 and mebin.min_region_area((16, 16)) == 1
+
+
+def test_keep_thin_erodes_thick_regions_and_keeps_those_erosion_erases_whole_but_not_specks():
+    m = np.zeros((128, 128), np.uint8)
+    m[10:30, 10:30] = 200  # thick: eroded as the paper does
+    m[60:62, 20:100] = 200  # a 2-pixel line: erased by the erosion, kept whole
+    m[100:102, 100:104] = 200  # an 8-pixel speck: under the 9-pixel minimum, dropped
+    m[110:113, 50:53] = 200  # a 9-pixel spot: kept
+    kept = mebin.binarize(m, 100, erosion="keep_thin")
+    eroded = mebin.binarize(m, 100, erosion="paper")
+    assert (kept[:50] == eroded[:50]).all() and eroded[10:30, 10:30].sum() == 15 * 15
+    assert kept[60:62, 20:100].all() and kept[110:113, 50:53].all() and not kept[100:102, 100:104].any()
+    assert mebin.count_sequence(m, 0, 255, erosion="keep_thin").max() == 3
+    assert mebin.count_sequence(m, 0, 255, erosion="paper").max() == 1
+
+
+def test_a_thin_line_survives_mebin_with_keep_thin_and_vanishes_with_the_papers_erosion():
+    """A 2-pixel-wide scratch across a 128-pixel map, blurred as a detector would see it."""
+    m = np.zeros((128, 128), np.float32)
+    cv2.line(m, (20, 30), (100, 90), 1.0, 2)
+    m = np.clip(cv2.GaussianBlur(m, (0, 0), 1.0) / cv2.GaussianBlur(m, (0, 0), 1.0).max() * 230, 0, 255).astype(np.uint8)
+    image = np.full((256, 256, 3), 90, np.uint8)
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=32))  # the default: keep_thin
+    assert res.est_count == 1 and res.mask.any()
+    line = cv2.line(np.zeros((256, 256), np.uint8), (40, 60), (200, 180), 1, 2).astype(bool)  # at image size
+    assert (res.mask & line).sum() >= 0.9 * line.sum()  # the whole scratch, not eroded
+    assert mebin.gt_coverage(line, crops.boxes, crops.areas) == mebin.GtCoverage(1, 1, 1, int(line.sum()), int(line.sum()))
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(erosion="paper", crop_size=32))
+    assert res.est_count == 0 and not res.mask.any() and crops.areas.tolist() == [0]
+
+
+def test_an_unknown_erosion_rule_is_an_error_naming_the_param():
+    with pytest.raises(InputError, match="mebin.erosion"):
+        mebin.count_sequence(np.zeros((8, 8), np.uint8), 0, 255, erosion="opening")
 
 
 # -- rule 4 ---------------------------------------------------------------------------------
@@ -144,11 +194,12 @@ def test_threshold_maps_back_to_the_map_scale_without_uint8_wraparound():
 
 def test_binarize_keeps_pixels_strictly_above_the_threshold_then_erodes():
     m = blob_map(blobs=((10, 10, 5, 100), (30, 30, 5, 101)))
-    assert not mebin.binarize(m, 101, erode=False).any()
-    only_second = mebin.binarize(m, 100, erode=False)
+    assert not mebin.binarize(m, 101, erosion="off").any()
+    only_second = mebin.binarize(m, 100, erosion="off")
     assert only_second.sum() == 100 and only_second[30, 30]
-    eroded = mebin.binarize(m, 100, erode=True)
+    eroded = mebin.binarize(m, 100, erosion="paper")
     assert eroded.sum() == 25 and not (eroded & ~only_second).any()
+    assert (mebin.binarize(m, 100, erosion="keep_thin") == eroded).all()  # 10 x 10: survives the erosion
 
 
 def test_mask_is_resized_to_the_image_nearest_neighbour():
@@ -287,13 +338,14 @@ def test_scores_are_clipped_to_one():
 def test_mebin_image_finds_one_blob_and_crops_around_it():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.full((64, 64, 3), 50, np.uint8)
-    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16))
-    assert res.est_count == 1 and res.threshold == 3
-    assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
-    assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
-    assert crops.boxes.tolist() == [[14, 24, 26, 36]]
-    assert crops.areas.tolist() == [49] and crops.scores.tolist() == [pytest.approx(200 / 255)]
-    assert crops.crops.shape == (1, 16, 16, 3)
+    for erosion in ("keep_thin", "paper"):  # a blob that survives the erosion: the paper's result
+        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion))
+        assert res.est_count == 1 and res.threshold == 3
+        assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
+        assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
+        assert crops.boxes.tolist() == [[14, 24, 26, 36]]
+        assert crops.areas.tolist() == [49] and crops.scores.tolist() == [pytest.approx(200 / 255)]
+        assert crops.crops.shape == (1, 16, 16, 3)
 
 
 def test_mebin_image_resizes_a_smaller_map_to_the_image():
@@ -333,6 +385,23 @@ def test_mebin_image_rejects_float_maps_grey_images_and_bad_ranges():
         mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams())
 
 
-def test_regions_in_boxes_counts_large_regions_whose_bounding_box_lies_in_a_box():
-    gt = square_mask(100, 100, (10, 10, 10, 10), (60, 60, 20, 20), (90, 5, 5, 5))  # last: 25 px
-    assert mebin.regions_in_boxes(gt, np.array([[0, 0, 30, 30], [65, 55, 100, 100]])) == (2, 1)
+def test_gt_coverage_counts_regions_found_regions_whole_in_a_crop_and_pixels():
+    # regions: A 10 x 10 (100 px), B 20 x 20 (400 px), C 5 x 5 (25 px: too small to count as a region)
+    gt = square_mask(100, 100, (10, 10, 10, 10), (60, 60, 20, 20), (90, 5, 5, 5))
+    # box 1 holds A whole; box 2 holds 15 of B's 20 columns (75 % of B, not its bounding box);
+    # box 3 holds C but has no mask pixels (an image's whole-image crop without anomaly): ignored
+    boxes = np.array([[0, 0, 30, 30], [65, 55, 100, 100], [85, 0, 100, 15]])
+    cov = mebin.gt_coverage(gt, boxes, areas=np.array([50, 80, 0]))
+    assert cov == mebin.GtCoverage(regions=2, found=2, whole=1, pixels=525, pixels_in=100 + 300)
+    assert cov.metrics() == {
+        "gt_regions": 2, "gt_regions_found": 1.0, "gt_regions_whole_in_a_crop": 0.5, "gt_pixels_in_crops": 400 / 525
+    }
+    # B is found with half of its pixels inside (10 of 20 columns), not with less (9)
+    assert mebin.gt_coverage(gt, np.array([[70, 55, 100, 100]]), np.array([1])).found == 1
+    assert mebin.gt_coverage(gt, np.array([[71, 55, 100, 100]]), np.array([1])).found == 0
+
+
+def test_gt_coverage_sums_over_images_and_is_none_without_ground_truth():
+    one = mebin.GtCoverage(2, 1, 1, 100, 50)
+    assert one + one == mebin.GtCoverage(4, 2, 2, 200, 100)
+    assert mebin.GtCoverage().metrics()["gt_regions_found"] is None

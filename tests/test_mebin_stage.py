@@ -87,7 +87,8 @@ def test_stage_writes_mebin_crops_and_metrics(project):
     assert ((cs.scores >= 0) & (cs.scores <= 1)).all()
     metrics = json.loads(Path(paths.METRICS / "mebin.json").read_text())
     assert metrics["images"] == 4 and metrics["crops"] == 5 and metrics["images_without_anomaly"] == 1
-    assert metrics["gt_regions"] == 1 and metrics["gt_regions_in_crops"] == 1.0
+    assert metrics["erosion"] == "keep_thin" and metrics["gt_regions"] == 1
+    assert metrics["gt_regions_found"] == metrics["gt_regions_whole_in_a_crop"] == metrics["gt_pixels_in_crops"] == 1.0
 
 
 def test_stage_matches_the_per_image_function_used_by_predict(project):

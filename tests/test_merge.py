@@ -5,9 +5,12 @@ import pytest
 
 from anomalyncd.io import InputError
 from anomalyncd.merge import (
+    NO_ANOMALY,
     crop_rows,
     image_rows,
     merge_regions,
+    merge_tables,
+    no_anomaly_cluster,
     n_classes,
     novel_probabilities,
     parse_boxes,
@@ -80,6 +83,38 @@ def test_image_without_crops_gets_no_label():
     assert out.n_crops.tolist() == [0, 1]
 
 
+def test_an_image_where_mebin_found_no_anomaly_gets_no_class_and_no_confidence():
+    """Image 0's one crop is MEBin's whole-image crop (no mask pixels); the model is sure of it."""
+    probs = np.array([[0.98, 0.02], [0.3, 0.7]])
+    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2)
+    assert out.anomaly.tolist() == [False, True]
+    assert out.labels.tolist() == [NO_ANOMALY, 1]
+    assert np.isnan(out.confidence[0]) and np.isnan(out.probs[0]).all() and out.confidence[1] == pytest.approx(0.7)
+    # with a normal class, "no anomaly found" is that class, still without a confidence
+    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, no_anomaly=0)
+    assert out.labels.tolist() == [0, 1] and np.isnan(out.confidence[0])
+
+
+def test_no_anomaly_images_are_marked_in_both_tables():
+    probs = np.array([[0.98, 0.02], [0.3, 0.7], [0.6, 0.4]])
+    images, crops = merge_tables(
+        ["a", "b"], ["a.png", "b.png"], ["t", "t"], ["a#0", "b#0", "b#1"], np.array([0, 1, 1]),
+        np.array([[0, 0, 64, 48], [1, 1, 9, 9], [20, 20, 30, 30]]), np.array([0, 30, 12]), np.ones(3), probs,
+    )
+    assert [r["status"] for r in images] == ["no anomaly found", "anomaly found"]
+    assert images[0]["cluster"] == -1 and images[0]["confidence"] == "" and images[0]["prob_0"] == ""
+    assert images[0]["crop_clusters"] == "-1" and images[1]["cluster"] == 1
+    assert crops[0]["cluster"] == -1 and crops[0]["confidence"] == ""
+    assert crops[0]["prob_0"] == "0.980000"  # the model's output on the crop stays readable
+    assert [c["cluster"] for c in crops[1:]] == [1, 0]
+
+
+def test_the_no_anomaly_cluster_is_the_normal_class_when_the_model_has_one():
+    assert no_anomaly_cluster({"normal_slot": None, "num_labeled": 0}) == NO_ANOMALY
+    assert no_anomaly_cluster({}) == NO_ANOMALY
+    assert no_anomaly_cluster({"normal_slot": 2, "num_labeled": 2}) == 0  # first novel output
+
+
 def test_bad_strategy_and_temperature_are_errors():
     with pytest.raises(ValueError, match="strategy"):
         region_weights(np.ones(1), np.zeros(1, int), 1, "max")
@@ -108,7 +143,7 @@ def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
 def test_crop_table_has_one_row_per_crop_with_its_weight(tmp_path):
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
     rows = crop_rows(["a#0", "a#1"], ["a", "a"], np.array([[0, 0, 4, 4], [1, 1, 3, 3]]), np.array([16, 4]),
-                     np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]))
+                     np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]), probs.argmax(1))
     assert [r["cluster"] for r in rows] == [0, 1]
     assert rows[1]["confidence"] == "0.700000" and rows[0]["weight"] == "0.600000"
 

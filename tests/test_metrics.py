@@ -165,3 +165,16 @@ def test_several_categories_get_their_own_scores_and_a_mean():
     assert m["mean"]["image"]["f1"] == pytest.approx(5 / 6)
     # run-wide classes are qualified by category, so the tile crack is not the wood crack
     assert set(m["per_class"]) == {"tile/crack", "tile/hole", "wood/crack", "wood/scratch"}
+
+
+def test_images_without_anomaly_are_counted_apart_and_out_of_the_class_confidences():
+    # image 2 had no anomaly found: label -1, no confidence
+    ev = evaluate_predictions(
+        ["a", "a", "b", "b"], [0, 0, -1, 1], [0.6, 0.8, float("nan"), 0.7], ["t"] * 4,
+        ["a", "a", "b", "b"], [0, 0, -1, 1], ["t"] * 4, 2, image_anomaly=[True, True, False, True],
+    )
+    m = ev.metrics
+    assert m["no_anomaly"] == {"images": 1, "fraction": 0.25, "per_type": {"b": 1}}
+    assert m["clusters"]["1"] == {"size": 1, "mean_confidence": 0.7, "matched": "b"}
+    assert m["clusters"]["-1"]["size"] == 1 and m["clusters"]["-1"]["mean_confidence"] is None
+    assert m["image"]["f1"] == 0.75  # counted as wrong

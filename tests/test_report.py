@@ -1,5 +1,6 @@
 from html.parser import HTMLParser
 
+import cv2
 import numpy as np
 import pytest
 
@@ -9,8 +10,11 @@ from anomalyncd.report import (
     MebinEntry,
     ReportData,
     draw_boxes,
+    MEBIN_COLOR,
+    TRUE_COLOR,
     outline_thumbnail,
     palette,
+    region_panels,
     write_report,
 )
 
@@ -30,24 +34,35 @@ class _Links(HTMLParser):
             self.ids.append(a["id"])
 
 
-def _run(tmp_path, ground_truth=True, n=6, size=48, c=16):
+def _run(tmp_path, ground_truth=True, n=6, size=48, no_anomaly=()):
+    """A report of ``n`` images of two types a/b; images in ``no_anomaly`` had no anomaly found."""
     rng = np.random.default_rng(0)
-    images, crops, masks = [], [], []
+    images = []
     for i in range(n):
         p = tmp_path / "data" / f"img{i}.png"
         write_image(p, rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8))
-        crops.append(rng.integers(0, 255, (c, c, 3), dtype=np.uint8))
-        m = np.zeros((c, c), np.uint8)
-        m[4:12, 5:11] = 1
-        masks.append(m)
+        true = np.zeros((size, size + 8), bool)
+        true[6:20, 8:18] = True
+        write_image(tmp_path / "data" / f"img{i}_mask.png", true.astype(np.uint8) * 255)
+        found = i not in no_anomaly
+        mebin_mask = np.zeros((size, size + 8), bool)
+        mebin_mask[5:18, 6:16] = found
+        map_u8 = np.zeros((32, 32), np.uint8)
+        map_u8[3:12, 4:10] = 220
         images.append(
             ImageEntry(
-                id=f"tile/test/{'ab'[i % 2]}/{i:03d}", path=str(p), cluster=i % 2, confidence=0.5 + i / 20,
-                truth="ab"[i % 2] if ground_truth else "", boxes=np.array([[2, 3, 20, 30]]),
-                crop_rows=[i], crop_clusters=[i % 2], crop_weights=[1.0],
+                id=f"tile/test/{'ab'[i % 2]}/{i:03d}", path=str(p), cluster=i % 2 if found else -1,
+                confidence=0.5 + i / 20 if found else float("nan"), truth="ab"[i % 2] if ground_truth else "",
+                boxes=np.array([[2, 3, 20, 30]] if found else [[0, 0, size + 8, size]]), crop_rows=[i],
+                crop_clusters=[i % 2 if found else -1], crop_weights=[1.0], anomaly=found, mebin_mask=mebin_mask,
+                map_u8=map_u8, true_mask=str(tmp_path / "data" / f"img{i}_mask.png") if ground_truth else "",
             )
         )
-    metrics = {"ground_truth": ground_truth, "clusters": {"0": {"size": 3, "mean_confidence": 0.6}, "1": {"size": 3, "mean_confidence": 0.7}, "2": {"size": 0, "mean_confidence": None}}}
+    metrics = {
+        "ground_truth": ground_truth,
+        "no_anomaly": {"images": len(no_anomaly), "fraction": len(no_anomaly) / n, "per_type": {}},
+        "clusters": {"0": {"size": 3, "mean_confidence": 0.6}, "1": {"size": 3, "mean_confidence": 0.7}, "2": {"size": 0, "mean_confidence": None}},
+    }
     if ground_truth:
         metrics.update(
             image={"n": n, "nmi": 1.0, "ari": 1.0, "f1": 1.0}, crop={"n": n, "nmi": 1.0, "ari": 1.0, "f1": 1.0},
@@ -55,10 +70,16 @@ def _run(tmp_path, ground_truth=True, n=6, size=48, c=16):
         )
     seq = np.array([5, 4, 3, 2, 2, 2, 2, 1, 1, 0])
     return ReportData(
-        title="demo run", n_clusters=3, images=images, crops=np.stack(crops), crop_masks=np.stack(masks),
+        title="demo run", n_clusters=3, images=images,
         metrics=metrics, names={0: "a", 1: "b"} if ground_truth else {},
         confusion=(["a", "b"], [0, 1], np.array([[3, 0], [0, 3]])) if ground_truth else None,
         mebin=[MebinEntry(id=images[0].id, thresholds=np.arange(200, 0, -20), counts=seq, chosen=120)],
+        detect={"method": "patchcore", "backbone": "filterbank", "weights": "none", "image_auroc": 0.9, "aupro": 0.8},
+        mebin_metrics={"erosion": "keep_thin", "images_without_anomaly": len(no_anomaly), "gt_regions_found": 0.95},
+        num_classes={"num_classes": 4, "estimate": 4, "auto": True, "auto_max": 4, "largest_k": 4, "method": "bic", "crops": 6,
+                     "scores": {"k1": 1.0, "k2": 3.0, "k3": 3.5, "k4": 4.0}},
+        curves={"loss": (np.arange(5), np.linspace(3, 1, 5)), "lr": (np.arange(5), np.geomspace(1e-2, 1e-4, 5))},
+        params={"mebin": {"erosion": "keep_thin", "padding": 0.1}, "train": {"epochs": 5}},
     )
 
 
@@ -76,6 +97,74 @@ def test_report_has_a_section_per_class_and_every_link_resolves(tmp_path):
     assert "class 0 (a)" in page and "Matched true type: <b>a</b>" in page
     assert "Confusion matrix" in page and "NMI" in page
     assert any(r.startswith("mebin/") for r in parser.refs)
+
+
+def test_every_image_of_the_report_resolves_to_a_real_image_file(tmp_path):
+    out = tmp_path / "reports"
+    write_report(out, _run(tmp_path, no_anomaly=(3,)))
+    parser = _Links()
+    parser.feed((out / "index.html").read_text())
+    images = [r for r in parser.refs if r.endswith((".png", ".jpg"))]
+    assert {"charts/num_classes.png", "charts/training.png"} <= set(images)
+    assert len([r for r in images if r.startswith("img/")]) == 6  # one gallery entry per image
+    for ref in images:
+        img = cv2.imread(str(out / ref))
+        assert img is not None and min(img.shape[:2]) >= 32, ref
+
+
+def test_images_without_anomaly_have_their_own_section_and_no_class(tmp_path):
+    out = tmp_path / "reports"
+    write_report(out, _run(tmp_path, no_anomaly=(3,)))
+    page = (out / "index.html").read_text()
+    section = page[page.index("id='no-anomaly'") :]
+    assert "no anomaly found: 1 images" in section and "alt='tile/test/b/003'" in section
+    assert page.count("alt='tile/test/b/003'") == 1  # not in class 1's gallery as well
+    assert "class 1 (b): 2 images" in page
+    assert "MEBin found no anomaly in 1 of 6 images" in page  # the warning at the top
+
+
+def test_the_legend_and_warnings_come_before_the_results(tmp_path):
+    out = tmp_path / "reports"
+    write_report(out, _run(tmp_path, no_anomaly=(3,)))
+    page = (out / "index.html").read_text()
+    assert page.index("class='legend'") < page.index("class='warn'") < page.index("<h2>Results</h2>")
+    assert page.index("<h2>Results</h2>") < page.index("id='class-0'")
+
+
+def test_captions_wrap_only_between_the_parts_of_an_id(tmp_path):
+    data = _run(tmp_path)
+    data.images[0].id = "tile/test/a/exp1_num_123456"
+    write_report(tmp_path / "r", data)
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456 0.50<br>" in page
+    assert "word-break: break-all" not in page  # which would cut 123456 anywhere
+
+
+def test_report_shows_detection_mebin_estimate_and_parameters(tmp_path):
+    out = tmp_path / "reports"
+    write_report(out, _run(tmp_path))
+    page = (out / "index.html").read_text()
+    assert "image AUROC" in page and "0.900" in page and "AUPRO" in page
+    assert "true regions found (at least half inside the crops)" in page
+    assert "estimated K = 4 (bic over 6 region crops" in page
+    assert "the estimate 4 is the largest number considered (train.auto_max=4)" in page  # the warning
+    assert "id='params'" in page and "keep_thin" in page
+
+
+def test_region_panels_outline_both_masks_and_overlay_the_map():
+    image = np.full((40, 40, 3), 128, np.uint8)
+    mebin_mask = np.zeros((40, 40), bool)
+    mebin_mask[10:20, 10:20] = True
+    true_mask = np.zeros((40, 40), bool)
+    true_mask[22:30, 22:30] = True
+    map_u8 = np.zeros((20, 20), np.uint8)
+    map_u8[5:10, 5:10] = 255  # hot where MEBin's mask is
+    p = region_panels(image, (0, 0, 40, 40), mebin_mask, true_mask, map_u8, size=80)
+    assert p.shape == (80, 2 * 80 + 4, 3)
+    left, right = p[:, :80].astype(int), p[:, 84:].astype(int)
+    assert (np.abs(left - MEBIN_COLOR).sum(-1) < 60).any() and (np.abs(left - TRUE_COLOR).sum(-1) < 60).any()
+    assert (left[2, 2] == 128).all()  # outside both masks: the image itself
+    assert right[30, 30, 0] > right[30, 30, 2] and right[70, 70, 2] > right[70, 70, 0]  # red hot spot, blue elsewhere
 
 
 def test_report_without_ground_truth_says_so(tmp_path):
@@ -163,6 +252,22 @@ def test_evaluate_stage_scores_writes_the_confusion_plot_and_report(tmp_path, mo
     assert len(rows) == 6 and {r["actual"] for r in rows} == {"crack", "hole", "stain"}
     assert _links_resolve(tmp_path / "reports")
     assert len(list((tmp_path / "reports" / "mebin").iterdir())) == 2
+
+
+def test_evaluate_counts_no_anomaly_images_apart_and_as_wrong(tmp_path, monkeypatch):
+    import csv
+
+    m = _evaluate(tmp_path, monkeypatch, no_anomaly=(0, 4))  # a crack and a stain without anomaly
+    assert m["no_anomaly"] == {"images": 2, "fraction": 2 / 6, "per_type": {"crack": 1, "stain": 1}}
+    assert m["clusters"]["-1"]["size"] == 2 and m["clusters"]["-1"]["mean_confidence"] is None
+    assert sum(v["size"] for k, v in m["clusters"].items() if k != "-1") == 4
+    with open(tmp_path / "data" / "merge" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows].count("no anomaly found") == 2
+    assert m["image"]["f1"] <= 4 / 6  # the two images count as wrong
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert "id='no-anomaly'" in page and "no anomaly found: 2 images" in page
+    assert _links_resolve(tmp_path / "reports")
 
 
 def test_evaluate_stage_reports_each_category_and_their_mean(tmp_path, monkeypatch):

