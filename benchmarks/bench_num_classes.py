@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -117,15 +118,17 @@ def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, st
 
     if args.overcomplete_epochs:
         from anomalyncd.inference import crop_outputs, novel_probabilities
-        from anomalyncd.model import MGViTClassifier, ModelConfig
-        from anomalyncd.config import TrainParams
-from anomalyncd.training import TrainData, train
+        from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone
+        from anomalyncd.training import TrainData, train
 
         torch.manual_seed(p.seed)
-        net = MGViTClassifier(ModelConfig(model=p.model, image_size=p.image_size, num_unlabeled=p.auto_max))
+        net = MGViTClassifier(
+            ModelConfig.from_params(p, num_unlabeled=p.auto_max),
+            create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers),
+        )
         data = TrainData(cs.crops, cs.crop_masks, cs.scores.astype(np.float32), -np.ones(len(cs.crops), np.int64))
         t = time.perf_counter()
-        res = train(net, data, TrainParams(epochs=args.overcomplete_epochs, seed=p.seed, trunk_cache_views=4))
+        res = train(net, data, replace(p, epochs=args.overcomplete_epochs, trunk_cache_views=4))
         logits = crop_outputs(net, cs.crops[keep], cs.crop_masks[keep]).logits
         probs = novel_probabilities(torch.from_numpy(logits[:, res.head]), 0).numpy()
         share = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)

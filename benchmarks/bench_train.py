@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
 
     data = synthetic_crops(args.crops, int(args.image_size / 0.875))
-    cfg = ModelConfig(model=args.model, image_size=args.image_size, grad_from_block=args.grad_from_block)
+    cfg = ModelConfig(model=args.model, image_size=args.image_size, mask_layers=1, grad_from_block=args.grad_from_block,
+                      n_head=4, num_unlabeled=4)
     print(f"{args.model} @ {args.image_size}px, {args.crops} crops, batch {args.batch_size}, "
           f"grad_from_block {args.grad_from_block}, {torch.get_num_threads()} thread(s)")
     results = {}

@@ -36,11 +36,9 @@ def main() -> None:
     n = len(cs.ids)
 
     k = ps.attrs["num_unlabeled"]  # the trained model's novel outputs, normal slot included
-    cfg = ModelConfig(model=p.model, image_size=p.image_size, mask_layers=p.mask_layers,
-                      grad_from_block=p.grad_from_block, n_head=p.n_head, num_unlabeled=k,
-                      has_normal=ds.include_normal)
+    cfg = ModelConfig.from_params(p, num_unlabeled=k, has_normal=ds.include_normal)
     torch.manual_seed(p.seed)
-    untrained = MGViTClassifier(cfg, create_backbone(p.model, p.image_size))
+    untrained = MGViTClassifier(cfg, create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers))
     feats = crop_outputs(untrained, cs.crops, cs.crop_masks).features
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     km = KMeans(n_clusters=k, n_init=10, random_state=p.seed).fit(feats)
