@@ -1,7 +1,7 @@
 """detect: one anomaly map per image to classify, from the detector named by detect.method.
 
 Writes the maps store (raw maps, 0..255 maps over the global min-max of the set, image scores
-= map maximum), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
+= mean of each map's ``detect.score_top`` highest pixels), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
 where the dataset has ground truth, image AUROC, pixel AUROC and AUPRO with a PNG grid.
 
 Metrics need normal images too: the normal test images that are not classified
@@ -21,6 +21,7 @@ from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.detect import DetectContext, LazyImages, create_detector, normalise_u8, save_detector
 from anomalyncd.detect.metrics import detection_metrics, resize_masks
+from anomalyncd.detect.ops import image_scores
 from anomalyncd.detect.plot import detection_grid, pick_examples
 from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
 from anomalyncd.stage import run
@@ -89,7 +90,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     lo, hi = float(maps.min()), float(maps.max())
     det.norm_min, det.norm_max = lo, hi
     maps_u8 = normalise_u8(maps, lo, hi)
-    scores = maps.reshape(len(maps), -1).max(axis=1)
+    all_scores = image_scores(all_maps, p.score_top)
+    scores = all_scores[: len(todo)]
     attrs = {
         "method": p.method,
         "backbone": p.backbone,
@@ -121,7 +123,6 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if manifest.has_ground_truth and any(r.mask for r in evaluated):
         full_masks = _masks(evaluated)
         labels = np.array([not r.is_normal for r in evaluated])
-        all_scores = all_maps.reshape(len(all_maps), -1).max(axis=1)
         metrics.update(detection_metrics(all_maps, all_scores, resize_masks(full_masks, p.map_size), labels))
         pick = pick_examples([r.defect_type for r in evaluated], GRID_IMAGES)
         grid = detection_grid(
