@@ -5,7 +5,7 @@ The estimate describes each crop's anomalous region by one of two features
 :func:`anomalyncd.num_classes.estimate_num_classes`:
 
 - ``filterbank`` (default): the weight-free multi-scale filter bank of the detectors
-  (:class:`anomalyncd.detect.features.FilterBank`) pooled over the region
+  (:class:`anomalyncd.filterbank.FilterBank`) pooled over the region
   (:func:`region_descriptors`). It needs no pretrained weights; on 10 demo seeds, k-means with
   the true K on it reaches crop NMI 0.84-1.00, against 0.36-0.58 for the [CLS] features of a
   random-weight ViT.
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .augment import eval_views
 from .config import TrainParams
-from .detect.features import FilterBank
+from .filterbank import FilterBank
 from .io import InputError, InputWarning, write_json
 from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
 from .num_classes import KEstimate, estimate_num_classes, estimate_summary
@@ -61,13 +61,14 @@ def region_descriptors(crops: np.ndarray, crop_masks: np.ndarray, batch_size: in
     bank = FilterBank(list(DESCRIPTOR_SIGMAS))
     size = (DESCRIPTOR_SIZE, DESCRIPTOR_SIZE)
     out = np.zeros((len(crops), bank.channels), np.float32)
+    surface = bank.channel_index(["intensity", "red_green", "yellow_blue"], scale=0)  # finest scale
     for s in range(0, len(crops), batch_size):
         imgs = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in crops[s : s + batch_size]])
         masks = np.stack(
             [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) for m in crop_masks[s : s + batch_size]]
         )
         responses = bank(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0)[0]
-        deviation = responses[:, [0, 6, 7]].abs().sum(1, keepdim=True)  # finest scale: intensity, 2 colours
+        deviation = responses[:, surface].abs().sum(1, keepdim=True)
         w = torch.from_numpy(masks)[:, None] * (deviation + 1e-3)
         pooled = (responses * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-6)
         out[s : s + batch_size] = pooled.numpy()

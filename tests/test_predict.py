@@ -116,7 +116,7 @@ def _assert_same_predictions(proj: Path, out: Path) -> None:
 def test_predicting_the_runs_own_images_reproduces_its_predictions(finished_run, tmp_path):
     out = tmp_path / "preds.csv"
     folders = [str(d) for d in _defect_folders(finished_run)]
-    _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+    _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
     _assert_same_predictions(finished_run, out)
 
 
@@ -133,7 +133,7 @@ def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run
     out = tmp_path / "preds.csv"
     folders = [str(d) for d in _defect_folders(finished_run)]
     args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out)]
-    _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run)
+    _run([sys.executable, "-m", "stages.cli", *args], finished_run)
     _assert_same_predictions(finished_run, out)
 
 
@@ -153,7 +153,7 @@ def test_unreadable_images_are_reported_and_the_others_classified(finished_run, 
     write_image(jpg, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     jpg.write_bytes(jpg.read_bytes()[:-1000])  # cut inside the scan: OpenCV alone would grey the rest
     out = tmp_path / "preds.csv"
-    log = _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), str(new), "--out", str(out)],
+    log = _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), str(new), "--out", str(out)],
                finished_run, returncode=2)
     assert f"error: {new / 'broken.png'}: cannot read this image" in log
     assert f"error: {new / 'cut.jpg'}: truncated JPEG" in log
@@ -175,6 +175,6 @@ def test_nan_maps_given_to_predict_are_refused_naming_the_file(finished_run, tmp
         np.save(maps_dir / folder.name / f"{f.stem}.npy", m)
     out = tmp_path / "preds.csv"
     args = ["predict", "--run", str(finished_run), str(folder), "--maps", str(maps_dir), "--out", str(out)]
-    log = _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run, returncode=2)
+    log = _run([sys.executable, "-m", "stages.cli", *args], finished_run, returncode=2)
     assert f"{maps_dir / folder.name / images[1].stem}.npy: map has 1 NaN or infinite values" in log
     assert [r["id"] for r in _rows(out)] == [f"{folder.name}/{f.stem}" for i, f in enumerate(images) if i != 1]
