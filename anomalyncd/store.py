@@ -90,12 +90,17 @@ class CropSet:
     @property
     def crop_ids(self) -> list[str]:
         """``<image id>#<k>``: the k-th crop of its image."""
-        out, seen = [], {}
-        for i in self.image_index.tolist():
-            k = seen.get(i, 0)
-            seen[i] = k + 1
-            out.append(f"{self.ids[i]}#{k}")
-        return out
+        return crop_ids_of(self.ids, self.image_index)
+
+
+def crop_ids_of(ids: list[str], image_index: np.ndarray) -> list[str]:
+    """``<image id>#<k>`` of every crop (``image_index`` (M,)): the k-th crop of its image."""
+    out, seen = [], {}
+    for i in np.asarray(image_index).tolist():
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        out.append(f"{ids[i]}#{k}")
+    return out
 
 
 @dataclass
