@@ -6,9 +6,8 @@ The estimate describes each crop's anomalous region by one of two features
 
 - ``filterbank`` (default): the weight-free multi-scale filter bank of the detectors
   (:class:`anomalyncd.filterbank.FilterBank`) pooled over the region
-  (:func:`region_descriptors`). It needs no pretrained weights; on 10 demo seeds, k-means with
-  the true K on it reaches crop NMI 0.84-1.00, against 0.36-0.58 for the [CLS] features of a
-  random-weight ViT.
+  (:func:`region_descriptors`). It needs no pretrained weights (how it compares with
+  ``mgvit``: ``python benchmarks/bench_num_classes.py estimators``).
 - ``mgvit``: the mask-guided [CLS] features of the model the train stage starts from
   (timm/DINO weights with ``pretrained``/``checkpoint``, else random weights from
   ``train.seed``), with mask guidance in *every* block so that the token describes the region
@@ -54,9 +53,7 @@ def region_descriptors(crops: np.ndarray, crop_masks: np.ndarray, batch_size: in
     departs from the crop's surface at the finest scale (absolute intensity and colour
     deviation, which the filter bank measures in units of the crop's own spread): a MEBin mask
     is a blob at the detector's resolution that also covers surface around a thin defect, and
-    the weighting keeps the descriptor on the defect itself (on the demo, crop NMI of k-means
-    with the true K 0.79-0.88 -> 0.90-0.95 with normal images included). An empty mask gives a
-    zero row.
+    the weighting keeps the descriptor on the defect itself. An empty mask gives a zero row.
     """
     bank = FilterBank(list(DESCRIPTOR_SIGMAS))
     size = (DESCRIPTOR_SIZE, DESCRIPTOR_SIZE)

@@ -107,7 +107,7 @@ class MebinParams:
 
 @dataclass
 class TrainParams:
-    """The mask-guided ViT and its multi-head classifier (issue 5).
+    """The mask-guided encoder and its multi-head classifier.
 
     The defaults are a small, fast demo setting for CPU. The paper's setting is
     ``model: vit_base_patch8_224.dino, pretrained: true, image_size: 224, epochs: 50,

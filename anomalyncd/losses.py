@@ -1,4 +1,6 @@
-"""Losses of mask-guided representation learning (pure functions on tensors).
+"""Losses of mask-guided representation learning (AnomalyNCD, https://arxiv.org/abs/2410.14379; the
+self-distillation, me-max and contrastive terms follow SimGCD, https://arxiv.org/abs/2211.11727),
+pure functions on tensors.
 
 Conventions: a batch holds two augmented views of B crops stacked view-major, i.e. rows
 ``0..B-1`` are view 0 and rows ``B..2B-1`` view 1 of the same crops. Logits are cosine

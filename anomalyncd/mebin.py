@@ -1,4 +1,5 @@
-"""Main Element Binarization (MEBin) and anomaly-centred crops (AnomalyNCD, CVPR 2025).
+"""Main Element Binarization (MEBin) and anomaly-centred crops (AnomalyNCD, CVPR 2025,
+https://arxiv.org/abs/2410.14379).
 
 MEBin binarizes each anomaly map with its own threshold: it sweeps the threshold from high to
 low, counts connected components at each step and picks the end of the longest *stable

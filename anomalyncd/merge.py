@@ -1,6 +1,7 @@
 """Region merging: from crop-level class probabilities to one class per image.
 
-An image with several anomalous regions has one crop per region. AnomalyNCD gives the image
+An image with several anomalous regions has one crop per region. AnomalyNCD
+(https://arxiv.org/abs/2410.14379) gives the image
 the class of a weighted sum of its crops' probabilities, the weights being a softmax over the
 image's crops of ``sqrt(mask area in pixels) / T``: large regions dominate, and ``T`` sets how
 strongly (large ``T``: plain average; small ``T``: the largest region decides). The paper uses

@@ -1,4 +1,4 @@
-"""The training loop of mask-guided representation learning.
+"""The training loop of mask-guided representation learning (AnomalyNCD, https://arxiv.org/abs/2410.14379).
 
 :func:`train` runs SGD with a cosine schedule on two augmented views of every crop, writes a
 checkpoint after each epoch (atomically), resumes from it, runs under ``torchrun`` (DDP: gloo
