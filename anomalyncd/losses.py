@@ -53,7 +53,7 @@ def supcon(proj: torch.Tensor, labels: torch.Tensor, temperature: float = SUPCON
 
 
 def teacher_temperature(
-    epoch: int, warmup_epochs: int = 40, start: float = 0.07, end: float = 0.04, repeat_times: int = 1
+    epoch: int, warmup_epochs: int, start: float, end: float, repeat_times: int
 ) -> float:
     """Teacher temperature at ``epoch`` (0-based).
 
@@ -99,7 +99,7 @@ def teacher_targets(
     return t
 
 
-def correction_weight(scores: torch.Tensor, anomaly_thred: float = 0.5) -> torch.Tensor:
+def correction_weight(scores: torch.Tensor, anomaly_thred: float) -> torch.Tensor:
     """Pseudo-label correction weight ``max(0, anomaly_thred - score)`` per crop. (N,)"""
     return (anomaly_thred - scores).clamp(min=0)
 

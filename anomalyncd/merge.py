@@ -76,8 +76,8 @@ def region_weights(
     areas: np.ndarray,
     image_index: np.ndarray,
     n_images: int,
-    strategy: str = "weighted",
-    temperature: float = 50.0,
+    strategy: str,
+    temperature: float,
 ) -> np.ndarray:
     """Weight of every crop within its image; the weights of one image's crops sum to 1.
 
@@ -133,8 +133,8 @@ def merge_regions(
     areas: np.ndarray,
     image_index: np.ndarray,
     n_images: int,
-    strategy: str = "weighted",
-    temperature: float = 50.0,
+    strategy: str,
+    temperature: float,
     no_anomaly: int = NO_ANOMALY,
 ) -> MergedPredictions:
     """Merge crop probabilities (M, K) into image probabilities (N, K).

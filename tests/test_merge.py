@@ -41,13 +41,13 @@ def test_weights_stay_finite_for_huge_areas_and_small_temperature():
 
 
 def test_mean_strategy_weights_crops_equally():
-    w = region_weights(np.array([1.0, 1e6, 5.0]), np.array([0, 0, 1]), 2, "mean")
+    w = region_weights(np.array([1.0, 1e6, 5.0]), np.array([0, 0, 1]), 2, "mean", 50.0)
     np.testing.assert_allclose(w, [0.5, 0.5, 1.0])
 
 
 def test_single_crop_image_keeps_its_crop_prediction():
     probs = np.array([[0.1, 0.7, 0.2]])
-    out = merge_regions(probs, np.array([30]), np.array([0]), 1)
+    out = merge_regions(probs, np.array([30]), np.array([0]), 1, "weighted", 50.0)
     np.testing.assert_allclose(out.probs, probs)
     assert out.labels.tolist() == [1]
     assert out.confidence[0] == pytest.approx(0.7)
@@ -59,7 +59,7 @@ def test_large_region_outweighs_small_regions():
     areas = np.array([25, 25, 10000])
     idx = np.zeros(3, int)
     assert merge_regions(probs, areas, idx, 1, "weighted", temperature=10.0).labels[0] == 1
-    assert merge_regions(probs, areas, idx, 1, "mean").labels[0] == 0
+    assert merge_regions(probs, areas, idx, 1, "mean", 50.0).labels[0] == 0
 
 
 def test_merged_probabilities_are_the_weighted_sum():
@@ -75,7 +75,7 @@ def test_merged_probabilities_are_the_weighted_sum():
 
 
 def test_image_without_crops_gets_no_label():
-    out = merge_regions(np.array([[0.2, 0.8]]), np.array([4]), np.array([1]), 2)
+    out = merge_regions(np.array([[0.2, 0.8]]), np.array([4]), np.array([1]), 2, "weighted", 50.0)
     assert out.labels.tolist() == [-1, 1]
     assert np.isnan(out.probs[0]).all() and np.isnan(out.confidence[0])
     assert out.n_crops.tolist() == [0, 1]
@@ -84,12 +84,12 @@ def test_image_without_crops_gets_no_label():
 def test_an_image_where_mebin_found_no_anomaly_gets_no_class_and_no_confidence():
     """Image 0's one crop is MEBin's whole-image crop (no mask pixels); the model is sure of it."""
     probs = np.array([[0.98, 0.02], [0.3, 0.7]])
-    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2)
+    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, "weighted", 50.0)
     assert out.anomaly.tolist() == [False, True]
     assert out.labels.tolist() == [NO_ANOMALY, 1]
     assert np.isnan(out.confidence[0]) and np.isnan(out.probs[0]).all() and out.confidence[1] == pytest.approx(0.7)
     # with a normal class, "no anomaly found" is that class, still without a confidence
-    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, no_anomaly=0)
+    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, "weighted", 50.0, no_anomaly=0)
     assert out.labels.tolist() == [0, 1] and np.isnan(out.confidence[0])
 
 
@@ -128,11 +128,11 @@ def test_the_no_anomaly_cluster_is_the_normal_class_when_the_model_has_one():
 
 def test_bad_strategy_and_temperature_are_errors():
     with pytest.raises(ValueError, match="strategy"):
-        region_weights(np.ones(1), np.zeros(1, int), 1, "max")
+        region_weights(np.ones(1), np.zeros(1, int), 1, "max", 50.0)
     with pytest.raises(ValueError, match="temperature"):
         region_weights(np.ones(1), np.zeros(1, int), 1, "weighted", 0.0)
     with pytest.raises(ValueError, match="image_index"):
-        region_weights(np.ones(1), np.array([3]), 2)
+        region_weights(np.ones(1), np.array([3]), 2, "weighted", 50.0)
 
 
 def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
