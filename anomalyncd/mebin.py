@@ -98,7 +98,7 @@ def check_params(p: MebinParams) -> MebinParams:
         "padding": (p.padding >= 0, ">= 0"),
         "min_crop_size": (0 <= p.min_crop_size <= 0.5, "in [0, 0.5]"),
         "max_merge_dist": (p.max_merge_dist >= 0, ">= 0"),
-        "crop_size": (p.crop_size >= 1, ">= 1"),
+        "crop_size": (isinstance(p.crop_size, int) and p.crop_size >= 1, ">= 1 (auto is resolved by config.load_params)"),
         "workers": (p.workers >= 0, ">= 0 (0: one per CPU core)"),
     }
     for name, (ok, limit) in rules.items():

@@ -357,7 +357,7 @@ def test_mebin_image_resizes_a_smaller_map_to_the_image():
 
 
 def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams())
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256))
     assert (res.threshold, res.est_count) == (255, 0) and not res.mask.any()
     assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
 
@@ -365,24 +365,24 @@ def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
 def test_all_zero_maps_get_the_no_anomaly_result():
     with pytest.warns(RuntimeWarning):
         lo, hi = mebin.search_range(np.zeros((3, 16, 16), np.uint8))
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams())
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams(crop_size=256))
     assert (res.threshold, res.est_count, len(crops)) == (255, 0, 1)
 
 
 def test_a_constant_map_at_the_top_of_the_range_is_one_region_covering_the_image():
     flat, image = np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
-    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams())
+    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams(crop_size=256))
     assert res.est_count == 1 and res.mask.all() and crops.boxes.tolist() == [[0, 0, 32, 32]]
 
 
 def test_mebin_image_rejects_float_maps_grey_images_and_bad_ranges():
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="uint8"):
-        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams())
+        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams(crop_size=256))
     with pytest.raises(InputError, match="RGB"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams())
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams(crop_size=256))
     with pytest.raises(InputError, match="lo <= hi"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams())
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams(crop_size=256))
 
 
 def test_gt_coverage_counts_regions_found_regions_whole_in_a_crop_and_pixels():

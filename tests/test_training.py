@@ -340,6 +340,30 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert ps.attrs["normal_slot"] == 0
 
 
+def test_num_classes_auto_is_recorded_in_the_model_as_the_number_it_became(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from anomalyncd import paths
+    from anomalyncd.model import load_model
+    from stages import train as train_stage
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_crops(paths.CROPS)
+    train = {"image_size": 32, "epochs": 1, "batch_size": 6, "n_head": 1, "num_classes": "auto", "auto_max": 3,
+             "trunk_cache_views": 0}
+    Path("params.yaml").write_text(yaml.safe_dump({"train": train}))
+    res = CliRunner().invoke(train_stage.app, [])
+    assert res.exit_code == 0, res.output
+    estimate = json.loads(paths.NUM_CLASSES_METRICS.read_text())
+    _, info = load_model(paths.MODEL)
+    k = info["params"]["num_classes"]
+    assert isinstance(k, int) and info["params"]["num_classes_estimated"] is True
+    assert len(info["class_names"]) == k and f"training with K = {k}" in res.output, (estimate, res.output)
+
+
 def test_data_loading_workers_do_not_change_the_result():
     runs = []
     for workers in (0, 2):
