@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from anomalyncd.config import MergeParams, TrainParams
+from anomalyncd.config import MebinParams, MergeParams, TrainParams
 
 from .conftest import ROOT
 
@@ -33,7 +33,7 @@ def _defaulted_arguments() -> list[tuple[str, str, int]]:
     return out
 
 
-@pytest.mark.parametrize("section", [TrainParams, MergeParams], ids=["train", "merge"])
+@pytest.mark.parametrize("section", [TrainParams, MebinParams, MergeParams], ids=["train", "mebin", "merge"])
 def test_no_library_function_repeats_a_knobs_default(section):
     knobs = {f.name for f in dataclasses.fields(section)} - SHARED_NAMES
     repeated = [
