@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .augment import eval_views
-from .config import TrainParams
+from .config import TrainParams, train_crop_pct
 from .filterbank import FilterBank
 from .io import InputError, InputWarning, write_json
 from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
@@ -94,7 +94,7 @@ def region_features(
     encoder = encoder.to(device).eval()
     tokens, pmasks = [], []
     for s in tqdm(range(0, len(crops), batch_size), desc="num_classes features", leave=False):
-        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], p.image_size)
+        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], p.image_size, train_crop_pct(p))
         t, pm = encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
         tokens.append(t)
         pmasks.append(pm)

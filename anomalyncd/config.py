@@ -7,9 +7,9 @@ and its default exist.
 
 :func:`resolve` is the one step that computes the values derived from other sections and checks
 the constraints between sections; :func:`load_params` applies it, so every stage sees resolved
-values (and stores them with its artifacts): ``mebin.crop_size: auto`` becomes the classifier's
-resize size, ``train.image_size / crop_pct`` with the ``crop_pct`` of ``train.model``'s timm
-pretrained config (as timm's ``resolve_data_config`` does). ``train.num_classes: auto`` needs the
+values (and stores them with its artifacts): ``train.crop_pct: auto`` becomes the ``crop_pct``
+of ``train.model``'s timm pretrained config (as timm's ``resolve_data_config`` does) and
+``mebin.crop_size: auto`` the classifier's resize size, ``train.image_size / crop_pct``. ``train.num_classes: auto`` needs the
 data: the train stage resolves it and records the value it became.
 """
 
@@ -128,6 +128,7 @@ class TrainParams:
     checkpoint: str = ""  # or: a local timm/DINO state dict file
     layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # CNN: feature maps pooled (timm out_indices)
     image_size: int = 224
+    crop_pct: float | Literal["auto"] = "auto"  # share of the resized crop the centre crop keeps; auto: train.model's timm config
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
     auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "bic"  # anomalyncd.num_classes
@@ -161,6 +162,7 @@ class TrainParams:
             "train",
             self,
             image_size=(self.image_size >= 1, "at least 1"),
+            crop_pct=(self.crop_pct == "auto" or 0 < self.crop_pct <= 1, "in (0, 1], or auto"),
             num_classes=(self.num_classes == "auto" or self.num_classes >= 1, "at least 1, or auto"),
             auto_max=(self.auto_max >= 1, "at least 1"),
             mask_layers=(self.mask_layers >= 0, ">= 0"),
@@ -257,9 +259,22 @@ def resolve(section: str, params: Any, read: Callable[[str], Any]) -> Any:
     """``params`` of ``section`` with its derived values computed from the other sections
     (``read(name)`` gives one), after checking the constraints between them. dvc.yaml lists the
     keys each resolution reads among the stage's params."""
+    if section == "train":
+        return dataclasses.replace(params, crop_pct=train_crop_pct(params))
     if section == "mebin":
         return dataclasses.replace(params, crop_size=resolve_crop_size(params.crop_size, read("train")))
     return params
+
+
+def train_crop_pct(train: "TrainParams") -> float:
+    """``train.crop_pct``, ``auto`` being the one of ``train.model``'s timm pretrained config."""
+    return crop_pct(train.model) if train.crop_pct == "auto" else float(train.crop_pct)
+
+
+def resize_size(image_size: int, crop_pct: float) -> int:
+    """Side a crop is resized to before the centre (or random) crop of ``image_size``, as timm's
+    transforms: ``floor(image_size / crop_pct)``."""
+    return math.floor(image_size / crop_pct)
 
 
 def crop_pct(model: str) -> float:
@@ -276,16 +291,17 @@ def crop_pct(model: str) -> float:
 
 
 def resolve_crop_size(crop_size: int | str, train: "TrainParams") -> int:
-    """``mebin.crop_size``: ``auto`` is ``floor(train.image_size / crop_pct)``, where the
+    """``mebin.crop_size``: ``auto`` is :func:`resize_size` of ``train.image_size``, where the
     classifier's transforms start; a number given by hand must hold at least the classifier's
     input (``train.image_size``), or every crop would be upsampled."""
+    auto = resize_size(train.image_size, train_crop_pct(train))
     if crop_size == "auto":
-        return math.floor(train.image_size / crop_pct(train.model))
+        return auto
     if crop_size < train.image_size:
         raise InputError(
             f"{PARAMS_FILE}: mebin.crop_size {crop_size} is smaller than train.image_size {train.image_size}, so "
-            f"every crop would be upsampled; set mebin.crop_size to auto "
-            f"({math.floor(train.image_size / crop_pct(train.model))} for {train.model}) or at least {train.image_size}"
+            f"every crop would be upsampled; set mebin.crop_size to auto ({auto} for {train.model}) "
+            f"or at least {train.image_size}"
         )
     return crop_size
 

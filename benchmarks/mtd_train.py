@@ -29,7 +29,7 @@ from anomalyncd.io import read_image, read_mask
 from anomalyncd.merge import merge_regions
 from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig
-from anomalyncd.config import TrainParams
+from anomalyncd.config import TrainParams, crop_pct
 from anomalyncd.training import TrainData, train
 
 
@@ -95,7 +95,7 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s")
     keep = np.isin(np.arange(len(records)), index)
 
-    cfg = ModelConfig(model=args.model, image_size=args.image_size, mask_layers=args.mask_layers,
+    cfg = ModelConfig(model=args.model, image_size=args.image_size, crop_pct=crop_pct(args.model), mask_layers=args.mask_layers,
                       grad_from_block=args.grad_from_block, n_head=4, num_unlabeled=len(types))
     torch.manual_seed(args.seed)
     net = MGViTClassifier(cfg)

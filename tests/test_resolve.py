@@ -52,3 +52,36 @@ def test_the_mebin_stage_stops_on_the_broken_constraint_with_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "stages.mebin"], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2 and out.stderr.startswith("error: params.yaml: mebin.crop_size 128"), out.stderr
+
+
+def test_auto_crop_pct_is_resolved_to_the_models_and_a_given_one_kept(tmp_path):
+    assert load_params("train", _params(tmp_path, train={"model": "resnet18"})).crop_pct == 0.95
+    assert load_params("train", _params(tmp_path, train={"model": "resnet18", "crop_pct": 0.5})).crop_pct == 0.5
+    with pytest.raises(InputError, match=r"train.crop_pct must be in \(0, 1\], or auto, got 0.0"):
+        load_params("train", _params(tmp_path, train={"crop_pct": 0}))
+
+
+def test_auto_crop_size_follows_a_crop_pct_given_by_hand(tmp_path):
+    f = _params(tmp_path, mebin={"crop_size": "auto"}, train={"image_size": 100, "crop_pct": 0.5})
+    assert load_params("mebin", f).crop_size == 200
+
+
+def test_the_models_transforms_resize_by_the_crop_pct_it_carries():
+    """The evaluation transform travels in the model bundle: the crop_pct is in its config."""
+    from anomalyncd.config import TrainParams
+    from anomalyncd.model import ModelConfig
+
+    assert ModelConfig.from_params(TrainParams(model="resnet18"), num_unlabeled=2).crop_pct == 0.95
+    assert ModelConfig.from_params(TrainParams(crop_pct=0.8), num_unlabeled=2).crop_pct == 0.8
+
+
+def test_a_model_file_without_the_crop_pct_asks_for_retraining(tmp_path):
+    import torch
+
+    from anomalyncd.model import MODEL_FORMAT, load_model
+
+    config = {"model": "tf_efficientnet_lite0", "image_size": 32, "mask_layers": 0, "grad_from_block": 0,
+              "n_head": 1, "num_unlabeled": 2}
+    torch.save({"format": MODEL_FORMAT, "config": config, "state_dict": {}}, tmp_path / "m.pt")
+    with pytest.raises(InputError, match="m.pt: written by another version of anomalyncd .*dvc repro train"):
+        load_model(tmp_path / "m.pt")

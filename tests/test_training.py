@@ -40,7 +40,7 @@ def tiny_data(m: int = 12, labelled: int = 0, seed: int = 0) -> TrainData:
 def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int = 11) -> MGViTClassifier:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
+        model="vit_tiny_patch16_224", image_size=32, crop_pct=0.9, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
         num_labeled=num_labeled, num_unlabeled=3, has_normal=has_normal, proj_hidden=32, proj_dim=16,
     )
     return MGViTClassifier(cfg)
