@@ -9,8 +9,9 @@ and its default exist.
 the constraints between sections; :func:`load_params` applies it, so every stage sees resolved
 values (and stores them with its artifacts): ``train.crop_pct: auto`` becomes the ``crop_pct``
 of ``train.model``'s timm pretrained config (as timm's ``resolve_data_config`` does) and
-``mebin.crop_size: auto`` the classifier's resize size, ``train.image_size / crop_pct``. ``train.num_classes: auto`` needs the
-data: the train stage resolves it and records the value it became.
+``mebin.crop_size: auto`` the classifier's resize size, ``train.image_size / crop_pct``.
+``train.num_classes: auto`` needs the data: the train stage resolves it and records the value
+it became.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class MebinParams:
     padding: float = 0.1
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
-    crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / crop_pct of train.model (:func:`resolve`)
+    crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
     workers: int = 0  # 0: one per CPU core
     seed: int = 0
 

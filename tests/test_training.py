@@ -340,6 +340,7 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert ps.attrs["normal_slot"] == 0
 
 
+@pytest.mark.filterwarnings("ignore::anomalyncd.io.InputWarning")  # tiny crops: the estimate warns
 def test_num_classes_auto_is_recorded_in_the_model_as_the_number_it_became(tmp_path, monkeypatch):
     import json
 
