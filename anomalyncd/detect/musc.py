@@ -1,4 +1,4 @@
-"""MuSc (Li et al., ICLR 2024): zero-shot anomaly maps, the unlabeled images score each other.
+"""MuSc (Li et al., ICLR 2024, https://arxiv.org/abs/2401.16753): zero-shot anomaly maps, the unlabeled images score each other.
 
 Normal patches find close matches in most other images; anomalous ones do not. For each
 backbone layer and each aggregation degree r in (1, 3, 5), patch features are layer-normed,
