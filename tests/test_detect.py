@@ -13,7 +13,7 @@ from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance
-from anomalyncd.detect.patchcore import patch_features
+from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, read_image, write_image
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..io import InputError
 from .base import register
 from .ops import CHUNK_ELEMENTS, batches, to_batch, upsample_maps
-from .patchcore import BackboneDetector
+from .backbone import BackboneDetector
 
 log = logging.getLogger(__name__)
 

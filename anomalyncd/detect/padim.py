@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..io import InputError
 from .base import register
 from .ops import batches, to_batch, upsample_maps
-from .patchcore import BackboneDetector, patch_features
+from .backbone import BackboneDetector, patch_features
 
 log = logging.getLogger(__name__)
 
