@@ -108,7 +108,7 @@ class DetectParams:
 class MebinParams:
     """Main Element Binarization and anomaly-centred crops."""
 
-    sample_rate: int = 2  # the paper: 4
+    sample_rate: int = 4
     min_interval_len: int = 4
     erosion: Literal["keep_thin", "paper", "off"] = "keep_thin"  # anomalyncd.mebin.EROSION_RULES
     padding: float = 0.1

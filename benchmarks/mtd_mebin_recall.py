@@ -66,7 +66,6 @@ def recovery(
     map_size: int = 0,
     maps_store: Path | None = None,
     progress: bool = True,
-    sample_rate: int | None = None,
 ) -> dict:
     """MEBin over MTD's defect images: per defect type ``coverage``
     (:class:`anomalyncd.mebin.GtCoverage`), ``no_anomaly`` images and ``per_type`` images; and
@@ -83,8 +82,6 @@ def recovery(
             raise SystemExit(f"{maps_store}: no map for {len(missing)} MTD defect images, e.g. {missing[:3]}")
         maps_u8 = [ms.maps_u8[index[r.id]] for r in records]
     params = MebinParams(erosion=erosion, crop_size=256)
-    if sample_rate is not None:  # None: the default sweep
-        params.sample_rate = sample_rate
     lo, hi = mebin.search_range(maps_u8)
     coverage: dict[str, mebin.GtCoverage] = {}
     no_anomaly: dict[str, int] = {}

@@ -10,7 +10,7 @@ from anomalyncd import mebin
 from anomalyncd.config import MebinParams
 from anomalyncd.io import InputError
 
-P = MebinParams(crop_size=256, sample_rate=4)  # the paper's sweep; the other knobs at their defaults
+P = MebinParams(crop_size=256)  # the knobs at their defaults (config.py is the only place they exist)
 
 KERNEL = np.ones((6, 6), np.uint8)
 
@@ -341,7 +341,7 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.full((64, 64, 3), 50, np.uint8)
     for erosion in ("keep_thin", "paper"):  # a blob that survives the erosion: the paper's result
-        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion, sample_rate=4))
+        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion))
         assert res.est_count == 1 and res.threshold == 3
         assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
         assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel

@@ -25,9 +25,8 @@ def test_crops_contain_at_least_90_percent_of_large_ground_truth_regions():
 
 
 def test_on_128_pixel_maps_keep_thin_keeps_the_defects_the_papers_erosion_erases():
-    # both under the paper's threshold sweep (sample_rate 4), so that only the erosion differs
-    thin = recovery(MTD, "keep_thin", seed=0, map_size=128, progress=False, sample_rate=4)
-    paper = recovery(MTD, "paper", seed=0, map_size=128, progress=False, sample_rate=4)
+    thin = recovery(MTD, "keep_thin", seed=0, map_size=128, progress=False)
+    paper = recovery(MTD, "paper", seed=0, map_size=128, progress=False)
     t, p = _total(thin), _total(paper)
     assert t.found / t.regions >= 0.95 and p.found / p.regions < 0.85
     assert sum(thin["no_anomaly"].values()) <= 8 and sum(paper["no_anomaly"].values()) >= 40

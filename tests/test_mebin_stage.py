@@ -63,7 +63,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
             image_sizes=np.array(SIZES),
         ),
     )
-    Path("params.yaml").write_text(yaml.safe_dump({"mebin": {"crop_size": 16, "workers": 1, "sample_rate": 4}, "train": {"image_size": 16}}))
+    Path("params.yaml").write_text(yaml.safe_dump({"mebin": {"crop_size": 16, "workers": 1}, "train": {"image_size": 16}}))
     return tmp_path
 
 
