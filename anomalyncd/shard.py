@@ -1,0 +1,149 @@
+"""One stage over the processes of ``torchrun``: which rows each rank takes, and how its part
+of a store is gathered into the one store.
+
+Each rank writes its rows to a part store beside the output (``.<name>.part-<rank>-of-<world>``,
+written atomically like any store); after a barrier rank 0 reads the parts in rank order, which
+is the order of the rows, writes the one store and removes the parts. Blocks are contiguous and
+start on multiples of the batch size, so every batch holds the same rows as in one process:
+the store is the same, byte for byte. Outside ``torchrun`` there is one rank and one part.
+Several machines work the same way when the output folder is on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .device import resolve_device
+from .store import StoreReader, StoreWriter
+
+#: Rows read from a part at a time while gathering (a bound on memory, not on the result).
+GATHER_ROWS = 256
+
+
+def start(device: str = "cpu") -> tuple[int, int, str]:
+    """Join ``torchrun``'s process group when launched by it: ``(rank, world size, device)``.
+
+    gloo on CPU; with CUDA, NCCL and ``cuda:LOCAL_RANK``. Outside torchrun ``(0, 1, device)``.
+    """
+    device = resolve_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return rank, world, device
+
+
+def finish() -> None:
+    """Leave the process group (after the last barrier)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable: a detector's state dict)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def block(n: int, rank: int, world: int, align: int = 1) -> range:
+    """The contiguous rows ``[a, b)`` of ``n`` that ``rank`` of ``world`` takes.
+
+    Whole groups of ``align`` rows (a batch) are dealt out as evenly as possible, in rank order.
+    """
+    groups = -(-n // max(1, align))
+    a, b = groups * rank // world, groups * (rank + 1) // world
+    return range(min(n, a * align), min(n, b * align))
+
+
+def part_path(path: str | os.PathLike, rank: int, world: int) -> Path:
+    """Where ``rank`` writes its part of the store ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.part-{rank}-of-{world}")
+
+
+def part_paths(path: str | os.PathLike, world: int) -> list[Path]:
+    return [part_path(path, r, world) for r in range(world)]
+
+
+def remove_parts(path: str | os.PathLike) -> None:
+    """Remove every part of ``path`` (this run's, or those a killed run left)."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for p in path.parent.glob(f".{path.name}.part-*"):
+            if p.is_file():
+                p.unlink()
+
+
+class Parts:
+    """The part stores of one output, read as one: rows in rank order."""
+
+    def __init__(self, paths: Sequence[Path], kind: str) -> None:
+        self.readers = [StoreReader(p, kind) for p in paths]
+
+    def rows(self, name: str) -> int:
+        return sum(len(r[name]) for r in self.readers)
+
+    def chunks(self, name: str, stop: int | None = None, size: int = GATHER_ROWS) -> Iterator[np.ndarray]:
+        """Rows ``[0, stop)`` of array ``name``, ``size`` at a time, in order."""
+        left = self.rows(name) if stop is None else stop
+        for r in self.readers:
+            rows = r[name]
+            for a in range(0, min(len(rows), left), size):
+                yield rows[a : min(a + size, len(rows), left)]
+            left -= min(len(rows), left)
+            if left <= 0:
+                return
+
+    def take(self, name: str, index: Sequence[int]) -> np.ndarray:
+        """Rows ``index`` (global, in the given order) of array ``name``."""
+        bounds = np.cumsum([0] + [len(r[name]) for r in self.readers])
+        out = []
+        for i in index:
+            p = int(np.searchsorted(bounds, i, side="right") - 1)
+            out.append(self.readers[p][name][int(i - bounds[p])])
+        return np.stack(out) if out else np.zeros((0,), np.float32)
+
+    def names(self) -> list[str]:
+        return list(self.readers[0].names)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self) -> "Parts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def concatenate(parts: Parts, writer: StoreWriter) -> None:
+    """Append every array of ``parts`` to ``writer`` in row order; the arrays under ``masks/``
+    (one per image, named by its index in the whole set) are copied as they are."""
+    for name in parts.names():
+        if not name.startswith("masks/"):
+            first = parts.readers[0][name]
+            writer.declare(name, first.shape[1:], first.dtype)
+            for rows in parts.chunks(name):
+                writer.append(name, rows)
+    for r in parts.readers:
+        for name in r.names:
+            if name.startswith("masks/"):
+                writer.put(name, r.read(name))
