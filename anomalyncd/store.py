@@ -155,11 +155,12 @@ class _Column:
 
     def append(self, name: str, rows: np.ndarray) -> None:
         rows = np.asarray(rows)
+        if len(rows) == 0:
+            return
         if rows.shape[1:] != self.row_shape:
             raise ValueError(f"{name}: rows of shape {rows.shape[1:]} appended to rows of shape {self.row_shape}")
-        if len(rows):
-            self.buffer.append(rows.astype(self.dtype, copy=False))
-            self.buffered += len(rows)
+        self.buffer.append(rows.astype(self.dtype, copy=False))
+        self.buffered += len(rows)
         while self.buffered >= self.chunk:
             self._write(self.chunk)
 
