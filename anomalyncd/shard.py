@@ -12,14 +12,14 @@ Several machines work the same way when the output folder is on a shared filesys
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from .device import resolve_device
+from .io import pid_alive
 from .store import StoreReader, StoreWriter
 
 #: Rows read from a part at a time while gathering (a bound on memory, not on the result).
@@ -31,8 +31,15 @@ def start(device: str = "cpu") -> tuple[int, int, str]:
 
     gloo on CPU; with CUDA, NCCL and ``cuda:LOCAL_RANK``. Outside torchrun ``(0, 1, device)``.
     """
-    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and device == "cpu":
+        return 0, 1, device  # without importing torch (mebin needs none)
+    import torch  # here, not above: mebin and its worker processes need no torch
+    import torch.distributed as dist
+
+    from .device import resolve_device
+
+    device = resolve_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if world > 1 and device.startswith("cuda"):
@@ -42,20 +49,39 @@ def start(device: str = "cpu") -> tuple[int, int, str]:
     return rank, world, device
 
 
+def clear_parts(path: str | os.PathLike, rank: int) -> None:
+    """Before a stage writes its parts: rank 0 removes what an earlier run left, the others wait."""
+    if rank == 0:
+        remove_parts(path)
+    barrier()
+
+
 def finish() -> None:
     """Leave the process group (after the last barrier)."""
-    if dist.is_initialized():
+    if _dist() is not None:
+        import torch.distributed as dist
+
         dist.destroy_process_group()
 
 
+def _dist():
+    """``torch.distributed`` when a process group is up (only then is torch imported), else None."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def barrier() -> None:
-    if dist.is_initialized():
+    dist = _dist()
+    if dist is not None:
         dist.barrier()
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (picklable: a detector's state dict)."""
-    if not dist.is_initialized():
+    dist = _dist()
+    if dist is None:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -72,6 +98,11 @@ def block(n: int, rank: int, world: int, align: int = 1) -> range:
     return range(min(n, a * align), min(n, b * align))
 
 
+def describe(stage: str, rank: int, world: int, rows: range, what: str) -> str:
+    """The line a rank prints under torchrun: which rows it takes."""
+    return f"{stage}: rank {rank}/{world} takes {what} {rows.start}..{rows.stop - 1} ({len(rows)} of them)"
+
+
 def part_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     """Where ``rank`` writes its part of the store ``path``."""
     path = Path(path)
@@ -83,12 +114,19 @@ def part_paths(path: str | os.PathLike, world: int) -> list[Path]:
 
 
 def remove_parts(path: str | os.PathLike) -> None:
-    """Remove every part of ``path`` (this run's, or those a killed run left)."""
+    """Remove every part of ``path``: this run's, or those a killed run left (with the
+    temporaries of a part being written, ``..<name>.part-*.tmp-<pid>*``, whose process is gone)."""
     path = Path(path)
-    if path.parent.is_dir():
-        for p in path.parent.glob(f".{path.name}.part-*"):
-            if p.is_file():
-                p.unlink()
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{path.name}.part-*"):
+        if p.is_file():
+            p.unlink()
+    stale = re.compile(rf"\.\.{re.escape(path.name)}\.part-\d+-of-\d+\.tmp-(\d+)(\..+)?")
+    for p in path.parent.glob(f"..{path.name}.part-*"):
+        m = stale.fullmatch(p.name)
+        if m and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 class Parts:

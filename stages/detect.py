@@ -72,8 +72,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             err=True,
         )
 
-    if rank == 0:
-        shard.remove_parts(paths.MAPS)
+    shard.clear_parts(paths.MAPS, rank)
     start = time.perf_counter()
     if det.needs_training_images:
         if rank == 0:  # fitted once, so that every rank maps with the same state
@@ -84,8 +83,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     mine = (
         (range(len(evaluated)) if rank == 0 else range(0))
         if det.maps_jointly
-        else shard.block(len(evaluated), rank, world, stream.chunk_size(det, len(evaluated)))
+        else shard.block(len(evaluated), rank, world, p.batch_size)  # whole batches: as in one process
     )
+    if world > 1:
+        typer.echo(shard.describe("detect", rank, world, mine, "images"), err=True)
     stream.map_part(det, evaluated[mine.start : mine.stop], shard.part_path(paths.MAPS, rank, world))
     shard.barrier()
     if rank != 0:

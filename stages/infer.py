@@ -26,9 +26,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     # torchrun: every rank infers a block of whole batches into a part store; rank 0 gathers them
     rank, world, device = shard.start(p.device)
     cs = read_crops(paths.CROPS, lazy=True)
-    if rank == 0:
-        shard.remove_parts(paths.PROBS)
+    shard.clear_parts(paths.PROBS, rank)
     rows = shard.block(len(cs.crops), rank, world, p.batch_size)
+    if world > 1:
+        typer.echo(shard.describe("infer", rank, world, rows, "crops"), err=True)
     head, attrs = write_probs_part(
         paths.MODEL, cs.crops, cs.crop_masks, rows, shard.part_path(paths.PROBS, rank, world), device, p.batch_size
     )

@@ -247,10 +247,11 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     ms = read_maps(paths.MAPS, lazy=True)
     _check_maps(ms, records)
     lo, hi = streamed_search_range(ms)
-    if rank == 0:
-        shard.remove_parts(paths.CROPS)
+    shard.clear_parts(paths.CROPS, rank)
     workers = max(1, min((p.workers or os.cpu_count() or 1) // world, len(ms.ids)))
     rows = shard.block(len(ms.ids), rank, world)
+    if world > 1:
+        typer.echo(shard.describe("mebin", rank, world, rows, "images"), err=True)
     write_part(ms, records, p, lo, hi, rows, shard.part_path(paths.CROPS, rank, world), workers, progress=rank == 0)
     shard.barrier()
     if rank != 0:
