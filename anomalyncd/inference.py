@@ -124,11 +124,12 @@ def write_probs_part(
     net, info = load_model(checkpoint_path, device)
     step = batch_size * max(1, CROPS_PER_CHUNK // batch_size)
     with StoreWriter(path, PART_KIND) as w:
-        for a in range(rows.start, rows.stop, step):
+        for a in range(rows.start, max(rows.stop, rows.start + 1), step):  # once at least: the arrays exist
             b = min(a + step, rows.stop)
             out = crop_outputs(net, np.asarray(crops[a:b]), np.asarray(crop_masks[a:b]), device, batch_size)
-            w.append("probs", novel_probabilities(torch.from_numpy(out.logits), net.cfg.num_labeled).numpy(), np.float32)
-            w.append("logits", out.logits, np.float32)
-            w.append("features", out.features, np.float32)
-            w.append("baseline_features", out.baseline, np.float32)
+            probs = novel_probabilities(torch.from_numpy(out.logits), net.cfg.num_labeled).numpy()
+            for name, arr in [("probs", probs), ("logits", out.logits), ("features", out.features),
+                              ("baseline_features", out.baseline)]:
+                w.declare(name, arr.shape[1:], np.float32)
+                w.append(name, arr, np.float32)
     return int(info["head"]), prob_attrs(net, info)

@@ -91,15 +91,20 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 def block(n: int, rank: int, world: int, align: int = 1) -> range:
     """The contiguous rows ``[a, b)`` of ``n`` that ``rank`` of ``world`` takes.
 
-    Whole groups of ``align`` rows (a batch) are dealt out as evenly as possible, in rank order.
+    Whole groups of ``align`` rows (a batch) are dealt out as evenly as possible, in rank order,
+    the first ranks taking one more: rank 0 has rows whenever there are any.
     """
     groups = -(-n // max(1, align))
-    a, b = groups * rank // world, groups * (rank + 1) // world
+    per, extra = divmod(groups, world)
+    a = rank * per + min(rank, extra)
+    b = a + per + (rank < extra)
     return range(min(n, a * align), min(n, b * align))
 
 
 def describe(stage: str, rank: int, world: int, rows: range, what: str) -> str:
     """The line a rank prints under torchrun: which rows it takes."""
+    if not len(rows):
+        return f"{stage}: rank {rank}/{world} takes no {what} (fewer batches than processes)"
     return f"{stage}: rank {rank}/{world} takes {what} {rows.start}..{rows.stop - 1} ({len(rows)} of them)"
 
 
