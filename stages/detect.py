@@ -7,6 +7,10 @@ where the dataset has ground truth, image AUROC, pixel AUROC and AUPRO with a PN
 Metrics need normal images too: the normal test images that are not classified
 (``dataset.include_normal: false``) are mapped as well, for the metrics only; they are not in
 the store. For ``musc`` they join the set of images that score each other.
+
+Maps are made a chunk of images at a time into a part store and gathered into the maps store
+(``anomalyncd.detect.stream``); under ``torchrun`` every rank maps a block of whole batches
+with the detector fitted once on rank 0, and rank 0 gathers (``anomalyncd.shard``).
 """
 
 import time

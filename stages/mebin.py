@@ -3,7 +3,8 @@
 Reads the manifest and the 0..255 anomaly maps of ``detect``, takes the set's MEBin search
 range, then per image (in parallel): the MEBin threshold and mask, square crop boxes centred on
 the anomalies, and the image/mask crops with their scores (``anomalyncd.mebin``). Writes
-data/mebin/crops.zarr.zip and metrics/mebin.json.
+data/mebin/crops.zarr.zip and metrics/mebin.json, a chunk of images at a time through a part
+store; under ``torchrun`` every rank takes a block of the images and rank 0 gathers them.
 """
 
 from __future__ import annotations

@@ -96,6 +96,23 @@ def test_detect_and_mebin_stores_do_not_depend_on_the_chunk_size(project, monkey
     assert [p.name for p in paths.MAPS.parent.iterdir()] == ["maps.zarr.zip"]  # the parts are gone
 
 
+def test_pixel_metrics_of_a_large_set_use_an_evenly_spaced_sample(project, monkeypatch):
+    import json
+
+    import stages.detect
+
+    _run("detect")
+    full = json.loads((paths.METRICS / "detect.json").read_text())
+    assert "pixel_metrics_images" not in full  # 14 images: all of them
+    monkeypatch.setattr(stages.detect, "METRIC_IMAGES", 5)
+    _run("detect")
+    sampled = json.loads((paths.METRICS / "detect.json").read_text())
+    assert sampled["pixel_metrics_images"] == 5
+    assert sampled["image_auroc"] == full["image_auroc"]  # the image scores of every image
+    assert 0 <= sampled["pixel_auroc"] <= 1
+    assert stream.metric_sample(14, 5).tolist() == [0, 3, 6, 10, 13]
+
+
 def test_streamed_mebin_stage_gives_the_in_memory_crop_set(project):
     import stages.mebin
     from anomalyncd.config import load_params
