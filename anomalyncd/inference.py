@@ -101,7 +101,7 @@ def prob_attrs(net: MGViTClassifier, info: dict) -> dict:
 
 
 #: Crops read from the store at a time by :func:`write_probs_part` (rounded to whole batches).
-CROPS_PER_CHUNK = 1024
+CROPS_PER_CHUNK = 256
 PART_KIND = "probs-part"
 
 

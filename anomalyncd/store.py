@@ -193,9 +193,13 @@ class StoreWriter:
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         self.build = self._tmp.with_name(self._tmp.name + ".d")
-        self.group = zarr.open_group(LocalStore(self.build), mode="w")
         self._columns: dict[str, _Column] = {}
         self._open = True
+        try:
+            self.group = zarr.open_group(LocalStore(self.build), mode="w")
+        except BaseException as e:
+            self.abort(e)
+            raise
 
     def declare(self, name: str, row_shape: tuple[int, ...], dtype: Any) -> None:
         """Create an empty array of rows ``row_shape`` (so that a store with no rows has it)."""
