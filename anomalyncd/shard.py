@@ -20,11 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .io import pid_alive
-from .store import StoreReader, StoreWriter
-
-#: Rows read from a part at a time while gathering (a bound on memory, not on the result).
-GATHER_ROWS = 256
-
+from .store import StoreReader, StoreWriter, chunk_rows
 
 def start(device: str = "cpu") -> tuple[int, int, str]:
     """Join ``torchrun``'s process group when launched by it: ``(rank, world size, device)``.
@@ -143,9 +139,13 @@ class Parts:
     def rows(self, name: str) -> int:
         return sum(len(r[name]) for r in self.readers)
 
-    def chunks(self, name: str, stop: int | None = None, size: int = GATHER_ROWS) -> Iterator[np.ndarray]:
-        """Rows ``[0, stop)`` of array ``name``, ``size`` at a time, in order."""
+    def chunks(self, name: str, stop: int | None = None, size: int | None = None) -> Iterator[np.ndarray]:
+        """Rows ``[0, stop)`` of array ``name``, ``size`` at a time (default: a stored chunk's
+        worth, about ``store.CHUNK_BYTES``), in order."""
         left = self.rows(name) if stop is None else stop
+        if size is None:
+            first = self.readers[0][name]
+            size = chunk_rows(first.shape[1:], first.dtype)
         for r in self.readers:
             rows = r[name]
             for a in range(0, min(len(rows), left), size):

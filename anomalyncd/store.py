@@ -334,9 +334,7 @@ class StoreReader:
         del attrs["kind"], attrs["layout_version"]
         self.attrs = attrs
         try:
-            self.names = [n for n, _ in self.group.arrays()]
-            if "masks" in {n for n, _ in self.group.groups()}:
-                self.names += [f"masks/{n}" for n, _ in self.group["masks"].arrays()]
+            self.names = _array_names(self.path)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{self.path}: not a readable anomalyncd store ({e}); rerun the stage that writes it") from e
 
@@ -354,6 +352,16 @@ class StoreReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _array_names(path: Path) -> list[str]:
+    """The arrays of a zipped group, from the zip's list of files: every node with a
+    ``zarr.json`` that holds no other node (listing them through zarr would open every array
+    at once: one per image under ``masks/``)."""
+    with zipfile.ZipFile(path) as zf:
+        nodes = {n[: -len("/zarr.json")] for n in zf.namelist() if n.endswith("/zarr.json")}
+    groups = {n.rsplit("/", 1)[0] for n in nodes if "/" in n}
+    return sorted(nodes - groups, key=lambda n: (n.count("/"), len(n), n))
 
 
 def read_group(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
