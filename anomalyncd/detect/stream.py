@@ -17,6 +17,7 @@ from ..io import InputError
 from ..shard import Parts
 from ..store import StoreWriter
 from .base import Detector, normalise_u8
+from .ops import image_scores
 
 #: Images mapped per call of the detector (rounded up to a multiple of its batch size).
 IMAGES_PER_CHUNK = 64
@@ -68,10 +69,13 @@ def value_range(parts: Parts, n: int) -> tuple[float, float]:
     return lo, hi
 
 
-def gather_maps(parts: Parts, path: str | os.PathLike, todo: Sequence[Record], attrs: dict) -> tuple[float, float]:
+def gather_maps(
+    parts: Parts, path: str | os.PathLike, todo: Sequence[Record], attrs: dict, score_top: float
+) -> tuple[float, float]:
     """Write the maps store ``path`` from the first ``len(todo)`` maps of ``parts``: maps,
-    maps_u8 over their global ``(lo, hi)``, scores (map maxima) and image sizes. ``attrs``
-    gets ``norm_min``/``norm_max`` after ``pretrained``. Returns ``(lo, hi)``."""
+    maps_u8 over their global ``(lo, hi)``, image scores (:func:`image_scores` of
+    ``score_top``) and image sizes. ``attrs`` gets ``norm_min``/``norm_max`` after
+    ``pretrained``. Returns ``(lo, hi)``."""
     n = len(todo)
     lo, hi = value_range(parts, n)
     head = dict(attrs)
@@ -86,14 +90,14 @@ def gather_maps(parts: Parts, path: str | os.PathLike, todo: Sequence[Record], a
         for m in parts.chunks("maps", n):
             w.append("maps", m, np.float32)
             w.append("maps_u8", normalise_u8(m, lo, hi), np.uint8)
-            w.append("scores", m.reshape(len(m), -1).max(axis=1), np.float32)
+            w.append("scores", image_scores(m, score_top), np.float32)
         w.append("image_sizes", np.array([[r.height, r.width] for r in todo], np.int32).reshape(-1, 2))
     return lo, hi
 
 
-def map_maxima(parts: Parts) -> np.ndarray:
-    """float32 (N,): the maximum of every map of ``parts`` (image scores)."""
-    out = [m.reshape(len(m), -1).max(axis=1) for m in parts.chunks("maps")]
+def map_scores(parts: Parts, score_top: float) -> np.ndarray:
+    """float32 (N,): the image score of every map of ``parts`` (:func:`image_scores`)."""
+    out = [image_scores(m, score_top) for m in parts.chunks("maps")]
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
