@@ -4,7 +4,7 @@ Geometric operations (resize, random crop, flips, rotations by multiples of 90°
 identically to a crop and its mask, so the mask keeps marking the same pixels; photometric
 operations (colour jitter, sharpness, blur, posterize) touch the image only. Everything is
 driven by an explicit ``numpy.random.Generator``: a view is a pure function of
-(crop, mask, image_size, seed), which keeps training deterministic whatever the number of
+(crop, mask, image_size, crop_pct, seed), which keeps training deterministic whatever the number of
 data-loading workers.
 
 Inputs are RGB ``uint8`` crops ``(C, C, 3)`` (grayscale ``(C, C)`` is expanded to 3 channels)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-CROP_PCT = 0.875
+from .config import resize_size
 
 BRIGHTNESS = (0.6, 1.4)
 CONTRAST = (0.6, 1.4)
@@ -27,11 +27,6 @@ BLUR_KERNELS = tuple(range(9, 34, 4))  # the authors draw from 9, 13, ..., 33
 BLUR_SIGMA = (0.1, 2.0)
 POSTERIZE_BITS = (5, 8)
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
-
-
-def resize_size(image_size: int) -> int:
-    """Side length before cropping: ``image_size / 0.875``."""
-    return int(image_size / CROP_PCT)
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -53,9 +48,10 @@ def to_chw(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((img.astype(np.float32) / 255.0).transpose(2, 0, 1))
 
 
-def eval_view(img: np.ndarray, mask: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluation transform: resize to ``image_size / 0.875`` and centre-crop ``image_size``."""
-    size = resize_size(image_size)
+def eval_view(img: np.ndarray, mask: np.ndarray, image_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation transform: resize to ``image_size / crop_pct`` (the model's timm ``crop_pct``)
+    and centre-crop ``image_size``."""
+    size = resize_size(image_size, crop_pct)
     img, mask = _resize(img, mask, size)
     o = (size - image_size) // 2
     sl = np.s_[o : o + image_size, o : o + image_size]
@@ -97,11 +93,11 @@ def posterize(img: np.ndarray, bits: int) -> np.ndarray:
 
 
 def paired_geometry(
-    img: np.ndarray, mask: np.ndarray, image_size: int, rng: np.random.Generator
+    img: np.ndarray, mask: np.ndarray, image_size: int, crop_pct: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to ``image_size / 0.875``, random crop, flips (p = 0.5 each) and a rotation by
+    """Resize to ``image_size / crop_pct``, random crop, flips (p = 0.5 each) and a rotation by
     0/90/180/270°, identical on image and mask. Returns uint8 (S, S, 3) and uint8 (S, S)."""
-    size = resize_size(image_size)
+    size = resize_size(image_size, crop_pct)
     img, mask = _resize(img, mask, size)
     y, x = rng.integers(0, size - image_size + 1, size=2)
     img = img[y : y + image_size, x : x + image_size]
@@ -115,14 +111,14 @@ def paired_geometry(
 
 
 def train_view(
-    img: np.ndarray, mask: np.ndarray, image_size: int, rng: np.random.Generator
+    img: np.ndarray, mask: np.ndarray, image_size: int, crop_pct: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """One random training view of a crop and its mask.
 
     img: uint8 (C, C, 3) or (C, C); mask: (C, C) in {0, 1}. Returns float32 (3, S, S) and
     float32 (S, S) with S = ``image_size``.
     """
-    img, mask = paired_geometry(img, mask, image_size, rng)
+    img, mask = paired_geometry(img, mask, image_size, crop_pct, rng)
     out = color_jitter(img.astype(np.float32), rng)
     out = adjust_sharpness(out, rng.uniform(*SHARPNESS))
     ksize = int(rng.choice(BLUR_KERNELS))
@@ -137,16 +133,23 @@ def view_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generato
 
 
 def train_views(
-    crops: np.ndarray, masks: np.ndarray, indices: np.ndarray, image_size: int, seed: int, epoch: int, view: int
+    crops: np.ndarray,
+    masks: np.ndarray,
+    indices: np.ndarray,
+    image_size: int,
+    crop_pct: float,
+    seed: int,
+    epoch: int,
+    view: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training views of ``crops[indices]``: float32 (B, 3, S, S) and (B, S, S)."""
-    pairs = [train_view(crops[i], masks[i], image_size, view_rng(seed, epoch, int(i), view)) for i in indices]
+    pairs = [train_view(crops[i], masks[i], image_size, crop_pct, view_rng(seed, epoch, int(i), view)) for i in indices]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def eval_views(crops: np.ndarray, masks: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def eval_views(crops: np.ndarray, masks: np.ndarray, image_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:
     """Evaluation views of every crop: float32 (M, 3, S, S) and (M, S, S)."""
-    pairs = [eval_view(c, m, image_size) for c, m in zip(crops, masks)]
+    pairs = [eval_view(c, m, image_size, crop_pct) for c, m in zip(crops, masks)]
     if not pairs:
         return np.zeros((0, 3, image_size, image_size), np.float32), np.zeros((0, image_size, image_size), np.float32)
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -5,10 +5,9 @@ The estimate describes each crop's anomalous region by one of two features
 :func:`anomalyncd.num_classes.estimate_num_classes`:
 
 - ``filterbank`` (default): the weight-free multi-scale filter bank of the detectors
-  (:class:`anomalyncd.detect.features.FilterBank`) pooled over the region
-  (:func:`region_descriptors`). It needs no pretrained weights; on 10 demo seeds, k-means with
-  the true K on it reaches crop NMI 0.84-1.00, against 0.36-0.58 for the [CLS] features of a
-  random-weight ViT.
+  (:class:`anomalyncd.filterbank.FilterBank`) pooled over the region
+  (:func:`region_descriptors`). It needs no pretrained weights (how it compares with
+  ``mgvit``: ``python benchmarks/bench_num_classes.py estimators``).
 - ``mgvit``: the mask-guided [CLS] features of the model the train stage starts from
   (timm/DINO weights with ``pretrained``/``checkpoint``, else random weights from
   ``train.seed``), with mask guidance in *every* block so that the token describes the region
@@ -33,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from .augment import eval_views
-from .config import TrainParams
-from .detect.features import FilterBank
+from .config import TrainParams, train_crop_pct
+from .filterbank import FilterBank
 from .io import InputError, InputWarning, write_json
 from .model import MGViT, MaskGuidedCNN, create_backbone, is_vit
 from .num_classes import KEstimate, estimate_num_classes, estimate_summary
@@ -54,20 +53,19 @@ def region_descriptors(crops: np.ndarray, crop_masks: np.ndarray, batch_size: in
     departs from the crop's surface at the finest scale (absolute intensity and colour
     deviation, which the filter bank measures in units of the crop's own spread): a MEBin mask
     is a blob at the detector's resolution that also covers surface around a thin defect, and
-    the weighting keeps the descriptor on the defect itself (on the demo, crop NMI of k-means
-    with the true K 0.79-0.88 -> 0.90-0.95 with normal images included). An empty mask gives a
-    zero row.
+    the weighting keeps the descriptor on the defect itself. An empty mask gives a zero row.
     """
     bank = FilterBank(list(DESCRIPTOR_SIGMAS))
     size = (DESCRIPTOR_SIZE, DESCRIPTOR_SIZE)
     out = np.zeros((len(crops), bank.channels), np.float32)
+    surface = bank.channel_index(["intensity", "red_green", "yellow_blue"], scale=0)  # finest scale
     for s in range(0, len(crops), batch_size):
         imgs = np.stack([cv2.resize(c, size, interpolation=cv2.INTER_AREA) for c in crops[s : s + batch_size]])
         masks = np.stack(
             [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) for m in crop_masks[s : s + batch_size]]
         )
         responses = bank(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0)[0]
-        deviation = responses[:, [0, 6, 7]].abs().sum(1, keepdim=True)  # finest scale: intensity, 2 colours
+        deviation = responses[:, surface].abs().sum(1, keepdim=True)
         w = torch.from_numpy(masks)[:, None] * (deviation + 1e-3)
         pooled = (responses * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-6)
         out[s : s + batch_size] = pooled.numpy()
@@ -96,7 +94,7 @@ def region_features(
     encoder = encoder.to(device).eval()
     tokens, pmasks = [], []
     for s in tqdm(range(0, len(crops), batch_size), desc="num_classes features", leave=False):
-        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], p.image_size)
+        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], p.image_size, train_crop_pct(p))
         t, pm = encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
         tokens.append(t)
         pmasks.append(pm)

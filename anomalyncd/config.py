@@ -2,17 +2,27 @@
 
 Stages call :func:`load_params` for their section; unknown keys, wrong types and values out of
 range are errors that name ``params.yaml`` and the key, so a typo never silently falls back to a
-default and a zero batch size never reaches the code.
+default and a zero batch size never reaches the code. This module is the only place where a knob
+and its default exist.
+
+:func:`resolve` is the one step that computes the values derived from other sections and checks
+the constraints between sections; :func:`load_params` applies it, so every stage sees resolved
+values (and stores them with its artifacts): ``train.crop_pct: auto`` becomes the ``crop_pct``
+of ``train.model``'s timm pretrained config (as timm's ``resolve_data_config`` does) and
+``mebin.crop_size: auto`` the classifier's resize size, ``train.image_size / crop_pct``.
+``train.num_classes: auto`` needs the data: the train stage resolves it and records the value
+it became.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 
@@ -104,14 +114,14 @@ class MebinParams:
     padding: float = 0.1
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
-    crop_size: int = 256
+    crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
     workers: int = 0  # 0: one per CPU core
     seed: int = 0
 
 
 @dataclass
 class TrainParams:
-    """The mask-guided ViT and its multi-head classifier (issue 5).
+    """The mask-guided encoder and its multi-head classifier.
 
     The defaults are a small, fast demo setting for CPU. The paper's setting is
     ``model: vit_base_patch8_224.dino, pretrained: true, image_size: 224, epochs: 50,
@@ -123,10 +133,11 @@ class TrainParams:
     checkpoint: str = ""  # or: a local timm/DINO state dict file
     layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # CNN: feature maps pooled (timm out_indices)
     image_size: int = 224
+    crop_pct: float | Literal["auto"] = "auto"  # share of the resized crop the centre crop keeps; auto: train.model's timm config
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
-    auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "bic"  # anomalyncd.num_classes
-    auto_features: Literal["filterbank", "mgvit"] = "filterbank"  # what the estimate clusters (anomalyncd.auto_k)
+    auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "eigengap"  # anomalyncd.num_classes
+    auto_features: Literal["filterbank", "mgvit"] = "mgvit"  # what the estimate clusters (anomalyncd.auto_k)
     head_init: Literal["kmeans", "random"] = "kmeans"  # novel outputs start at k-means centroids of the untrained features
     mask_layers: int = 0  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
     grad_from_block: int = 11  # blocks before this one are frozen
@@ -156,6 +167,7 @@ class TrainParams:
             "train",
             self,
             image_size=(self.image_size >= 1, "at least 1"),
+            crop_pct=(self.crop_pct == "auto" or 0 < self.crop_pct <= 1, "in (0, 1], or auto"),
             num_classes=(self.num_classes == "auto" or self.num_classes >= 1, "at least 1, or auto"),
             auto_max=(self.auto_max >= 1, "at least 1"),
             mask_layers=(self.mask_layers >= 0, ">= 0"),
@@ -235,13 +247,68 @@ def require(section: str, obj: Any, **rules: tuple[bool, str]) -> None:
 
 
 def load_params(section: str, path: str | Path = PARAMS_FILE) -> Any:
-    """Read one section of ``params.yaml`` into its dataclass (missing keys keep defaults)."""
-    cls = SECTIONS[section]
+    """Read one section of ``params.yaml`` into its dataclass (missing keys keep defaults),
+    :func:`resolve`-d against the sections it depends on."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: params file not found; run from the project root or pass --params")
     data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(cls, data.get(section) or {}, where=f"{path}: {section}")
+
+    def read(name: str) -> Any:
+        return from_dict(SECTIONS[name], data.get(name) or {}, where=f"{path}: {name}")
+
+    return resolve(section, read(section), read)
+
+
+def resolve(section: str, params: Any, read: Callable[[str], Any]) -> Any:
+    """``params`` of ``section`` with its derived values computed from the other sections
+    (``read(name)`` gives one), after checking the constraints between them. dvc.yaml lists the
+    keys each resolution reads among the stage's params."""
+    if section == "train":
+        return dataclasses.replace(params, crop_pct=train_crop_pct(params))
+    if section == "mebin":
+        return dataclasses.replace(params, crop_size=resolve_crop_size(params.crop_size, read("train")))
+    return params
+
+
+def train_crop_pct(train: "TrainParams") -> float:
+    """``train.crop_pct``, ``auto`` being the one of ``train.model``'s timm pretrained config."""
+    return crop_pct(train.model) if train.crop_pct == "auto" else float(train.crop_pct)
+
+
+def resize_size(image_size: int, crop_pct: float) -> int:
+    """Side a crop is resized to before the centre (or random) crop of ``image_size``, as timm's
+    transforms: ``floor(image_size / crop_pct)``."""
+    return math.floor(image_size / crop_pct)
+
+
+def crop_pct(model: str) -> float:
+    """The fraction of the resized image that the centre crop keeps, from the timm pretrained
+    config of ``model`` (timm's default when the model has none)."""
+    import timm
+    from timm.data import DEFAULT_CROP_PCT
+
+    try:
+        cfg = timm.get_pretrained_cfg(model)
+    except Exception:  # noqa: BLE001 - an unknown name has no config; the train stage names it
+        cfg = None
+    return float(cfg.crop_pct) if cfg is not None and cfg.crop_pct else DEFAULT_CROP_PCT
+
+
+def resolve_crop_size(crop_size: int | str, train: "TrainParams") -> int:
+    """``mebin.crop_size``: ``auto`` is :func:`resize_size` of ``train.image_size``, where the
+    classifier's transforms start; a number given by hand must hold at least the classifier's
+    input (``train.image_size``), or every crop would be upsampled."""
+    auto = resize_size(train.image_size, train_crop_pct(train))
+    if crop_size == "auto":
+        return auto
+    if crop_size < train.image_size:
+        raise InputError(
+            f"{PARAMS_FILE}: mebin.crop_size {crop_size} is smaller than train.image_size {train.image_size}, so "
+            f"every crop would be upsampled; set mebin.crop_size to auto ({auto} for {train.model}) "
+            f"or at least {train.image_size}"
+        )
+    return crop_size
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:

@@ -49,7 +49,7 @@ def crop_outputs(
     net.eval()
     feats, logits, base = [], [], []
     for s in tqdm(range(0, len(crops), batch_size), desc="infer", leave=False):
-        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], net.cfg.image_size)
+        x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], net.cfg.image_size, net.cfg.crop_pct)
         tokens, pmask = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
         f, _, lg = net(tokens, pmask, cached=True)
         feats.append(f.cpu())

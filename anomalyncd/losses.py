@@ -1,4 +1,6 @@
-"""Losses of mask-guided representation learning (pure functions on tensors).
+"""Losses of mask-guided representation learning (AnomalyNCD, https://arxiv.org/abs/2410.14379; the
+self-distillation, me-max and contrastive terms follow SimGCD, https://arxiv.org/abs/2211.11727),
+pure functions on tensors.
 
 Conventions: a batch holds two augmented views of B crops stacked view-major, i.e. rows
 ``0..B-1`` are view 0 and rows ``B..2B-1`` view 1 of the same crops. Logits are cosine
@@ -51,7 +53,7 @@ def supcon(proj: torch.Tensor, labels: torch.Tensor, temperature: float = SUPCON
 
 
 def teacher_temperature(
-    epoch: int, warmup_epochs: int = 40, start: float = 0.07, end: float = 0.04, repeat_times: int = 1
+    epoch: int, warmup_epochs: int, start: float, end: float, repeat_times: int
 ) -> float:
     """Teacher temperature at ``epoch`` (0-based).
 
@@ -97,7 +99,7 @@ def teacher_targets(
     return t
 
 
-def correction_weight(scores: torch.Tensor, anomaly_thred: float = 0.5) -> torch.Tensor:
+def correction_weight(scores: torch.Tensor, anomaly_thred: float) -> torch.Tensor:
     """Pseudo-label correction weight ``max(0, anomaly_thred - score)`` per crop. (N,)"""
     return (anomaly_thred - scores).clamp(min=0)
 

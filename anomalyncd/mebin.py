@@ -1,4 +1,5 @@
-"""Main Element Binarization (MEBin) and anomaly-centred crops (AnomalyNCD, CVPR 2025).
+"""Main Element Binarization (MEBin) and anomaly-centred crops (AnomalyNCD, CVPR 2025,
+https://arxiv.org/abs/2410.14379).
 
 MEBin binarizes each anomaly map with its own threshold: it sweeps the threshold from high to
 low, counts connected components at each step and picks the end of the longest *stable
@@ -97,7 +98,7 @@ def check_params(p: MebinParams) -> MebinParams:
         "padding": (p.padding >= 0, ">= 0"),
         "min_crop_size": (0 <= p.min_crop_size <= 0.5, "in [0, 0.5]"),
         "max_merge_dist": (p.max_merge_dist >= 0, ">= 0"),
-        "crop_size": (p.crop_size >= 1, ">= 1"),
+        "crop_size": (isinstance(p.crop_size, int) and p.crop_size >= 1, ">= 1 (auto is resolved by config.load_params)"),
         "workers": (p.workers >= 0, ">= 0 (0: one per CPU core)"),
     }
     for name, (ok, limit) in rules.items():
@@ -202,7 +203,7 @@ def _thin_regions(fg: np.ndarray, eroded: np.ndarray, min_area: int) -> tuple[np
 
 
 def count_sequence(
-    map_u8: np.ndarray, lo: int, hi: int, sample_rate: int = 4, erosion: str = "keep_thin"
+    map_u8: np.ndarray, lo: int, hi: int, sample_rate: int, erosion: str
 ) -> np.ndarray:
     """Rule 3: int32 (T,) 8-connected region counts along the threshold sweep.
 
@@ -244,7 +245,7 @@ def count_sequence(
 
 
 def stable_threshold(
-    counts: np.ndarray, lo: int, hi: int, sample_rate: int = 4, min_interval_len: int = 4
+    counts: np.ndarray, lo: int, hi: int, sample_rate: int, min_interval_len: int
 ) -> tuple[int, int]:
     """Rule 4: ``(threshold, est_count)`` from a count sequence (int (T,)).
 
@@ -282,7 +283,7 @@ def stable_threshold(
     return int(t * (int(hi) - int(lo)) / 255 + int(lo)), est
 
 
-def binarize(map_u8: np.ndarray, threshold: int, erosion: str = "keep_thin") -> np.ndarray:
+def binarize(map_u8: np.ndarray, threshold: int, erosion: str) -> np.ndarray:
     """Rule 5: bool (H, W), the map strictly above ``threshold``, eroded as :func:`count_sequence`
     erodes it (see :data:`EROSION_RULES`)."""
     fg = (check_map(map_u8) > threshold).astype(np.uint8)
@@ -307,7 +308,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # -- rules 7 and 8: crop boxes ---------------------------------------------------------------
 
 
-def region_boxes(mask: np.ndarray, padding: float = 0.1, min_crop_size: float = 0.1) -> list[tuple[int, int, int, int]]:
+def region_boxes(mask: np.ndarray, padding: float, min_crop_size: float) -> list[tuple[int, int, int, int]]:
     """Rule 7: one square box per external contour of ``mask`` (bool (H, W)).
 
     Contours' bounding rectangles are taken in ascending order of area (ties: by x, y, w, h);
@@ -393,7 +394,7 @@ def merge_boxes(boxes: Sequence[Box], max_dist: int) -> list[Box]:
 
 
 def crop_boxes(
-    mask: np.ndarray, est_count: int, padding: float = 0.1, min_crop_size: float = 0.1, max_merge_dist: float = 0.01
+    mask: np.ndarray, est_count: int, padding: float, min_crop_size: float, max_merge_dist: float
 ) -> np.ndarray:
     """Rules 7 and 8: int32 (m, 4) crop boxes of a bool (H, W) mask, largest first.
 

@@ -1,6 +1,7 @@
 """Region merging: from crop-level class probabilities to one class per image.
 
-An image with several anomalous regions has one crop per region. AnomalyNCD gives the image
+An image with several anomalous regions has one crop per region. AnomalyNCD
+(https://arxiv.org/abs/2410.14379) gives the image
 the class of a weighted sum of its crops' probabilities, the weights being a softmax over the
 image's crops of ``sqrt(mask area in pixels) / T``: large regions dominate, and ``T`` sets how
 strongly (large ``T``: plain average; small ``T``: the largest region decides). The paper uses
@@ -12,7 +13,9 @@ would be a guess about the whole surface (often a confident one), so it gets non
 ``no anomaly found`` with cluster -1 (the normal class instead, when the run has one) and no
 confidence, and so stays out of the sizes and confidences of the defect classes.
 
-Pure functions on arrays; the ``merge`` stage does the I/O.
+Pure functions on arrays, and :class:`Merger`, the settings they run with, which the ``merge``
+stage stores with its result so that ``anomalyncd predict`` merges as the run did; the stage
+does the I/O.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import InputError, atomic_path
+from .store import MergeSet
 
 STRATEGIES = ("weighted", "mean")
 NO_ANOMALY = -1  # the cluster of an image where MEBin found no anomaly (without a normal class)
@@ -72,8 +76,8 @@ def region_weights(
     areas: np.ndarray,
     image_index: np.ndarray,
     n_images: int,
-    strategy: str = "weighted",
-    temperature: float = 50.0,
+    strategy: str,
+    temperature: float,
 ) -> np.ndarray:
     """Weight of every crop within its image; the weights of one image's crops sum to 1.
 
@@ -129,8 +133,8 @@ def merge_regions(
     areas: np.ndarray,
     image_index: np.ndarray,
     n_images: int,
-    strategy: str = "weighted",
-    temperature: float = 50.0,
+    strategy: str,
+    temperature: float,
     no_anomaly: int = NO_ANOMALY,
 ) -> MergedPredictions:
     """Merge crop probabilities (M, K) into image probabilities (N, K).
@@ -252,23 +256,6 @@ def crop_rows(
     return rows
 
 
-def parse_boxes(s: str) -> np.ndarray:
-    """Inverse of the ``boxes`` cell of :func:`image_rows`: int64 (k, 4)."""
-    if not s:
-        return np.zeros((0, 4), dtype=np.int64)
-    return np.array([[int(v) for v in b.split()] for b in s.split(";")], dtype=np.int64)
-
-
-def parse_ints(s: str) -> list[int]:
-    """Inverse of the ``crop_clusters`` cell of :func:`image_rows`."""
-    return [int(v) for v in s.split(";")] if s else []
-
-
-def n_classes(row: dict) -> int:
-    """Number of classes in a table row (its ``prob_<k>`` columns)."""
-    return sum(1 for k in row if k.startswith("prob_"))
-
-
 def write_table(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
     """Write ``rows`` as CSV atomically (columns: those of the first row unless given)."""
     columns = columns or (list(rows[0]) if rows else [])
@@ -292,6 +279,28 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
         return list(reader)
 
 
+@dataclass(frozen=True)
+class Merger:
+    """Region merging with the settings it runs with: the ``merge`` stage builds it from
+    ``params.yaml`` (and the model's normal class) and stores it in the attrs of its store
+    (:meth:`attrs`); ``anomalyncd predict`` loads it from there (:meth:`from_attrs`), so an
+    edited ``params.yaml`` does not change how a finished run merges."""
+
+    strategy: str
+    temperature: float
+    no_anomaly: int  # :func:`no_anomaly_cluster`
+
+    def attrs(self) -> dict:
+        return {"strategy": self.strategy, "temperature": float(self.temperature), "no_anomaly": int(self.no_anomaly)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> "Merger":
+        missing = [k for k in ("strategy", "temperature", "no_anomaly") if k not in attrs]
+        if missing:
+            raise InputError(f"{where}: has no merge settings {missing}; rerun merge (dvc repro)")
+        return cls(str(attrs["strategy"]), float(attrs["temperature"]), int(attrs["no_anomaly"]))
+
+
 def merge_tables(
     ids: list[str],
     images: list[str],
@@ -302,21 +311,34 @@ def merge_tables(
     areas: np.ndarray,
     scores: np.ndarray,
     crop_probs: np.ndarray,
-    strategy: str = "weighted",
-    temperature: float = 50.0,
-    no_anomaly: int = NO_ANOMALY,
-) -> tuple[list[dict], list[dict]]:
-    """Region merging of N images with M crops, as the two tables (image rows, crop rows).
+    merger: Merger,
+) -> tuple[list[dict], list[dict], MergeSet]:
+    """Region merging of N images with M crops: the two tables (image rows, crop rows) and the
+    same result as arrays for the store.
 
     The one code path behind the ``merge`` stage and ``anomalyncd predict``. ids, images,
     categories: (N,); crop_ids, image_index, boxes (M, 4), areas, scores: (M,); crop_probs
-    (M, K) from :func:`novel_probabilities`; no_anomaly: the cluster of images and crops
-    without an anomaly region (:func:`no_anomaly_cluster`).
+    (M, K) from :func:`novel_probabilities`.
     """
-    merged = merge_regions(crop_probs, areas, image_index, len(ids), strategy, temperature, no_anomaly)
-    crop_labels = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, dtype=np.int64)
-    crop_labels = np.where(np.asarray(areas) > 0, crop_labels, no_anomaly)
+    merged = merge_regions(
+        crop_probs, areas, image_index, len(ids), merger.strategy, merger.temperature, merger.no_anomaly
+    )
+    areas = np.asarray(areas)
+    raw = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, dtype=np.int64)
+    crop_labels = np.where(areas > 0, raw, merger.no_anomaly)
+    crop_conf = np.where(areas > 0, np.asarray(crop_probs)[np.arange(len(raw)), raw] if len(raw) else 0.0, np.nan)
     img_rows = image_rows(ids, images, categories, merged, boxes, image_index, crop_labels)
     crop_image_ids = [ids[i] for i in np.asarray(image_index).tolist()]
     c_rows = crop_rows(crop_ids, crop_image_ids, boxes, areas, scores, crop_probs, merged.weights, crop_labels)
-    return img_rows, c_rows
+    store = MergeSet(
+        ids=list(ids),
+        clusters=merged.labels,
+        confidence=merged.confidence,
+        anomaly=merged.anomaly,
+        probs=merged.probs.reshape(len(ids), np.asarray(crop_probs).shape[1]),
+        crop_clusters=crop_labels,
+        crop_confidence=np.asarray(crop_conf, np.float64).reshape(-1),
+        weights=merged.weights,
+        attrs=merger.attrs(),
+    )
+    return img_rows, c_rows, store

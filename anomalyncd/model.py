@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import train_crop_pct
 from .grids import common_grid
 from .io import InputError, save_torch
 from .weights import architecture, create_timm_model
@@ -58,6 +59,7 @@ class ModelConfig:
 
     model: str
     image_size: int
+    crop_pct: float  # the transforms resize crops to image_size / crop_pct (the evaluation transform travels with the model)
     mask_layers: int
     grad_from_block: int
     n_head: int
@@ -74,6 +76,7 @@ class ModelConfig:
         return cls(
             model=p.model,
             image_size=p.image_size,
+            crop_pct=train_crop_pct(p),
             mask_layers=p.mask_layers,
             grad_from_block=p.grad_from_block,
             n_head=p.n_head,
@@ -449,7 +452,10 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
         raise InputError(f"{path}: not a readable model file ({e}); rerun the train stage (dvc repro train)") from e
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise InputError(f"{path}: not a model written by the anomalyncd train stage")
-    cfg = ModelConfig(**payload["config"])
+    try:
+        cfg = ModelConfig(**payload["config"])
+    except TypeError as e:
+        raise InputError(f"{path}: written by another version of anomalyncd ({e}); rerun the train stage (dvc repro train)") from e
     net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, layers=cfg.layers))
     net.load_state_dict(payload.pop("state_dict"))
     return net.to(device).eval(), payload

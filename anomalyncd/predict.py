@@ -1,12 +1,15 @@
 """Prediction on new images with a finished run (inductive use, no retraining).
 
-A finished run's project directory holds everything needed: the fitted detector
-(``models/detector.pt``) and the normalisation of its maps (``norm_min``/``norm_max`` in the
-map store), MEBin's search range (``lo``/``hi`` in the crop store) and params, the trained
-model with its selected head (``models/mgvit.pt``), the merge params, and, where the run had
-ground truth, the matched true type of each discovered class (``metrics/evaluate.json``).
-New images go through the same functions as the run's own images, so predicting the run's own
-images reproduces its image-level predictions.
+A finished run's artifacts hold every fitted component and the settings it ran with, so that
+editing ``params.yaml`` after the run changes nothing here: the detector with its params
+(``models/detector.pt``) and the range its maps were normalised with (``norm_min``/``norm_max``
+in the map store), MEBin's search range and settings (``lo``/``hi``/``params`` in the crop
+store), the trained model with its selected head, class names and evaluation transform
+(``models/mgvit.pt``), the merge settings (the merge store), and, where the run had ground
+truth, the matched true type of each discovered class (``metrics/evaluate.json``). New images
+go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
+:func:`anomalyncd.inference.predict_crops`, :func:`anomalyncd.merge.merge_tables`), so
+predicting the run's own images reproduces its image-level predictions.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import paths
-from .config import DetectParams, InferParams, MebinParams, MergeParams, load_params
+from .config import InferParams, MebinParams, from_dict
 from .datasets import IMAGE_EXTENSIONS
 from .io import InputError, read_image
-from .merge import merge_tables, no_anomaly_cluster, novel_probabilities
-from .store import read_crops, read_maps
+from .merge import Merger, merge_tables, novel_probabilities
+from .store import crop_ids_of, read_crops, read_maps, read_merged
 
 MAP_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")  # what the external detector reads
 CHUNK = 32  # images per detector / MEBin pass, bounds memory on large folders
@@ -33,17 +36,17 @@ CHUNK = 32  # images per detector / MEBin pass, bounds memory on large folders
 
 @dataclass
 class Run:
-    """What :func:`predict_images` needs from a finished run's project directory."""
+    """What :func:`predict_images` needs from a finished run's project directory, all of it
+    read from the run's artifacts."""
 
     root: Path
-    detect: DetectParams
-    mebin: MebinParams
-    merge: MergeParams
-    infer: InferParams
-    lo: int
-    hi: int
+    map_size: int  # the side of the run's maps (given maps are resized to it)
     norm_min: float
     norm_max: float
+    lo: int
+    hi: int
+    mebin: MebinParams
+    merger: Merger
     names: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -56,29 +59,34 @@ class Run:
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
-    """Read a finished run's params, stored ranges and class names; clear errors if unfinished."""
+    """Read a finished run's fitted ranges and settings from its stores (not ``params.yaml``);
+    clear errors if the run is unfinished."""
     root = Path(run_dir)
     if not root.is_dir():
         raise InputError(f"{root}: run directory not found; pass the project directory of a finished run (--run)")
-    for rel in (Path("params.yaml"), paths.MAPS, paths.CROPS, paths.MODEL):
+    for rel in (paths.MAPS, paths.CROPS, paths.MODEL, paths.MERGED):
         if not (root / rel).exists():
             raise InputError(f"{root / rel}: missing; finish the run first (cd {root} && dvc repro)")
-    params = root / "params.yaml"
-    ms_attrs = read_maps(root / paths.MAPS).attrs
+    ms = read_maps(root / paths.MAPS)
     cs_attrs = read_crops(root / paths.CROPS).attrs
-    for name, attrs, key in (("norm_min", ms_attrs, paths.MAPS), ("norm_max", ms_attrs, paths.MAPS), ("lo", cs_attrs, paths.CROPS), ("hi", cs_attrs, paths.CROPS)):
+    for name, attrs, key in (
+        ("norm_min", ms.attrs, paths.MAPS),
+        ("norm_max", ms.attrs, paths.MAPS),
+        ("lo", cs_attrs, paths.CROPS),
+        ("hi", cs_attrs, paths.CROPS),
+        ("params", cs_attrs, paths.CROPS),
+    ):
         if name not in attrs:
             raise InputError(f"{root / key}: has no {name!r}; rerun the stage that writes it (dvc repro)")
     return Run(
         root=root,
-        detect=load_params("detect", params),
-        mebin=load_params("mebin", params),
-        merge=load_params("merge", params),
-        infer=load_params("infer", params),
+        map_size=int(ms.maps.shape[-1]),
+        norm_min=float(ms.attrs["norm_min"]),
+        norm_max=float(ms.attrs["norm_max"]),
         lo=int(cs_attrs["lo"]),
         hi=int(cs_attrs["hi"]),
-        norm_min=float(ms_attrs["norm_min"]),
-        norm_max=float(ms_attrs["norm_max"]),
+        mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
+        merger=Merger.from_attrs(read_merged(root / paths.MERGED).attrs, str(root / paths.MERGED)),
         names=class_names(root / paths.METRICS / "evaluate.json"),
     )
 
@@ -146,16 +154,17 @@ def predict_images(
     run: Run,
     images: list[tuple[str, Path]],
     maps_dir: str | os.PathLike | None = None,
-    device: str | None = None,
+    device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
 ) -> Predictions:
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
     ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
 
-    Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to
-    ``detect.map_size`` as the ``external`` detector reads map files; either way they are
+    Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to the
+    run's map size as the ``external`` detector reads map files; either way they are
     normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
+    ``batch_size``: crops per batch (default: ``infer``'s).
     An unreadable image (or map) is reported in ``failed`` and the others are classified; an
     ``InputError`` only when none can be.
     """
@@ -168,7 +177,7 @@ def predict_images(
     if map_files is None:
         if not run.detector.exists():
             raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
-        detector = load_detector(run.detector, device=None if device in (None, "auto") else device)
+        detector = load_detector(run.detector, device=None if device == "auto" else device)
 
     kept: list[tuple[str, Path]] = []
     failed: list[str] = []
@@ -180,7 +189,7 @@ def predict_images(
         loaded = []
         for item, f in zip(chunk, files):
             try:
-                loaded.append((item, read_image(item[1]), None if f is None else _read_map(f, run.detect.map_size)))
+                loaded.append((item, read_image(item[1]), None if f is None else _read_map(f, run.map_size)))
             except InputError as e:
                 failed.append(str(e))
         bar.update(len(chunk) - len(loaded))
@@ -210,30 +219,21 @@ def predict_images(
         raise InputError(f"none of the {len(images)} images could be classified; the first: {failed[0]}")
 
     crops_a = np.concatenate(crops)
-    ps = predict_crops(
-        run.model, crops_a, np.concatenate(masks), device or run.infer.device, batch_size or run.infer.batch_size
-    )
+    ps = predict_crops(run.model, crops_a, np.concatenate(masks), device, batch_size or InferParams().batch_size)
     crop_probs = novel_probabilities(ps.probs, ps.head, int(ps.attrs.get("num_labeled", 0)))
     image_index = np.concatenate(index)
     ids = [i for i, _ in kept]
-    per_image: dict[int, int] = {}
-    crop_ids = []
-    for i in image_index.tolist():
-        crop_ids.append(f"{ids[i]}#{per_image.get(i, 0)}")
-        per_image[i] = per_image.get(i, 0) + 1
-    rows, _ = merge_tables(
+    rows, _, _ = merge_tables(
         ids=ids,
         images=[str(p) for _, p in kept],
         categories=[""] * len(kept),
-        crop_ids=crop_ids,
+        crop_ids=crop_ids_of(ids, image_index),
         image_index=image_index,
         boxes=np.concatenate(boxes).reshape(-1, 4),
         areas=np.concatenate(areas),
         scores=np.concatenate(scores),
         crop_probs=crop_probs,
-        strategy=run.merge.strategy,
-        temperature=run.merge.temperature,
-        no_anomaly=no_anomaly_cluster(ps.attrs),
+        merger=run.merger,
     )
     first = ("id", "image", "cluster")
     rows = [

@@ -269,7 +269,7 @@ def read_live_curves(folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, n
 
 @dataclass
 class ImageEntry:
-    """One image of the run. boxes: (k, 4); crop_rows: indices of its crops in the crop table;
+    """One image of the run. boxes: (k, 4); crop_rows: indices of its crops in the crop store;
     anomaly: whether MEBin found an anomaly (else its status is "no anomaly found");
     mebin_mask: bool (H, W) MEBin's mask; map_u8: uint8 (S, S) its anomaly map; true_mask:
     the path of the dataset's mask ("" if none)."""

@@ -90,12 +90,17 @@ class CropSet:
     @property
     def crop_ids(self) -> list[str]:
         """``<image id>#<k>``: the k-th crop of its image."""
-        out, seen = [], {}
-        for i in self.image_index.tolist():
-            k = seen.get(i, 0)
-            seen[i] = k + 1
-            out.append(f"{self.ids[i]}#{k}")
-        return out
+        return crop_ids_of(self.ids, self.image_index)
+
+
+def crop_ids_of(ids: list[str], image_index: np.ndarray) -> list[str]:
+    """``<image id>#<k>`` of every crop (``image_index`` (M,)): the k-th crop of its image."""
+    out, seen = [], {}
+    for i in np.asarray(image_index).tolist():
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        out.append(f"{ids[i]}#{k}")
+    return out
 
 
 @dataclass
@@ -120,6 +125,41 @@ class ProbSet:
         _check_len("logits", self.logits, m)
         _check_len("features", self.features, m)
         _check_len("baseline_features", self.baseline_features, m)
+
+
+@dataclass
+class MergeSet:
+    """Image-level predictions of region merging (written by ``merge``, read by ``evaluate``;
+    ``data/merge/predictions.csv`` is the same result as a table for people).
+
+    Per image (N, in the order of the crop store's ids): ids, clusters int64 (N,) (the
+    no-anomaly cluster for an image without anomaly region), confidence float64 (N,) (NaN
+    without anomaly), anomaly bool (N,), probs float64 (N, K) (NaN rows without anomaly). Per
+    crop (M, in the crop store's order): crop_clusters int64 (M,), crop_confidence float64 (M,)
+    (NaN for a crop without region), weights float64 (M,) each crop's weight in its image.
+    attrs: the merge settings (strategy, temperature, no_anomaly) and n_classes (K).
+    """
+
+    ids: list[str]
+    clusters: np.ndarray
+    confidence: np.ndarray
+    anomaly: np.ndarray
+    probs: np.ndarray
+    crop_clusters: np.ndarray
+    crop_confidence: np.ndarray
+    weights: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, m = len(self.ids), len(self.crop_clusters)
+        for name in ("clusters", "confidence", "anomaly", "probs"):
+            _check_len(name, getattr(self, name), n)
+        for name in ("crop_confidence", "weights"):
+            _check_len(name, getattr(self, name), m)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs.shape[1])
 
 
 def _check_len(name: str, arr: Any, n: int) -> None:
@@ -505,3 +545,29 @@ def read_probs(path: str | os.PathLike) -> ProbSet:
     arrays, attrs = read_group(path, "probs")
     head = attrs.pop("head")
     return ProbSet(head=head, attrs=attrs, **arrays)
+
+
+def write_merged(path: str | os.PathLike, ms: MergeSet) -> None:
+    write_group(
+        path,
+        "merged",
+        {
+            "clusters": ms.clusters.astype(np.int64),
+            "confidence": ms.confidence.astype(np.float64),
+            "anomaly": ms.anomaly.astype(bool),
+            "probs": ms.probs.astype(np.float64),
+            "crop_clusters": ms.crop_clusters.astype(np.int64),
+            "crop_confidence": ms.crop_confidence.astype(np.float64),
+            "weights": ms.weights.astype(np.float64),
+        },
+        {"ids": list(ms.ids), **ms.attrs, "n_classes": ms.n_classes},
+    )
+
+
+def read_merged(path: str | os.PathLike) -> MergeSet:
+    arrays, attrs = read_group(path, "merged")
+    ids = attrs.pop("ids")
+    try:
+        return MergeSet(ids=ids, attrs=attrs, **arrays)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: inconsistent merge store ({e}); rerun merge (dvc repro)") from e

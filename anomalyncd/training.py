@@ -1,4 +1,4 @@
-"""The training loop of mask-guided representation learning.
+"""The training loop of mask-guided representation learning (AnomalyNCD, https://arxiv.org/abs/2410.14379).
 
 :func:`train` runs SGD with a cosine schedule on two augmented views of every crop, writes a
 checkpoint after each epoch (atomically), resumes from it, runs under ``torchrun`` (DDP: gloo
@@ -149,8 +149,9 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
 class _Views(Dataset):
     """Item k: both augmented views of this process's share of batch k, view-major."""
 
-    def __init__(self, data: TrainData, batches: list[np.ndarray], image_size: int, seed: int, epoch: int):
-        self.data, self.batches, self.image_size, self.seed, self.epoch = data, batches, image_size, seed, epoch
+    def __init__(self, data: TrainData, batches: list[np.ndarray], image_size: int, crop_pct: float, seed: int, epoch: int):
+        self.data, self.batches, self.seed, self.epoch = data, batches, seed, epoch
+        self.image_size, self.crop_pct = image_size, crop_pct
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -158,8 +159,8 @@ class _Views(Dataset):
     def __getitem__(self, k: int):
         idx = self.batches[k]
         d = self.data
-        x0, m0 = train_views(d.crops, d.masks, idx, self.image_size, self.seed, self.epoch, 0)
-        x1, m1 = train_views(d.crops, d.masks, idx, self.image_size, self.seed, self.epoch, 1)
+        x0, m0 = train_views(d.crops, d.masks, idx, self.image_size, self.crop_pct, self.seed, self.epoch, 0)
+        x1, m1 = train_views(d.crops, d.masks, idx, self.image_size, self.crop_pct, self.seed, self.epoch, 1)
         return torch.from_numpy(idx), torch.from_numpy(np.concatenate([x0, x1])), torch.from_numpy(np.concatenate([m0, m1]))
 
 
@@ -185,7 +186,7 @@ def build_trunk_cache(
             vt, vp = [], []
             for s in range(0, m, batch_size):
                 idx = np.arange(s, min(m, s + batch_size))
-                x, mk = train_views(data.crops, data.masks, idx, image_size, seed, CACHE_EPOCH, v)
+                x, mk = train_views(data.crops, data.masks, idx, image_size, net.cfg.crop_pct, seed, CACHE_EPOCH, v)
                 t, p = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
                 vt.append(t.cpu())
                 vp.append(p.cpu())
@@ -206,7 +207,7 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     """
     net.eval()
     parts = [
-        net.encoder.trunk(*(torch.from_numpy(a).to(device) for a in eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size)))
+        net.encoder.trunk(*(torch.from_numpy(a).to(device) for a in eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size, net.cfg.crop_pct)))
         for s in range(0, len(data.crops), batch_size)
     ]
     tokens, pmask = torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
@@ -380,7 +381,7 @@ def train(
         local = [np.array_split(b, world)[rank] for b in batches]
         if cache is None:
             loader = DataLoader(
-                _Views(data, local, cfgm.image_size, cfg.seed, epoch),
+                _Views(data, local, cfgm.image_size, cfgm.crop_pct, cfg.seed, epoch),
                 batch_size=None,
                 shuffle=False,
                 num_workers=cfg.num_workers,

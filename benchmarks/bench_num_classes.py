@@ -67,6 +67,7 @@ def feature_sets(p, crops: np.ndarray, crop_masks: np.ndarray) -> dict[str, np.n
     import torch
 
     from anomalyncd.augment import eval_views
+    from anomalyncd.config import train_crop_pct
     from anomalyncd.auto_k import region_descriptors, region_features
     from anomalyncd.model import MGViT, create_backbone, is_vit
 
@@ -78,7 +79,7 @@ def feature_sets(p, crops: np.ndarray, crop_masks: np.ndarray) -> dict[str, np.n
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)
             enc = MGViT(create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint), 1, 0).eval()
-        x, mk = eval_views(crops, crop_masks, p.image_size)
+        x, mk = eval_views(crops, crop_masks, p.image_size, train_crop_pct(p))
         with torch.no_grad():
             last = torch.cat([enc(torch.from_numpy(x[s : s + 64]), torch.from_numpy(mk[s : s + 64])) for s in range(0, len(x), 64)])
         sets["mgvit-last"] = last.numpy()

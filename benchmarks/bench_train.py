@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from anomalyncd.model import MGViTClassifier, ModelConfig
-from anomalyncd.config import TrainParams
+from anomalyncd.config import TrainParams, crop_pct
 from anomalyncd.training import TrainData, train
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     data = synthetic_crops(args.crops, int(args.image_size / 0.875))
-    cfg = ModelConfig(model=args.model, image_size=args.image_size, mask_layers=1, grad_from_block=args.grad_from_block,
+    cfg = ModelConfig(model=args.model, image_size=args.image_size, crop_pct=crop_pct(args.model), mask_layers=1, grad_from_block=args.grad_from_block,
                       n_head=4, num_unlabeled=4)
     print(f"{args.model} @ {args.image_size}px, {args.crops} crops, batch {args.batch_size}, "
           f"grad_from_block {args.grad_from_block}, {torch.get_num_threads()} thread(s)")

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from anomalyncd.config import DatasetParams
+from anomalyncd.config import DatasetParams, MergeParams
 from anomalyncd.datasets import read_dataset
 from anomalyncd.inference import crop_outputs, novel_probabilities
 from anomalyncd.io import read_image, read_mask
 from anomalyncd.merge import merge_regions
 from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig
-from anomalyncd.config import TrainParams
+from anomalyncd.config import TrainParams, crop_pct
 from anomalyncd.training import TrainData, train
 
 
@@ -58,7 +58,8 @@ def image_scores(true: np.ndarray, crop_probs: np.ndarray, image_index: np.ndarr
                  n_images: int, keep: np.ndarray | None = None) -> dict[str, float]:
     """Merge crops to images as the merge stage does (weights softmax(sqrt(area) / 50)), then
     score the images (optionally only ``keep``) as the evaluate stage does: NMI, ARI, F1."""
-    labels = merge_regions(crop_probs, areas, image_index, n_images).labels
+    mp = MergeParams()
+    labels = merge_regions(crop_probs, areas, image_index, n_images, mp.strategy, mp.temperature).labels
     keep = np.ones(n_images, bool) if keep is None else keep
     return score_clustering(true[keep], labels[keep]).summary()
 
@@ -94,7 +95,7 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f} s")
     keep = np.isin(np.arange(len(records)), index)
 
-    cfg = ModelConfig(model=args.model, image_size=args.image_size, mask_layers=args.mask_layers,
+    cfg = ModelConfig(model=args.model, image_size=args.image_size, crop_pct=crop_pct(args.model), mask_layers=args.mask_layers,
                       grad_from_block=args.grad_from_block, n_head=4, num_unlabeled=len(types))
     torch.manual_seed(args.seed)
     net = MGViTClassifier(cfg)

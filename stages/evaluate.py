@@ -3,7 +3,8 @@
 With ground truth: NMI, ARI and Hungarian-matched micro-F1 at image and crop level (a crop
 carries its image's type), per-class precision/recall after matching, and per-category
 scores with their mean when the run holds several categories. Without ground truth: cluster
-sizes and mean confidences, and ``"ground_truth": false``. Writes metrics/evaluate.json (DVC
+sizes and mean confidences, and ``"ground_truth": false``. Reads merge's store (data/merge/merged.zarr.zip) and the crop
+store. Writes metrics/evaluate.json (DVC
 metrics; its ``clusters`` entry holds each class's size and matched true type, which
 ``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
 reports/index.html with its images. Images where MEBin found no anomaly have no class: they
@@ -23,22 +24,20 @@ import yaml
 
 from anomalyncd import paths
 from anomalyncd.baseline import kmeans_clusters
-from anomalyncd.config import MergeParams, load_params
+from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError, write_json
-from anomalyncd.merge import STATUS, merge_regions, n_classes, parse_boxes, parse_ints, read_table, write_table
+from anomalyncd.merge import Merger, merge_regions, write_table
 from anomalyncd.metrics import evaluate_predictions, score_clustering
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
 from anomalyncd.stage import run
-from anomalyncd.store import CropSet, ProbSet, read_crops, read_maps, read_probs
+from anomalyncd.store import CropSet, MergeSet, ProbSet, read_crops, read_maps, read_merged, read_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 CONFUSION = paths.PLOTS / "confusion.csv"
 TRAINING_CURVES = Path("dvclive/train/plots/metrics")
 REPORT_PARAMS = ("dataset", "detect", "mebin", "train", "merge", "evaluate")  # dvc.yaml: evaluate's params
-IMAGE_COLUMNS = ("id", "image", "category", "cluster", "status", "confidence", "n_crops", "boxes", "crop_clusters")
-CROP_COLUMNS = ("crop_id", "image_id", "cluster", "confidence", "weight")
 
 
 def mebin_examples(cs: CropSet, n: int, seed: int) -> list[MebinEntry]:
@@ -64,7 +63,7 @@ def read_optional_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def baseline_metrics(cs: CropSet, ps: ProbSet, mp: MergeParams, seed: int, records: dict) -> dict:
+def baseline_metrics(cs: CropSet, ps: ProbSet, merger: Merger, seed: int, records: dict) -> dict:
     """Image and crop NMI / ARI / F1 of the frozen-feature baseline (:mod:`anomalyncd.baseline`):
     k-means on the crops' mask-pooled backbone features, merged to images like the model's
     predictions (images without anomaly count as wrong)."""
@@ -72,7 +71,7 @@ def baseline_metrics(cs: CropSet, ps: ProbSet, mp: MergeParams, seed: int, recor
         raise InputError(f"{paths.PROBS}: {len(ps.baseline_features)} crops, {paths.CROPS} has {len(cs.crops)}; rerun infer (dvc repro)")
     k = int(ps.attrs.get("num_unlabeled", ps.probs.shape[-1]))
     crop_labels = kmeans_clusters(ps.baseline_features, k, seed)
-    merged = merge_regions(np.eye(k)[crop_labels], cs.areas, cs.image_index, len(cs.ids), mp.strategy, mp.temperature)
+    merged = merge_regions(np.eye(k)[crop_labels], cs.areas, cs.image_index, len(cs.ids), merger.strategy, merger.temperature)
     truth = [records[i].defect_type for i in cs.ids]
     known = [t is not None and t != "" for t in truth]
     image = score_clustering([t for t, k_ in zip(truth, known) if k_], merged.labels[np.array(known)])
@@ -81,78 +80,85 @@ def baseline_metrics(cs: CropSet, ps: ProbSet, mp: MergeParams, seed: int, recor
     return {"features": "frozen backbone, mask-pooled; PCA + k-means", "image": image.summary(), "crop": crop.summary()}
 
 
+def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
+    """``InputError`` unless the merge store holds the crop store's images and crops, all of
+    them in the manifest."""
+    unknown = [i for i in ms.ids if i not in records]
+    if unknown:
+        raise InputError(f"{paths.MERGED}: image ids not in {paths.MANIFEST}: {unknown[:5]}; rerun merge (dvc repro)")
+    if ms.ids != cs.ids or len(ms.crop_clusters) != len(cs.crops):
+        raise InputError(f"{paths.MERGED}: images or crops differ from {paths.CROPS}; rerun merge (dvc repro)")
+
+
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
     p = load_params("evaluate", params)
     records = Manifest.read(paths.MANIFEST).by_id()
-    rows = read_table(paths.PREDICTIONS, IMAGE_COLUMNS)
-    crow = read_table(paths.CROP_PREDICTIONS, CROP_COLUMNS)
     cs = read_crops(paths.CROPS)
-    unknown = [r["id"] for r in rows if r["id"] not in records]
-    if unknown:
-        raise InputError(f"{paths.PREDICTIONS}: image ids not in {paths.MANIFEST}: {unknown[:5]}; rerun merge (dvc repro)")
-    if [r["crop_id"] for r in crow] != cs.crop_ids:
-        raise InputError(f"{paths.CROP_PREDICTIONS}: crops differ from {paths.CROPS}; rerun merge (dvc repro)")
-    k = n_classes(rows[0]) if rows else 0
-    anomaly = [r["status"] == STATUS[True] for r in rows]
-    truth = {r["id"]: records[r["id"]].defect_type for r in rows}
-    cats = {r["id"]: records[r["id"]].category for r in rows}
+    ms = read_merged(paths.MERGED)
+    check_merged(ms, cs, records)
+    k = ms.n_classes
+    ids = ms.ids
+    anomaly = ms.anomaly.tolist()
+    truth = {i: records[i].defect_type for i in ids}
+    cats = {i: records[i].category for i in ids}
+    crop_image = [ids[i] for i in cs.image_index.tolist()]
     ev = evaluate_predictions(
-        image_truth=[truth[r["id"]] for r in rows],
-        image_pred=[int(r["cluster"]) for r in rows],
-        image_confidence=[float(r["confidence"] or "nan") for r in rows],
-        image_category=[cats[r["id"]] for r in rows],
-        crop_truth=[truth[c["image_id"]] for c in crow],
-        crop_pred=[int(c["cluster"]) for c in crow],
-        crop_category=[cats[c["image_id"]] for c in crow],
+        image_truth=[truth[i] for i in ids],
+        image_pred=ms.clusters.tolist(),
+        image_confidence=ms.confidence.tolist(),
+        image_category=[cats[i] for i in ids],
+        crop_truth=[truth[i] for i in crop_image],
+        crop_pred=ms.crop_clusters.tolist(),
+        crop_category=[cats[i] for i in crop_image],
         n_clusters=k,
         image_anomaly=anomaly,
     )
     names = ev.image_scores.matching if ev.image_scores else {}
     if ev.metrics["ground_truth"]:
-        ev.metrics["baseline"] = baseline_metrics(cs, read_probs(paths.PROBS), load_params("merge", params), p.seed, records)
+        merger = Merger.from_attrs(ms.attrs, str(paths.MERGED))  # merged as the run's predictions were
+        ev.metrics["baseline"] = baseline_metrics(cs, read_probs(paths.PROBS), merger, p.seed, records)
     write_json(paths.METRICS / "evaluate.json", ev.metrics)
 
     # The confusion plot: one row per image, DVC's confusion template counts them.
     write_table(
         CONFUSION,
         [
-            {"actual": truth[r["id"]] or "unknown", "predicted": names.get(int(r["cluster"])) or cluster_label(int(r["cluster"]), {})}
-            for r in rows
+            {"actual": truth[i] or "unknown", "predicted": names.get(c) or cluster_label(c, {})}
+            for i, c in zip(ids, ms.clusters.tolist())
         ],
         columns=["actual", "predicted"],
     )
 
-    crop_rows_of: dict[str, list[int]] = {}
-    for j, c in enumerate(crow):
-        crop_rows_of.setdefault(c["image_id"], []).append(j)
-    mask_of = dict(zip(cs.ids, cs.masks))
+    crop_rows_of: dict[int, list[int]] = {}
+    for j, i in enumerate(cs.image_index.tolist()):
+        crop_rows_of.setdefault(i, []).append(j)
     maps = read_maps(paths.MAPS) if paths.MAPS.exists() else None
     map_of = dict(zip(maps.ids, maps.maps_u8)) if maps is not None else {}
     images = [
         ImageEntry(
-            id=r["id"],
-            path=records[r["id"]].image,
-            cluster=int(r["cluster"]),
-            confidence=float(r["confidence"] or "nan"),
-            truth=truth[r["id"]],
-            boxes=parse_boxes(r["boxes"]),
-            crop_rows=crop_rows_of.get(r["id"], []),
-            crop_clusters=parse_ints(r["crop_clusters"]),
-            crop_weights=[float(crow[j]["weight"]) for j in crop_rows_of.get(r["id"], [])],
+            id=id_,
+            path=records[id_].image,
+            cluster=int(ms.clusters[i]),
+            confidence=float(ms.confidence[i]),
+            truth=truth[id_],
+            boxes=cs.boxes[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
+            crop_rows=crop_rows_of.get(i, []),
+            crop_clusters=[int(ms.crop_clusters[j]) for j in crop_rows_of.get(i, [])],
+            crop_weights=[float(ms.weights[j]) for j in crop_rows_of.get(i, [])],
             anomaly=found,
-            mebin_mask=mask_of.get(r["id"]),
-            map_u8=map_of.get(r["id"]),
-            true_mask=records[r["id"]].mask,
+            mebin_mask=cs.masks[i],
+            map_u8=map_of.get(id_),
+            true_mask=records[id_].mask,
         )
-        for r, found in zip(rows, anomaly)
+        for i, (id_, found) in enumerate(zip(ids, anomaly))
     ]
     s = ev.image_scores
     write_report(
         paths.REPORT,
         ReportData(
-            title=f"anomalyncd: {len(rows)} images, {k} discovered classes",
+            title=f"anomalyncd: {len(ids)} images, {k} discovered classes",
             n_clusters=k,
             images=images,
             metrics=ev.metrics,

@@ -5,8 +5,9 @@ classes, as written by ``infer``) are weighted within their image by a softmax o
 sqrt(mask area) / ``merge.temperature`` and summed; the image's class is the argmax
 (``merge.strategy: mean`` averages instead). An image where MEBin found no anomaly gets no
 class: status ``no anomaly found``, cluster -1 (the normal class when the run has one), no
-confidence. Writes one row per image (data/merge/predictions.csv) and one per crop
-(data/merge/crops.csv).
+confidence. Writes the result to the store evaluate reads (data/merge/merged.zarr.zip, with the
+merge settings for ``anomalyncd predict``) and as tables for people: one row per image
+(data/merge/predictions.csv) and one per crop (data/merge/crops.csv).
 """
 
 from pathlib import Path
@@ -17,16 +18,16 @@ from anomalyncd import paths
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError
-from anomalyncd.merge import STATUS, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
+from anomalyncd.merge import STATUS, Merger, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
 from anomalyncd.stage import run
-from anomalyncd.store import read_crops, read_probs
+from anomalyncd.store import read_crops, read_probs, write_merged
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write data/merge/predictions.csv and data/merge/crops.csv."""
+    """Write data/merge/merged.zarr.zip, data/merge/predictions.csv and data/merge/crops.csv."""
     p = load_params("merge", params)
     cs, ps = read_crops(paths.CROPS, lazy=True), read_probs(paths.PROBS)  # lazy: no crop pixels in memory
     records = Manifest.read(paths.MANIFEST).by_id()
@@ -42,7 +43,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crop_probs = novel_probabilities(ps.probs, ps.head, int(ps.attrs.get("num_labeled", 0)))
     except ValueError as e:
         raise InputError(f"{paths.PROBS}: {e}") from e
-    img_rows, crop_rows = merge_tables(
+    img_rows, crop_rows, merged = merge_tables(
         ids=cs.ids,
         images=[records[i].image for i in cs.ids],
         categories=[records[i].category for i in cs.ids],
@@ -52,10 +53,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         areas=cs.areas,
         scores=cs.scores,
         crop_probs=crop_probs,
-        strategy=p.strategy,
-        temperature=p.temperature,
-        no_anomaly=no_anomaly_cluster(ps.attrs),
+        merger=Merger(p.strategy, p.temperature, no_anomaly_cluster(ps.attrs)),
     )
+    write_merged(paths.MERGED, merged)
     write_table(paths.PREDICTIONS, img_rows)
     write_table(paths.CROP_PREDICTIONS, crop_rows)
     none_found = sum(1 for r in img_rows if r["status"] == STATUS[False])

@@ -1,7 +1,8 @@
 """train: mask-guided representation learning on the anomaly-centred crops.
 
 Reads ``data/mebin/crops.zarr.zip`` and params ``train`` (+ ``dataset.include_normal``);
-writes ``models/mgvit.pt`` (weights, model config, selected head, class names),
+writes ``models/mgvit.pt`` (weights, model config, selected head, class names and the params as
+resolved, ``num_classes: auto`` as the number it became),
 ``metrics/train.json`` and the DVCLive loss curves in ``dvclive/train``. A checkpoint is
 rewritten after every epoch in ``checkpoints/train.pt``; ``train.resume=true`` continues an
 interrupted run from it and reaches the same result.
@@ -156,7 +157,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         live.end()
         novel = (["normal"] if has_normal else []) + [f"class_{i}" for i in range(k)]
         class_names = base_names + novel
-        save_model(paths.MODEL, net, result.head, extra={"class_names": class_names, "params": result_params(p)})
+        # the params as resolved: num_classes: auto recorded as the number it became
+        resolved = {**result_params(p), "num_classes": k, "num_classes_estimated": p.num_classes == "auto"}
+        save_model(paths.MODEL, net, result.head, extra={"class_names": class_names, "params": resolved})
         last = result.history[-1] if result.history else {}
         write_json(
             paths.METRICS / "train.json",

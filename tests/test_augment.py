@@ -5,6 +5,8 @@ import pytest
 
 from anomalyncd import augment
 
+PCT = 0.875  # the share of the resized crop that the crop keeps (tf_efficientnet_lite0's timm crop_pct)
+
 
 def coded_crop(size: int = 73, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A crop whose red channel is 255 exactly where the mask is 1."""
@@ -20,16 +22,16 @@ def coded_crop(size: int = 73, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("seed", range(8))
 def test_geometry_moves_image_and_mask_together(seed):
     img, mask = coded_crop()
-    out_img, out_mask = augment.paired_geometry(img, mask, 64, np.random.default_rng(seed))
+    out_img, out_mask = augment.paired_geometry(img, mask, 64, PCT, np.random.default_rng(seed))
     assert out_img.shape == (64, 64, 3) and out_mask.shape == (64, 64)
     np.testing.assert_array_equal(out_img[..., 0] > 127, out_mask.astype(bool))
 
 
 def test_train_view_is_a_function_of_the_generator_seed():
     img, mask = coded_crop()
-    a = augment.train_view(img, mask, 64, np.random.default_rng(3))
-    b = augment.train_view(img, mask, 64, np.random.default_rng(3))
-    c = augment.train_view(img, mask, 64, np.random.default_rng(4))
+    a = augment.train_view(img, mask, 64, PCT, np.random.default_rng(3))
+    b = augment.train_view(img, mask, 64, PCT, np.random.default_rng(3))
+    c = augment.train_view(img, mask, 64, PCT, np.random.default_rng(4))
     np.testing.assert_array_equal(a[0], b[0])
     assert not np.array_equal(a[0], c[0])
     assert a[0].shape == (3, 64, 64) and a[0].dtype == np.float32
@@ -39,21 +41,21 @@ def test_train_view_is_a_function_of_the_generator_seed():
 def test_train_views_do_not_depend_on_batch_composition():
     crops = np.stack([coded_crop(seed=s)[0] for s in range(3)])
     masks = np.stack([coded_crop(seed=s)[1] for s in range(3)])
-    alone = augment.train_views(crops, masks, np.array([2]), 32, seed=0, epoch=1, view=0)
-    batch = augment.train_views(crops, masks, np.array([0, 2]), 32, seed=0, epoch=1, view=0)
+    alone = augment.train_views(crops, masks, np.array([2]), 32, PCT, seed=0, epoch=1, view=0)
+    batch = augment.train_views(crops, masks, np.array([0, 2]), 32, PCT, seed=0, epoch=1, view=0)
     np.testing.assert_array_equal(alone[0][0], batch[0][1])
 
 
 def test_grayscale_crop_becomes_three_channels():
     img, mask = coded_crop()
-    x, _ = augment.train_view(img[..., 1], mask, 32, np.random.default_rng(0))
+    x, _ = augment.train_view(img[..., 1], mask, 32, PCT, np.random.default_rng(0))
     assert x.shape == (3, 32, 32)
 
 
 def test_eval_view_is_resize_then_centre_crop():
-    img, mask = coded_crop(size=augment.resize_size(64))  # already at the resize size: only the crop
-    x, m = augment.eval_view(img, mask, 64)
-    o = (augment.resize_size(64) - 64) // 2
+    img, mask = coded_crop(size=augment.resize_size(64, PCT))  # already at the resize size: only the crop
+    x, m = augment.eval_view(img, mask, 64, PCT)
+    o = (augment.resize_size(64, PCT) - 64) // 2
     np.testing.assert_allclose(x, augment.to_chw(img[o : o + 64, o : o + 64]), atol=1e-6)
     np.testing.assert_array_equal(m, mask[o : o + 64, o : o + 64])
 
@@ -84,6 +86,6 @@ def test_blur_kernel_is_drawn_from_the_authors_sizes(monkeypatch):
     monkeypatch.setattr(augment.cv2, "GaussianBlur", recording_blur)
     img, mask = coded_crop()
     for seed in range(200):
-        augment.train_view(img, mask, 64, np.random.default_rng(seed))
+        augment.train_view(img, mask, 64, PCT, np.random.default_rng(seed))
     assert {k for k, _ in seen} == {9, 13, 17, 21, 25, 29, 33}  # step 4, not every odd size
     assert all(w == h for w, h in seen)

@@ -17,7 +17,15 @@ from anomalyncd.num_classes import KEstimate, estimate_summary
 
 
 def tiny_params(**kw) -> TrainParams:
-    return TrainParams(**{"model": "vit_tiny_patch16_224", "pretrained": False, "image_size": 32, "auto_max": 4, **kw})
+    """A random-weight tiny ViT; the estimate on the weight-free descriptor with BIC, which
+    separates these synthetic crops without pretrained weights."""
+    base = {"model": "vit_tiny_patch16_224", "pretrained": False, "image_size": 32, "auto_max": 4,
+            "auto_features": "filterbank", "auto_method": "bic"}
+    return TrainParams(**{**base, **kw})
+
+
+def test_by_default_the_estimate_clusters_the_classifiers_own_features_by_eigengap():
+    assert (TrainParams().auto_features, TrainParams().auto_method) == ("mgvit", "eigengap")
 
 
 def two_kinds_of_crops(n: int = 12, size: int = 37) -> tuple[np.ndarray, np.ndarray]:

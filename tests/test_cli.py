@@ -17,7 +17,7 @@ def test_every_stage_runs_alone_with_help(stage):
 
 
 def test_console_entry_point_lists_every_stage():
-    out = subprocess.run([sys.executable, "-m", "anomalyncd.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "stages.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for stage in STAGES:
         assert stage in out.stdout

@@ -9,10 +9,11 @@ import torch
 from anomalyncd.config import DetectParams
 from anomalyncd.datasets import Record
 from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_detector
-from anomalyncd.detect.features import BackboneSpec, FilterBank, build_backbone
+from anomalyncd.detect.features import BackboneSpec, build_backbone
+from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance
-from anomalyncd.detect.patchcore import patch_features
+from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, read_image, write_image
 
@@ -54,6 +55,14 @@ def test_filter_bank_has_no_weights_and_keeps_resolution():
     (f,) = fb(torch.rand(2, 3, 24, 20))
     assert f.shape == (2, fb.channels, 24, 20)
     assert sum(p.numel() for p in fb.parameters()) == 0
+
+
+def test_filter_bank_channels_are_found_by_name_at_each_scale():
+    fb = FilterBank([1.0, 2.0])
+    assert fb.channel_index(["intensity", "red_green", "yellow_blue"]) == [0, 6, 7]
+    assert fb.channel_index(["std"], scale=1) == [fb.per_scale + 1]
+    with pytest.raises(ValueError, match="colour"):
+        fb.channel_index(["colour"])
 
 
 def test_filter_bank_ignores_global_brightness_and_contrast():
@@ -235,7 +244,7 @@ def test_filter_bank_sees_colour_that_gray_cannot():
     tinted[:, 1, 4:12, 4:12] -= 0.04
     (a,) = fb(grey)
     (b,) = fb(tinted)
-    colour = slice(6, 8)  # the two opponent-colour channels of the only scale
+    colour = fb.channel_index(["red_green", "yellow_blue"])  # the two opponent-colour channels of the only scale
     assert (b[:, colour] - a[:, colour]).abs().amax() > 10 * (a[:, colour]).abs().amax() + 1e-3
 
 

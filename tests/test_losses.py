@@ -44,10 +44,10 @@ def test_supcon_with_two_classes_uses_only_the_other_view_as_positive():
 
 def test_teacher_temperature_warms_linearly_then_stays():
     ref = np.linspace(0.07, 0.04, 40)
-    assert losses.teacher_temperature(0) == pytest.approx(0.07)
-    assert losses.teacher_temperature(20) == pytest.approx(ref[20])
-    assert losses.teacher_temperature(39) == pytest.approx(0.04)
-    assert losses.teacher_temperature(100) == pytest.approx(0.04)
+    assert losses.teacher_temperature(0, 40, 0.07, 0.04, 1) == pytest.approx(0.07)
+    assert losses.teacher_temperature(20, 40, 0.07, 0.04, 1) == pytest.approx(ref[20])
+    assert losses.teacher_temperature(39, 40, 0.07, 0.04, 1) == pytest.approx(0.04)
+    assert losses.teacher_temperature(100, 40, 0.07, 0.04, 1) == pytest.approx(0.04)
 
 
 def test_teacher_temperature_holds_each_step_for_repeat_times_epochs():

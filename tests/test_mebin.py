@@ -10,6 +10,8 @@ from anomalyncd import mebin
 from anomalyncd.config import MebinParams
 from anomalyncd.io import InputError
 
+P = MebinParams(crop_size=256)  # the knobs at their defaults (config.py is the only place they exist)
+
 KERNEL = np.ones((6, 6), np.uint8)
 
 
@@ -94,7 +96,7 @@ def test_count_sequence_equals_labelling_at_every_threshold(erosion, lo, hi):
 
 def test_count_sequence_counts_separate_blobs_once_they_appear():
     m = blob_map(blobs=((10, 10, 5, 200), (30, 30, 5, 100)))
-    counts = mebin.count_sequence(m, 0, 255)
+    counts = mebin.count_sequence(m, 0, 255, P.sample_rate, P.erosion)
     ts = mebin.sweep_thresholds(4)
     np.testing.assert_array_equal(counts, np.select([ts >= 200, ts >= 100], [0, 1], 2))
 
@@ -102,9 +104,9 @@ def test_count_sequence_counts_separate_blobs_once_they_appear():
 def test_erosion_removes_regions_thinner_than_the_kernel_keep_thin_keeps_them():
     m = np.zeros((30, 30), np.uint8)
     m[10:15, 2:28] = 200  # 5 px thick line
-    assert not mebin.count_sequence(m, 0, 255, erosion="paper").any()
-    assert mebin.count_sequence(m, 0, 255, erosion="keep_thin").max() == 1
-    assert mebin.count_sequence(m, 0, 255, erosion="off").max() == 1
+    assert not mebin.count_sequence(m, 0, 255, sample_rate=P.sample_rate, erosion="paper").any()
+    assert mebin.count_sequence(m, 0, 255, sample_rate=P.sample_rate, erosion="keep_thin").max() == 1
+    assert mebin.count_sequence(m, 0, 255, sample_rate=P.sample_rate, erosion="off").max() == 1
 
 
 def test_min_region_area_is_the_papers_kernel_on_a_256_pixel_map_scaled_with_the_map():
@@ -123,8 +125,8 @@ def test_keep_thin_erodes_thick_regions_and_keeps_those_erosion_erases_whole_but
     eroded = mebin.binarize(m, 100, erosion="paper")
     assert (kept[:50] == eroded[:50]).all() and eroded[10:30, 10:30].sum() == 15 * 15
     assert kept[60:62, 20:100].all() and kept[110:113, 50:53].all() and not kept[100:102, 100:104].any()
-    assert mebin.count_sequence(m, 0, 255, erosion="keep_thin").max() == 3
-    assert mebin.count_sequence(m, 0, 255, erosion="paper").max() == 1
+    assert mebin.count_sequence(m, 0, 255, sample_rate=P.sample_rate, erosion="keep_thin").max() == 3
+    assert mebin.count_sequence(m, 0, 255, sample_rate=P.sample_rate, erosion="paper").max() == 1
 
 
 def test_a_thin_line_survives_mebin_with_keep_thin_and_vanishes_with_the_papers_erosion():
@@ -144,7 +146,7 @@ def test_a_thin_line_survives_mebin_with_keep_thin_and_vanishes_with_the_papers_
 
 def test_an_unknown_erosion_rule_is_an_error_naming_the_param():
     with pytest.raises(InputError, match="mebin.erosion"):
-        mebin.count_sequence(np.zeros((8, 8), np.uint8), 0, 255, erosion="opening")
+        mebin.count_sequence(np.zeros((8, 8), np.uint8), 0, 255, P.sample_rate, erosion="opening")
 
 
 # -- rule 4 ---------------------------------------------------------------------------------
@@ -221,35 +223,35 @@ def square_mask(h, w, *rects):
 
 
 def test_box_is_a_padded_square_centred_on_the_region():
-    assert mebin.region_boxes(square_mask(100, 100, (30, 30, 40, 40))) == [(28, 28, 72, 72)]
+    assert mebin.region_boxes(square_mask(100, 100, (30, 30, 40, 40)), P.padding, P.min_crop_size) == [(28, 28, 72, 72)]
 
 
 def test_box_half_side_is_at_least_min_crop_size_of_the_image():
-    assert mebin.region_boxes(square_mask(100, 100, (40, 40, 10, 10))) == [(35, 35, 55, 55)]
+    assert mebin.region_boxes(square_mask(100, 100, (40, 40, 10, 10)), P.padding, P.min_crop_size) == [(35, 35, 55, 55)]
 
 
 def test_box_half_side_is_capped_at_half_the_image():
-    assert mebin.region_boxes(square_mask(100, 100, (0, 10, 100, 20))) == [(0, 0, 100, 100)]
+    assert mebin.region_boxes(square_mask(100, 100, (0, 10, 100, 20)), P.padding, P.min_crop_size) == [(0, 0, 100, 100)]
 
 
 def test_box_crossing_a_border_is_shifted_back_inside():
-    assert mebin.region_boxes(square_mask(100, 100, (0, 0, 5, 5))) == [(0, 0, 20, 20)]
-    assert mebin.region_boxes(square_mask(100, 100, (95, 95, 5, 5))) == [(80, 80, 100, 100)]
+    assert mebin.region_boxes(square_mask(100, 100, (0, 0, 5, 5)), P.padding, P.min_crop_size) == [(0, 0, 20, 20)]
+    assert mebin.region_boxes(square_mask(100, 100, (95, 95, 5, 5)), P.padding, P.min_crop_size) == [(80, 80, 100, 100)]
 
 
 def test_box_taller_than_a_flat_image_stays_anchored_at_the_top():
-    boxes = mebin.region_boxes(square_mask(50, 100, (0, 10, 100, 30)))
+    boxes = mebin.region_boxes(square_mask(50, 100, (0, 10, 100, 30)), P.padding, P.min_crop_size)
     assert boxes == [(0, 0, 100, 100)]
 
 
 def test_boxes_come_in_ascending_order_of_region_area():
     m = square_mask(200, 200, (10, 10, 40, 40), (120, 120, 10, 10), (120, 10, 20, 20))
-    boxes = mebin.region_boxes(m, min_crop_size=0.0)
+    boxes = mebin.region_boxes(m, P.padding, min_crop_size=0.0)
     assert [b[2] - b[0] for b in boxes] == [10, 22, 44]
 
 
 def test_no_region_gives_one_box_of_the_whole_image():
-    assert mebin.region_boxes(np.zeros((30, 50), bool)) == [(0, 0, 50, 30)]
+    assert mebin.region_boxes(np.zeros((30, 50), bool), P.padding, P.min_crop_size) == [(0, 0, 50, 30)]
 
 
 # -- rule 8 ---------------------------------------------------------------------------------
@@ -291,15 +293,15 @@ def test_merged_boxes_are_sorted_largest_first():
 
 def test_crop_boxes_keep_at_most_the_estimated_count_plus_one():
     m = square_mask(200, 200, (10, 10, 30, 30), (100, 100, 20, 20), (160, 20, 10, 10))
-    boxes = mebin.crop_boxes(m, est_count=1, min_crop_size=0.0)
+    boxes = mebin.crop_boxes(m, est_count=1, padding=P.padding, min_crop_size=0.0, max_merge_dist=P.max_merge_dist)
     assert boxes.tolist() == [[9, 9, 41, 41], [99, 99, 121, 121]]
-    assert len(mebin.crop_boxes(m, est_count=5, min_crop_size=0.0)) == 3
+    assert len(mebin.crop_boxes(m, est_count=5, padding=P.padding, min_crop_size=0.0, max_merge_dist=P.max_merge_dist)) == 3
 
 
 def test_crop_boxes_round_half_coordinates_half_to_even():
     # boxes (40, 40, 50, 50) and (51, 39, 63, 51) merge into (40, 33.5, 63, 56.5)
     m = square_mask(100, 100, (40, 40, 10, 10), (52, 40, 11, 11))
-    (box,) = mebin.crop_boxes(m, est_count=1, min_crop_size=0.0, max_merge_dist=0.05)
+    (box,) = mebin.crop_boxes(m, est_count=1, padding=P.padding, min_crop_size=0.0, max_merge_dist=0.05)
     assert box.tolist() == [40, 34, 63, 56]
 
 
@@ -357,7 +359,7 @@ def test_mebin_image_resizes_a_smaller_map_to_the_image():
 
 
 def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams())
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256))
     assert (res.threshold, res.est_count) == (255, 0) and not res.mask.any()
     assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
 
@@ -365,24 +367,24 @@ def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
 def test_all_zero_maps_get_the_no_anomaly_result():
     with pytest.warns(RuntimeWarning):
         lo, hi = mebin.search_range(np.zeros((3, 16, 16), np.uint8))
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams())
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams(crop_size=256))
     assert (res.threshold, res.est_count, len(crops)) == (255, 0, 1)
 
 
 def test_a_constant_map_at_the_top_of_the_range_is_one_region_covering_the_image():
     flat, image = np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
-    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams())
+    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams(crop_size=256))
     assert res.est_count == 1 and res.mask.all() and crops.boxes.tolist() == [[0, 0, 32, 32]]
 
 
 def test_mebin_image_rejects_float_maps_grey_images_and_bad_ranges():
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="uint8"):
-        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams())
+        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams(crop_size=256))
     with pytest.raises(InputError, match="RGB"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams())
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams(crop_size=256))
     with pytest.raises(InputError, match="lo <= hi"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams())
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams(crop_size=256))
 
 
 def test_gt_coverage_counts_regions_found_regions_whole_in_a_crop_and_pixels():

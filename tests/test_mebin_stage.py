@@ -63,7 +63,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
             image_sizes=np.array(SIZES),
         ),
     )
-    Path("params.yaml").write_text(yaml.safe_dump({"mebin": {"crop_size": 16, "workers": 1}}))
+    Path("params.yaml").write_text(yaml.safe_dump({"mebin": {"crop_size": 16, "workers": 1}, "train": {"image_size": 16}}))
     return tmp_path
 
 
@@ -123,14 +123,14 @@ def test_nan_maps_are_an_error_naming_the_image(project):
     ms, records = _inputs()
     ms.maps[3, 0, 0] = np.nan
     with pytest.raises(InputError, match="NaN.*cat/test/x/3"):
-        stage.build_crops(ms, records, MebinParams(workers=1), progress=False)
+        stage.build_crops(ms, records, MebinParams(workers=1, crop_size=256), progress=False)
 
 
 def test_an_image_changed_since_detect_is_an_error(project):
     ms, records = _inputs()
     write_image(records[ms.ids[0]].image, np.zeros((10, 12, 3), np.uint8))
     with pytest.raises(InputError, match="rerun detect"):
-        stage.build_crops(ms, records, MebinParams(workers=1), progress=False)
+        stage.build_crops(ms, records, MebinParams(workers=1, crop_size=256), progress=False)
 
 
 def test_out_of_range_params_are_an_error_naming_the_key(project):

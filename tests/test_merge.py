@@ -6,15 +6,13 @@ import pytest
 from anomalyncd.io import InputError
 from anomalyncd.merge import (
     NO_ANOMALY,
+    Merger,
     crop_rows,
     image_rows,
     merge_regions,
     merge_tables,
     no_anomaly_cluster,
-    n_classes,
     novel_probabilities,
-    parse_boxes,
-    parse_ints,
     read_table,
     region_weights,
     softmax,
@@ -43,13 +41,13 @@ def test_weights_stay_finite_for_huge_areas_and_small_temperature():
 
 
 def test_mean_strategy_weights_crops_equally():
-    w = region_weights(np.array([1.0, 1e6, 5.0]), np.array([0, 0, 1]), 2, "mean")
+    w = region_weights(np.array([1.0, 1e6, 5.0]), np.array([0, 0, 1]), 2, "mean", 50.0)
     np.testing.assert_allclose(w, [0.5, 0.5, 1.0])
 
 
 def test_single_crop_image_keeps_its_crop_prediction():
     probs = np.array([[0.1, 0.7, 0.2]])
-    out = merge_regions(probs, np.array([30]), np.array([0]), 1)
+    out = merge_regions(probs, np.array([30]), np.array([0]), 1, "weighted", 50.0)
     np.testing.assert_allclose(out.probs, probs)
     assert out.labels.tolist() == [1]
     assert out.confidence[0] == pytest.approx(0.7)
@@ -61,7 +59,7 @@ def test_large_region_outweighs_small_regions():
     areas = np.array([25, 25, 10000])
     idx = np.zeros(3, int)
     assert merge_regions(probs, areas, idx, 1, "weighted", temperature=10.0).labels[0] == 1
-    assert merge_regions(probs, areas, idx, 1, "mean").labels[0] == 0
+    assert merge_regions(probs, areas, idx, 1, "mean", 50.0).labels[0] == 0
 
 
 def test_merged_probabilities_are_the_weighted_sum():
@@ -77,7 +75,7 @@ def test_merged_probabilities_are_the_weighted_sum():
 
 
 def test_image_without_crops_gets_no_label():
-    out = merge_regions(np.array([[0.2, 0.8]]), np.array([4]), np.array([1]), 2)
+    out = merge_regions(np.array([[0.2, 0.8]]), np.array([4]), np.array([1]), 2, "weighted", 50.0)
     assert out.labels.tolist() == [-1, 1]
     assert np.isnan(out.probs[0]).all() and np.isnan(out.confidence[0])
     assert out.n_crops.tolist() == [0, 1]
@@ -86,20 +84,21 @@ def test_image_without_crops_gets_no_label():
 def test_an_image_where_mebin_found_no_anomaly_gets_no_class_and_no_confidence():
     """Image 0's one crop is MEBin's whole-image crop (no mask pixels); the model is sure of it."""
     probs = np.array([[0.98, 0.02], [0.3, 0.7]])
-    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2)
+    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, "weighted", 50.0)
     assert out.anomaly.tolist() == [False, True]
     assert out.labels.tolist() == [NO_ANOMALY, 1]
     assert np.isnan(out.confidence[0]) and np.isnan(out.probs[0]).all() and out.confidence[1] == pytest.approx(0.7)
     # with a normal class, "no anomaly found" is that class, still without a confidence
-    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, no_anomaly=0)
+    out = merge_regions(probs, np.array([0, 40]), np.array([0, 1]), 2, "weighted", 50.0, no_anomaly=0)
     assert out.labels.tolist() == [0, 1] and np.isnan(out.confidence[0])
 
 
 def test_no_anomaly_images_are_marked_in_both_tables():
     probs = np.array([[0.98, 0.02], [0.3, 0.7], [0.6, 0.4]])
-    images, crops = merge_tables(
+    images, crops, merged = merge_tables(
         ["a", "b"], ["a.png", "b.png"], ["t", "t"], ["a#0", "b#0", "b#1"], np.array([0, 1, 1]),
         np.array([[0, 0, 64, 48], [1, 1, 9, 9], [20, 20, 30, 30]]), np.array([0, 30, 12]), np.ones(3), probs,
+        Merger("weighted", 50.0, NO_ANOMALY),
     )
     assert [r["status"] for r in images] == ["no anomaly found", "anomaly found"]
     assert images[0]["cluster"] == -1 and images[0]["confidence"] == "" and images[0]["prob_0"] == ""
@@ -107,6 +106,18 @@ def test_no_anomaly_images_are_marked_in_both_tables():
     assert crops[0]["cluster"] == -1 and crops[0]["confidence"] == ""
     assert crops[0]["prob_0"] == "0.980000"  # the model's output on the crop stays readable
     assert [c["cluster"] for c in crops[1:]] == [1, 0]
+    # the store holds the same result as arrays
+    assert merged.anomaly.tolist() == [False, True] and merged.clusters.tolist() == [-1, 1]
+    assert np.isnan(merged.confidence[0]) and merged.crop_clusters.tolist() == [-1, 1, 0]
+    assert np.isnan(merged.crop_confidence[0]) and merged.crop_confidence[1] == pytest.approx(0.7)
+    assert merged.n_classes == 2 and merged.attrs == {"strategy": "weighted", "temperature": 50.0, "no_anomaly": -1}
+
+
+def test_the_merger_travels_in_its_stores_attrs():
+    m = Merger("mean", 100.0, 0)
+    assert Merger.from_attrs({**m.attrs(), "n_classes": 3}, "merged.zarr.zip") == m
+    with pytest.raises(InputError, match="merged.zarr.zip: has no merge settings .*rerun merge"):
+        Merger.from_attrs({"strategy": "mean"}, "merged.zarr.zip")
 
 
 def test_the_no_anomaly_cluster_is_the_normal_class_when_the_model_has_one():
@@ -117,11 +128,11 @@ def test_the_no_anomaly_cluster_is_the_normal_class_when_the_model_has_one():
 
 def test_bad_strategy_and_temperature_are_errors():
     with pytest.raises(ValueError, match="strategy"):
-        region_weights(np.ones(1), np.zeros(1, int), 1, "max")
+        region_weights(np.ones(1), np.zeros(1, int), 1, "max", 50.0)
     with pytest.raises(ValueError, match="temperature"):
         region_weights(np.ones(1), np.zeros(1, int), 1, "weighted", 0.0)
     with pytest.raises(ValueError, match="image_index"):
-        region_weights(np.ones(1), np.array([3]), 2)
+        region_weights(np.ones(1), np.array([3]), 2, "weighted", 50.0)
 
 
 def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
@@ -133,10 +144,9 @@ def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
     write_table(tmp_path / "p.csv", rows)
     back = read_table(tmp_path / "p.csv", required=("id", "cluster"))
     assert [r["cluster"] for r in back] == [str(merged.labels[0]), "0", "-1"]
-    np.testing.assert_array_equal(parse_boxes(back[0]["boxes"]), boxes[:2])
-    assert parse_ints(back[0]["crop_clusters"]) == [0, 1]
+    assert back[0]["boxes"] == "0 1 10 12;5 5 9 9" and back[0]["crop_clusters"] == "0;1"
     assert back[2]["n_crops"] == "0" and back[2]["boxes"] == "" and back[2]["confidence"] == ""
-    assert n_classes(back[0]) == 2
+    assert [c for c in back[0] if c.startswith("prob_")] == ["prob_0", "prob_1"]
     assert float(back[0]["prob_0"]) == pytest.approx(merged.probs[0, 0], abs=1e-6)
 
 
@@ -186,6 +196,13 @@ def test_merge_stage_writes_one_row_per_image_and_per_crop(tmp_path, monkeypatch
     assert [int(r["cluster"]) for r in images] == expected.labels.tolist()
     assert [int(r["n_crops"]) for r in images] == expected.n_crops.tolist()
     assert images[0]["image"] == made["records"][0].image
+    # evaluate reads the same result from the store, with K and the settings it was merged with
+    from anomalyncd.store import read_merged
+
+    ms = read_merged(paths.MERGED)
+    assert ms.ids == cs.ids and ms.clusters.tolist() == expected.labels.tolist()
+    np.testing.assert_allclose(ms.weights, expected.weights)
+    assert ms.n_classes == 3 and ms.attrs["temperature"] == 10.0 and ms.attrs["strategy"] == "weighted"
 
 
 def test_merge_stage_rejects_probabilities_of_other_crops(tmp_path, monkeypatch):

@@ -140,7 +140,7 @@ def test_head_logits_are_cosines_with_unit_weight_norm():
 
 def test_save_and_load_reproduce_the_outputs(tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, mask_layers=2, grad_from_block=11, n_head=2, num_unlabeled=3)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=2, grad_from_block=11, n_head=2, num_unlabeled=3)
     net = MGViTClassifier(cfg).eval()
     save_model(tmp_path / "m.pt", net, head=1, extra={"class_names": ["a"]})
     loaded, info = load_model(tmp_path / "m.pt")
@@ -156,7 +156,7 @@ def test_loading_a_missing_model_is_an_input_error(tmp_path):
 
 
 def test_loading_a_truncated_model_is_an_input_error(tmp_path):
-    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=1, num_unlabeled=2)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=1, grad_from_block=11, n_head=1, num_unlabeled=2)
     save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=0)
     data = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
@@ -168,7 +168,7 @@ def test_predict_crops_gives_novel_probabilities_of_every_head(tmp_path):
     from anomalyncd.inference import predict_crops
 
     torch.manual_seed(0)
-    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=11, n_head=3, num_labeled=2, num_unlabeled=3)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=1, grad_from_block=11, n_head=3, num_labeled=2, num_unlabeled=3)
     save_model(tmp_path / "m.pt", MGViTClassifier(cfg), head=2)
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (5, 36, 36, 3), dtype=np.uint8)

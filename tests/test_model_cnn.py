@@ -20,7 +20,7 @@ FAST = dict(batch_size=6, warmup_teacher_epochs=2, trunk_cache_views=0, epochs=2
 
 
 def cnn_config(**kw) -> ModelConfig:
-    base = dict(model="tf_efficientnet_lite0", image_size=64, mask_layers=1, grad_from_block=0, n_head=2,
+    base = dict(model="tf_efficientnet_lite0", image_size=64, crop_pct=0.875, mask_layers=1, grad_from_block=0, n_head=2,
                 num_unlabeled=3, layers=[2, 3], proj_hidden=32, proj_dim=16)
     return ModelConfig(**{**base, **kw})
 

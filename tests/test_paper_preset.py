@@ -19,6 +19,7 @@ AUTHORS = {
     "train.model": "vit_base_patch8_224.dino",  # dino_vitb8
     "train.pretrained": True,
     "train.image_size": 224,
+    "train.crop_pct": 0.875,  # their transforms: resize to int(224 / 0.875), then the 224 crop (timm's DINO config says 0.9)
     "train.grad_from_block": 11,
     "train.mask_layers": 9,
     "train.n_head": 4,

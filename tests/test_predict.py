@@ -68,6 +68,41 @@ def test_an_unfinished_run_is_a_clear_error(tmp_path):
         load_run(tmp_path)
 
 
+def test_a_run_is_read_from_its_artifacts_not_from_its_params_file(tmp_path, monkeypatch):
+    """Every fitted range and setting predict uses comes from the stores the stages wrote, so
+    that editing params.yaml after the run changes nothing."""
+    from dataclasses import asdict
+
+    from anomalyncd import paths
+    from anomalyncd.config import MebinParams
+    from anomalyncd.merge import NO_ANOMALY, Merger
+    from anomalyncd.store import MapSet, write_crops, write_maps
+    from stages import merge as merge_stage
+
+    from .synthetic_run import make_project
+
+    cs = make_project(tmp_path)["crops"]  # params.yaml: merge weighted, temperature 10
+    cs.attrs["params"] = asdict(MebinParams(padding=0.3, crop_size=16))
+    write_crops(tmp_path / paths.CROPS, cs)
+    n = len(cs.ids)
+    write_maps(tmp_path / paths.MAPS, MapSet(ids=cs.ids, maps=np.zeros((n, 20, 20)), maps_u8=np.zeros((n, 20, 20)),
+                                             scores=np.zeros(n), image_sizes=cs.image_sizes,
+                                             attrs={"norm_min": 0.5, "norm_max": 2.0}))
+    monkeypatch.chdir(tmp_path)
+    merge_stage.main(params=Path("params.yaml"))
+    (tmp_path / paths.MODEL).parent.mkdir(parents=True)
+    (tmp_path / paths.MODEL).write_bytes(b"")
+    (tmp_path / "params.yaml").write_text(
+        "mebin: {padding: 0.0, crop_size: 64}\nmerge: {strategy: mean, temperature: 99.0}\ndetect: {map_size: 7}\n"
+    )
+    run = load_run(tmp_path)
+    assert run.mebin == MebinParams(padding=0.3, crop_size=16)
+    assert run.merger == Merger("weighted", 10.0, NO_ANOMALY)
+    assert (run.map_size, run.norm_min, run.norm_max, run.lo, run.hi) == (20, 0.5, 2.0, 10, 240)
+    (tmp_path / "params.yaml").unlink()
+    assert load_run(tmp_path).merger == run.merger  # a run needs no params file at all
+
+
 def test_class_names_come_from_the_evaluate_metrics(tmp_path):
     m = tmp_path / "evaluate.json"
     m.write_text(json.dumps({"clusters": {"0": {"size": 2, "matched": "crack"}, "1": {"size": 0, "matched": None}}}))
@@ -116,7 +151,7 @@ def _assert_same_predictions(proj: Path, out: Path) -> None:
 def test_predicting_the_runs_own_images_reproduces_its_predictions(finished_run, tmp_path):
     out = tmp_path / "preds.csv"
     folders = [str(d) for d in _defect_folders(finished_run)]
-    _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+    _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
     _assert_same_predictions(finished_run, out)
 
 
@@ -133,8 +168,29 @@ def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run
     out = tmp_path / "preds.csv"
     folders = [str(d) for d in _defect_folders(finished_run)]
     args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out)]
-    _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run)
+    _run([sys.executable, "-m", "stages.cli", *args], finished_run)
     _assert_same_predictions(finished_run, out)
+
+
+@pytest.mark.slow
+def test_predictions_are_reproduced_after_params_yaml_was_edited_following_the_run(finished_run, tmp_path):
+    params = finished_run / "params.yaml"
+    kept = params.read_text()
+    import yaml
+
+    edited = yaml.safe_load(kept)
+    edited["detect"].update(map_size=64, image_size=96, method="padim")
+    edited["mebin"].update(padding=0.3, crop_size=48, erosion="off", sample_rate=8)
+    edited["merge"].update(strategy="mean", temperature=1.0)
+    edited["infer"].update(batch_size=3)
+    try:
+        params.write_text(yaml.safe_dump(edited))
+        out = tmp_path / "preds.csv"
+        folders = [str(d) for d in _defect_folders(finished_run)]
+        _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+        _assert_same_predictions(finished_run, out)
+    finally:
+        params.write_text(kept)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -153,7 +209,7 @@ def test_unreadable_images_are_reported_and_the_others_classified(finished_run, 
     write_image(jpg, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     jpg.write_bytes(jpg.read_bytes()[:-1000])  # cut inside the scan: OpenCV alone would grey the rest
     out = tmp_path / "preds.csv"
-    log = _run([sys.executable, "-m", "anomalyncd.cli", "predict", "--run", str(finished_run), str(new), "--out", str(out)],
+    log = _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), str(new), "--out", str(out)],
                finished_run, returncode=2)
     assert f"error: {new / 'broken.png'}: cannot read this image" in log
     assert f"error: {new / 'cut.jpg'}: truncated JPEG" in log
@@ -175,6 +231,6 @@ def test_nan_maps_given_to_predict_are_refused_naming_the_file(finished_run, tmp
         np.save(maps_dir / folder.name / f"{f.stem}.npy", m)
     out = tmp_path / "preds.csv"
     args = ["predict", "--run", str(finished_run), str(folder), "--maps", str(maps_dir), "--out", str(out)]
-    log = _run([sys.executable, "-m", "anomalyncd.cli", *args], finished_run, returncode=2)
+    log = _run([sys.executable, "-m", "stages.cli", *args], finished_run, returncode=2)
     assert f"{maps_dir / folder.name / images[1].stem}.npy: map has 1 NaN or infinite values" in log
     assert [r["id"] for r in _rows(out)] == [f"{folder.name}/{f.stem}" for i, f in enumerate(images) if i != 1]

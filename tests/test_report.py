@@ -270,6 +270,34 @@ def test_evaluate_counts_no_anomaly_images_apart_and_as_wrong(tmp_path, monkeypa
     assert _links_resolve(tmp_path / "reports")
 
 
+def test_evaluate_reads_merges_store_not_its_tables(tmp_path, monkeypatch):
+    """predictions.csv and crops.csv are for people: evaluate gets the classes, K and the merge
+    settings from data/merge/merged.zarr.zip, and refuses a store of other crops."""
+    from pathlib import Path
+
+    from anomalyncd import paths
+    from anomalyncd.io import InputError
+    from anomalyncd.store import read_merged, write_merged
+    from stages import evaluate, merge
+
+    from .synthetic_run import make_project
+
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    merge.main(params=Path("params.yaml"))
+    paths.PREDICTIONS.unlink()
+    paths.CROP_PREDICTIONS.unlink()
+    (tmp_path / "params.yaml").write_text("merge:\n  strategy: mean\nevaluate:\n  report_images: 4\n")
+    evaluate.main(params=Path("params.yaml"))
+    m = __import__("json").loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert m["n_images"] == 6 and set(m["clusters"]) == {"0", "1", "2"}
+    ms = read_merged(paths.MERGED)
+    ms.crop_clusters, ms.crop_confidence, ms.weights = ms.crop_clusters[:-1], ms.crop_confidence[:-1], ms.weights[:-1]
+    write_merged(paths.MERGED, ms)
+    with pytest.raises(InputError, match="merged.zarr.zip: images or crops differ from .*crops.zarr.zip; rerun merge"):
+        evaluate.main(params=Path("params.yaml"))
+
+
 def test_evaluate_stage_reports_each_category_and_their_mean(tmp_path, monkeypatch):
     m = _evaluate(tmp_path, monkeypatch, categories=("tile", "wood"))
     assert set(m["per_category"]) == {"tile", "wood"}

@@ -40,7 +40,7 @@ def tiny_data(m: int = 12, labelled: int = 0, seed: int = 0) -> TrainData:
 def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int = 11) -> MGViTClassifier:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        model="vit_tiny_patch16_224", image_size=32, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
+        model="vit_tiny_patch16_224", image_size=32, crop_pct=0.9, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
         num_labeled=num_labeled, num_unlabeled=3, has_normal=has_normal, proj_hidden=32, proj_dim=16,
     )
     return MGViTClassifier(cfg)
@@ -338,6 +338,31 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert ps.probs.shape == (10, 2, 3) and ps.head == metrics["head"]
     assert ps.baseline_features.shape == (10, 40 + 112 + 320)  # Lite0's layers 2, 3 and 4, mask-pooled
     assert ps.attrs["normal_slot"] == 0
+
+
+@pytest.mark.filterwarnings("ignore::anomalyncd.io.InputWarning")  # tiny crops: the estimate warns
+def test_num_classes_auto_is_recorded_in_the_model_as_the_number_it_became(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from anomalyncd import paths
+    from anomalyncd.model import load_model
+    from stages import train as train_stage
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_crops(paths.CROPS)
+    train = {"image_size": 32, "epochs": 1, "batch_size": 6, "n_head": 1, "num_classes": "auto", "auto_max": 3,
+             "trunk_cache_views": 0}
+    Path("params.yaml").write_text(yaml.safe_dump({"train": train}))
+    res = CliRunner().invoke(train_stage.app, [])
+    assert res.exit_code == 0, res.output
+    estimate = json.loads(paths.NUM_CLASSES_METRICS.read_text())
+    _, info = load_model(paths.MODEL)
+    k = info["params"]["num_classes"]
+    assert isinstance(k, int) and info["params"]["num_classes_estimated"] is True
+    assert len(info["class_names"]) == k and f"training with K = {k}" in res.output, (estimate, res.output)
 
 
 def test_data_loading_workers_do_not_change_the_result():

@@ -1,4 +1,4 @@
-"""MuSc (Li et al., ICLR 2024): zero-shot anomaly maps, the unlabeled images score each other.
+"""MuSc (Li et al., ICLR 2024, https://arxiv.org/abs/2401.16753): zero-shot anomaly maps, the unlabeled images score each other.
 
 Normal patches find close matches in most other images; anomalous ones do not. For each
 backbone layer and each aggregation degree r in (1, 3, 5), patch features are layer-normed,
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..io import InputError
 from .base import register
 from .ops import CHUNK_ELEMENTS, batches, to_batch, upsample_maps
-from .patchcore import BackboneDetector
+from .backbone import BackboneDetector
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""PaDiM (Defard et al., ICPR 2021): a Gaussian of normal patch features at every position.
+"""PaDiM (Defard et al., ICPR 2021, https://arxiv.org/abs/2011.08785): a Gaussian of normal patch features at every position.
 
 Patch features are those of PatchCore (layers averaged over their 3x3 neighbourhood, on one
 grid). At each grid position the normal training images give a mean and a covariance; a test
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..io import InputError
 from .base import register
 from .ops import batches, to_batch, upsample_maps
-from .patchcore import BackboneDetector, patch_features
+from .backbone import BackboneDetector, patch_features
 
 log = logging.getLogger(__name__)
 

@@ -16,63 +16,22 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..grids import common_grid
 from ..io import InputError
-from .base import Detector, register
-from .features import FILTERBANK, BackboneSpec, build_backbone
-from ..device import resolve_device
+from .backbone import BackboneDetector, patch_features
+from .base import register
+from .features import FILTERBANK
 from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_maps
 
 log = logging.getLogger(__name__)
 
 CANDIDATES_PER_ENTRY = 20  # patches sampled from the training images per memory-bank entry
 STD_FLOOR = 0.2  # channel standardisation: std at least this fraction of the mean std
-
-
-def backbone_spec(params) -> BackboneSpec:
-    """The backbone described by the ``detect`` params."""
-    return BackboneSpec(
-        name=params.backbone,
-        layers=list(params.layers),
-        pretrained=params.pretrained,
-        checkpoint=params.checkpoint,
-        image_size=params.image_size,
-        seed=params.seed,
-    )
-
-
-def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
-    """Backbone outputs ``[(B, C_l, h_l, w_l)]`` -> patch features ``(B, sum C_l, h, w)``.
-
-    Each layer is first pooled by ``stride`` (for full-resolution backbones such as the filter
-    bank), averaged over its 3x3 neighbourhood, then brought onto the first layer's grid
-    (:func:`anomalyncd.grids.common_grid`).
-    """
-    pooled = [F.avg_pool2d(F.avg_pool2d(f, stride) if stride > 1 else f, 3, stride=1, padding=1, count_include_pad=False) for f in layers]
-    return torch.cat(common_grid(pooled, at=0), dim=1)
-
-
-class BackboneDetector(Detector):
-    """A detector on the patch features of a backbone (a timm model or the filter bank)."""
-
-    #: The filter bank works at full resolution: it is pooled to a grid of this stride.
-    filterbank_stride: ClassVar[int] = 4
-
-    def __init__(self, params, context=None) -> None:
-        super().__init__(params, context)
-        self.spec = backbone_spec(params)
-        self.device = torch.device(resolve_device(params.device))
-        self.backbone = build_backbone(self.spec).to(self.device)
-        self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
-        self.weights = self.backbone.weights
-        self.stride = self.filterbank_stride if self.spec.name == FILTERBANK else 1
 
 
 @register("patchcore")

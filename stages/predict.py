@@ -1,8 +1,8 @@
-"""The ``anomalyncd`` console command: every pipeline stage as a subcommand, and ``predict``.
+"""predict: classify new defect images with a finished run, without retraining.
 
-``anomalyncd detect`` is the same as ``python -m stages.detect``; ``dvc repro`` runs the stages
-in order with caching, which is what most users want. ``anomalyncd predict`` classifies new
-images with a finished run.
+Not a pipeline stage: it loads the run's fitted components (detector, MEBin range, classifier,
+merge settings) from its artifacts and applies them with the functions the stages call
+(:mod:`anomalyncd.predict`).
 """
 
 from collections import Counter
@@ -12,31 +12,17 @@ import typer
 
 from anomalyncd.stage import fail, run
 
-from stages import demo, detect, evaluate, infer, mebin, merge, prepare, train
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Discover the types of defects in industrial images (AnomalyNCD).")
-
-for _name, _module in [
-    ("demo", demo),
-    ("prepare", prepare),
-    ("detect", detect),
-    ("mebin", mebin),
-    ("train", train),
-    ("infer", infer),
-    ("merge", merge),
-    ("evaluate", evaluate),
-]:
-    app.command(name=_name, help=_module.__doc__.strip().splitlines()[0])(_module.main)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
-def predict(
+def main(
     inputs: list[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
     run_dir: Path = typer.Option(..., "--run", help="project directory of a finished run (after dvc repro)"),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per image"),
     maps: Path = typer.Option(None, "--maps", help="folder of raw anomaly maps (<image id>.npy or .png) instead of the run's detector"),
-    device: str = typer.Option(None, help="cpu, cuda, auto (default: the run's infer.device)"),
-    batch_size: int = typer.Option(None, help="crops per batch (default: the run's infer.batch_size)"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto (cuda when available)"),
+    batch_size: int = typer.Option(None, help="crops per batch (default: infer's default batch size)"),
 ) -> None:
     """Classify new defect images with a finished run, without retraining."""
     from anomalyncd.merge import STATUS, write_table
@@ -58,10 +44,5 @@ def predict(
         fail(f"{len(pred.failed)} of {len(images)} images not classified (listed above); the others are in {out}")
 
 
-def main() -> None:
-    """Console entry point."""
-    run(app)
-
-
 if __name__ == "__main__":
-    main()
+    run(app)

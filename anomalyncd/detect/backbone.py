@@ -1,0 +1,54 @@
+"""Detectors on the patch features of a backbone (a timm model or the filter bank): the
+shared base class of PatchCore, PaDiM and MuSc, and the patch features PatchCore and PaDiM
+compare."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..device import resolve_device
+from ..grids import common_grid
+from .base import Detector
+from .features import FILTERBANK, BackboneSpec, build_backbone
+
+
+def backbone_spec(params) -> BackboneSpec:
+    """The backbone described by the ``detect`` params."""
+    return BackboneSpec(
+        name=params.backbone,
+        layers=list(params.layers),
+        pretrained=params.pretrained,
+        checkpoint=params.checkpoint,
+        image_size=params.image_size,
+        seed=params.seed,
+    )
+
+
+def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
+    """Backbone outputs ``[(B, C_l, h_l, w_l)]`` -> patch features ``(B, sum C_l, h, w)``.
+
+    Each layer is first pooled by ``stride`` (for full-resolution backbones such as the filter
+    bank), averaged over its 3x3 neighbourhood, then brought onto the first layer's grid
+    (:func:`anomalyncd.grids.common_grid`).
+    """
+    pooled = [F.avg_pool2d(F.avg_pool2d(f, stride) if stride > 1 else f, 3, stride=1, padding=1, count_include_pad=False) for f in layers]
+    return torch.cat(common_grid(pooled, at=0), dim=1)
+
+
+class BackboneDetector(Detector):
+    """A detector on the patch features of a backbone (a timm model or the filter bank)."""
+
+    #: The filter bank works at full resolution: it is pooled to a grid of this stride.
+    filterbank_stride: ClassVar[int] = 4
+
+    def __init__(self, params, context=None) -> None:
+        super().__init__(params, context)
+        self.spec = backbone_spec(params)
+        self.device = torch.device(resolve_device(params.device))
+        self.backbone = build_backbone(self.spec).to(self.device)
+        self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
+        self.weights = self.backbone.weights
+        self.stride = self.filterbank_stride if self.spec.name == FILTERBANK else 1
