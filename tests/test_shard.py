@@ -26,7 +26,7 @@ TINY = {
     "dataset": {"layout": "mvtec", "root": "demo"},
     "detect": {"map_size": 32, "image_size": 32, "device": "cpu", "backbone": "filterbank", "layers": [1, 2, 4],
                "pretrained": False, "bank_size": 200, "batch_size": 2, "keep_aspect": False},
-    "mebin": {"crop_size": 16, "workers": 1},
+    "mebin": {"crop_size": 36, "workers": 1},
     "train": {"image_size": 32, "epochs": 1, "batch_size": 8, "n_head": 2, "trunk_cache_views": 0},
     "infer": {"batch_size": 4, "device": "cpu"},
 }
