@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from .augment import eval_views
 from .device import resolve_device
 from .losses import STUDENT_TEMP
 from .model import MGViTClassifier, load_model
-from .store import ProbSet
+from .store import ProbSet, StoreWriter
 
 
 def novel_probabilities(logits: torch.Tensor, num_labeled: int, temperature: float = STUDENT_TEMP) -> torch.Tensor:
@@ -75,21 +76,60 @@ def predict_crops(
     """
     device = resolve_device(device)
     net, info = load_model(checkpoint_path, device)
-    cfg = net.cfg
     out = crop_outputs(net, crops, crop_masks, device, batch_size)
-    probs = novel_probabilities(torch.from_numpy(out.logits), cfg.num_labeled).numpy()
-    attrs = {
-        "num_labeled": cfg.num_labeled,
-        "num_unlabeled": cfg.num_unlabeled,
-        "normal_slot": cfg.normal_slot,
-        "temperature": STUDENT_TEMP,
-        "class_names": info.get("class_names", []),
-    }
+    probs = novel_probabilities(torch.from_numpy(out.logits), net.cfg.num_labeled).numpy()
     return ProbSet(
         probs=probs.astype(np.float32),
         logits=out.logits,
         features=out.features,
         baseline_features=out.baseline,
         head=int(info["head"]),
-        attrs=attrs,
+        attrs=prob_attrs(net, info),
     )
+
+
+def prob_attrs(net: MGViTClassifier, info: dict) -> dict:
+    """The probability store's attrs besides ``head``."""
+    cfg = net.cfg
+    return {
+        "num_labeled": cfg.num_labeled,
+        "num_unlabeled": cfg.num_unlabeled,
+        "normal_slot": cfg.normal_slot,
+        "temperature": STUDENT_TEMP,
+        "class_names": info.get("class_names", []),
+    }
+
+
+#: Crops read from the store at a time by :func:`write_probs_part` (rounded to whole batches).
+CROPS_PER_CHUNK = 256
+PART_KIND = "probs-part"
+
+
+def write_probs_part(
+    checkpoint_path: str | os.PathLike,
+    crops: Sequence[np.ndarray],
+    crop_masks: Sequence[np.ndarray],
+    rows: range,
+    path: str | os.PathLike,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> tuple[int, dict]:
+    """The outputs of crops ``rows`` into the part store ``path``, a chunk at a time: probs and
+    logits (m, n_head, K), features (m, D), baseline_features (m, D0) as in :func:`predict_crops`.
+
+    crops uint8 (M, C, C, 3) and crop_masks (M, C, C): arrays or the store's lazy rows; ``rows``
+    starts on a batch boundary, so every batch is the one a single process forms. Returns the
+    selected head and the store's attrs.
+    """
+    net, info = load_model(checkpoint_path, device)
+    step = batch_size * max(1, CROPS_PER_CHUNK // batch_size)
+    with StoreWriter(path, PART_KIND) as w:
+        for a in range(rows.start, max(rows.stop, rows.start + 1), step):  # once at least: the arrays exist
+            b = min(a + step, rows.stop)
+            out = crop_outputs(net, np.asarray(crops[a:b]), np.asarray(crop_masks[a:b]), device, batch_size)
+            probs = novel_probabilities(torch.from_numpy(out.logits), net.cfg.num_labeled).numpy()
+            for name, arr in [("probs", probs), ("logits", out.logits), ("features", out.features),
+                              ("baseline_features", out.baseline)]:
+                w.declare(name, arr.shape[1:], np.float32)
+                w.append(name, arr, np.float32)
+    return int(info["head"]), prob_attrs(net, info)

@@ -18,7 +18,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
@@ -169,64 +169,247 @@ def _check_len(name: str, arr: Any, n: int) -> None:
 
 # -- generic group I/O -----------------------------------------------------------------------
 
+#: A stored chunk holds about this many bytes (rows of one array), at most MAX_CHUNK_ROWS rows.
+CHUNK_BYTES = 16 << 20
+MAX_CHUNK_ROWS = 1 << 16
+
+
+def chunk_rows(row_shape: tuple[int, ...], dtype: Any) -> int:
+    """Rows per stored chunk of an array whose rows are ``row_shape`` of ``dtype``: a function
+    of the row alone, so that the same rows give the same chunks however they were appended."""
+    row = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize or 1
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // row))
+
+
+class _Column:
+    """One array being appended to: rows buffered up to a whole chunk, then written once."""
+
+    def __init__(self, group: zarr.Group, name: str, row_shape: tuple[int, ...], dtype: Any) -> None:
+        self.row_shape, self.dtype = tuple(int(s) for s in row_shape), np.dtype(dtype)
+        self.chunk = chunk_rows(self.row_shape, self.dtype)
+        chunks = (self.chunk,) + tuple(max(s, 1) for s in self.row_shape)
+        self.array = group.create_array(name, shape=(0,) + self.row_shape, dtype=self.dtype, chunks=chunks)
+        self.written = 0
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if len(rows) == 0:
+            return
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{name}: rows of shape {rows.shape[1:]} appended to rows of shape {self.row_shape}")
+        self.buffer.append(rows.astype(self.dtype, copy=False))
+        self.buffered += len(rows)
+        while self.buffered >= self.chunk:
+            self._write(self.chunk)
+
+    def flush(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        data = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        head, rest = data[:n], data[n:]
+        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
+        self.array.resize((self.written + n,) + self.row_shape)
+        self.array[self.written : self.written + n] = np.ascontiguousarray(head)
+        self.written += n
+
+
+class StoreWriter:
+    """Build one store array by array and row chunk by row chunk, in bounded memory.
+
+    Arrays are grown as rows are appended (``append``) or written whole (``put``); ``commit``
+    zips the group and renames it onto ``path`` (the same rows and attrs give the same bytes,
+    however they were appended). Used as a context manager it commits on success and on an
+    exception removes what it built, leaving any previous ``path`` untouched; a killed process
+    leaves only temporaries beside ``path`` (``.<name>.tmp-<pid>*``) that the next write removes.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str, attrs: dict | None = None) -> None:
+        self.path, self.kind = Path(path), kind
+        self.attrs = dict(attrs or {})
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self.build = self._tmp.with_name(self._tmp.name + ".d")
+        self._columns: dict[str, _Column] = {}
+        self._open = True
+        try:
+            self.group = zarr.open_group(LocalStore(self.build), mode="w")
+        except BaseException as e:
+            self.abort(e)
+            raise
+
+    def declare(self, name: str, row_shape: tuple[int, ...], dtype: Any) -> None:
+        """Create an empty array of rows ``row_shape`` (so that a store with no rows has it)."""
+        if name not in self._columns:
+            self._columns[name] = _Column(self.group, name, row_shape, dtype)
+
+    def append(self, name: str, rows: np.ndarray, dtype: Any = None) -> None:
+        """Append ``rows`` (b, ...) to array ``name`` (created with their row shape and ``dtype``)."""
+        rows = np.asarray(rows)
+        self.declare(name, rows.shape[1:], dtype or rows.dtype)
+        self._columns[name].append(name, rows)
+
+    def put(self, name: str, arr: np.ndarray) -> None:
+        """Write a whole (small) array now: e.g. one image's full-size mask."""
+        arr = np.ascontiguousarray(arr)
+        a = self.group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(arr))
+        if arr.size:
+            a[...] = arr
+
+    def rows(self, name: str) -> int:
+        c = self._columns[name]
+        return c.written + c.buffered
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of an appended array, read back from what is built so far."""
+        c = self._columns[name]
+        c.flush()
+        return c.array[start:stop]
+
+    def commit(self) -> None:
+        """Write the buffered rows and the attrs, zip the group and rename it onto ``path``."""
+        try:
+            for c in self._columns.values():
+                c.flush()
+            self.group.attrs.update({"kind": self.kind, "layout_version": LAYOUT_VERSION, **_jsonable(self.attrs)})
+            _zip_folder(self.build, self._tmp)
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self._close(None)
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Remove what was built; ``path`` is left as it was."""
+        if self._open:
+            self._close(exc or RuntimeError("aborted"))
+
+    def _close(self, exc: BaseException | None) -> None:
+        self._open = False
+        shutil.rmtree(self.build, ignore_errors=True)
+        if exc is None:
+            self._atomic.__exit__(None, None, None)
+        else:
+            try:
+                self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:  # noqa: BLE001 - the caller raises the original error
+                pass
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.commit()
+        else:
+            self.abort(exc)
+
+
+def _zip_folder(build: Path, zip_path: Path) -> None:
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in sorted(build.rglob("*")):
+            if f.is_file():
+                # A fixed date: the same arrays give the same bytes, so DVC sees no change.
+                info = zipfile.ZipInfo(f.relative_to(build).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                zf.writestr(info, f.read_bytes())
+
 
 def write_group(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     """Write ``arrays`` (names may contain ``/``) and ``attrs`` as one zipped zarr group.
 
     The group is built in a folder beside the zip's temporary (``.<name>.tmp-<pid>.d``), so
     that what a killed run leaves behind is found and removed by the next write of ``path``.
+    Arrays under ``masks/`` are written whole, the others as rows (:class:`StoreWriter`).
     """
-    with atomic_path(path) as tmp:
-        build = tmp.with_name(tmp.name + ".d")
+    with StoreWriter(path, kind, attrs) as w:
+        for name, arr in arrays.items():
+            if name.startswith("masks/") or np.ndim(arr) == 0:
+                w.put(name, arr)
+            else:
+                w.append(name, arr)
+
+
+class LazyRows:
+    """The rows of one stored array, read on access: ``len``, ``shape``, ``dtype`` and
+    ``rows[a:b]`` -> numpy, so a stage can walk a large array chunk by chunk."""
+
+    def __init__(self, reader: "StoreReader", name: str) -> None:
+        self._reader, self._name = reader, name
+        self._array = reader.group[name]
+        self.shape, self.dtype, self.ndim = tuple(self._array.shape), self._array.dtype, len(self._array.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
         try:
-            _build_group(build, kind, arrays, attrs)
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for f in sorted(build.rglob("*")):
-                    if f.is_file():
-                        # A fixed date: the same arrays give the same bytes, so DVC sees no change.
-                        info = zipfile.ZipInfo(f.relative_to(build).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-                        zf.writestr(info, f.read_bytes())
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
+            return self._array[key]
+        except Exception as e:  # noqa: BLE001 - any zarr/zip failure is a broken store
+            raise InputError(
+                f"{self._reader.path}: not a readable anomalyncd store ({e}); rerun the stage that writes it"
+            ) from e
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[...], dtype=dtype)
 
 
-def _build_group(folder: Path, kind: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    group = zarr.open_group(
-        LocalStore(folder),
-        mode="w",
-        attributes={"kind": kind, "layout_version": LAYOUT_VERSION, **_jsonable(attrs)},
-    )
-    for name, arr in arrays.items():
-        arr = np.ascontiguousarray(arr)
-        a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=_chunks(arr))
-        if arr.size:
-            a[...] = arr
+class StoreReader:
+    """An open store: ``attrs`` (user attrs), ``names`` (its arrays) and ``reader[name]`` a
+    :class:`LazyRows`. Checks the kind and layout version on opening; a missing or damaged
+    store is an ``InputError`` naming it."""
+
+    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: store not found; run the stage that writes it first (dvc repro)")
+        try:
+            self._store = ZipStore(self.path, mode="r")
+            self.group = zarr.open_group(self._store, mode="r")
+            attrs = dict(self.group.attrs)
+        except Exception as e:  # noqa: BLE001 - any zarr/zip failure is a broken store
+            raise InputError(f"{self.path}: not a readable anomalyncd store ({e}); rerun the stage that writes it") from e
+        _check_header(self.path, attrs, kind)
+        del attrs["kind"], attrs["layout_version"]
+        self.attrs = attrs
+        try:
+            self.names = _array_names(self.path)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{self.path}: not a readable anomalyncd store ({e}); rerun the stage that writes it") from e
+
+    def __getitem__(self, name: str) -> LazyRows:
+        return LazyRows(self, name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self[name][...]
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _array_names(path: Path) -> list[str]:
+    """The arrays of a zipped group, from the zip's list of files: every node with a
+    ``zarr.json`` that holds no other node (listing them through zarr would open every array
+    at once: one per image under ``masks/``)."""
+    with zipfile.ZipFile(path) as zf:
+        nodes = {n[: -len("/zarr.json")] for n in zf.namelist() if n.endswith("/zarr.json")}
+    groups = {n.rsplit("/", 1)[0] for n in nodes if "/" in n}
+    return sorted(nodes - groups, key=lambda n: (n.count("/"), len(n), n))
 
 
 def read_group(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     """Read every array and the user attrs (without ``kind``/``layout_version``) of a store
     written by :func:`write_group`. A damaged store (bad zip, bad CRC, missing chunk) is an
     ``InputError`` naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: store not found; run the stage that writes it first (dvc repro)")
-    try:
-        store = ZipStore(path, mode="r")
-        try:
-            group = zarr.open_group(store, mode="r")
-            attrs = dict(group.attrs)
-            _check_header(path, attrs, kind)
-            arrays = {name: arr[...] for name, arr in group.arrays()}
-            if "masks" in {n for n, _ in group.groups()}:
-                arrays.update({f"masks/{n}": a[...] for n, a in group["masks"].arrays()})
-        finally:
-            store.close()
-    except (InputError, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - any zarr/zip failure is a broken store
-        raise InputError(f"{path}: not a readable anomalyncd store ({e}); rerun the stage that writes it") from e
-    del attrs["kind"], attrs["layout_version"]
-    return arrays, attrs
+    with StoreReader(path, kind) as r:
+        return {name: r.read(name) for name in r.names}, r.attrs
 
 
 def _check_header(path: Path, attrs: dict, kind: str) -> None:
@@ -277,10 +460,18 @@ def write_maps(path: str | os.PathLike, ms: MapSet) -> None:
     )
 
 
-def read_maps(path: str | os.PathLike) -> MapSet:
-    arrays, attrs = read_group(path, "maps")
+def read_maps(path: str | os.PathLike, lazy: bool = False) -> MapSet:
+    """The maps store; ``lazy``: ``maps`` and ``maps_u8`` are :class:`LazyRows` read on access."""
+    if not lazy:
+        arrays, attrs = read_group(path, "maps")
+        ids = attrs.pop("ids")
+        return MapSet(ids=ids, attrs=attrs, **arrays)
+    r = StoreReader(path, "maps")
+    attrs = dict(r.attrs)
     ids = attrs.pop("ids")
-    return MapSet(ids=ids, attrs=attrs, **arrays)
+    return MapSet(
+        ids=ids, maps=r["maps"], maps_u8=r["maps_u8"], scores=r.read("scores"), image_sizes=r.read("image_sizes"), attrs=attrs
+    )
 
 
 def write_crops(path: str | os.PathLike, cs: CropSet) -> None:
@@ -300,11 +491,40 @@ def write_crops(path: str | os.PathLike, cs: CropSet) -> None:
     write_group(path, "crops", arrays, {"ids": list(cs.ids), **cs.attrs})
 
 
-def read_crops(path: str | os.PathLike) -> CropSet:
-    arrays, attrs = read_group(path, "crops")
+class LazyMasks(Sequence[np.ndarray]):
+    """The full-size bool masks (H_i, W_i) of a crops store, read on access."""
+
+    def __init__(self, reader: StoreReader, n: int) -> None:
+        self._reader, self._n = reader, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._reader[f"masks/{i % self._n}"][...].astype(bool)
+
+
+#: The per-crop arrays holding pixels: left in the store by ``read_crops(lazy=True)``.
+CROP_PIXELS = ("crops", "crop_masks")
+
+
+def read_crops(path: str | os.PathLike, lazy: bool = False) -> CropSet:
+    """The crops store; ``lazy``: the pixels (``crops``, ``crop_masks`` as :class:`LazyRows`,
+    ``masks`` as :class:`LazyMasks`) stay in the file until read, the rest is loaded."""
+    if not lazy:
+        arrays, attrs = read_group(path, "crops")
+        ids = attrs.pop("ids")
+        masks = [arrays.pop(f"masks/{i}").astype(bool) for i in range(len(ids))]
+        return CropSet(ids=ids, masks=masks, attrs=attrs, **arrays)
+    r = StoreReader(path, "crops")
+    attrs = dict(r.attrs)
     ids = attrs.pop("ids")
-    masks = [arrays.pop(f"masks/{i}").astype(bool) for i in range(len(ids))]
-    return CropSet(ids=ids, masks=masks, attrs=attrs, **arrays)
+    arrays = {n: (r[n] if n in CROP_PIXELS else r.read(n)) for n in r.names if not n.startswith("masks/")}
+    return CropSet(ids=ids, masks=LazyMasks(r, len(ids)), attrs=attrs, **arrays)
 
 
 def write_probs(path: str | os.PathLike, ps: ProbSet) -> None:

@@ -7,6 +7,10 @@ where the dataset has ground truth, image AUROC, pixel AUROC and AUPRO with a PN
 Metrics need normal images too: the normal test images that are not classified
 (``dataset.include_normal: false``) are mapped as well, for the metrics only; they are not in
 the store. For ``musc`` they join the set of images that score each other.
+
+Maps are made a chunk of images at a time into a part store and gathered into the maps store
+(``anomalyncd.detect.stream``); under ``torchrun`` every rank maps a block of whole batches
+with the detector fitted once on rank 0, and rank 0 gathers (``anomalyncd.shard``).
 """
 
 import time
@@ -16,20 +20,20 @@ import cv2
 import numpy as np
 import typer
 
-from anomalyncd import paths
+from anomalyncd import paths, shard
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest, Record
-from anomalyncd.detect import DetectContext, LazyImages, create_detector, normalise_u8, save_detector
-from anomalyncd.detect.metrics import detection_metrics, resize_masks
-from anomalyncd.detect.ops import image_scores
+from anomalyncd.detect import DetectContext, LazyImages, create_detector, normalise_u8, save_detector, stream
+from anomalyncd.detect.metrics import detection_metrics, image_auroc, resize_masks
 from anomalyncd.detect.plot import detection_grid, pick_examples
 from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
 from anomalyncd.stage import run
-from anomalyncd.store import MapSet, write_maps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 GRID_IMAGES = 8
+#: Pixel AUROC and AUPRO of a larger set are taken over this many evenly spaced images.
+METRIC_IMAGES = 1000
 
 
 def metrics_records(manifest: Manifest, todo: list[Record]) -> list[Record]:
@@ -42,16 +46,6 @@ def metrics_records(manifest: Manifest, todo: list[Record]) -> list[Record]:
 
 def _masks(records: list[Record]) -> list[np.ndarray]:
     return [read_mask(r.mask) if r.mask else np.zeros((r.height, r.width), bool) for r in records]
-
-
-def check_finite(maps: np.ndarray, records: list[Record], method: str) -> None:
-    """Raise ``InputError`` before anything is written if a map (N, S, S) holds NaN or inf."""
-    bad = [r.id for r, ok in zip(records, np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)) if not ok]
-    if bad:
-        raise InputError(
-            f"params.yaml: detect.method {method} made NaN or infinite maps for {len(bad)} image(s), e.g. {bad[:3]}; "
-            "try another detect.method or backbone"
-        )
 
 
 def _finite(d: dict) -> dict:
@@ -70,6 +64,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         raise InputError(f"{paths.MANIFEST}: no images to classify (no test images, or only normal ones)")
     # External maps exist only for the images to classify: no extra normal images then.
     extra = metrics_records(manifest, todo) if p.method != "external" else []
+    # torchrun: every rank maps its block of the images into a part store; rank 0 gathers them
+    # (under CUDA each rank's current device is its own GPU: "cuda" means it)
+    rank, world, _ = shard.start(p.device)
     det = create_detector(p, DetectContext(dataset_root=ds.root))
     typer.echo(f"detect: method {p.method}, backbone {p.backbone}, weights: {det.weights}", err=True)
     if p.backbone != "filterbank" and not det.pretrained and p.method in ("patchcore", "padim", "musc"):
@@ -79,72 +76,88 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             err=True,
         )
 
+    shard.clear_parts(paths.MAPS, rank)
     start = time.perf_counter()
     if det.needs_training_images:
-        det.fit(LazyImages([r.image for r in manifest.train_normal()]))
-    all_maps = det.map_records(todo + extra)
-    seconds = time.perf_counter() - start
-    check_finite(all_maps, todo + extra, p.method)
-
-    maps = all_maps[: len(todo)]
-    lo, hi = float(maps.min()), float(maps.max())
-    det.norm_min, det.norm_max = lo, hi
-    maps_u8 = normalise_u8(maps, lo, hi)
-    all_scores = image_scores(all_maps, p.score_top)
-    scores = all_scores[: len(todo)]
+        if rank == 0:  # fitted once, so that every rank maps with the same state
+            det.fit(LazyImages([r.image for r in manifest.train_normal()]))
+        if world > 1:
+            det.load_state_dict(shard.broadcast(det.state_dict() if rank == 0 else None))
+    evaluated = todo + extra
+    mine = (
+        (range(len(evaluated)) if rank == 0 else range(0))
+        if det.maps_jointly
+        else shard.block(len(evaluated), rank, world, p.batch_size)  # whole batches: as in one process
+    )
+    if world > 1:
+        typer.echo(shard.describe("detect", rank, world, mine, "images"), err=True)
+    stream.map_part(det, evaluated[mine.start : mine.stop], shard.part_path(paths.MAPS, rank, world))
+    shard.barrier()
+    if rank != 0:
+        shard.finish()
+        return
     attrs = {
         "method": p.method,
         "backbone": p.backbone,
         "weights": det.weights,
         "pretrained": bool(det.pretrained),
-        "norm_min": lo,
-        "norm_max": hi,
         "params": p,
     }
-    write_maps(
-        paths.MAPS,
-        MapSet(
-            ids=[r.id for r in todo],
-            maps=maps,
-            maps_u8=maps_u8,
-            scores=scores,
-            image_sizes=np.array([[r.height, r.width] for r in todo]),
-            attrs=attrs,
-        ),
-    )
-    save_detector(det, paths.DETECTOR)
+    try:
+        with shard.Parts(shard.part_paths(paths.MAPS, world), stream.PART_KIND) as parts:
+            lo, hi = stream.gather_maps(parts, paths.MAPS, todo, attrs, p.score_top)
+            seconds = time.perf_counter() - start
+            det.norm_min, det.norm_max = lo, hi
+            save_detector(det, paths.DETECTOR)
+            metrics = _metrics_and_grid(manifest, todo, extra, parts, p, det, lo, hi)
+    finally:
+        shard.remove_parts(paths.MAPS)
+        shard.finish()
+    write_json(paths.METRICS / "detect.json", _finite(metrics))
+    write_json(paths.LOGS / "detect.json", {"seconds": round(seconds, 2)})  # not a metric: it varies per run
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in metrics)
+    typer.echo(f"detect: {len(todo)} maps ({p.method}) -> {paths.MAPS}" + (f"; {shown}" if shown else ""))
 
+
+def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float) -> dict:
+    """Write plots/detect_grid.png; return the metrics (pixel metrics over at most
+    ``METRIC_IMAGES`` of the evaluated images, image AUROC over all)."""
     metrics = {
-        **{k: attrs[k] for k in ("method", "backbone", "weights", "pretrained")},
+        "method": p.method,
+        "backbone": p.backbone,
+        "weights": det.weights,
+        "pretrained": bool(det.pretrained),
         "images": len(todo),
         "normal_images_for_metrics": len(extra),
     }
     evaluated = todo + extra
+    all_scores = stream.map_scores(parts, p.score_top)
     if manifest.has_ground_truth and any(r.mask for r in evaluated):
-        full_masks = _masks(evaluated)
         labels = np.array([not r.is_normal for r in evaluated])
-        metrics.update(detection_metrics(all_maps, all_scores, resize_masks(full_masks, p.map_size), labels))
+        sample = stream.metric_sample(len(evaluated), METRIC_IMAGES)
+        if len(sample) < len(evaluated):
+            metrics["pixel_metrics_images"] = len(sample)
+        masks = resize_masks(_masks([evaluated[i] for i in sample]), p.map_size)
+        metrics.update(detection_metrics(parts.take("maps", sample), all_scores[sample], masks, labels[sample]))
+        metrics["image_auroc"] = image_auroc(all_scores, labels)
         pick = pick_examples([r.defect_type for r in evaluated], GRID_IMAGES)
         grid = detection_grid(
             [read_image(evaluated[i].image) for i in pick],
-            normalise_u8(all_maps[pick], lo, hi),
-            [full_masks[i] for i in pick],
+            normalise_u8(parts.take("maps", pick), lo, hi),
+            [_masks([evaluated[i]])[0] for i in pick],
             [f"{evaluated[i].id}  score {all_scores[i]:.3g}" for i in pick],
         )
     else:
         pick = list(range(min(GRID_IMAGES, len(todo))))
         grid = detection_grid(
             [read_image(todo[i].image) for i in pick],
-            maps_u8[pick],
+            normalise_u8(parts.take("maps", pick), lo, hi),
             [None] * len(pick),
-            [f"{todo[i].id}  score {scores[i]:.3g}" for i in pick],
+            [f"{todo[i].id}  score {all_scores[i]:.3g}" for i in pick],
         )
     with atomic_path(paths.PLOTS / "detect_grid.png") as tmp:
         tmp.write_bytes(cv2.imencode(".png", np.ascontiguousarray(grid[:, :, ::-1]))[1].tobytes())
-    write_json(paths.METRICS / "detect.json", _finite(metrics))
-    write_json(paths.LOGS / "detect.json", {"seconds": round(seconds, 2)})  # not a metric: it varies per run
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "aupro") if k in metrics)
-    typer.echo(f"detect: {len(todo)} maps ({p.method}) -> {paths.MAPS}" + (f"; {shown}" if shown else ""))
+    return metrics
 
 
 if __name__ == "__main__":

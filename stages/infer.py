@@ -10,11 +10,11 @@ from pathlib import Path
 
 import typer
 
-from anomalyncd import paths
+from anomalyncd import paths, shard
 from anomalyncd.config import load_params
-from anomalyncd.inference import predict_crops
+from anomalyncd.inference import PART_KIND, write_probs_part
 from anomalyncd.stage import run
-from anomalyncd.store import read_crops, write_probs
+from anomalyncd.store import StoreWriter, read_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -23,10 +23,29 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/infer/probs.zarr.zip."""
     p = load_params("infer", params)
-    cs = read_crops(paths.CROPS)
-    ps = predict_crops(paths.MODEL, cs.crops, cs.crop_masks, device=p.device, batch_size=p.batch_size)
-    write_probs(paths.PROBS, ps)
-    typer.echo(f"infer: {len(cs.crops)} crops x {ps.probs.shape[1]} heads, selected head {ps.head} -> {paths.PROBS}")
+    # torchrun: every rank infers a block of whole batches into a part store; rank 0 gathers them
+    rank, world, device = shard.start(p.device)
+    cs = read_crops(paths.CROPS, lazy=True)
+    shard.clear_parts(paths.PROBS, rank)
+    rows = shard.block(len(cs.crops), rank, world, p.batch_size)
+    if world > 1:
+        typer.echo(shard.describe("infer", rank, world, rows, "crops"), err=True)
+    head, attrs = write_probs_part(
+        paths.MODEL, cs.crops, cs.crop_masks, rows, shard.part_path(paths.PROBS, rank, world), device, p.batch_size
+    )
+    shard.barrier()
+    if rank != 0:
+        shard.finish()
+        return
+    try:
+        with shard.Parts(shard.part_paths(paths.PROBS, world), PART_KIND) as parts:
+            with StoreWriter(paths.PROBS, "probs", {"head": head, **attrs}) as w:
+                shard.concatenate(parts, w)
+            heads = parts.readers[0]["probs"].shape[1]
+    finally:
+        shard.remove_parts(paths.PROBS)
+        shard.finish()
+    typer.echo(f"infer: {len(cs.crops)} crops x {heads} heads, selected head {head} -> {paths.PROBS}")
 
 
 if __name__ == "__main__":

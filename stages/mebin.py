@@ -3,7 +3,8 @@
 Reads the manifest and the 0..255 anomaly maps of ``detect``, takes the set's MEBin search
 range, then per image (in parallel): the MEBin threshold and mask, square crop boxes centred on
 the anomalies, and the image/mask crops with their scores (``anomalyncd.mebin``). Writes
-data/mebin/crops.zarr.zip and metrics/mebin.json.
+data/mebin/crops.zarr.zip and metrics/mebin.json, a chunk of images at a time through a part
+store; under ``torchrun`` every rank takes a block of the images and rank 0 gathers them.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from anomalyncd import mebin, paths
+from anomalyncd import mebin, paths, shard
 from anomalyncd.config import MebinParams, load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.io import InputError, read_image, read_mask, write_json
 from anomalyncd.stage import run
-from anomalyncd.store import CropSet, MapSet, read_maps, write_crops
+from anomalyncd.store import CropSet, MapSet, StoreWriter, read_maps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 #: Ground-truth regions of this many pixels or fewer are left out of ``gt_regions_found``.
 MIN_GT_REGION = 64
+#: Images handed to the workers at a time: bounds what is in memory (maps, crops, masks).
+IMAGES_PER_CHUNK = 256
+PART_KIND = "crops-part"
 
 
 @dataclasses.dataclass
@@ -73,7 +77,10 @@ def _check_maps(ms: MapSet, records: dict[str, Record]) -> None:
     missing = [i for i in ms.ids if i not in records]
     if missing:
         raise InputError(f"{paths.MAPS}: image ids not in {paths.MANIFEST}: {missing[:5]}; rerun detect")
-    bad = [ms.ids[i] for i in np.flatnonzero(~np.isfinite(ms.maps.reshape(len(ms.ids), -1)).all(axis=1))]
+    bad = []
+    for a in range(0, len(ms.ids), IMAGES_PER_CHUNK):  # a chunk at a time: the maps may be lazy
+        chunk = np.asarray(ms.maps[a : a + IMAGES_PER_CHUNK])
+        bad += [ms.ids[a + i] for i in np.flatnonzero(~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))]
     if bad:
         raise InputError(
             f"{paths.MAPS}: anomaly maps contain NaN or infinite values for {len(bad)} image(s), "
@@ -149,13 +156,115 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
     return cs, metrics
 
 
+def streamed_search_range(ms: MapSet) -> tuple[int, int]:
+    """:func:`mebin.search_range` of the maps of ``ms``, read a chunk at a time."""
+    peaks = [
+        np.asarray(ms.maps_u8[a : a + IMAGES_PER_CHUNK]).reshape(-1, ms.maps_u8.shape[1] * ms.maps_u8.shape[2]).max(axis=1)
+        for a in range(0, len(ms.ids), IMAGES_PER_CHUNK)
+    ]
+    return mebin.search_range(np.concatenate(peaks).astype(np.uint8)[:, None, None])
+
+
+def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, hi: int, rows: range, path: Path,
+               workers: int, progress: bool = True) -> None:
+    """MEBin over the images ``rows`` of ``ms`` into the part store ``path``, a chunk of
+    ``IMAGES_PER_CHUNK`` images at a time: the crops store's arrays (``image_index`` and the
+    ``masks/<i>`` names counting over the whole set) and, in attrs, the images' ground-truth
+    coverage and mask fractions (for the metrics)."""
+    coverage, fractions = mebin.GtCoverage(), []
+    bar = tqdm(total=len(rows), desc="mebin", unit="img", disable=not progress)
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (lo, hi, p)) if workers > 1 else None
+    try:
+        with StoreWriter(path, PART_KIND) as w:
+            c, t = p.crop_size, len(mebin.sweep_thresholds(p.sample_rate))
+            for name, shape, dtype in [("image_sizes", (2,), np.int32), ("thresholds", (), np.int32),
+                                       ("est_counts", (), np.int32), ("count_seqs", (t,), np.int32),
+                                       ("crops", (c, c, 3), np.uint8), ("crop_masks", (c, c), np.uint8),
+                                       ("image_index", (), np.int32), ("boxes", (4,), np.int32),
+                                       ("areas", (), np.int64), ("scores", (), np.float32)]:
+                w.declare(name, shape, dtype)
+            _share(lo, hi, p)
+            for a in range(rows.start, rows.stop, IMAGES_PER_CHUNK):
+                maps_u8 = np.asarray(ms.maps_u8[a : min(a + IMAGES_PER_CHUNK, rows.stop)])
+                jobs = [_Job(a + j, m, records[ms.ids[a + j]], tuple(int(v) for v in ms.image_sizes[a + j]))
+                        for j, m in enumerate(maps_u8)]
+                done = pool.imap(_run_job, jobs, chunksize=max(1, len(jobs) // (workers * 4))) if pool else map(_run_job, jobs)
+                for i, result, crops, gt in done:
+                    w.append("image_sizes", np.asarray(ms.image_sizes[i : i + 1]))
+                    w.append("thresholds", np.array([result.threshold]))
+                    w.append("est_counts", np.array([result.est_count]))
+                    w.append("count_seqs", result.counts[None])
+                    for name in ("crops", "crop_masks", "boxes", "areas", "scores"):
+                        w.append(name, getattr(crops, name))
+                    w.append("image_index", np.full(len(crops), i))
+                    w.put(f"masks/{i}", result.mask.astype(np.uint8))
+                    coverage += gt
+                    fractions.append(float(result.mask.mean()))
+                    bar.update()
+            w.attrs.update(coverage=list(dataclasses.astuple(coverage)), mask_fractions=fractions)
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+
+
+def gather_parts(world: int, ids: list[str], attrs: dict, p: MebinParams) -> dict:
+    """Write the crops store from the parts of ``world`` ranks (in rank order); return the
+    stage's metrics."""
+    with shard.Parts(shard.part_paths(paths.CROPS, world), PART_KIND) as parts:
+        with StoreWriter(paths.CROPS, "crops", {"ids": list(ids), **attrs}) as w:
+            shard.concatenate(parts, w)
+        coverage = sum((mebin.GtCoverage(*r.attrs["coverage"]) for r in parts.readers), mebin.GtCoverage())
+        fractions = [f for r in parts.readers for f in r.attrs["mask_fractions"]]
+        est_counts = np.concatenate([r.read("est_counts") for r in parts.readers])
+        thresholds = np.concatenate([r.read("thresholds") for r in parts.readers])
+        n_crops = parts.rows("image_index")
+    n = len(ids)
+    return {
+        "images": n,
+        "crops": n_crops,
+        "crops_per_image": n_crops / n,
+        "mean_est_count": float(est_counts.mean()),
+        "images_without_anomaly": int((est_counts == 0).sum()),
+        "lo": attrs["lo"],
+        "hi": attrs["hi"],
+        "mean_threshold": float(thresholds.mean()),
+        "mean_mask_fraction": float(np.mean(fractions)),
+        "erosion": p.erosion,
+        **coverage.metrics(),
+    }
+
+
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write data/mebin/crops.zarr.zip and metrics/mebin.json."""
+    """Write data/mebin/crops.zarr.zip and metrics/mebin.json.
+
+    Under ``torchrun`` each rank takes a block of the images; rank 0 gathers the crops store."""
     p = load_params("mebin", params)
+    mebin.check_params(p)
+    rank, world, _ = shard.start("cpu")
     records = Manifest.read(paths.MANIFEST).by_id()
-    cs, metrics = build_crops(read_maps(paths.MAPS), records, p)
-    write_crops(paths.CROPS, cs)
+    ms = read_maps(paths.MAPS, lazy=True)
+    _check_maps(ms, records)
+    lo, hi = streamed_search_range(ms)
+    shard.clear_parts(paths.CROPS, rank)
+    workers = max(1, min((p.workers or os.cpu_count() or 1) // world, len(ms.ids)))
+    rows = shard.block(len(ms.ids), rank, world)
+    if world > 1:
+        typer.echo(shard.describe("mebin", rank, world, rows, "images"), err=True)
+    write_part(ms, records, p, lo, hi, rows, shard.part_path(paths.CROPS, rank, world), workers, progress=rank == 0)
+    shard.barrier()
+    if rank != 0:
+        shard.finish()
+        return
+    attrs = {"method": "mebin", "lo": lo, "hi": hi, "crop_size": p.crop_size, "sample_rate": p.sample_rate,
+             "params": dataclasses.asdict(p)}
+    try:
+        metrics = gather_parts(world, ms.ids, attrs, p)
+    finally:
+        shard.remove_parts(paths.CROPS)
+        shard.finish()
     write_json(paths.METRICS / "mebin.json", metrics)
     typer.echo(
         f"mebin: {metrics['crops']} crops from {metrics['images']} images "

@@ -29,7 +29,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/merge/merged.zarr.zip, data/merge/predictions.csv and data/merge/crops.csv."""
     p = load_params("merge", params)
-    cs, ps = read_crops(paths.CROPS), read_probs(paths.PROBS)
+    cs, ps = read_crops(paths.CROPS, lazy=True), read_probs(paths.PROBS)  # lazy: no crop pixels in memory
     records = Manifest.read(paths.MANIFEST).by_id()
     unknown = [i for i in cs.ids if i not in records]
     if unknown:

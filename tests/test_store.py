@@ -152,3 +152,97 @@ def test_what_a_killed_write_leaves_is_beside_the_store_and_removed_by_the_next(
     assert left == {f".m.zarr.zip.tmp-{proc.pid}", f".m.zarr.zip.tmp-{proc.pid}.d"}
     store.write_maps(out, _maps())
     assert [p.name for p in out.parent.iterdir()] == ["m.zarr.zip"]
+
+
+# -- streaming: rows appended chunk by chunk -------------------------------------------------
+
+
+def _write_rows(path, rows, splits):
+    """Append ``rows`` to array ``x`` of a store at ``path`` in pieces ending at ``splits``."""
+    with store.StoreWriter(path, "test", {"n": len(rows)}) as w:
+        w.declare("x", rows.shape[1:], rows.dtype)
+        a = 0
+        for b in [*splits, len(rows)]:
+            w.append("x", rows[a:b])
+            a = b
+
+
+def test_rows_appended_in_any_pieces_give_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "CHUNK_BYTES", 3 * 4 * 4)  # 3 rows per chunk: many chunks, a partial last one
+    rows = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    _write_rows(tmp_path / "one.zarr.zip", rows, [])
+    _write_rows(tmp_path / "ones.zarr.zip", rows, list(range(1, 10)))
+    _write_rows(tmp_path / "odd.zarr.zip", rows, [2, 7])
+    one = (tmp_path / "one.zarr.zip").read_bytes()
+    assert (tmp_path / "ones.zarr.zip").read_bytes() == one and (tmp_path / "odd.zarr.zip").read_bytes() == one
+    with store.StoreReader(tmp_path / "one.zarr.zip", "test") as r:
+        np.testing.assert_array_equal(r.read("x"), rows)
+        assert r.attrs == {"n": 10} and len(r["x"]) == 10
+        np.testing.assert_array_equal(r["x"][3:5], rows[3:5])
+
+
+def test_a_writer_holds_at_most_a_chunk_of_rows_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "CHUNK_BYTES", 4 * 8)  # 4 rows of 8 bytes
+    with store.StoreWriter(tmp_path / "s.zarr.zip", "test") as w:
+        for i in range(10):
+            w.append("x", np.full((1, 2), i, np.float32))
+            assert w._columns["x"].buffered < 4
+        assert w.rows("x") == 10
+        np.testing.assert_array_equal(w.read("x", 8, 10), [[8, 8], [9, 9]])
+
+
+def test_an_error_mid_stream_leaves_no_store_and_the_previous_one_untouched(tmp_path):
+    path = tmp_path / "s.zarr.zip"
+    _write_rows(path, np.zeros((4, 2)), [])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with store.StoreWriter(path, "test") as w:
+            w.append("x", np.ones((3, 2)))
+            raise RuntimeError("disk on fire")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr.zip"]
+
+
+KILLED_STREAM = """
+import os, signal, sys
+import numpy as np
+from anomalyncd import store
+with store.StoreWriter(sys.argv[1], "test") as w:
+    for i in range(100):
+        w.append("x", np.full((1, 1000), i, np.float32))
+        if i == 50:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-stream
+"""
+
+
+def test_a_store_killed_mid_stream_is_never_there_for_a_later_stage(tmp_path):
+    out = tmp_path / "out" / "s.zarr.zip"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_STREAM, str(out)], cwd=ROOT, env=env)
+    assert proc.wait() == -signal.SIGKILL
+    assert not out.exists()
+    assert {p.name for p in out.parent.iterdir()} <= {f".s.zarr.zip.tmp-{proc.pid}", f".s.zarr.zip.tmp-{proc.pid}.d"}
+    with pytest.raises(InputError, match="store not found"):
+        store.StoreReader(out, "test")
+    _write_rows(out, np.zeros((2, 2)), [])  # the next write removes what the killed one left
+    assert [p.name for p in out.parent.iterdir()] == ["s.zarr.zip"]
+
+
+def test_lazy_crops_read_their_pixels_on_access_only(tmp_path):
+    store.write_crops(tmp_path / "c.zarr.zip", _crops())
+    eager, lazy = store.read_crops(tmp_path / "c.zarr.zip"), store.read_crops(tmp_path / "c.zarr.zip", lazy=True)
+    assert isinstance(lazy.crops, store.LazyRows) and isinstance(lazy.masks, store.LazyMasks)
+    assert len(lazy.crops) == 3 and lazy.crops.shape == (3, 4, 4, 3)
+    np.testing.assert_array_equal(lazy.crops[1:3], eager.crops[1:3])
+    np.testing.assert_array_equal(lazy.boxes, eager.boxes)
+    assert lazy.crop_ids == eager.crop_ids
+    assert all(np.array_equal(a, b) for a, b in zip(lazy.masks, eager.masks))
+    assert lazy.masks[0].dtype == bool
+
+
+def test_lazy_maps_read_chunks_of_rows(tmp_path):
+    ms = _maps(5)
+    store.write_maps(tmp_path / "m.zarr.zip", ms)
+    lazy = store.read_maps(tmp_path / "m.zarr.zip", lazy=True)
+    np.testing.assert_array_equal(lazy.maps_u8[1:4], ms.maps_u8[1:4])
+    np.testing.assert_array_equal(lazy.scores, ms.scores)

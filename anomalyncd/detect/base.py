@@ -62,6 +62,9 @@ class Detector(ABC):
 
     method: ClassVar[str] = ""
     needs_training_images: ClassVar[bool] = False
+    #: The maps of a set depend on the whole set (MuSc's images score each other; external maps
+    #: are matched to images one to one): mapped in one call, by one process.
+    maps_jointly: ClassVar[bool] = False
     pretrained: bool = False  # recorded in the maps store and metrics
     weights: str = "none"  # how backbone weights were obtained, for logs and metrics
 

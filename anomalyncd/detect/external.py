@@ -139,6 +139,7 @@ class External(Detector):
     """Reads maps from ``detect.external_dir``; it cannot map new images."""
 
     weights = "external maps"
+    maps_jointly = True
 
     def map_records(self, records: Sequence[Record]) -> np.ndarray:
         if not self.params.external_dir:

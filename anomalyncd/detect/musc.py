@@ -104,6 +104,7 @@ class MuSc(BackboneDetector):
     # The full-resolution filter bank is pooled to a grid of stride 8 (16 x 16 at 128 px,
     # as many patches as a ViT/14 at 224 px): the cost grows with the square of its size.
     filterbank_stride = 8
+    maps_jointly = True
 
     def __init__(self, params, context=None) -> None:
         super().__init__(params, context)
