@@ -35,6 +35,7 @@ from anomalyncd.config import DatasetParams, DetectParams, from_dict, load_param
 from anomalyncd.datasets import build_manifest, read_dataset  # noqa: E402
 from anomalyncd.detect import DetectContext, LazyImages, create_detector  # noqa: E402
 from anomalyncd.detect.metrics import detection_metrics, resize_masks  # noqa: E402
+from anomalyncd.detect.ops import image_scores  # noqa: E402
 from anomalyncd.io import read_mask  # noqa: E402
 
 MTD = ROOT.parent / "shared" / "datasets" / "mtd"
@@ -104,11 +105,12 @@ def quality(args) -> None:
     masks = resize_masks([read_mask(x.mask) if x.mask else np.zeros((x.height, x.width), bool) for x in records],
                          p.map_size)
     labels = np.array([not x.is_normal for x in records])
-    m = detection_metrics(maps, maps.reshape(len(maps), -1).max(1), masks, labels)
+    scores = image_scores(maps, p.score_top)  # as the detect stage scores images
+    m = detection_metrics(maps, scores, masks, labels)
     per_type = {}
     for t in sorted({x.defect_type for x in records} - {"good"}):
         keep = np.array([x.defect_type in (t, "good") for x in records])
-        per_type[t] = round(detection_metrics(maps[keep], maps[keep].reshape(keep.sum(), -1).max(1), masks[keep],
+        per_type[t] = round(detection_metrics(maps[keep], scores[keep], masks[keep],
                                               labels[keep])["pixel_auroc"], 3)
     out = {
         "method": p.method, "backbone": p.backbone, "layers": p.layers, "weights": r["weights"],
