@@ -46,11 +46,7 @@ class MapSet:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = len(self.ids)
-        _check_len("maps", self.maps, n)
-        _check_len("maps_u8", self.maps_u8, n)
-        _check_len("scores", self.scores, n)
-        _check_len("image_sizes", self.image_sizes, n)
+        _check_rows(self, len(self.ids), "maps", "maps_u8", "scores", "image_sizes")
 
 
 @dataclass
@@ -81,11 +77,8 @@ class CropSet:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n, m = len(self.ids), len(self.crops)
-        for name in ("image_sizes", "thresholds", "est_counts", "count_seqs", "masks"):
-            _check_len(name, getattr(self, name), n)
-        for name in ("crop_masks", "image_index", "boxes", "areas", "scores"):
-            _check_len(name, getattr(self, name), m)
+        _check_rows(self, len(self.ids), "image_sizes", "thresholds", "est_counts", "count_seqs", "masks")
+        _check_rows(self, len(self.crops), "crop_masks", "image_index", "boxes", "areas", "scores")
 
     @property
     def crop_ids(self) -> list[str]:
@@ -121,10 +114,7 @@ class ProbSet:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        m = len(self.probs)
-        _check_len("logits", self.logits, m)
-        _check_len("features", self.features, m)
-        _check_len("baseline_features", self.baseline_features, m)
+        _check_rows(self, len(self.probs), "logits", "features", "baseline_features")
 
 
 @dataclass
@@ -151,20 +141,20 @@ class MergeSet:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n, m = len(self.ids), len(self.crop_clusters)
-        for name in ("clusters", "confidence", "anomaly", "probs"):
-            _check_len(name, getattr(self, name), n)
-        for name in ("crop_confidence", "weights"):
-            _check_len(name, getattr(self, name), m)
+        _check_rows(self, len(self.ids), "clusters", "confidence", "anomaly", "probs")
+        _check_rows(self, len(self.crop_clusters), "crop_confidence", "weights")
 
     @property
     def n_classes(self) -> int:
         return int(self.probs.shape[1])
 
 
-def _check_len(name: str, arr: Any, n: int) -> None:
-    if len(arr) != n:
-        raise ValueError(f"{name} has {len(arr)} rows, expected {n}")
+def _check_rows(obj: Any, n: int, *names: str) -> None:
+    """Each named array of ``obj`` has ``n`` rows (a ValueError naming the first that has not)."""
+    for name in names:
+        arr = getattr(obj, name)
+        if len(arr) != n:
+            raise ValueError(f"{name} has {len(arr)} rows, expected {n}")
 
 
 # -- generic group I/O -----------------------------------------------------------------------
