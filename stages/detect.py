@@ -68,6 +68,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     # (under CUDA each rank's current device is its own GPU: "cuda" means it)
     rank, world, _ = shard.start(p.device)
     det = create_detector(p, DetectContext(dataset_root=ds.root))
+    det.check_records(todo)
     typer.echo(f"detect: method {p.method}, backbone {p.backbone}, weights: {det.weights}", err=True)
     if p.backbone != "filterbank" and not det.pretrained and p.method in ("patchcore", "padim", "musc"):
         typer.echo(

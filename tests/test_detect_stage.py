@@ -13,7 +13,7 @@ import yaml
 from anomalyncd import paths
 from anomalyncd.config import DatasetParams
 from anomalyncd.datasets import build_manifest, read_dataset
-from anomalyncd.detect import load_detector
+from anomalyncd.detect import load_detector, stream
 from anomalyncd.io import InputError, read_image
 from anomalyncd.store import read_maps
 from stages.detect import main
@@ -59,6 +59,12 @@ def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
 def test_ground_truth_maps_score_perfectly(project):
     metrics = run_stage(project, method="ground_truth")
     assert metrics["pixel_auroc"] > 0.99 and metrics["image_auroc"] == 1.0
+
+
+def test_ground_truth_maps_a_set_whose_last_chunk_holds_only_normal_images(project, monkeypatch):
+    monkeypatch.setattr(stream, "IMAGES_PER_CHUNK", 2)  # 12 defect images, then the 2 normal ones
+    metrics = run_stage(project, method="ground_truth", batch_size=1)
+    assert metrics["normal_images_for_metrics"] == 2 and metrics["image_auroc"] == 1.0
 
 
 def test_saved_detector_maps_new_images_like_the_stage(project):

@@ -83,6 +83,10 @@ class Detector(ABC):
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Raw anomaly maps float32 ``(N, map_size, map_size)``."""
 
+    def check_records(self, records: Sequence[Record]) -> None:
+        """Raise ``InputError`` if this detector cannot map the set ``records`` (checked on the
+        whole set, before it is mapped a chunk at a time). Default: any images will do."""
+
     def map_records(self, records: Sequence[Record]) -> np.ndarray:
         """Maps of manifest records (default: read their images and :meth:`predict`)."""
         return self.predict(LazyImages([r.image for r in records]))

@@ -31,12 +31,15 @@ def mask_map(mask: np.ndarray, size: int) -> np.ndarray:
 class GroundTruth(Detector):
     weights = "ground-truth masks"
 
-    def map_records(self, records: Sequence[Record]) -> np.ndarray:
+    def check_records(self, records: Sequence[Record]) -> None:
         if not any(r.mask for r in records):
             raise InputError(
                 "detect.method ground_truth needs ground-truth masks, but no image to map has one; "
                 "use a dataset with masks or another detect.method"
             )
+
+    def map_records(self, records: Sequence[Record]) -> np.ndarray:
+        """Maps of ``records``; a chunk of images without masks (defect-free ones) is all zero."""
         size = self.params.map_size
         out = np.zeros((len(records), size, size), dtype=np.float32)
         for i, r in enumerate(records):
