@@ -21,9 +21,11 @@ does the I/O.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -189,8 +191,8 @@ def image_rows(
     boxes: np.ndarray,
     image_index: np.ndarray,
     crop_labels: np.ndarray,
-) -> list[dict[str, str | int]]:
-    """One row per image: id, image path, category, cluster, status (:data:`STATUS`),
+) -> Iterator[dict[str, str | int]]:
+    """One row per image, generated (a table of any length is written without holding it): id, image path, category, cluster, status (:data:`STATUS`),
     confidence (empty without anomaly), n_crops, boxes, crop_clusters and prob_<k> for every
     class k.
 
@@ -199,7 +201,6 @@ def image_rows(
     per_image: list[list[int]] = [[] for _ in ids]
     for j, i in enumerate(np.asarray(image_index).tolist()):
         per_image[i].append(j)
-    rows = []
     for i, id_ in enumerate(ids):
         js = per_image[i]
         row: dict[str, str | int] = {
@@ -214,8 +215,7 @@ def image_rows(
             "crop_clusters": ";".join(str(int(crop_labels[j])) for j in js),
         }
         row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(merged.probs[i])})
-        rows.append(row)
-    return rows
+        yield row
 
 
 def crop_rows(
@@ -227,14 +227,13 @@ def crop_rows(
     crop_probs: np.ndarray,
     weights: np.ndarray,
     crop_labels: np.ndarray,
-) -> list[dict[str, str | int]]:
-    """One row per crop: crop_id, image_id, box (x0, y0, x1, y1), area, score, its class
+) -> Iterator[dict[str, str | int]]:
+    """One row per crop, generated: crop_id, image_id, box (x0, y0, x1, y1), area, score, its class
     (``crop_labels`` (M,)) and confidence (empty for a crop without mask pixels, which holds
     no region), its weight in the image merge, and prob_<k>.
 
     image_ids: (M,) the image id of each crop; crop_probs: (M, K); weights: (M,).
     """
-    rows = []
     for j, cid in enumerate(crop_ids):
         x0, y0, x1, y1 = (int(v) for v in boxes[j])
         k = int(crop_labels[j])
@@ -252,13 +251,16 @@ def crop_rows(
             "weight": _fmt(float(weights[j])),
         }
         row.update({f"prob_{c}": _fmt(p) for c, p in enumerate(crop_probs[j])})
-        rows.append(row)
-    return rows
+        yield row
 
 
-def write_table(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
-    """Write ``rows`` as CSV atomically (columns: those of the first row unless given)."""
-    columns = columns or (list(rows[0]) if rows else [])
+def write_table(path: str | os.PathLike, rows: Iterable[dict], columns: list[str] | None = None) -> None:
+    """Write ``rows`` (any iterable: a generator is consumed row by row) as CSV atomically
+    (columns: those of the first row unless given)."""
+    rows = iter(rows)
+    first = next(rows, None)
+    columns = columns or (list(first) if first is not None else [])
+    rows = itertools.chain([first], rows) if first is not None else rows
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=columns)
@@ -312,9 +314,9 @@ def merge_tables(
     scores: np.ndarray,
     crop_probs: np.ndarray,
     merger: Merger,
-) -> tuple[list[dict], list[dict], MergeSet]:
-    """Region merging of N images with M crops: the two tables (image rows, crop rows) and the
-    same result as arrays for the store.
+) -> tuple[Iterator[dict], Iterator[dict], MergeSet]:
+    """Region merging of N images with M crops: the two tables (image rows, crop rows, as
+    generators: write them with :func:`write_table`) and the same result as arrays for the store.
 
     The one code path behind the ``merge`` stage and ``anomalyncd predict``. ids, images,
     categories: (N,); crop_ids, image_index, boxes (M, 4), areas, scores: (M,); crop_probs

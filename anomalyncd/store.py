@@ -531,7 +531,19 @@ def write_probs(path: str | os.PathLike, ps: ProbSet) -> None:
     )
 
 
-def read_probs(path: str | os.PathLike) -> ProbSet:
+#: The per-crop arrays of a probs store that only ``evaluate`` and the plots need: left in the
+#: store by ``read_probs(lazy=True)``.
+PROB_FEATURES = ("logits", "features", "baseline_features")
+
+
+def read_probs(path: str | os.PathLike, lazy: bool = False) -> ProbSet:
+    """The probs store; ``lazy``: ``logits``, ``features`` and ``baseline_features`` are
+    :class:`LazyRows` read on access (``merge`` needs only the probabilities)."""
+    if lazy:
+        r = StoreReader(path, "probs")
+        attrs = dict(r.attrs)
+        head = attrs.pop("head")
+        return ProbSet(probs=r.read("probs"), head=head, attrs=attrs, **{n: r[n] for n in PROB_FEATURES})
     arrays, attrs = read_group(path, "probs")
     head = attrs.pop("head")
     return ProbSet(head=head, attrs=attrs, **arrays)

@@ -18,7 +18,7 @@ from anomalyncd import paths
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError
-from anomalyncd.merge import STATUS, Merger, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
+from anomalyncd.merge import Merger, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
 from anomalyncd.stage import run
 from anomalyncd.store import read_crops, read_probs, write_merged
 
@@ -29,7 +29,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/merge/merged.zarr.zip, data/merge/predictions.csv and data/merge/crops.csv."""
     p = load_params("merge", params)
-    cs, ps = read_crops(paths.CROPS, lazy=True), read_probs(paths.PROBS)  # lazy: no crop pixels in memory
+    # lazy: no crop pixels or features in memory, and the tables are written as they are made
+    cs, ps = read_crops(paths.CROPS, lazy=True), read_probs(paths.PROBS, lazy=True)
     records = Manifest.read(paths.MANIFEST).by_id()
     unknown = [i for i in cs.ids if i not in records]
     if unknown:
@@ -58,9 +59,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     write_merged(paths.MERGED, merged)
     write_table(paths.PREDICTIONS, img_rows)
     write_table(paths.CROP_PREDICTIONS, crop_rows)
-    none_found = sum(1 for r in img_rows if r["status"] == STATUS[False])
+    none_found = int((~merged.anomaly).sum())
     typer.echo(
-        f"merge ({p.strategy}, T={p.temperature:g}): {len(img_rows)} images, {len(crop_rows)} crops, "
+        f"merge ({p.strategy}, T={p.temperature:g}): {len(cs.ids)} images, {len(cs.image_index)} crops, "
         f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}; no anomaly found in {none_found} images"
     )
 

@@ -100,6 +100,7 @@ def test_no_anomaly_images_are_marked_in_both_tables():
         np.array([[0, 0, 64, 48], [1, 1, 9, 9], [20, 20, 30, 30]]), np.array([0, 30, 12]), np.ones(3), probs,
         Merger("weighted", 50.0, NO_ANOMALY),
     )
+    images, crops = list(images), list(crops)
     assert [r["status"] for r in images] == ["no anomaly found", "anomaly found"]
     assert images[0]["cluster"] == -1 and images[0]["confidence"] == "" and images[0]["prob_0"] == ""
     assert images[0]["crop_clusters"] == "-1" and images[1]["cluster"] == 1
@@ -111,6 +112,14 @@ def test_no_anomaly_images_are_marked_in_both_tables():
     assert np.isnan(merged.confidence[0]) and merged.crop_clusters.tolist() == [-1, 1, 0]
     assert np.isnan(merged.crop_confidence[0]) and merged.crop_confidence[1] == pytest.approx(0.7)
     assert merged.n_classes == 2 and merged.attrs == {"strategy": "weighted", "temperature": 50.0, "no_anomaly": -1}
+
+
+def test_tables_are_written_from_generators_row_by_row_and_an_empty_one_has_no_columns(tmp_path):
+    rows = ({"id": str(i), "cluster": i % 2} for i in range(3))
+    write_table(tmp_path / "t.csv", rows)
+    assert [r["cluster"] for r in read_table(tmp_path / "t.csv")] == ["0", "1", "0"]
+    write_table(tmp_path / "e.csv", iter([]))
+    assert (tmp_path / "e.csv").read_text().strip() == ""
 
 
 def test_the_merger_travels_in_its_stores_attrs():
@@ -152,8 +161,8 @@ def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
 
 def test_crop_table_has_one_row_per_crop_with_its_weight(tmp_path):
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
-    rows = crop_rows(["a#0", "a#1"], ["a", "a"], np.array([[0, 0, 4, 4], [1, 1, 3, 3]]), np.array([16, 4]),
-                     np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]), probs.argmax(1))
+    rows = list(crop_rows(["a#0", "a#1"], ["a", "a"], np.array([[0, 0, 4, 4], [1, 1, 3, 3]]), np.array([16, 4]),
+                          np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]), probs.argmax(1)))
     assert [r["cluster"] for r in rows] == [0, 1]
     assert rows[1]["confidence"] == "0.700000" and rows[0]["weight"] == "0.600000"
 

@@ -246,3 +246,16 @@ def test_lazy_maps_read_chunks_of_rows(tmp_path):
     lazy = store.read_maps(tmp_path / "m.zarr.zip", lazy=True)
     np.testing.assert_array_equal(lazy.maps_u8[1:4], ms.maps_u8[1:4])
     np.testing.assert_array_equal(lazy.scores, ms.scores)
+
+
+def test_lazy_probs_load_the_probabilities_and_leave_the_features_in_the_store(tmp_path):
+    rng = np.random.default_rng(0)
+    ps = store.ProbSet(probs=rng.random((4, 2, 3), np.float32), logits=rng.random((4, 2, 3), np.float32),
+                       features=rng.random((4, 8), np.float32), baseline_features=rng.random((4, 5), np.float32),
+                       head=1, attrs={"num_labeled": 0})
+    store.write_probs(tmp_path / "p.zarr.zip", ps)
+    lazy = store.read_probs(tmp_path / "p.zarr.zip", lazy=True)
+    assert isinstance(lazy.probs, np.ndarray) and lazy.head == 1 and lazy.attrs == {"num_labeled": 0}
+    assert all(isinstance(getattr(lazy, n), store.LazyRows) for n in store.PROB_FEATURES)
+    np.testing.assert_array_equal(lazy.probs, ps.probs)
+    np.testing.assert_array_equal(lazy.features[1:3], ps.features[1:3])
