@@ -111,6 +111,7 @@ class MebinParams:
     sample_rate: int = 4
     min_interval_len: int = 4
     erosion: Literal["keep_thin", "paper", "off"] = "keep_thin"  # anomalyncd.mebin.EROSION_RULES
+    fallback: Literal["own_range", "none"] = "own_range"  # anomalyncd.mebin.FALLBACKS
     padding: float = 0.1
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01

@@ -43,6 +43,12 @@ ERODE_KERNEL = np.ones((6, 6), np.uint8)
 #: have at least :func:`min_region_area` pixels; ``off`` keeps every pixel above the threshold
 #: (pixel noise on maps at full image resolution then keeps the region count from settling).
 EROSION_RULES = ("keep_thin", "paper", "off")
+#: What MEBin does with an image whose map has no stable interval on the set's search range
+#: (``mebin.fallback``), typically a real defect the detector scored low: ``own_range`` sweeps
+#: again on the image's own range (its map's minimum to maximum), so every image handed to
+#: MEBin gets its main element unless its map is flat; ``none`` reports it without anomaly,
+#: as the paper does.
+FALLBACKS = ("own_range", "none")
 #: ``keep_thin``: the smallest region kept is the kernel (36 pixels) on a 256-pixel map, scaled
 #: with the map (9 pixels at the default ``detect.map_size`` of 128).
 AREA_REFERENCE_SIDE = 256
@@ -59,12 +65,14 @@ class ImageResult:
     counts: int32 (T,) component counts along the sweep; entry ``j`` is at threshold
     ``255 - j * sample_rate`` on the rescaled axis (see :func:`sweep_thresholds`).
     mask: bool (H, W) the binary anomaly mask at image size.
+    own_range: whether the threshold came from the image's own range (``fallback: own_range``).
     """
 
     threshold: int
     est_count: int
     counts: np.ndarray
     mask: np.ndarray
+    own_range: bool = False
 
 
 @dataclass
@@ -100,6 +108,7 @@ def check_params(p: MebinParams) -> MebinParams:
         "max_merge_dist": (p.max_merge_dist >= 0, ">= 0"),
         "crop_size": (isinstance(p.crop_size, int) and p.crop_size >= 1, ">= 1 (auto is resolved by config.load_params)"),
         "workers": (p.workers >= 0, ">= 0 (0: one per CPU core)"),
+        "fallback": (p.fallback in FALLBACKS, f"one of {list(FALLBACKS)}"),
     }
     for name, (ok, limit) in rules.items():
         if not ok:
@@ -479,7 +488,10 @@ def mebin_image(
     """MEBin for one image, given the set's search range ``(lo, hi)`` (:func:`search_range`).
 
     map_u8: uint8 (S, S) anomaly map, at any resolution; image: uint8 (H, W, 3) RGB. Used by
-    the ``mebin`` stage and, with a finished run's stored range, by ``predict``.
+    the ``mebin`` stage and, with a finished run's stored range, by ``predict``. Where the set's
+    range gives no stable interval, ``params.fallback`` decides (:data:`FALLBACKS`); the
+    result's ``counts`` are then those of the image's own range, and crop scores stay on the
+    set's range, so a fallback image's crops keep their low scores.
     """
     check_params(params)
     check_map(map_u8)
@@ -490,11 +502,16 @@ def mebin_image(
         raise InputError(f"image: empty image of shape {image.shape}")
     counts = count_sequence(map_u8, lo, hi, params.sample_rate, params.erosion)
     threshold, est = stable_threshold(counts, lo, hi, params.sample_rate, params.min_interval_len)
+    own_range = est == 0 and params.fallback == "own_range"
+    if own_range:
+        own_lo, own_hi = int(map_u8.min()), int(map_u8.max())
+        counts = count_sequence(map_u8, own_lo, own_hi, params.sample_rate, params.erosion)
+        threshold, est = stable_threshold(counts, own_lo, own_hi, params.sample_rate, params.min_interval_len)
     size = image.shape[:2]
     mask = resize_mask(binarize(map_u8, threshold, params.erosion), size)
     boxes = crop_boxes(mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
     crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size)
-    return ImageResult(threshold, est, counts, mask), crops
+    return ImageResult(threshold, est, counts, mask, own_range), crops
 
 
 @dataclass(frozen=True)

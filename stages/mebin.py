@@ -143,6 +143,7 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
         "crops_per_image": len(cs.crops) / n,
         "mean_est_count": float(cs.est_counts.mean()),
         "images_without_anomaly": int((cs.est_counts == 0).sum()),
+        "images_on_own_range": sum(r.own_range for r in results),
         "lo": lo,
         "hi": hi,
         "mean_threshold": float(cs.thresholds.mean()),
@@ -170,8 +171,8 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
     """MEBin over the images ``rows`` of ``ms`` into the part store ``path``, a chunk of
     ``IMAGES_PER_CHUNK`` images at a time: the crops store's arrays (``image_index`` and the
     ``masks/<i>`` names counting over the whole set) and, in attrs, the images' ground-truth
-    coverage and mask fractions (for the metrics)."""
-    coverage, fractions = mebin.GtCoverage(), []
+    coverage, mask fractions and how many images fell back to their own range (for the metrics)."""
+    coverage, fractions, own = mebin.GtCoverage(), [], 0
     bar = tqdm(total=len(rows), desc="mebin", unit="img", disable=not progress)
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (lo, hi, p)) if workers > 1 else None
     try:
@@ -200,8 +201,9 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                     w.put(f"masks/{i}", result.mask.astype(np.uint8))
                     coverage += gt
                     fractions.append(float(result.mask.mean()))
+                    own += result.own_range
                     bar.update()
-            w.attrs.update(coverage=list(dataclasses.astuple(coverage)), mask_fractions=fractions)
+            w.attrs.update(coverage=list(dataclasses.astuple(coverage)), mask_fractions=fractions, own_range=own)
     finally:
         bar.close()
         if pool:
@@ -227,6 +229,7 @@ def gather_parts(world: int, ids: list[str], attrs: dict, p: MebinParams) -> dic
         "crops_per_image": n_crops / n,
         "mean_est_count": float(est_counts.mean()),
         "images_without_anomaly": int((est_counts == 0).sum()),
+        "images_on_own_range": sum(int(r.attrs["own_range"]) for r in parts.readers),
         "lo": attrs["lo"],
         "hi": attrs["hi"],
         "mean_threshold": float(thresholds.mean()),

@@ -364,6 +364,34 @@ def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
     assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
 
 
+def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():
+    # peaks at 60 where the set's weakest peak is 100: nothing on the set's range
+    weak = blob_map(size=64, blobs=((20, 30, 6, 60),), noise=10)
+    image = np.zeros((64, 64, 3), np.uint8)
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, fallback="none"))
+    assert res.est_count == 0 and not res.own_range and crops.areas.tolist() == [0]
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16))
+    assert res.own_range and res.est_count == 1
+    assert res.mask.sum() == 49 and res.mask[27:34, 17:24].all()  # the eroded block, none of the noise
+    assert crops.boxes.tolist() == [[14, 24, 26, 36]]
+    assert crops.scores.tolist() == [0.0]  # scores stay on the set's range: 60 < lo
+
+
+def test_the_fallback_leaves_maps_found_on_the_sets_range_and_flat_maps_alone():
+    m = blob_map(size=64, blobs=((20, 30, 6, 200),))
+    image = np.zeros((64, 64, 3), np.uint8)
+    a = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16))
+    b = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, fallback="none"))
+    assert not a[0].own_range and a[0].threshold == b[0].threshold and (a[1].boxes == b[1].boxes).all()
+    res, _ = mebin.mebin_image(np.full((16, 16), 30, np.uint8), np.zeros((16, 16, 3), np.uint8), 100, 255, MebinParams(crop_size=8))
+    assert res.own_range and res.est_count == 0  # a flat map has no region on any range
+
+
+def test_an_unknown_fallback_is_an_error_naming_the_param():
+    with pytest.raises(InputError, match="mebin.fallback"):
+        mebin.check_params(MebinParams(crop_size=8, fallback="peak"))
+
+
 def test_all_zero_maps_get_the_no_anomaly_result():
     with pytest.warns(RuntimeWarning):
         lo, hi = mebin.search_range(np.zeros((3, 16, 16), np.uint8))
