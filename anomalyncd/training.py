@@ -33,11 +33,11 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.cluster import KMeans
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import losses
+from .baseline import kmeans_clusters
 from .augment import eval_views, train_views
 from .config import TrainParams
 from .device import resolve_device
@@ -200,8 +200,9 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     """Fit what the network takes from the training crops before training, on their
     evaluation views (deterministic): the encoder's channel statistics
     (:meth:`MaskGuidedCNN.calibrate`) and, with ``head_init: kmeans``, the novel outputs of
-    every head, set to the k-means centroids (seed ``seed + head``) of the untrained features
-    of the unlabelled crops, so that training starts from the clustering of the frozen features
+    every head, set to the mean directions of the clusters that the frozen-feature baseline
+    (:func:`~anomalyncd.baseline.kmeans_clusters`, seed ``seed + head``) finds in the untrained
+    features of the unlabelled crops, so that training starts from the baseline's partition
     and refines it. The centroids go in order of their crops' mean anomaly score, so the first
     novel output, toward which the correction pulls low-score crops, is the lowest.
     """
@@ -216,16 +217,19 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     if head_init == "random":
         return
     unl = torch.from_numpy(data.labels < 0)
-    feats = torch.nn.functional.normalize(net.encoder.head_blocks(tokens[unl], pmask[unl]), dim=-1).cpu().numpy()
+    raw = net.encoder.head_blocks(tokens[unl], pmask[unl]).cpu().numpy().astype(np.float64)
+    feats = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
     cfg = net.cfg
     k = cfg.num_unlabeled
     if len(feats) < k:
         return
     for h in range(cfg.n_head):
-        km = KMeans(k, n_init=10, random_state=seed + h).fit(feats.astype(np.float64))
-        centres = km.cluster_centers_
+        # the baseline's clustering (standardise, PCA, k-means), so that training starts from
+        # the frozen features' partition; each output is its cluster's mean direction
+        labels = kmeans_clusters(raw, k, seed + h)
+        centres = np.stack([feats[labels == c].mean(0) for c in range(k)])
         # the first novel output (the normal slot, if any) is where the correction pulls low scores
-        mean_score = [data.scores[np.flatnonzero(data.labels < 0)[km.labels_ == c]].mean() for c in range(k)]
+        mean_score = [data.scores[np.flatnonzero(data.labels < 0)[labels == c]].mean() for c in range(k)]
         centres = centres[np.argsort(mean_score, kind="stable")]
         net.head.weight[h, cfg.num_labeled :] = torch.from_numpy(centres).to(net.head.weight)
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from anomalyncd import losses
+from anomalyncd.augment import eval_views
+from anomalyncd.baseline import kmeans_clusters
 from anomalyncd.config import TrainParams
 from anomalyncd.io import InputError
 from anomalyncd.model import MGViTClassifier, ModelConfig
@@ -20,6 +22,7 @@ from anomalyncd.training import (
     cached_view_pairs,
     cosine_lr,
     epoch_batches,
+    prepare_model,
     select_head,
     train,
 )
@@ -57,6 +60,24 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_kmeans_head_init_starts_each_head_from_the_baselines_clusters_lowest_score_first():
+    net, data = tiny_net(), tiny_data(m=18)
+    prepare_model(net, data, "cpu", "kmeans", seed=5)
+    x, mk = eval_views(data.crops, data.masks, net.cfg.image_size, net.cfg.crop_pct)
+    with torch.no_grad():
+        feats = net.encoder(torch.from_numpy(x), torch.from_numpy(mk)).double().numpy()
+    for h in range(net.cfg.n_head):
+        labels = kmeans_clusters(feats, 3, 5 + h)
+        unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        order = np.argsort([data.scores[labels == c].mean() for c in range(3)], kind="stable")
+        expected = np.stack([unit[labels == c].mean(0) for c in order])
+        got = net.head.weight[h].detach().double().numpy()
+        np.testing.assert_allclose(got / np.linalg.norm(got, axis=1, keepdims=True),
+                                   expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-4)
+        # the untrained model then puts each crop where the nearest mean direction is
+        assert (np.argmax(unit @ got.T, axis=1) == np.argsort(order)[labels]).mean() >= 0.8
 
 
 def test_cosine_lr_goes_from_lr_towards_lr_times_ratio():
