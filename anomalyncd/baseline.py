@@ -4,7 +4,9 @@ Every run reports it beside the trained model (``metrics/evaluate.json``, ``base
 the figures show what mask-guided training adds over clustering the pretrained features of
 the same crops. Features are standardised per channel, reduced by PCA to at most
 ``PCA_DIMS`` dimensions, clustered by k-means (``n_init`` 10, seeded) into the same number of
-classes as the model has novel outputs, and merged to images like the model's predictions.
+classes as the model has novel outputs, and merged to images like the model's predictions;
+``evaluate`` reports the mean over several k-means seeds, since one run can land in a
+partition some hundredths of NMI from another's.
 """
 
 from __future__ import annotations

@@ -413,7 +413,8 @@ def _header(out: Path, data: ReportData) -> str:
     if m.get("ground_truth"):
         rows = [[lvl, m[lvl]["n"], m[lvl]["nmi"], m[lvl]["ari"], m[lvl]["f1"]] for lvl in ("image", "crop") if lvl in m]
         base = m.get("baseline", {})
-        rows += [[f"{lvl}: k-means on the frozen features", b["n"], b["nmi"], b["ari"], b["f1"]] for lvl, b in base.items() if lvl in ("image", "crop")]
+        seeds = f", mean of {base['kmeans_seeds']} seeds" if "kmeans_seeds" in base else ""
+        rows += [[f"{lvl}: k-means on the frozen features{seeds}", b["n"], b["nmi"], b["ari"], b["f1"]] for lvl, b in base.items() if lvl in ("image", "crop")]
         parts.append("<h3>Class discovery</h3>" + _table(["level", "n", "NMI", "ARI", "F1"], rows))
     if data.detect:
         keys = [("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro")]

@@ -63,21 +63,33 @@ def read_optional_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+#: k-means seeds the baseline is averaged over: one k-means run on these features can land in a
+#: partition several hundredths of NMI from another seed's.
+BASELINE_SEEDS = 5
+
+
 def baseline_metrics(cs: CropSet, ps: ProbSet, merger: Merger, seed: int, records: dict) -> dict:
     """Image and crop NMI / ARI / F1 of the frozen-feature baseline (:mod:`anomalyncd.baseline`):
     k-means on the crops' mask-pooled backbone features, merged to images like the model's
-    predictions (images without anomaly count as wrong)."""
+    predictions (images without anomaly count as wrong). The mean over ``BASELINE_SEEDS``
+    k-means seeds from ``seed`` on, and under ``spread`` the standard deviation."""
     if len(ps.baseline_features) != len(cs.crops):
         raise InputError(f"{paths.PROBS}: {len(ps.baseline_features)} crops, {paths.CROPS} has {len(cs.crops)}; rerun infer (dvc repro)")
     k = int(ps.attrs.get("num_unlabeled", ps.probs.shape[-1]))
-    crop_labels = kmeans_clusters(ps.baseline_features, k, seed)
-    merged = merge_regions(np.eye(k)[crop_labels], cs.areas, cs.image_index, len(cs.ids), merger.strategy, merger.temperature)
     truth = [records[i].defect_type for i in cs.ids]
-    known = [t is not None and t != "" for t in truth]
-    image = score_clustering([t for t, k_ in zip(truth, known) if k_], merged.labels[np.array(known)])
+    known = np.array([t is not None and t != "" for t in truth])
     crop_truth = [truth[i] for i in cs.image_index]
-    crop = score_clustering(crop_truth, crop_labels)
-    return {"features": "frozen backbone, mask-pooled; PCA + k-means", "image": image.summary(), "crop": crop.summary()}
+    runs: dict[str, list[dict]] = {"image": [], "crop": []}
+    for s in range(seed, seed + BASELINE_SEEDS):
+        crop_labels = kmeans_clusters(ps.baseline_features, k, s)
+        merged = merge_regions(np.eye(k)[crop_labels], cs.areas, cs.image_index, len(cs.ids), merger.strategy, merger.temperature)
+        runs["image"].append(score_clustering([t for t, k_ in zip(truth, known) if k_], merged.labels[known]).summary())
+        runs["crop"].append(score_clustering(crop_truth, crop_labels).summary())
+    out: dict = {"features": "frozen backbone, mask-pooled; PCA + k-means", "kmeans_seeds": BASELINE_SEEDS}
+    for level, rs in runs.items():
+        out[level] = {"n": rs[0]["n"], **{m: float(np.mean([r[m] for r in rs])) for m in ("nmi", "ari", "f1")}}
+        out.setdefault("spread", {})[level] = {m: float(np.std([r[m] for r in rs])) for m in ("nmi", "ari", "f1")}
+    return out
 
 
 def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
@@ -177,7 +189,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if m["ground_truth"]:
         summary = " ".join(f"{lvl} NMI {m[lvl]['nmi']:.3f} ARI {m[lvl]['ari']:.3f} F1 {m[lvl]['f1']:.3f};" for lvl in ("image", "crop") if lvl in m)
         b = m["baseline"]["image"]
-        summary += f" (k-means on the frozen features: image NMI {b['nmi']:.3f} ARI {b['ari']:.3f} F1 {b['f1']:.3f})"
+        summary += f" (k-means on the frozen features, mean of {BASELINE_SEEDS} seeds: image NMI {b['nmi']:.3f} ARI {b['ari']:.3f} F1 {b['f1']:.3f})"
     else:
         summary = "no ground truth; cluster sizes " + str({c: v["size"] for c, v in m["clusters"].items()})
     typer.echo(f"evaluate: {summary} no anomaly found in {m['no_anomaly']['images']} images; report: {paths.REPORT / 'index.html'}")

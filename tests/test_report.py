@@ -340,3 +340,6 @@ def test_evaluate_stage_scores_the_frozen_feature_baseline_beside_the_model(tmp_
     m = json.loads(Path("metrics/evaluate.json").read_text())
     assert set(m["baseline"]["image"]) == {"n", "nmi", "ari", "f1"}
     assert m["baseline"]["crop"]["nmi"] == pytest.approx(1.0) and m["baseline"]["image"]["f1"] == pytest.approx(1.0)
+    # the mean over evaluate.BASELINE_SEEDS k-means seeds; separable features: no spread
+    assert m["baseline"]["kmeans_seeds"] == evaluate.BASELINE_SEEDS
+    assert m["baseline"]["spread"]["image"]["nmi"] == pytest.approx(0.0, abs=1e-9)
