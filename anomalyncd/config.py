@@ -112,7 +112,7 @@ class MebinParams:
     min_interval_len: int = 4
     erosion: Literal["keep_thin", "paper", "off"] = "keep_thin"  # anomalyncd.mebin.EROSION_RULES
     fallback: Literal["own_range", "none"] = "own_range"  # anomalyncd.mebin.FALLBACKS
-    padding: float = 0.1
+    padding: float = 1.0  # the crop box is the region's box grown by this fraction (the paper: 0.1)
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
     crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
@@ -137,13 +137,13 @@ class TrainParams:
     crop_pct: float | Literal["auto"] = "auto"  # share of the resized crop the centre crop keeps; auto: train.model's timm config
     num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
-    auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "eigengap"  # anomalyncd.num_classes
+    auto_method: Literal["bic", "silhouette", "eigengap", "stability"] = "stability"  # anomalyncd.num_classes
     auto_features: Literal["filterbank", "mgvit"] = "mgvit"  # what the estimate clusters (anomalyncd.auto_k)
     head_init: Literal["kmeans", "random"] = "kmeans"  # novel outputs start at k-means centroids of the untrained features
     mask_layers: int = 0  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 0.003
     momentum: float = 0.9
@@ -151,7 +151,7 @@ class TrainParams:
     min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * min_lr_ratio
     warmup_teacher_temp: float = 0.07
     teacher_temp: float = 0.04
-    warmup_teacher_epochs: int = 20
+    warmup_teacher_epochs: int = 20  # longer than the default epochs: the teacher stays between the two temperatures
     repeat_times: int = 1  # each teacher-temperature step is held this many epochs
     memax_weight: float = 4.0
     anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)

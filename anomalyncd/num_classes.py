@@ -8,7 +8,7 @@ can log it and plot score against K.
 
 Estimators (``method``):
 
-- ``eigengap`` (the pipeline's default): spectral gap of a k-nearest-neighbour affinity graph
+- ``eigengap``: spectral gap of a k-nearest-neighbour affinity graph
   with local scaling (Zelnik-Manor & Perona, 2004). Score of K is ``lambda_{K+1} - lambda_K``
   of the normalised Laplacian; one cluster is a first-class answer (a large gap after
   ``lambda_1 = 0``).
@@ -18,7 +18,7 @@ Estimators (``method``):
   answer.
 - ``silhouette``: mean cosine silhouette of k-means with K clusters. Undefined for K = 1; a
   best silhouette below ``min_silhouette`` means "no cluster structure" and answers 1.
-- ``stability``: agreement (ARI) of k-means fitted on two random halves of the data, over
+- ``stability`` (the pipeline's default): agreement (ARI) of k-means fitted on two random halves of the data, over
   resamplings (Ben-Hur et al., 2002; Lange et al., 2004). Undefined for K = 1 (a single
   cluster is trivially stable), answered like ``silhouette``.
 

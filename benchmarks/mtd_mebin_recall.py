@@ -81,7 +81,9 @@ def recovery(
         if missing:
             raise SystemExit(f"{maps_store}: no map for {len(missing)} MTD defect images, e.g. {missing[:3]}")
         maps_u8 = [ms.maps_u8[index[r.id]] for r in records]
-    params = MebinParams(erosion=erosion, crop_size=256)
+    # the erosion rule alone: the paper's crop padding, and no own-range fallback, which would
+    # give every image a region whatever the rule
+    params = MebinParams(erosion=erosion, crop_size=256, padding=0.1, fallback="none")
     lo, hi = mebin.search_range(maps_u8)
     coverage: dict[str, mebin.GtCoverage] = {}
     no_anomaly: dict[str, int] = {}

@@ -24,8 +24,8 @@ def tiny_params(**kw) -> TrainParams:
     return TrainParams(**{**base, **kw})
 
 
-def test_by_default_the_estimate_clusters_the_classifiers_own_features_by_eigengap():
-    assert (TrainParams().auto_features, TrainParams().auto_method) == ("mgvit", "eigengap")
+def test_by_default_the_estimate_clusters_the_classifiers_own_features_by_stability():
+    assert (TrainParams().auto_features, TrainParams().auto_method) == ("mgvit", "stability")
 
 
 def two_kinds_of_crops(n: int = 12, size: int = 37) -> tuple[np.ndarray, np.ndarray]:

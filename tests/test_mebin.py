@@ -10,7 +10,9 @@ from anomalyncd import mebin
 from anomalyncd.config import MebinParams
 from anomalyncd.io import InputError
 
-P = MebinParams(crop_size=256)  # the knobs at their defaults (config.py is the only place they exist)
+# the knobs at their defaults (config.py is the only place they exist), but the paper's crop
+# padding: the box geometry below is worked out for it
+P = MebinParams(crop_size=256, padding=0.1)
 
 KERNEL = np.ones((6, 6), np.uint8)
 
@@ -341,7 +343,7 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.full((64, 64, 3), 50, np.uint8)
     for erosion in ("keep_thin", "paper"):  # a blob that survives the erosion: the paper's result
-        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion))
+        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion, padding=0.1))
         assert res.est_count == 1 and res.threshold == 3
         assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
         assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
@@ -370,7 +372,7 @@ def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():
     image = np.zeros((64, 64, 3), np.uint8)
     res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, fallback="none"))
     assert res.est_count == 0 and not res.own_range and crops.areas.tolist() == [0]
-    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16))
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, padding=0.1))
     assert res.own_range and res.est_count == 1
     assert res.mask.sum() == 49 and res.mask[27:34, 17:24].all()  # the eroded block, none of the noise
     assert crops.boxes.tolist() == [[14, 24, 26, 36]]
