@@ -192,9 +192,9 @@ def image_rows(
     image_index: np.ndarray,
     crop_labels: np.ndarray,
 ) -> Iterator[dict[str, str | int]]:
-    """One row per image, generated (a table of any length is written without holding it): id, image path, category, cluster, status (:data:`STATUS`),
-    confidence (empty without anomaly), n_crops, boxes, crop_clusters and prob_<k> for every
-    class k.
+    """One row per image, generated (a table of any length is written without holding it):
+    id, image path, category, cluster, status (:data:`STATUS`), confidence (empty without
+    anomaly), n_crops, boxes, crop_clusters and prob_<k> for every class k.
 
     boxes: int (M, 4); image_index: int (M,); crop_labels: int (M,) each crop's own class.
     """

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import losses
-from .baseline import kmeans_clusters
 from .augment import eval_views, train_views
+from .baseline import kmeans_clusters
 from .config import TrainParams
 from .device import resolve_device
 from .io import InputError, save_torch

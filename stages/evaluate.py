@@ -78,12 +78,13 @@ def baseline_metrics(cs: CropSet, ps: ProbSet, merger: Merger, seed: int, record
     k = int(ps.attrs.get("num_unlabeled", ps.probs.shape[-1]))
     truth = [records[i].defect_type for i in cs.ids]
     known = np.array([t is not None and t != "" for t in truth])
+    known_truth = [t for t, k_ in zip(truth, known) if k_]
     crop_truth = [truth[i] for i in cs.image_index]
     runs: dict[str, list[dict]] = {"image": [], "crop": []}
     for s in range(seed, seed + BASELINE_SEEDS):
         crop_labels = kmeans_clusters(ps.baseline_features, k, s)
         merged = merge_regions(np.eye(k)[crop_labels], cs.areas, cs.image_index, len(cs.ids), merger.strategy, merger.temperature)
-        runs["image"].append(score_clustering([t for t, k_ in zip(truth, known) if k_], merged.labels[known]).summary())
+        runs["image"].append(score_clustering(known_truth, merged.labels[known]).summary())
         runs["crop"].append(score_clustering(crop_truth, crop_labels).summary())
     out: dict = {"features": "frozen backbone, mask-pooled; PCA + k-means", "kmeans_seeds": BASELINE_SEEDS}
     for level, rs in runs.items():

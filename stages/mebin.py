@@ -136,25 +136,34 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
             "params": dataclasses.asdict(p),
         },
     )
-    n = len(cs.ids)
-    metrics = {
+    metrics = stage_metrics(cs.est_counts, cs.thresholds, [float(m.mean()) for m in cs.masks], len(cs.crops),
+                            sum(r.own_range for r in results), coverage, lo, hi, p)
+    return cs, metrics
+
+
+def stage_metrics(est_counts: np.ndarray, thresholds: np.ndarray, mask_fractions: list[float], n_crops: int,
+                  own_range: int, coverage: mebin.GtCoverage, lo: int, hi: int, p: MebinParams) -> dict:
+    """metrics/mebin.json from the per-image results (est_counts, thresholds: int (N,); the
+    masks' foreground fractions (N,)), the number of crops and of images searched on their own
+    range, and the summed ground-truth coverage."""
+    n = len(est_counts)
+    return {
         "images": n,
-        "crops": len(cs.crops),
-        "crops_per_image": len(cs.crops) / n,
-        "mean_est_count": float(cs.est_counts.mean()),
-        "images_without_anomaly": int((cs.est_counts == 0).sum()),
-        "images_on_own_range": sum(r.own_range for r in results),
+        "crops": n_crops,
+        "crops_per_image": n_crops / n,
+        "mean_est_count": float(np.mean(est_counts)),
+        "images_without_anomaly": int((np.asarray(est_counts) == 0).sum()),
+        "images_on_own_range": int(own_range),
         "lo": lo,
         "hi": hi,
-        "mean_threshold": float(cs.thresholds.mean()),
-        "mean_mask_fraction": float(np.mean([m.mean() for m in cs.masks])),
+        "mean_threshold": float(np.mean(thresholds)),
+        "mean_mask_fraction": float(np.mean(mask_fractions)),
         "erosion": p.erosion,
         # where masks exist, the fractions of ground-truth regions (> MIN_GT_REGION px) found (at
         # least half inside the crops), of those whole inside one crop, and of the defect pixels
         # inside the crops; crops of images without anomaly hold no region
         **coverage.metrics(),
     }
-    return cs, metrics
 
 
 def streamed_search_range(ms: MapSet) -> tuple[int, int]:
@@ -222,21 +231,8 @@ def gather_parts(world: int, ids: list[str], attrs: dict, p: MebinParams) -> dic
         est_counts = np.concatenate([r.read("est_counts") for r in parts.readers])
         thresholds = np.concatenate([r.read("thresholds") for r in parts.readers])
         n_crops = parts.rows("image_index")
-    n = len(ids)
-    return {
-        "images": n,
-        "crops": n_crops,
-        "crops_per_image": n_crops / n,
-        "mean_est_count": float(est_counts.mean()),
-        "images_without_anomaly": int((est_counts == 0).sum()),
-        "images_on_own_range": sum(int(r.attrs["own_range"]) for r in parts.readers),
-        "lo": attrs["lo"],
-        "hi": attrs["hi"],
-        "mean_threshold": float(thresholds.mean()),
-        "mean_mask_fraction": float(np.mean(fractions)),
-        "erosion": p.erosion,
-        **coverage.metrics(),
-    }
+    return stage_metrics(est_counts, thresholds, fractions, n_crops, sum(int(r.attrs["own_range"]) for r in parts.readers),
+                         coverage, attrs["lo"], attrs["hi"], p)
 
 
 @app.command()
