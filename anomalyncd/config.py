@@ -143,6 +143,7 @@ class TrainParams:
     mask_layers: int = 0  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
     grad_from_block: int = 11  # blocks before this one are frozen
     n_head: int = 4
+    head_select: Literal["consensus", "loss"] = "consensus"  # consensus: the head agreeing most with the others; loss: lowest cluster loss (the paper)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.003
@@ -153,7 +154,7 @@ class TrainParams:
     teacher_temp: float = 0.04
     warmup_teacher_epochs: int = 20  # longer than the default epochs: the teacher stays between the two temperatures
     repeat_times: int = 1  # each teacher-temperature step is held this many epochs
-    memax_weight: float = 4.0
+    memax_weight: float = 2.0  # the paper: 4
     anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)
     sup_weight: float = 0.3  # only with base_dir
     base_dir: str = ""  # optional labelled base set: <base_dir>/<class>/<name>.png + <name>_mask.png

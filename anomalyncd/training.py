@@ -13,6 +13,11 @@ Pseudo-label correction pulls the teacher target of every unlabelled crop scorin
 ``anomaly_thred`` toward the first novel output, as the authors do: the normal slot with
 ``dataset.include_normal``, otherwise the first defect class (``anomaly_thred: 0`` turns it off).
 
+The kept head (``head_select``) is by default the medoid of the heads' partitions of the
+training crops (:func:`select_consensus_head`) rather than the authors' head of lowest cluster
+loss (``loss``): the me-max term of that loss favours classes of equal size, which real defect
+classes seldom are.
+
 Loss of one batch (per head h, then averaged over heads)::
 
     cluster_h = distill_h + memax_weight * memax_h     (both on the unlabelled rows only)
@@ -31,6 +36,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -70,7 +76,8 @@ class TrainData:
 
 @dataclass
 class TrainResult:
-    head: int  # selected head: lowest mean cluster loss in the last epoch
+    head: int  # selected head (train.head_select): the medoid of the heads' partitions, or lowest cluster loss
+    agreement: list[float] = field(default_factory=list)  # head_select consensus: each head's mean NMI to the others
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     seconds: float = 0.0
     resumed_from: int = 0  # epochs loaded from the checkpoint
@@ -89,6 +96,29 @@ def select_head(cluster_per_head: list[float] | np.ndarray) -> int:
     The cluster loss of a head is distillation + memax_weight * me-max, the authors' criterion.
     """
     return int(np.argmin(np.asarray(cluster_per_head, dtype=np.float64)))
+
+
+def head_agreement(assignments: np.ndarray) -> np.ndarray:
+    """Each head's mean NMI to the other heads' partitions: float (H,) (0 for a single head).
+
+    assignments: int (H, M), each head's cluster of every crop. The head of highest agreement
+    is the medoid of the heads' partitions, the choice of the cluster-ensemble literature
+    (Strehl & Ghosh, JMLR 2002, https://www.jmlr.org/papers/v3/strehl02a.html).
+    """
+    h = len(assignments)
+    nmi = np.ones((h, h))
+    for i in range(h):
+        for j in range(i + 1, h):
+            nmi[i, j] = nmi[j, i] = normalized_mutual_info_score(assignments[i], assignments[j])
+    return (nmi.sum(1) - 1) / max(1, h - 1) if h > 1 else np.zeros(h)
+
+
+def select_consensus_head(assignments: np.ndarray, cluster_per_head: list[float] | np.ndarray) -> int:
+    """Index of the head whose partition agrees most with the others (:func:`head_agreement`);
+    among heads of equal agreement (within 1e-9), the one of lowest cluster loss."""
+    agree = head_agreement(np.asarray(assignments))
+    tied = np.flatnonzero(agree >= agree.max() - 1e-9)
+    return int(tied[select_head(np.asarray(cluster_per_head, dtype=np.float64)[tied])])
 
 
 def epoch_batches(labels: np.ndarray, batch_size: int, seed: int, epoch: int, min_size: int = 2) -> list[np.ndarray]:
@@ -196,6 +226,30 @@ def build_trunk_cache(
 
 
 @torch.no_grad()
+def eval_trunk(net: MGViTClassifier, data: TrainData, device: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-part outputs of every crop's evaluation view (the view ``infer`` sees): tokens
+    (M, N, D) and patch masks (M, P), on ``device``."""
+    net.eval()
+    parts = [
+        net.encoder.trunk(*(torch.from_numpy(a).to(device) for a in eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size, net.cfg.crop_pct)))
+        for s in range(0, len(data.crops), batch_size)
+    ]
+    return torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+
+
+@torch.no_grad()
+def head_assignments(net: MGViTClassifier, data: TrainData, device: str, batch_size: int = 64) -> np.ndarray:
+    """Each head's novel class of every unlabelled crop's evaluation view: int (H, M_unlabelled)."""
+    tokens, pmask = eval_trunk(net, data, device, batch_size)
+    unl = torch.from_numpy(data.labels < 0).to(tokens.device)
+    tokens, pmask = tokens[unl], pmask[unl]
+    out = [net(tokens[s : s + batch_size], pmask[s : s + batch_size], cached=True)[2] for s in range(0, len(tokens), batch_size)]
+    if not out:
+        return np.zeros((net.cfg.n_head, 0), np.int64)
+    return torch.cat(out, dim=1)[..., net.cfg.num_labeled :].argmax(-1).cpu().numpy()
+
+
+@torch.no_grad()
 def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init: str, seed: int, batch_size: int = 64) -> None:
     """Fit what the network takes from the training crops before training, on their
     evaluation views (deterministic): the encoder's channel statistics
@@ -206,12 +260,7 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     and refines it. The centroids go in order of their crops' mean anomaly score, so the first
     novel output, toward which the correction pulls low-score crops, is the lowest.
     """
-    net.eval()
-    parts = [
-        net.encoder.trunk(*(torch.from_numpy(a).to(device) for a in eval_views(data.crops[s : s + batch_size], data.masks[s : s + batch_size], net.cfg.image_size, net.cfg.crop_pct)))
-        for s in range(0, len(data.crops), batch_size)
-    ]
-    tokens, pmask = torch.cat([t for t, _ in parts]), torch.cat([p for _, p in parts])
+    tokens, pmask = eval_trunk(net, data, device, batch_size)
     if net.encoder.needs_calibration:
         net.encoder.calibrate(tokens, pmask)
     if head_init == "random":
@@ -430,9 +479,18 @@ def train(
                 _save_checkpoint(checkpoint, net, opt, epoch + 1, history, fingerprint)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-    head = select_head([history[-1][f"cluster_head{i}"] for i in range(net.cfg.n_head)]) if history else 0
+    head, agreement = 0, []
+    if history:
+        losses_h = [history[-1][f"cluster_head{i}"] for i in range(net.cfg.n_head)]
+        if cfg.head_select == "consensus" and net.cfg.n_head > 1:
+            assignments = head_assignments(net, data, device)
+            agreement = head_agreement(assignments).tolist()
+            head = select_consensus_head(assignments, losses_h)
+        else:
+            head = select_head(losses_h)
     return TrainResult(
         head=head,
+        agreement=agreement,
         history=history,
         seconds=time.perf_counter() - t0,
         resumed_from=resumed_from,

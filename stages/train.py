@@ -166,6 +166,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             {
                 **{k_: round(v, 6) for k_, v in last.items()},
                 "head": result.head,
+                **{f"agreement_head{i}": round(a, 6) for i, a in enumerate(result.agreement)},
                 "epochs": len(result.history),
                 "resumed_from_epoch": result.resumed_from,
                 "crops": len(cs.crops),

@@ -25,6 +25,7 @@ AUTHORS = {
     "train.grad_from_block": 11,
     "train.mask_layers": 9,
     "train.n_head": 4,
+    "train.head_select": "loss",  # they keep the head of lowest cluster loss
     "train.batch_size": 32,
     "train.lr": 0.003,
     "train.momentum": 0.9,

