@@ -106,11 +106,13 @@ def head_agreement(assignments: np.ndarray) -> np.ndarray:
     (Strehl & Ghosh, JMLR 2002, https://www.jmlr.org/papers/v3/strehl02a.html).
     """
     h = len(assignments)
-    nmi = np.ones((h, h))
+    if h == 1:
+        return np.zeros(1)
+    nmi = np.zeros((h, h))
     for i in range(h):
         for j in range(i + 1, h):
             nmi[i, j] = nmi[j, i] = normalized_mutual_info_score(assignments[i], assignments[j])
-    return (nmi.sum(1) - 1) / max(1, h - 1) if h > 1 else np.zeros(h)
+    return nmi.sum(1) / (h - 1)
 
 
 def select_consensus_head(assignments: np.ndarray, cluster_per_head: list[float] | np.ndarray) -> int:

@@ -9,9 +9,9 @@ variant (``base`` = params.yaml's ``train`` section; ``key=value,...`` changes t
 is trained with the library's :func:`~anomalyncd.training.train` for each seed, and its crops
 are merged to images as the pipeline does. Printed per variant (image NMI / ARI / F1, mean over
 seeds, then per seed): the head kept by ``head_select: consensus`` and by ``loss``, and the
-frozen-feature k-means baseline (mean over 5 k-means seeds). The frozen trunk's outputs are
-memoised by input, so the variants share one trunk pass per distinct view: the figures are
-those of separate runs, computed faster.
+frozen-feature k-means baseline as ``evaluate`` reports it (mean over its k-means seeds). The
+frozen trunk's outputs are memoised by input, so the variants share one trunk pass per
+distinct view: the figures are those of separate runs, computed faster.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import numpy as np
 import torch
 import yaml
 
-from anomalyncd.baseline import kmeans_clusters
 from anomalyncd.config import MergeParams, TrainParams, from_dict
 from anomalyncd.datasets import Manifest
 from anomalyncd.inference import crop_outputs, novel_probabilities
-from anomalyncd.merge import merge_regions
+from anomalyncd.merge import NO_ANOMALY, Merger, merge_regions
 from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone
-from anomalyncd.store import read_crops
+from anomalyncd.store import ProbSet, read_crops
 from anomalyncd.training import TrainData, select_head, train
+from stages.evaluate import BASELINE_SEEDS, baseline_metrics
 
 
 class TrunkMemo:
@@ -99,9 +99,10 @@ def main() -> None:
             by_loss = select_head([res.history[-1][f"cluster_head{h}"] for h in range(p.n_head)])
             rows["consensus"].append(image_scores(probs[:, res.head]))
             rows["loss"].append(image_scores(probs[:, by_loss]))
-            if not baseline_done:
-                runs = [image_scores(np.eye(k)[kmeans_clusters(out.baseline, k, s)]) for s in range(5)]
-                print(f"baseline (k-means, 5 seeds): {fmt(np.mean(runs, 0))}", flush=True)
+            if not baseline_done:  # the frozen features do not depend on the variant or seed
+                ps = ProbSet(probs, out.logits, out.features, out.baseline, res.head, {"num_unlabeled": k})
+                b = baseline_metrics(cs, ps, Merger(merge.strategy, merge.temperature, NO_ANOMALY), 0, records)["image"]
+                print(f"baseline (k-means, {BASELINE_SEEDS} seeds): {fmt(np.array([b[m] for m in ('nmi', 'ari', 'f1')]))}", flush=True)
                 baseline_done = True
         for rule, r in rows.items():
             print(f"{text:40s} {rule:9s} {fmt(np.mean(r, 0))}   per seed: {', '.join(fmt(x) for x in r)}", flush=True)
