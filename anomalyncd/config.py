@@ -113,6 +113,7 @@ class MebinParams:
     erosion: Literal["keep_thin", "paper", "off"] = "keep_thin"  # anomalyncd.mebin.EROSION_RULES
     fallback: Literal["own_range", "none"] = "own_range"  # anomalyncd.mebin.FALLBACKS
     padding: float = 1.0  # the crop box is the region's box grown by this fraction (the paper: 0.1)
+    core: float | Literal["auto"] = "auto"  # crop masks: the region's pixels scoring >= this fraction of its peak; auto: :func:`resolve_core`
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
     crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
@@ -269,7 +270,9 @@ def resolve(section: str, params: Any, read: Callable[[str], Any]) -> Any:
     if section == "train":
         return dataclasses.replace(params, crop_pct=train_crop_pct(params))
     if section == "mebin":
-        return dataclasses.replace(params, crop_size=resolve_crop_size(params.crop_size, read("train")))
+        return dataclasses.replace(
+            params, crop_size=resolve_crop_size(params.crop_size, read("train")), core=resolve_core(params.core, read("detect"))
+        )
     return params
 
 
@@ -311,6 +314,22 @@ def resolve_crop_size(crop_size: int | str, train: "TrainParams") -> int:
             f"or at least {train.image_size}"
         )
     return crop_size
+
+
+#: ``mebin.core: auto`` on the maps of the built-in detectors that smooth them (``smooth_sigma``)
+SMOOTHED_MAP_CORE = 0.6
+SMOOTHING_DETECTORS = ("patchcore", "padim")
+
+
+def resolve_core(core: float | str, detect: "DetectParams") -> float:
+    """``mebin.core``: ``auto`` is :data:`SMOOTHED_MAP_CORE` on the Gaussian-smoothed maps of
+    the built-in PatchCore and PaDiM (``detect.smooth_sigma`` > 0), where MEBin's regions are
+    several times the defect, and 0 (the whole region) on other maps: ground truth, whose
+    anti-aliased edges and thin defects a core would cut, and imported maps, whose smoothing is
+    unknown (set a number for those)."""
+    if core != "auto":
+        return float(core)
+    return SMOOTHED_MAP_CORE if detect.method in SMOOTHING_DETECTORS and detect.smooth_sigma > 0 else 0.0
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:

@@ -104,6 +104,7 @@ def check_params(p: MebinParams) -> MebinParams:
         "sample_rate": (p.sample_rate >= 1, ">= 1"),
         "min_interval_len": (p.min_interval_len >= 1, ">= 1"),
         "padding": (p.padding >= 0, ">= 0"),
+        "core": (isinstance(p.core, (int, float)) and 0 <= p.core < 1, "in [0, 1) (0: the whole region; auto is resolved by config.load_params)"),
         "min_crop_size": (0 <= p.min_crop_size <= 0.5, "in [0, 0.5]"),
         "max_merge_dist": (p.max_merge_dist >= 0, ">= 0"),
         "crop_size": (isinstance(p.crop_size, int) and p.crop_size >= 1, ">= 1 (auto is resolved by config.load_params)"),
@@ -454,7 +455,7 @@ def score_map(map_u8: np.ndarray, lo: int, hi: int, size: tuple[int, int]) -> np
 
 
 def extract_crops(
-    image: np.ndarray, mask: np.ndarray, scores: np.ndarray, boxes: np.ndarray, crop_size: int
+    image: np.ndarray, mask: np.ndarray, scores: np.ndarray, boxes: np.ndarray, crop_size: int, core: float
 ) -> Crops:
     """Rule 9: image and mask crops of each box, resized to ``crop_size``, and their scores.
 
@@ -462,6 +463,9 @@ def extract_crops(
     (:func:`score_map`); boxes: int (m, 4). A crop's score is the maximum of ``scores`` in its
     box (black padding outside the image counts as 0) divided by 255, clipped to [0, 1].
     Images are resized bilinearly, masks nearest-neighbour (:func:`resize_short_side`).
+    ``core`` > 0 (not in the paper): the crop mask keeps only the region's pixels scoring at
+    least ``core`` times the highest score of the region in the box (:func:`core_mask`); the
+    box, the area and the score stay those of the whole region.
     """
     if crop_size < 1:
         raise InputError(f"params.yaml: mebin.crop_size must be >= 1, got {crop_size}")
@@ -472,11 +476,30 @@ def extract_crops(
     mask_u8 = mask.astype(np.uint8)
     for k, box in enumerate(boxes):
         m = crop_padded(mask_u8, box)
+        s = crop_padded(scores, box)
         crops[k] = resize_short_side(crop_padded(image, box), crop_size, Image.Resampling.BILINEAR)
-        crop_masks[k] = resize_short_side(m, crop_size, Image.Resampling.NEAREST)
+        crop_masks[k] = resize_short_side(core_mask(m, s, core), crop_size, Image.Resampling.NEAREST)
         areas[k] = int(m.sum())
-        out_scores[k] = np.clip(crop_padded(scores, box).max() / 255.0, 0.0, 1.0)
+        out_scores[k] = np.clip(s.max() / 255.0, 0.0, 1.0)
     return Crops(crops, crop_masks, np.asarray(boxes, np.int32).reshape(-1, 4), areas, out_scores)
+
+
+def core_mask(mask: np.ndarray, scores: np.ndarray, core: float) -> np.ndarray:
+    """The pixels of ``mask`` scoring at least ``core`` times its highest score: uint8 (h, w).
+
+    mask: uint8 (h, w) in {0, 1}; scores: float (h, w). On a smooth detector map MEBin's
+    region is several times the defect (its threshold sits in the map's tails); its core is
+    where the defect is, and pooling the classifier's features there rather than over the
+    whole region separates the defect types better (docs/discovery.md). A region whose
+    highest score is 0 or below (possible on the own-range fallback, whose regions lie under
+    the set's range), ``core`` 0, and an empty mask give ``mask`` unchanged.
+    """
+    if core <= 0 or not mask.any():
+        return mask
+    peak = scores[mask > 0].max()
+    if peak <= 0:
+        return mask
+    return (mask > 0).astype(np.uint8) & (scores >= core * peak)
 
 
 # -- the whole per-image job -----------------------------------------------------------------
@@ -510,7 +533,7 @@ def mebin_image(
     size = image.shape[:2]
     mask = resize_mask(binarize(map_u8, threshold, params.erosion), size)
     boxes = crop_boxes(mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
-    crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size)
+    crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size, params.core)
     return ImageResult(threshold, est, counts, mask, own_range), crops
 
 

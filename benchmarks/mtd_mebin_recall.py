@@ -81,9 +81,9 @@ def recovery(
         if missing:
             raise SystemExit(f"{maps_store}: no map for {len(missing)} MTD defect images, e.g. {missing[:3]}")
         maps_u8 = [ms.maps_u8[index[r.id]] for r in records]
-    # the erosion rule alone: the paper's crop padding, and no own-range fallback, which would
+    # the erosion rule alone: the paper's crop padding and whole-region masks, and no own-range fallback, which would
     # give every image a region whatever the rule
-    params = MebinParams(erosion=erosion, crop_size=256, padding=0.1, fallback="none")
+    params = MebinParams(erosion=erosion, crop_size=256, padding=0.1, fallback="none", core=0.0)
     lo, hi = mebin.search_range(maps_u8)
     coverage: dict[str, mebin.GtCoverage] = {}
     no_anomaly: dict[str, int] = {}

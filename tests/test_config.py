@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from anomalyncd.config import SECTIONS, DatasetParams, MebinParams, from_dict, load_params
+from anomalyncd.config import SECTIONS, SMOOTHED_MAP_CORE, DatasetParams, MebinParams, from_dict, load_params
 from anomalyncd.io import InputError
 
 from .conftest import ROOT
@@ -72,3 +72,22 @@ def test_the_defaults_and_the_shipped_params_are_in_range():
     for section in SECTIONS:
         load_params(section, ROOT / "params.yaml")
         SECTIONS[section]()
+
+
+@pytest.mark.parametrize(
+    "method, sigma, core",
+    [
+        ("patchcore", 12.0, SMOOTHED_MAP_CORE),
+        ("padim", 4.0, SMOOTHED_MAP_CORE),
+        ("patchcore", 0.0, 0.0),  # unsmoothed maps: the whole region
+        ("ground_truth", 12.0, 0.0),  # the masks themselves: a core would cut their edges
+        ("external", 12.0, 0.0),  # imported maps: their smoothing is unknown
+        ("musc", 12.0, 0.0),
+    ],
+)
+def test_mebin_core_auto_is_a_core_only_on_the_smoothed_maps_of_the_built_in_detectors(tmp_path, method, sigma, core):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"detect": {"method": method, "smooth_sigma": sigma}, "mebin": {"core": "auto"}}))
+    assert load_params("mebin", f).core == core
+    f.write_text(yaml.safe_dump({"detect": {"method": method, "smooth_sigma": sigma}, "mebin": {"core": 0.3}}))
+    assert load_params("mebin", f).core == 0.3

@@ -12,7 +12,7 @@ from anomalyncd.io import InputError
 
 # the knobs at their defaults (config.py is the only place they exist), but the paper's crop
 # padding: the box geometry below is worked out for it
-P = MebinParams(crop_size=256, padding=0.1)
+P = MebinParams(crop_size=256, padding=0.1, core=0.0)
 
 KERNEL = np.ones((6, 6), np.uint8)
 
@@ -137,12 +137,12 @@ def test_a_thin_line_survives_mebin_with_keep_thin_and_vanishes_with_the_papers_
     cv2.line(m, (20, 30), (100, 90), 1.0, 2)
     m = np.clip(cv2.GaussianBlur(m, (0, 0), 1.0) / cv2.GaussianBlur(m, (0, 0), 1.0).max() * 230, 0, 255).astype(np.uint8)
     image = np.full((256, 256, 3), 90, np.uint8)
-    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=32))  # the default: keep_thin
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=32, core=0.0))  # the default: keep_thin
     assert res.est_count == 1 and res.mask.any()
     line = cv2.line(np.zeros((256, 256), np.uint8), (40, 60), (200, 180), 1, 2).astype(bool)  # at image size
     assert (res.mask & line).sum() >= 0.9 * line.sum()  # the whole scratch, not eroded
     assert mebin.gt_coverage(line, crops.boxes, crops.areas) == mebin.GtCoverage(1, 1, 1, int(line.sum()), int(line.sum()))
-    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(erosion="paper", crop_size=32))
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(erosion="paper", crop_size=32, core=0.0))
     assert res.est_count == 0 and not res.mask.any() and crops.areas.tolist() == [0]
 
 
@@ -315,7 +315,7 @@ def test_crops_outside_the_image_are_black_and_areas_count_mask_pixels():
     mask = square_mask(20, 20, (0, 0, 3, 3))
     scores = np.zeros((20, 20), np.float32)
     scores[1, 1] = 204
-    c = mebin.extract_crops(image, mask, scores, np.array([[-5, -5, 5, 5]]), crop_size=10)
+    c = mebin.extract_crops(image, mask, scores, np.array([[-5, -5, 5, 5]]), crop_size=10, core=0.0)
     assert c.crops.shape == (1, 10, 10, 3) and c.crop_masks.shape == (1, 10, 10)
     assert (c.crops[0, :5] == 0).all() and (c.crops[0, 5:, 5:] == 100).all()
     assert c.crop_masks[0].sum() == 9 and c.areas.tolist() == [9]
@@ -326,14 +326,46 @@ def test_non_square_crops_keep_the_top_left_square_after_resizing_the_short_side
     image = np.zeros((10, 20, 3), np.uint8)
     image[:, 14:] = 255  # the top-left square of the 10 x 5 resize only sees columns 0..11
     mask, scores = np.zeros((10, 20), bool), np.zeros((10, 20), np.float32)
-    c = mebin.extract_crops(image, mask, scores, np.array([[0, 0, 20, 10]]), 5)
+    c = mebin.extract_crops(image, mask, scores, np.array([[0, 0, 20, 10]]), 5, 0.0)
     assert c.crops.shape == (1, 5, 5, 3) and (c.crops[0] == 0).all()
 
 
 def test_scores_are_clipped_to_one():
     scores = np.full((8, 8), 300, np.float32)
-    c = mebin.extract_crops(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool), scores, np.array([[0, 0, 8, 8]]), 4)
+    c = mebin.extract_crops(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool), scores, np.array([[0, 0, 8, 8]]), 4, 0.0)
     assert c.scores.tolist() == [1.0]
+
+
+def test_the_core_keeps_the_regions_pixels_near_its_peak_and_leaves_the_rest_of_the_crop_as_it_was():
+    image = np.full((20, 20, 3), 100, np.uint8)
+    mask = square_mask(20, 20, (2, 2, 10, 10))  # rows and columns 2..11
+    scores = np.zeros((20, 20), np.float32)
+    scores[2:12, 2:12] = 100
+    scores[5:8, 5:8] = 200  # the peak
+    scores[0, 0] = 255  # higher, but outside the region: not its peak
+    box = np.array([[0, 0, 20, 20]])
+    whole = mebin.extract_crops(image, mask, scores, box, crop_size=20, core=0.0)
+    core = mebin.extract_crops(image, mask, scores, box, crop_size=20, core=0.7)
+    assert whole.crop_masks[0].sum() == 100
+    assert core.crop_masks[0].sum() == 9 and core.crop_masks[0, 5:8, 5:8].all()  # 100 < 0.7 * 200
+    assert core.areas.tolist() == whole.areas.tolist() == [100]  # area and score: the whole region's
+    assert core.scores.tolist() == whole.scores.tolist() == [1.0]
+    assert np.array_equal(core.crops, whole.crops)
+    assert mebin.extract_crops(image, mask, scores, box, 20, core=0.4).crop_masks[0].sum() == 100  # 100 >= 0.4 * 200
+
+
+def test_the_core_of_a_region_without_a_positive_score_or_of_no_region_is_the_mask():
+    m = square_mask(10, 10, (2, 2, 4, 4)).astype(np.uint8)
+    assert np.array_equal(mebin.core_mask(m, np.zeros((10, 10), np.float32), 0.7), m)  # own-range regions under the set's range
+    empty = np.zeros((10, 10), np.uint8)
+    assert np.array_equal(mebin.core_mask(empty, np.ones((10, 10), np.float32), 0.7), empty)
+    assert np.array_equal(mebin.core_mask(m, np.arange(100, dtype=np.float32).reshape(10, 10), 0.0), m)
+
+
+def test_core_must_be_a_fraction():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(InputError, match=r"mebin\.core must be in \[0, 1\)"):
+            mebin.check_params(MebinParams(core=bad))
 
 
 # -- the whole per-image job ----------------------------------------------------------------
@@ -343,7 +375,7 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.full((64, 64, 3), 50, np.uint8)
     for erosion in ("keep_thin", "paper"):  # a blob that survives the erosion: the paper's result
-        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion, padding=0.1))
+        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion, padding=0.1, core=0.0))
         assert res.est_count == 1 and res.threshold == 3
         assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
         assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
@@ -354,14 +386,14 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
 
 def test_mebin_image_resizes_a_smaller_map_to_the_image():
     m = blob_map(size=32, blobs=((10, 10, 5, 200), (24, 24, 4, 150)))
-    res, crops = mebin.mebin_image(m, np.zeros((96, 64, 3), np.uint8), 0, 255, MebinParams(crop_size=8))
+    res, crops = mebin.mebin_image(m, np.zeros((96, 64, 3), np.uint8), 0, 255, MebinParams(crop_size=8, core=0.0))
     assert res.mask.shape == (96, 64) and res.est_count == 2
     assert len(crops) == 2 and (crops.boxes[:, 2] - crops.boxes[:, 0] >= 6).all()
     assert 0 < crops.scores.min() and crops.scores.max() <= 1
 
 
 def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256))
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0))
     assert (res.threshold, res.est_count) == (255, 0) and not res.mask.any()
     assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
 
@@ -370,9 +402,9 @@ def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():
     # peaks at 60 where the set's weakest peak is 100: nothing on the set's range
     weak = blob_map(size=64, blobs=((20, 30, 6, 60),), noise=10)
     image = np.zeros((64, 64, 3), np.uint8)
-    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, fallback="none"))
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, fallback="none", core=0.0))
     assert res.est_count == 0 and not res.own_range and crops.areas.tolist() == [0]
-    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, padding=0.1))
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, padding=0.1, core=0.0))
     assert res.own_range and res.est_count == 1
     assert res.mask.sum() == 49 and res.mask[27:34, 17:24].all()  # the eroded block, none of the noise
     assert crops.boxes.tolist() == [[14, 24, 26, 36]]
@@ -382,39 +414,39 @@ def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():
 def test_the_fallback_leaves_maps_found_on_the_sets_range_and_flat_maps_alone():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.zeros((64, 64, 3), np.uint8)
-    a = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16))
-    b = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, fallback="none"))
+    a = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, core=0.0))
+    b = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, fallback="none", core=0.0))
     assert not a[0].own_range and a[0].threshold == b[0].threshold and (a[1].boxes == b[1].boxes).all()
-    res, _ = mebin.mebin_image(np.full((16, 16), 30, np.uint8), np.zeros((16, 16, 3), np.uint8), 100, 255, MebinParams(crop_size=8))
+    res, _ = mebin.mebin_image(np.full((16, 16), 30, np.uint8), np.zeros((16, 16, 3), np.uint8), 100, 255, MebinParams(crop_size=8, core=0.0))
     assert res.own_range and res.est_count == 0  # a flat map has no region on any range
 
 
 def test_an_unknown_fallback_is_an_error_naming_the_param():
     with pytest.raises(InputError, match="mebin.fallback"):
-        mebin.check_params(MebinParams(crop_size=8, fallback="peak"))
+        mebin.check_params(MebinParams(crop_size=8, fallback="peak", core=0.0))
 
 
 def test_all_zero_maps_get_the_no_anomaly_result():
     with pytest.warns(RuntimeWarning):
         lo, hi = mebin.search_range(np.zeros((3, 16, 16), np.uint8))
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams(crop_size=256))
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams(crop_size=256, core=0.0))
     assert (res.threshold, res.est_count, len(crops)) == (255, 0, 1)
 
 
 def test_a_constant_map_at_the_top_of_the_range_is_one_region_covering_the_image():
     flat, image = np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
-    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams(crop_size=256))
+    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams(crop_size=256, core=0.0))
     assert res.est_count == 1 and res.mask.all() and crops.boxes.tolist() == [[0, 0, 32, 32]]
 
 
 def test_mebin_image_rejects_float_maps_grey_images_and_bad_ranges():
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="uint8"):
-        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams(crop_size=256))
+        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams(crop_size=256, core=0.0))
     with pytest.raises(InputError, match="RGB"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams(crop_size=256))
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0))
     with pytest.raises(InputError, match="lo <= hi"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams(crop_size=256))
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams(crop_size=256, core=0.0))
 
 
 def test_gt_coverage_counts_regions_found_regions_whole_in_a_crop_and_pixels():

@@ -17,6 +17,7 @@ AUTHORS = {
     "mebin.erosion": "paper",  # their 6x6 erosion, which erases thin regions
     "mebin.fallback": "none",  # an image without a stable interval has no anomaly
     "mebin.padding": 0.1,
+    "mebin.core": 0.0,  # their crop masks are the whole region
     "mebin.crop_size": 256,  # their crops are resized to int(224 / 0.875) before the 224 crop
     "train.model": "vit_base_patch8_224.dino",  # dino_vitb8
     "train.pretrained": True,

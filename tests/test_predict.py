@@ -82,7 +82,7 @@ def test_a_run_is_read_from_its_artifacts_not_from_its_params_file(tmp_path, mon
     from .synthetic_run import make_project
 
     cs = make_project(tmp_path)["crops"]  # params.yaml: merge weighted, temperature 10
-    cs.attrs["params"] = asdict(MebinParams(padding=0.3, crop_size=16))
+    cs.attrs["params"] = asdict(MebinParams(padding=0.3, crop_size=16, core=0.0))
     write_crops(tmp_path / paths.CROPS, cs)
     n = len(cs.ids)
     write_maps(tmp_path / paths.MAPS, MapSet(ids=cs.ids, maps=np.zeros((n, 20, 20)), maps_u8=np.zeros((n, 20, 20)),
@@ -96,7 +96,7 @@ def test_a_run_is_read_from_its_artifacts_not_from_its_params_file(tmp_path, mon
         "mebin: {padding: 0.0, crop_size: 64}\nmerge: {strategy: mean, temperature: 99.0}\ndetect: {map_size: 7}\n"
     )
     run = load_run(tmp_path)
-    assert run.mebin == MebinParams(padding=0.3, crop_size=16)
+    assert run.mebin == MebinParams(padding=0.3, crop_size=16, core=0.0)
     assert run.merger == Merger("weighted", 10.0, NO_ANOMALY)
     assert (run.map_size, run.norm_min, run.norm_max, run.lo, run.hi) == (20, 0.5, 2.0, 10, 240)
     (tmp_path / "params.yaml").unlink()
