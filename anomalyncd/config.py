@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,24 @@ from .io import InputError
 
 PARAMS_FILE = "params.yaml"
 
+#: the largest image side a size param may ask for (px): a larger one cannot be meant
+MAX_SIDE = 4096
+#: the smallest image side a network input may have (px): a CNN's deepest maps are 1/32 of it
+MIN_SIDE = 32
+#: every ``device`` param and option: auto (cuda when available), cpu, cuda, cuda:N, mps
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def valid_device(device: str) -> bool:
+    """Whether ``device`` is one :data:`DEVICE` accepts."""
+    return isinstance(device, str) and DEVICE.fullmatch(device) is not None
+
+
+def path_component(name: str) -> bool:
+    """Whether ``name`` is a plain file or folder name: non-empty, no path separator, not
+    ``.`` or ``..`` (a param that becomes part of a path must not point outside it)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not re.search(r"[/\\\x00]", name)
+
 
 @dataclass
 class DatasetParams:
@@ -40,6 +59,13 @@ class DatasetParams:
     categories: list[str] = field(default_factory=list)  # empty: every category found
     include_normal: bool = False  # classify defect-free test images too (adds a normal slot)
     train_list: str = "mtd_train_filenames.txt"  # mtd only: normal training split
+
+    def __post_init__(self) -> None:
+        require(
+            "dataset",
+            self,
+            categories=(all(map(path_component, self.categories)), "folder names (no '/', '\\' or '..')"),
+        )
 
 
 @dataclass
@@ -58,11 +84,13 @@ class DemoParams:
         require(
             "demo",
             self,
-            image_size=(self.image_size >= 1, "at least 1"),
+            seed=(self.seed >= 0, ">= 0"),
+            category=(path_component(self.category), "a folder name (no '/', '\\' or '..')"),
+            image_size=(MIN_SIDE <= self.image_size <= MAX_SIDE, f"in [{MIN_SIDE}, {MAX_SIDE}]"),
             n_train=(self.n_train >= 0, ">= 0"),
             n_test_normal=(self.n_test_normal >= 0, ">= 0"),
             n_per_type=(self.n_per_type >= 1, "at least 1"),
-            types=(len(self.types) >= 1, "a non-empty list"),
+            types=(len(self.types) >= 1 and all(map(path_component, self.types)), "a non-empty list of names"),
         )
 
 
@@ -93,8 +121,10 @@ class DetectParams:
         require(
             "detect",
             self,
-            map_size=(self.map_size >= 1, "at least 1"),
-            image_size=(self.image_size >= 1, "at least 1"),
+            seed=(self.seed >= 0, ">= 0"),
+            device=(valid_device(self.device), "auto, cpu, cuda, cuda:N or mps"),
+            map_size=(1 <= self.map_size <= MAX_SIDE, f"in [1, {MAX_SIDE}]"),
+            image_size=(MIN_SIDE <= self.image_size <= MAX_SIDE, f"in [{MIN_SIDE}, {MAX_SIDE}]"),
             batch_size=(self.batch_size >= 1, "at least 1"),
             layers=(len(self.layers) >= 1, "a non-empty list"),
             bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
@@ -119,6 +149,14 @@ class MebinParams:
     crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
     workers: int = 0  # 0: one per CPU core
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(
+            "mebin",
+            self,
+            seed=(self.seed >= 0, ">= 0"),
+            crop_size=(self.crop_size == "auto" or self.crop_size <= MAX_SIDE, f"at most {MAX_SIDE}, or auto"),
+        )
 
 
 @dataclass
@@ -169,7 +207,9 @@ class TrainParams:
         require(
             "train",
             self,
-            image_size=(self.image_size >= 1, "at least 1"),
+            seed=(self.seed >= 0, ">= 0"),
+            device=(valid_device(self.device), "auto, cpu, cuda, cuda:N or mps"),
+            image_size=(MIN_SIDE <= self.image_size <= MAX_SIDE, f"in [{MIN_SIDE}, {MAX_SIDE}]"),
             crop_pct=(self.crop_pct == "auto" or 0 < self.crop_pct <= 1, "in (0, 1], or auto"),
             num_classes=(self.num_classes == "auto" or self.num_classes >= 1, "at least 1, or auto"),
             auto_max=(self.auto_max >= 1, "at least 1"),
@@ -199,7 +239,12 @@ class InferParams:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        require("infer", self, batch_size=(self.batch_size >= 1, "at least 1"))
+        require(
+            "infer",
+            self,
+            batch_size=(self.batch_size >= 1, "at least 1"),
+            device=(valid_device(self.device), "auto, cpu, cuda, cuda:N or mps"),
+        )
 
 
 @dataclass
@@ -223,7 +268,7 @@ class EvaluateParams:
     mebin_plots: int = 6  # images whose MEBin count sequence the report plots
 
     def __post_init__(self) -> None:
-        require("evaluate", self, report_images=(self.report_images >= 0, ">= 0"),
+        require("evaluate", self, seed=(self.seed >= 0, ">= 0"), report_images=(self.report_images >= 0, ">= 0"),
                 mebin_plots=(self.mebin_plots >= 0, ">= 0"))
 
 
@@ -255,12 +300,53 @@ def load_params(section: str, path: str | Path = PARAMS_FILE) -> Any:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: params file not found; run from the project root or pass --params")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_params(path.read_text(), str(path))
 
     def read(name: str) -> Any:
         return from_dict(SECTIONS[name], data.get(name) or {}, where=f"{path}: {name}")
 
     return resolve(section, read(section), read)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise InputError(
+                f"line {key_node.start_mark.line + 1}: {key!r} is given twice in one section "
+                f"(first on line {seen[key]}); keep one"
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_params(text: str, where: str = PARAMS_FILE) -> dict:
+    """The sections of a params file's ``text``: a YAML syntax error, a non-mapping file, a
+    key or section given twice and an unknown section are an ``InputError`` naming ``where``."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise InputError(f"{where}: {line}not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected sections (a mapping of section: keys), got {type(data).__name__}")
+    unknown = sorted(map(str, set(data) - set(SECTIONS)))
+    if unknown:
+        raise InputError(f"{where}: unknown section(s) {unknown}; known sections: {list(SECTIONS)}")
+    return data
 
 
 def resolve(section: str, params: Any, read: Callable[[str], Any]) -> Any:
@@ -376,6 +462,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InputError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from .config import DemoParams
-from .io import write_image
+from .io import InputError, write_image
 
 
 def texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -105,7 +105,7 @@ def generate(root: str | Path, p: DemoParams) -> dict[str, int]:
     """Write the demo dataset under ``root/<category>`` in MVTec layout; return image counts."""
     unknown = sorted(set(p.types) - set(DEFECTS))
     if unknown:
-        raise ValueError(f"params.yaml: demo.types {unknown} unknown; choose from {sorted(DEFECTS)}")
+        raise InputError(f"params.yaml: demo.types {unknown} unknown; choose from {sorted(DEFECTS)}")
     rng = np.random.default_rng(p.seed)
     base = Path(root) / p.category
     counts: dict[str, int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -42,6 +43,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Works for files and directories. On an exception the temporary is removed and any
     previous ``path`` is left untouched, so no later stage can trust a half-written output.
+    A folder is replaced only by a folder (a stage's own output folder, e.g. ``reports/``): a
+    file written onto an existing folder is an :class:`InputError`, and the folder is kept.
     Temporaries of ``path`` left by killed processes are removed first; a full disk or a
     read-only folder is an :class:`InputError` naming ``path``.
     """
@@ -54,6 +57,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         try:
             yield tmp
             if path.is_dir() and not path.is_symlink():
+                if not tmp.is_dir():
+                    raise InputError(f"{path}: is a folder, not a file; name a file to write (the folder is left as it is)")
                 shutil.rmtree(path)
             os.replace(tmp, path)
         finally:
@@ -62,6 +67,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if e.errno not in DISK_ERRNOS:
             raise
         raise InputError(disk_error_message(e, path)) from e
+
+
+def output_file(path: str | os.PathLike, default_name: str, option: str) -> Path:
+    """Where to write an output file the user named with ``option``: ``path``, or
+    ``path/default_name`` when ``path`` is an existing folder. A place that cannot be written
+    (its nearest existing folder refuses a file, or is a file) is an ``InputError`` now, before
+    any work is done."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p.is_symlink() or p == Path("."))
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write there ({folder}: {e.strerror or e}); choose another {option}") from e
+    return path
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -104,14 +131,65 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+#: the wrapper :func:`save_torch` writes: the payload's bytes and their SHA-256
+TORCH_FORMAT = "anomalyncd-sha256-1"
+
+
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` atomically, through a Python file object: a full disk is
-    then an ``OSError`` that :func:`atomic_path` reports (torch's own file writer raises a
-    ``RuntimeError`` that names neither the file nor the cause)."""
+    """Save ``obj`` (tensors, numbers, strings, lists, tuples and dicts only) to ``path``
+    atomically, with the SHA-256 of its bytes inside the file (:func:`load_torch` checks it).
+
+    The file is ``torch.save({"format", "sha256", "payload"})``, ``payload`` being the bytes of
+    ``torch.save(obj)`` as a ``uint8`` tensor. It is written through a Python file object: a full
+    disk is then an ``OSError`` that :func:`atomic_path` reports.
+    """
+    import hashlib
+
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    raw = buf.getvalue()
+    wrapper = {
+        "format": TORCH_FORMAT,
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+    }
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+        torch.save(wrapper, fh)
+
+
+def load_torch(path: str | os.PathLike, fix: str) -> Any:
+    """What :func:`save_torch` saved to ``path``, read with ``weights_only=True`` (no code runs).
+
+    A file holding other Python objects (a crafted pickle), a file whose payload does not match
+    its hash (a flipped byte), or an unreadable one is an ``InputError`` naming ``path`` and
+    ending with ``fix`` (e.g. "rerun the train stage (dvc repro train)").
+    """
+    import hashlib
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        wrapper = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(wrapper, dict) and wrapper.get("format") == TORCH_FORMAT:
+            raw = wrapper["payload"].numpy().tobytes()
+            if hashlib.sha256(raw).hexdigest() != wrapper["sha256"]:
+                raise InputError(f"{path}: damaged (its content does not match its SHA-256); {fix}")
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{path}: refused: it holds Python objects other than tensors and plain values, which "
+            f"could run code when loaded (only files written by anomalyncd are read); {fix}"
+        ) from e
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, a wrapper without its keys
+        first = str(e).split(". ")[0]
+        raise InputError(f"{path}: damaged or not a file written by anomalyncd ({type(e).__name__}: {first}); {fix}") from e
+    raise InputError(f"{path}: not written by this version of anomalyncd (no content hash); {fix}")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

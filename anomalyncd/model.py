@@ -39,7 +39,7 @@ from torch import nn
 
 from .config import train_crop_pct
 from .grids import common_grid
-from .io import InputError, save_torch
+from .io import InputError, load_torch, save_torch
 from .weights import architecture, create_timm_model
 
 # timm modules whose models are Vision Transformers with a [CLS] token (MGViT); every other
@@ -446,16 +446,15 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: model not found; run the train stage first (dvc repro train)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged file
-        raise InputError(f"{path}: not a readable model file ({e}); rerun the train stage (dvc repro train)") from e
+    fix = "rerun the train stage (dvc repro train)"
+    payload = load_torch(path, fix)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise InputError(f"{path}: not a model written by the anomalyncd train stage")
+        raise InputError(f"{path}: not a model written by the anomalyncd train stage; {fix}")
     try:
         cfg = ModelConfig(**payload["config"])
-    except TypeError as e:
-        raise InputError(f"{path}: written by another version of anomalyncd ({e}); rerun the train stage (dvc repro train)") from e
-    net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, layers=cfg.layers))
-    net.load_state_dict(payload.pop("state_dict"))
+        net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, layers=cfg.layers))
+        net.load_state_dict(payload.pop("state_dict"))
+        int(payload["head"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise InputError(f"{path}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); {fix}") from e
     return net.to(device).eval(), payload

@@ -47,7 +47,7 @@ from .augment import eval_views, train_views
 from .baseline import kmeans_clusters
 from .config import TrainParams
 from .device import resolve_device
-from .io import InputError, save_torch
+from .io import InputError, load_torch, save_torch
 from .model import MGViTClassifier
 
 CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from every real epoch
@@ -390,11 +390,8 @@ def train(
     history: list[dict] = []
     start = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a run killed while the disk filled, a damaged file
-            raise InputError(f"{checkpoint}: not a readable checkpoint ({e}); set train.resume=false to start again") from e
-        if state.get("fingerprint") != fingerprint:
+        state = load_torch(checkpoint, "set train.resume=false to start again")
+        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
             raise InputError(
                 f"{checkpoint}: checkpoint of a run with other params or inputs; "
                 "set train.resume=false to start again (or delete the checkpoint)"

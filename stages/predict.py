@@ -19,15 +19,21 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(
     inputs: list[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
     run_dir: Path = typer.Option(..., "--run", help="project directory of a finished run (after dvc repro)"),
-    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per image"),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per image (an existing folder: <folder>/predictions.csv)"),
     maps: Path = typer.Option(None, "--maps", help="folder of raw anomaly maps (<image id>.npy or .png) instead of the run's detector"),
     device: str = typer.Option("auto", help="cpu, cuda or auto (cuda when available)"),
     batch_size: int = typer.Option(None, help="crops per batch (default: infer's default batch size)"),
 ) -> None:
     """Classify new defect images with a finished run, without retraining."""
     from anomalyncd.merge import STATUS, write_table
+    from anomalyncd.device import resolve_device
+    from anomalyncd.io import InputError, output_file
     from anomalyncd.predict import find_images, load_run, predict_images
 
+    out = output_file(out, "predictions.csv", "--out")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    resolve_device(device, "--device")
     r = load_run(run_dir)
     images = find_images(inputs)
     pred = predict_images(r, images, maps, device, batch_size)

@@ -151,7 +151,7 @@ def test_resuming_a_truncated_checkpoint_is_an_input_error(tmp_path):
     train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", fingerprint="x")
     data = (tmp_path / "c.pt").read_bytes()
     (tmp_path / "c.pt").write_bytes(data[: len(data) // 3])
-    with pytest.raises(InputError, match="c.pt: not a readable checkpoint .*resume=false"):
+    with pytest.raises(InputError, match="c.pt: damaged .*resume=false"):
         train(tiny_net(), tiny_data(), cfg, checkpoint=tmp_path / "c.pt", resume=True, fingerprint="x")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..config import DetectParams
 from ..datasets import Record
-from ..io import InputError, read_image, save_torch
+from ..io import InputError, load_torch, read_image, save_torch
 
 DETECTORS: dict[str, type["Detector"]] = {}
 
@@ -143,14 +143,17 @@ def load_detector(path: str | os.PathLike, device: str | None = None) -> Detecto
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: detector not found; run the detect stage first (dvc repro detect)")
+    fix = "rerun the detect stage (dvc repro detect)"
+    blob = load_torch(path, fix)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a broken file
-        raise InputError(f"{path}: not a readable detector file ({e}); rerun the detect stage") from e
-    params = from_dict(DetectParams, blob["params"], where=f"{path}: params")
-    if device is not None:
-        params.device = device
-    det = create_detector(params, DetectContext(**blob.get("context", {})))
-    det.load_state_dict(blob["state"])
-    det.norm_min, det.norm_max = blob["norm_min"], blob["norm_max"]
+        params = from_dict(DetectParams, blob["params"], where=f"{path}: params")
+        if device is not None:
+            params.device = device
+        det = create_detector(params, DetectContext(**blob.get("context", {})))
+        det.load_state_dict(blob["state"])
+        det.norm_min, det.norm_max = float(blob["norm_min"]), float(blob["norm_max"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: damaged (no valid {e} in it); {fix}") from e
     return det
