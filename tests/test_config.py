@@ -33,7 +33,7 @@ def test_integers_are_accepted_for_float_fields():
 
 def test_load_params_reads_one_section(tmp_path):
     f = tmp_path / "params.yaml"
-    f.write_text("mebin:\n  sample_rate: 2\nother: {x: 1}\n")
+    f.write_text("mebin:\n  sample_rate: 2\nmerge: {temperature: 5.0}\n")
     assert load_params("mebin", f).sample_rate == 2
 
 
@@ -91,3 +91,81 @@ def test_mebin_core_auto_is_a_core_only_on_the_smoothed_maps_of_the_built_in_det
     assert load_params("mebin", f).core == core
     f.write_text(yaml.safe_dump({"detect": {"method": method, "smooth_sigma": sigma}, "mebin": {"core": 0.3}}))
     assert load_params("mebin", f).core == 0.3
+
+
+def _params(tmp_path, text: str):
+    (tmp_path / "params.yaml").write_text(text)
+    return tmp_path / "params.yaml"
+
+
+def test_an_unknown_section_is_an_error_listing_the_known_ones(tmp_path):
+    with pytest.raises(InputError, match=r"params.yaml: unknown section\(s\) \['detcet'\]; known sections: \['dataset'"):
+        load_params("train", _params(tmp_path, "detcet:\n  seed: 1\n"))
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "line 4: 'lr' is given twice in one section \\(first on line 2\\)"),
+        ("train:\n  lr: 0.1\nmerge:\n  temperature: 5.0\ntrain:\n  epochs: 3\n", "line 5: 'train' is given twice"),
+    ],
+)
+def test_a_key_or_section_given_twice_is_an_error_naming_both_lines(tmp_path, text, line):
+    with pytest.raises(InputError, match=f"params.yaml: {line}"):
+        load_params("train", _params(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: [0.1\n", r"params.yaml: line \d+: not valid YAML"),
+        ("train:\n\tlr: 0.1\n", r"params.yaml: line 2: not valid YAML"),
+        ("- train\n- detect\n", r"params.yaml: expected sections \(a mapping of section: keys\), got list"),
+        ("just text\n", r"params.yaml: expected sections .*, got str"),
+    ],
+)
+def test_a_syntax_error_or_a_file_that_is_not_a_mapping_is_one_clear_error(tmp_path, text, message):
+    with pytest.raises(InputError, match=message):
+        load_params("train", _params(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [("train", "lr"), ("detect", "smooth_sigma"), ("mebin", "padding"), ("mebin", "max_merge_dist"), ("merge", "temperature")],
+)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_floats_are_refused_everywhere(tmp_path, section, key, value):
+    with pytest.raises(InputError, match=rf"{section}\.{key}: expected a finite number"):
+        load_params(section, _params(tmp_path, f"{section}:\n  {key}: {value}\n"))
+
+
+@pytest.mark.parametrize("section", ["demo", "detect", "mebin", "train", "evaluate"])
+def test_negative_seeds_are_range_errors(tmp_path, section):
+    with pytest.raises(InputError, match=rf"{section}\.seed must be >= 0, got -1"):
+        load_params(section, _params(tmp_path, f"{section}:\n  seed: -1\n"))
+
+
+@pytest.mark.parametrize("section", ["detect", "train", "infer"])
+def test_device_names_are_checked_when_loaded(tmp_path, section):
+    with pytest.raises(InputError, match=rf"{section}\.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"):
+        load_params(section, _params(tmp_path, f"{section}:\n  device: banana\n"))
+    assert load_params(section, _params(tmp_path, f"{section}:\n  device: cuda:1\n")).device == "cuda:1"
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [("mebin", "crop_size", 20000), ("detect", "image_size", 1), ("detect", "image_size", 20000),
+     ("detect", "map_size", 20000), ("train", "image_size", 8), ("demo", "image_size", 1)],
+)
+def test_sizes_that_cannot_be_meant_are_range_errors(tmp_path, section, key, value):
+    with pytest.raises(InputError, match=rf"{section}\.{key} must be .*got {value}"):
+        load_params(section, _params(tmp_path, f"{section}:\n  {key}: {value}\n"))
+
+
+def test_an_unknown_demo_type_is_an_input_error_before_any_image_is_written(tmp_path):
+    from anomalyncd.config import DemoParams
+    from anomalyncd.demo import generate
+
+    with pytest.raises(InputError, match=r"demo.types \['bubble'\] unknown; choose from"):
+        generate(tmp_path / "demo", DemoParams(types=["scratch", "bubble"]))
+    assert not (tmp_path / "demo").exists()
