@@ -198,6 +198,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_json(path: str | os.PathLike, stage: str) -> dict:
+    """A JSON object an earlier stage wrote; a file that does not parse, or holds no object,
+    is an ``InputError`` "<file>: damaged (...); rerun <stage>"."""
+    path = Path(path)
+    fix = f"rerun the {stage} stage (dvc repro {stage})"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: damaged (not JSON: {e.msg} at line {e.lineno}); {fix}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it ({e}); {fix}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: damaged (a JSON {type(data).__name__}, not an object); {fix}")
+    return data
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

@@ -14,7 +14,6 @@ predicting the run's own images reproduces its image-level predictions.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from . import paths
 from .config import InferParams, MebinParams, from_dict
 from .datasets import IMAGE_EXTENSIONS
-from .io import InputError, read_image
+from .io import InputError, read_image, read_json
 from .merge import Merger, merge_tables, novel_probabilities
 from .store import crop_ids_of, read_crops, read_maps, read_merged
 
@@ -95,8 +94,11 @@ def class_names(metrics_path: Path) -> dict[int, str]:
     """Discovered class -> matched true type from an evaluate metrics file ({} if none)."""
     if not metrics_path.exists():
         return {}
-    clusters = json.loads(metrics_path.read_text()).get("clusters", {})
-    return {int(k): v["matched"] for k, v in clusters.items() if v.get("matched")}
+    clusters = read_json(metrics_path, "evaluate").get("clusters", {})
+    try:
+        return {int(k): str(v["matched"]) for k, v in clusters.items() if v.get("matched")}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise InputError(f"{metrics_path}: damaged (its clusters are not <class id>: {{matched: <type>}}); rerun the evaluate stage (dvc repro evaluate)") from e
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:

@@ -15,7 +15,6 @@ and the parameters of the run, and each image's anomaly map; files that are abse
 run by hand) leave their section out.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from anomalyncd import paths
 from anomalyncd.baseline import kmeans_clusters
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
-from anomalyncd.io import InputError, write_json
+from anomalyncd.io import InputError, read_json, write_json
 from anomalyncd.merge import Merger, merge_regions, write_table
 from anomalyncd.metrics import evaluate_predictions, score_clustering
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
@@ -58,9 +57,10 @@ def mebin_examples(cs: CropSet, n: int, seed: int) -> list[MebinEntry]:
     return [MebinEntry(cs.ids[i], axis, cs.count_seqs[i], int(cs.thresholds[i])) for i in pick]
 
 
-def read_optional_json(path: Path) -> dict:
-    """A metrics file of an earlier stage, or {} when it is absent."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_optional_json(path: Path, stage: str) -> dict:
+    """A metrics file of the earlier ``stage``, or {} when it is absent (a damaged one is an
+    ``InputError``)."""
+    return read_json(path, stage) if path.is_file() else {}
 
 
 #: k-means seeds the baseline is averaged over: one k-means run on these features can land in a
@@ -107,10 +107,19 @@ def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
     p = load_params("evaluate", params)
+    # every input is read and checked before the first output is written
     records = Manifest.read(paths.MANIFEST).by_id()
     cs = read_crops(paths.CROPS)
     ms = read_merged(paths.MERGED)
     check_merged(ms, cs, records)
+    earlier = {
+        "detect": read_optional_json(paths.METRICS / "detect.json", "detect"),
+        "mebin_metrics": read_optional_json(paths.METRICS / "mebin.json", "mebin"),
+        "num_classes": read_optional_json(paths.NUM_CLASSES_METRICS, "train"),
+        "curves": read_live_curves(TRAINING_CURVES),
+        "params": {k: v for k, v in (yaml.safe_load(params.read_text()) or {}).items() if k in REPORT_PARAMS},
+    }
+    maps = read_maps(paths.MAPS) if paths.MAPS.exists() else None
     k = ms.n_classes
     ids = ms.ids
     anomaly = ms.anomaly.tolist()
@@ -147,7 +156,6 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     crop_rows_of: dict[int, list[int]] = {}
     for j, i in enumerate(cs.image_index.tolist()):
         crop_rows_of.setdefault(i, []).append(j)
-    maps = read_maps(paths.MAPS) if paths.MAPS.exists() else None
     map_of = dict(zip(maps.ids, maps.maps_u8)) if maps is not None else {}
     images = [
         ImageEntry(
@@ -179,11 +187,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             confusion=(s.classes, s.confusion_clusters, s.confusion) if s else None,
             mebin=mebin_examples(cs, p.mebin_plots, p.seed),
             per_class_images=p.report_images,
-            detect=read_optional_json(paths.METRICS / "detect.json"),
-            mebin_metrics=read_optional_json(paths.METRICS / "mebin.json"),
-            num_classes=read_optional_json(paths.NUM_CLASSES_METRICS),
-            curves=read_live_curves(TRAINING_CURVES),
-            params={k: v for k, v in (yaml.safe_load(params.read_text()) or {}).items() if k in REPORT_PARAMS},
+            **earlier,
         ),
     )
     m = ev.metrics

@@ -74,11 +74,32 @@ class Manifest:
         if not path.exists():
             raise InputError(f"{path}: manifest not found; run the prepare stage first (dvc repro prepare)")
         with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        records = [
-            Record(**{**row, "height": int(row["height"]), "width": int(row["width"])}) for row in rows
-        ]
-        return cls(records)
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+        return cls(parse_records(rows, columns, str(path)))
+
+
+def parse_records(rows: list[dict], columns: list[str], where: str) -> list[Record]:
+    """Records from a manifest's CSV rows: a missing column, a row with too few or too many
+    fields and a size that is not a positive integer are an ``InputError`` naming ``where``."""
+    fix = "rerun the prepare stage (dvc repro prepare)"
+    names = [f.name for f in fields(Record)]
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise InputError(f"{where}: damaged (no column {', '.join(missing)}); {fix}")
+    records = []
+    for line, row in enumerate(rows, start=2):
+        if None in row or any(row[n] is None for n in names):
+            raise InputError(f"{where}: damaged (line {line} has {'more' if None in row else 'fewer'} fields than the header); {fix}")
+        try:
+            h, w = int(row["height"]), int(row["width"])
+        except ValueError:
+            h = w = 0
+        if h < 1 or w < 1:
+            raise InputError(f"{where}: damaged (line {line}: size {row['height']!r} x {row['width']!r} is not two positive integers); {fix}")
+        records.append(Record(**{n: row[n] for n in names if n not in ("height", "width")}, height=h, width=w))
+    return records
 
 
 def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest:
