@@ -467,6 +467,11 @@ def train(
             count += n
         packed = torch.cat([sums["cluster_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
         packed = _all_sum(packed)
+        if not torch.isfinite(packed).all():  # every rank sees the same sums: all stop together
+            raise InputError(
+                f"params.yaml: train: the loss is not finite in epoch {epoch + 1} (it diverged); no model was "
+                f"saved. Lower train.lr (now {cfg.lr:g}) or train.memax_weight and run again"
+            )
         h = cfgm.n_head
         total_n = float(packed[-1])
         metrics = {k: float(packed[h + i]) / total_n for i, k in enumerate(_scalar_keys(sums))}

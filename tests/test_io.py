@@ -162,3 +162,12 @@ def test_the_stage_runner_prints_input_warnings_as_one_line(capsys, monkeypatch)
             run(_app(body))
     assert e.value.code in (0, None)
     assert capsys.readouterr().err == "warning: a.png: mask is soft; cut at 128\n"
+
+
+def test_metrics_json_is_strict_json_with_null_for_non_finite_values(tmp_path):
+    import json
+
+    io.write_json(tmp_path / "m.json", {"nmi": float("nan"), "x": [1.0, np.inf, np.float32("-inf")], "a": np.array([0.5, np.nan])})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"nmi": None, "x": [1.0, None, None], "a": [0.5, None]}

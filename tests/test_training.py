@@ -424,3 +424,10 @@ def test_data_loading_workers_do_not_change_the_result():
         train(net, tiny_data(), TrainParams(epochs=1, num_workers=workers, **FAST))
         runs.append(state(net))
     assert_same_state(*runs)
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error_and_saves_nothing(tmp_path):
+    """lr 1e30 is in range (> 0) but makes the loss infinite within one epoch."""
+    with pytest.raises(InputError, match=r"train: the loss is not finite in epoch 1 .*no model was saved. Lower train.lr \(now 1e\+30\)"):
+        train(tiny_net(), tiny_data(), TrainParams(epochs=2, lr=1e30, **FAST), checkpoint=tmp_path / "c.pt", fingerprint="x")
+    assert list(tmp_path.iterdir()) == []
