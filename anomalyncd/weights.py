@@ -159,7 +159,16 @@ def create_timm_model(
     if checkpoint:
         if not Path(checkpoint).is_file():
             raise InputError(f"checkpoint {checkpoint!r} is not a file; fix the path or set it to ''")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)}, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)}, **kwargs)
+        except (IndexError, AssertionError):  # layers out of range: the caller names its param
+            raise
+        except Exception as e:  # noqa: BLE001 - not a weights file, or another architecture's
+            what = "its weights do not fit this architecture" if isinstance(e, RuntimeError) and "state_dict" in str(e) else "not a readable weights file"
+            raise InputError(
+                f"checkpoint {checkpoint!r}: {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                f"give a state dict file of {name!r} or set it to ''"
+            ) from e
         return model, f"checkpoint {checkpoint}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random weights are a function of the seed

@@ -131,12 +131,13 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     cs = read_crops(paths.CROPS)
     if len(cs.crops) < 2:
         raise InputError(f"{paths.CROPS}: {len(cs.crops)} crop(s); training needs at least 2 (check detect/mebin)")
-    k = resolve_num_classes(p, cs, device)
     labels = -np.ones(len(cs.crops), np.int64)
     crops, masks, scores = cs.crops, cs.crop_masks, cs.scores
     base_names: list[str] = []
-    if p.base_dir:
+    if p.base_dir:  # read before num_classes: auto writes its metrics
         bc, bm, bl, base_names = read_base_set(p.base_dir, cs.crops.shape[1])
+    k = resolve_num_classes(p, cs, device)
+    if p.base_dir:
         crops, masks = np.concatenate([crops, bc]), np.concatenate([masks, bm])
         scores = np.concatenate([scores, np.ones(len(bc), np.float32)])
         labels = np.concatenate([labels, bl])

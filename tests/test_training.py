@@ -431,3 +431,18 @@ def test_a_diverging_loss_stops_training_with_a_clear_error_and_saves_nothing(tm
     with pytest.raises(InputError, match=r"train: the loss is not finite in epoch 1 .*no model was saved. Lower train.lr \(now 1e\+30\)"):
         train(tiny_net(), tiny_data(), TrainParams(epochs=2, lr=1e30, **FAST), checkpoint=tmp_path / "c.pt", fingerprint="x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_checks_its_base_dir_before_it_estimates_k_and_writes_its_metrics(tmp_path, monkeypatch):
+    import yaml
+
+    from anomalyncd import paths
+    from stages import train as train_stage
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_crops(paths.CROPS)
+    train_p = {"image_size": 32, "num_classes": "auto", "auto_max": 3, "base_dir": "no/such/folder"}
+    Path("params.yaml").write_text(yaml.safe_dump({"train": train_p}))
+    with pytest.raises(InputError, match=r"train.base_dir 'no/such/folder' is not a folder"):
+        train_stage.main(params=Path("params.yaml"))
+    assert not paths.NUM_CLASSES_METRICS.exists() and not paths.NUM_CLASSES_PLOT.exists() and not paths.MODEL.exists()

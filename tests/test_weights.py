@@ -135,3 +135,24 @@ def test_packaged_classifier_names_scikit_learns_sample_photographs():
             top3.append(set(model.eval()((x - mean) / std).topk(3).indices[0].tolist()))
     assert top3[0] & {442, 497, 538, 663, 832}  # bell cote, church, dome, monastery, stupa
     assert 985 in top3[1]  # daisy
+
+
+@pytest.mark.parametrize("content", ["text", "resnet18"], ids=["not-weights", "another-architecture"])
+def test_a_bad_checkpoint_param_is_one_error_naming_the_param(tmp_path, content):
+    import timm
+
+    from anomalyncd.config import DetectParams
+    from anomalyncd.detect import create_detector
+    from anomalyncd.model import create_backbone
+
+    f = tmp_path / "w.pt"
+    if content == "text":
+        f.write_text("not a weights file")
+        what = "not a readable weights file"
+    else:
+        torch.save(timm.create_model("resnet18").state_dict(), f)
+        what = "its weights do not fit this architecture"
+    with pytest.raises(InputError, match=rf"params.yaml: train.model / train.checkpoint: checkpoint '{f}': {what} .*set it to ''"):
+        create_backbone("tf_efficientnet_lite0", 32, checkpoint=str(f), layers=[2, 3, 4])
+    with pytest.raises(InputError, match=rf"params.yaml: detect.backbone / detect.checkpoint: checkpoint '{f}': {what}"):
+        create_detector(DetectParams(method="padim", image_size=32, map_size=32, device="cpu", checkpoint=str(f)))

@@ -68,7 +68,7 @@ class TimmFeatures(nn.Module):
                 spec.name, spec.pretrained, spec.checkpoint, spec.seed, **kwargs
             )
         except InputError as e:
-            raise InputError(f"params.yaml: detect.backbone: {e}") from e
+            raise InputError(f"params.yaml: detect.backbone / detect.checkpoint: {e}") from e
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise InputError(f"params.yaml: detect.backbone {spec.name!r} is not a timm model ({e})") from e
