@@ -189,6 +189,7 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # titles and labels are plain text: an id may hold "$"
     import matplotlib.pyplot as plt
 
     return plt

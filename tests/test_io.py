@@ -171,3 +171,4 @@ def test_metrics_json_is_strict_json_with_null_for_non_finite_values(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"nmi": None, "x": [1.0, None, None], "a": [0.5, None]}
+
