@@ -161,3 +161,25 @@ def test_mtd_reader_needs_the_training_list(tmp_path):
     shutil.copytree(MTD / "MT_Fray", tmp_path / "MT_Fray")
     with pytest.raises(InputError, match="mtd_train_filenames.txt: normal training list not found"):
         _manifest("mtd", tmp_path)
+
+
+def test_all_black_and_all_white_defect_masks_are_named_in_a_warning(tiny_demo):
+    gt = tiny_demo / "tile" / "ground_truth"
+    black, white = gt / "crack" / "001_mask.png", gt / "stain" / "002_mask.png"
+    cv2.imwrite(str(black), np.zeros((64, 64), np.uint8))
+    cv2.imwrite(str(white), np.full((64, 64), 255, np.uint8))
+    with pytest.warns(InputWarning) as caught:
+        _manifest("mvtec", tiny_demo)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert messages[0].startswith(f"{black}: 1 mask(s) of defect images are all black (they mark no defect pixel)")
+    assert messages[1].startswith(f"{white}: 1 mask(s) of defect images are all white (they mark the whole image")
+
+
+@pytest.mark.parametrize("layout, which", [("mvtec", "image"), ("mvtec", "mask"), ("folder", "image")])
+def test_a_dangling_symlink_in_the_data_set_is_an_error_naming_it(tiny_demo, layout, which):
+    f = tiny_demo / "tile" / ("test/crack/001.png" if which == "image" else "ground_truth/crack/001_mask.png")
+    f.unlink()
+    f.symlink_to(tiny_demo / "gone.png")
+    with pytest.raises(InputError, match=rf"{f}: broken symbolic link \(to .*gone.png, which does not exist\); fix or remove it"):
+        _manifest(layout, tiny_demo)

@@ -109,17 +109,36 @@ def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest
     records = list(records)
     seen: set[str] = set()
     out, soft = [], []
+    flat: dict[str, list[str]] = {"black": [], "white": []}
     for r in tqdm(records, desc="prepare: checking images", disable=not progress, unit="img"):
         if r.id in seen:
             raise InputError(f"{r.image}: duplicate image id {r.id!r}; image names must be unique per folder")
         seen.add(r.id)
         h, w = image_size(r.image)
-        if r.mask and not is_binary_mask(read_mask_levels(r.mask, shape=(h, w))):
-            soft.append(r.mask)
+        if r.mask:
+            levels = read_mask_levels(r.mask, shape=(h, w))
+            if not is_binary_mask(levels):
+                soft.append(r.mask)
+            elif not r.is_normal and levels.min() == levels.max():
+                flat["black" if levels.max() == 0 else "white"].append(r.mask)
         out.append(replace(r, height=h, width=w))
     if soft:
         warnings.warn(soft_mask_warning(soft, sum(1 for r in records if r.mask)), InputWarning, stacklevel=2)
+    for colour, files in flat.items():
+        if files:
+            warnings.warn(flat_mask_warning(files, colour), InputWarning, stacklevel=2)
     return Manifest(out)
+
+
+def flat_mask_warning(files: list[str], colour: str) -> str:
+    """The warning for masks of defect images that are all black (no defect marked) or all
+    white (the whole image marked)."""
+    more = f" and {len(files) - SHOW_FILES} more" if len(files) > SHOW_FILES else ""
+    what = "mark no defect pixel" if colour == "black" else "mark the whole image as the defect"
+    return (
+        f"{', '.join(files[:SHOW_FILES])}{more}: {len(files)} mask(s) of defect images are all {colour} (they {what}); "
+        "the detection and evaluation scores use them as they are: check these masks"
+    )
 
 
 def soft_mask_warning(soft: list[str], n_masks: int) -> str:

@@ -6,8 +6,9 @@ filled in; sizes are filled in later by :func:`build_manifest`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..config import DatasetParams
 from ..io import InputError
@@ -41,7 +42,19 @@ def read_dataset(params: DatasetParams) -> list[Record]:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return _image_files(folder.iterdir())
+
+
+def _image_files(paths: Iterable[Path]) -> list[Path]:
+    """The image files among ``paths``, sorted; a broken symbolic link is an ``InputError``."""
+    return sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and _exists(p) and p.is_file())
+
+
+def _exists(p: Path) -> bool:
+    """Whether ``p`` exists; a symbolic link to nothing is an ``InputError`` naming it."""
+    if p.is_symlink() and not p.exists():
+        raise InputError(f"{p}: broken symbolic link (to {os.readlink(p)}, which does not exist); fix or remove it")
+    return p.exists()
 
 
 def _rel_id(*parts: str) -> str:
@@ -78,7 +91,7 @@ def read_mvtec(root: Path, params: DatasetParams) -> list[Record]:
                 mask = ""
                 if t != NORMAL:
                     m = base / "ground_truth" / t / f"{p.stem}_mask.png"
-                    if not m.exists():
+                    if not _exists(m):
                         raise InputError(f"{p}: no mask at {m}; every defect image needs its ground-truth mask")
                     mask = str(m)
                 records.append(Record(_rel_id(cat, "test", t, p.stem), str(p), mask, t, "test", cat))
@@ -105,7 +118,7 @@ def read_mtd(root: Path, params: DatasetParams) -> list[Record]:
             raise InputError(f"{folder / 'Imgs'}: no .jpg images")
         for p in imgs:
             mask = p.with_suffix(".png")
-            if not normal and not mask.exists():
+            if not normal and not _exists(mask):
                 raise InputError(f"{p}: no mask at {mask}")
             if normal:
                 split = "train" if p.name in train_names else "test"
@@ -119,7 +132,7 @@ def read_mtd(root: Path, params: DatasetParams) -> list[Record]:
 @register("folder")
 def read_folder(root: Path, params: DatasetParams) -> list[Record]:
     """Any folder of images, searched recursively; no labels, all images are classified."""
-    imgs = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    imgs = _image_files(root.rglob("*"))
     cat = root.resolve().name
     return [
         Record(_rel_id(cat, p.relative_to(root).with_suffix("").as_posix()), str(p), "", "", "test", cat)
