@@ -6,18 +6,27 @@ import typer
 
 from anomalyncd import demo, paths
 from anomalyncd.config import load_params
-from anomalyncd.io import atomic_path
+from anomalyncd.io import InputError, atomic_path
 from anomalyncd.stage import run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+#: a file in every folder the demo stage writes: it replaces only such a folder
+MARKER = ".anomalyncd-demo"
 
 
 @app.command()
 def main(params: Path = typer.Option("params.yaml", help="params file"), out: Path = paths.DEMO) -> None:
     """Write the demo dataset to data/demo/<category>."""
     p = load_params("demo", params)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InputError(
+            f"{out}: a folder the demo stage did not write, which it would replace; "
+            "choose a new or empty --out (or remove the folder yourself)"
+        )
     with atomic_path(out) as tmp:
         counts = demo.generate(tmp, p)
+        (tmp / MARKER).write_text("written by the anomalyncd demo stage, which replaces this folder on every run\n")
     typer.echo(f"demo: wrote {sum(counts.values())} images to {out}/{p.category} " + str(counts))
 
 

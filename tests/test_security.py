@@ -177,3 +177,18 @@ def _predict(cwd: Path, args: list[str]) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
     return proc.stderr
+
+
+def test_demo_replaces_only_a_folder_it_wrote_itself(tmp_path):
+    from stages import demo
+
+    (tmp_path / "params.yaml").write_text("demo:\n  image_size: 32\n  n_train: 1\n  n_test_normal: 1\n  n_per_type: 1\n")
+    mine = tmp_path / "Documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    with pytest.raises(InputError, match="Documents: a folder the demo stage did not write, which it would replace; choose a new or empty --out"):
+        demo.main(params=tmp_path / "params.yaml", out=mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    demo.main(params=tmp_path / "params.yaml", out=tmp_path / "demo")
+    demo.main(params=tmp_path / "params.yaml", out=tmp_path / "demo")  # its own output: replaced
+    assert (tmp_path / "demo" / "tile" / "test" / "crack" / "000.png").is_file()
