@@ -192,3 +192,24 @@ def test_demo_replaces_only_a_folder_it_wrote_itself(tmp_path):
     demo.main(params=tmp_path / "params.yaml", out=tmp_path / "demo")
     demo.main(params=tmp_path / "params.yaml", out=tmp_path / "demo")  # its own output: replaced
     assert (tmp_path / "demo" / "tile" / "test" / "crack" / "000.png").is_file()
+
+
+def test_a_stage_meeting_a_crafted_model_file_prints_one_error_line_and_runs_no_code(tmp_path):
+    """End to end through the stage runner: ``infer`` on a run folder whose mgvit.pt was swapped."""
+    from anomalyncd import paths
+
+    from .test_training import write_tiny_crops
+
+    write_tiny_crops(tmp_path / paths.CROPS)
+    (tmp_path / "models").mkdir()
+    marker = tmp_path / "pwned.txt"
+    _crafted(tmp_path / paths.MODEL, marker, wrapped=True)
+    (tmp_path / "params.yaml").write_text("infer:\n  device: cpu\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.infer"], cwd=tmp_path, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: {paths.MODEL}: refused: it holds Python objects other than tensors")
+    assert not marker.exists() and not (tmp_path / paths.PROBS).exists()
