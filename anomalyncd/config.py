@@ -438,12 +438,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise InputError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
         return value
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for arg in typing.get_args(hint):
             try:
                 return _coerce(value, arg, where)
-            except InputError:
-                continue
-        raise InputError(f"{where}: {value!r} does not fit {hint}")
+            except InputError as e:
+                errors.append(str(e))
+        raise InputError(next((e for e in errors if "finite" in e), f"{where}: {value!r} does not fit {hint}"))
     if origin is list:
         if not isinstance(value, list):
             raise InputError(f"{where}: expected a list, got {value!r}")

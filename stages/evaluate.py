@@ -141,18 +141,6 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if ev.metrics["ground_truth"]:
         merger = Merger.from_attrs(ms.attrs, str(paths.MERGED))  # merged as the run's predictions were
         ev.metrics["baseline"] = baseline_metrics(cs, read_probs(paths.PROBS), merger, p.seed, records)
-    write_json(paths.METRICS / "evaluate.json", ev.metrics)
-
-    # The confusion plot: one row per image, DVC's confusion template counts them.
-    write_table(
-        CONFUSION,
-        [
-            {"actual": truth[i] or "unknown", "predicted": names.get(c) or cluster_label(c, {})}
-            for i, c in zip(ids, ms.clusters.tolist())
-        ],
-        columns=["actual", "predicted"],
-    )
-
     crop_rows_of: dict[int, list[int]] = {}
     for j, i in enumerate(cs.image_index.tolist()):
         crop_rows_of.setdefault(i, []).append(j)
@@ -190,6 +178,19 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             **earlier,
         ),
     )
+    # the report reads every image and mask: written first, so that a bad one leaves no metrics
+    write_json(paths.METRICS / "evaluate.json", ev.metrics)
+
+    # The confusion plot: one row per image, DVC's confusion template counts them.
+    write_table(
+        CONFUSION,
+        [
+            {"actual": truth[i] or "unknown", "predicted": names.get(c) or cluster_label(c, {})}
+            for i, c in zip(ids, ms.clusters.tolist())
+        ],
+        columns=["actual", "predicted"],
+    )
+
     m = ev.metrics
     if m["ground_truth"]:
         summary = " ".join(f"{lvl} NMI {m[lvl]['nmi']:.3f} ARI {m[lvl]['ari']:.3f} F1 {m[lvl]['f1']:.3f};" for lvl in ("image", "crop") if lvl in m)

@@ -131,7 +131,7 @@ def test_a_syntax_error_or_a_file_that_is_not_a_mapping_is_one_clear_error(tmp_p
 
 @pytest.mark.parametrize(
     "section, key",
-    [("train", "lr"), ("detect", "smooth_sigma"), ("mebin", "padding"), ("mebin", "max_merge_dist"), ("merge", "temperature")],
+    [("train", "lr"), ("detect", "smooth_sigma"), ("mebin", "padding"), ("mebin", "max_merge_dist"), ("mebin", "core"), ("merge", "temperature")],
 )
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
 def test_non_finite_floats_are_refused_everywhere(tmp_path, section, key, value):

@@ -71,3 +71,18 @@ def test_evaluate_refuses_a_damaged_mebin_metrics_file_before_writing_anything(t
     assert not (tmp_path / paths.METRICS / "evaluate.json").exists()
     assert not (tmp_path / evaluate.CONFUSION).exists()
     assert not (tmp_path / paths.REPORT).exists()
+
+
+def test_evaluate_writes_no_metrics_when_the_report_cannot_read_an_image(tmp_path, monkeypatch):
+    from stages import evaluate, merge
+
+    from .synthetic_run import make_project
+
+    written = make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    merge.main(params=Path("params.yaml"))
+    for r in written["records"]:
+        Path(r.image).write_bytes(b"")  # emptied after prepare
+    with pytest.raises(InputError, match=r"\.png: cannot read this image \(empty or not an image file\)"):
+        evaluate.main(params=Path("params.yaml"))
+    assert not (tmp_path / paths.METRICS / "evaluate.json").exists() and not (tmp_path / evaluate.CONFUSION).exists()
