@@ -33,8 +33,8 @@ PARAMS_FILE = "params.yaml"
 
 #: the largest image side a size param may ask for (px): a larger one cannot be meant
 MAX_SIDE = 4096
-#: the smallest image side a network input may have (px): a CNN's deepest maps are 1/32 of it
-MIN_SIDE = 32
+#: the smallest image side a network input may have (px): one ViT patch of 16
+MIN_SIDE = 16
 #: every ``device`` param and option: auto (cuda when available), cpu, cuda, cuda:N, mps
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
