@@ -35,7 +35,7 @@ def test_a_damaged_manifest_names_the_file_the_problem_and_the_stage_to_rerun(tm
 
 def test_a_detector_file_without_its_keys_is_damaged(tmp_path):
     save_torch({"format": 1, "method": "padim"}, tmp_path / "detector.pt")
-    with pytest.raises(InputError, match=r"detector.pt: damaged \(no valid 'params' in it\); rerun the detect stage"):
+    with pytest.raises(InputError, match=r"detector.pt: damaged \(no 'params' in it\); rerun the detect stage"):
         load_detector(tmp_path / "detector.pt")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path

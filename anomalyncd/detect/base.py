@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
-import torch
 
 from ..config import DetectParams
 from ..datasets import Record
@@ -152,8 +151,10 @@ def load_detector(path: str | os.PathLike, device: str | None = None) -> Detecto
         det = create_detector(params, DetectContext(**blob.get("context", {})))
         det.load_state_dict(blob["state"])
         det.norm_min, det.norm_max = float(blob["norm_min"]), float(blob["norm_max"])
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"{path}: damaged (no valid {e} in it); {fix}") from e
+    except InputError:
+        raise
+    except KeyError as e:
+        raise InputError(f"{path}: damaged (no {e} in it); {fix}") from e
+    except (TypeError, AttributeError, ValueError) as e:
+        raise InputError(f"{path}: damaged ({type(e).__name__}: {e}); {fix}") from e
     return det
