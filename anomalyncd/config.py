@@ -318,8 +318,8 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
         key = loader.construct_object(key_node)
         if key in seen:
             raise InputError(
-                f"line {key_node.start_mark.line + 1}: {key!r} is given twice in one section "
-                f"(first on line {seen[key]}); keep one"
+                f"line {key_node.start_mark.line + 1}: {key!r} is given twice (first on line {seen[key]}); "
+                "keep one (a second entry would silently replace the first)"
             )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node)
@@ -462,7 +462,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: expected a number, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value):
+                hint = f" (YAML reads {value} as text: write it with a dot, {value.replace('e', '.0e').replace('E', '.0E')})"
+            raise InputError(f"{where}: expected a number, got {value!r}{hint}")
         if not math.isfinite(value):
             raise InputError(f"{where}: expected a finite number, got {value!r}")
         return float(value)

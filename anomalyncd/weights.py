@@ -119,6 +119,19 @@ def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], stage_depths: l
     return out
 
 
+def check_weights_file(path: str | Path) -> None:
+    """Raise (``ValueError`` or the loader's own error) unless ``path`` holds a mapping of
+    weights: a torch file read with ``weights_only=True``, or a ``.safetensors`` file."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+
+
 def load_packaged(model: nn.Module, name: str) -> Path:
     """Load the packaged weights of ``name`` into a timm ``model`` of that architecture.
 
@@ -159,16 +172,17 @@ def create_timm_model(
     if checkpoint:
         if not Path(checkpoint).is_file():
             raise InputError(f"checkpoint {checkpoint!r} is not a file; fix the path or set it to ''")
+        fix = f"give a state dict file of {name!r} or set it to ''"
+        try:
+            check_weights_file(checkpoint)
+        except Exception as e:  # noqa: BLE001 - whatever the unpickler or safetensors raise
+            raise InputError(f"checkpoint {checkpoint!r}: not a readable weights file ({type(e).__name__}: {str(e).strip()[:200]}); {fix}") from e
         try:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)}, **kwargs)
-        except (IndexError, AssertionError):  # layers out of range: the caller names its param
+        except (IndexError, AssertionError):  # layers out of range (the file was read): the caller names its param
             raise
-        except Exception as e:  # noqa: BLE001 - not a weights file, or another architecture's
-            what = "its weights do not fit this architecture" if isinstance(e, RuntimeError) and "state_dict" in str(e) else "not a readable weights file"
-            raise InputError(
-                f"checkpoint {checkpoint!r}: {what} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                f"give a state dict file of {name!r} or set it to ''"
-            ) from e
+        except Exception as e:  # noqa: BLE001 - another architecture's weights, keys timm cannot map
+            raise InputError(f"checkpoint {checkpoint!r}: its weights do not fit this architecture ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); {fix}") from e
         return model, f"checkpoint {checkpoint}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random weights are a function of the seed

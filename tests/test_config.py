@@ -106,7 +106,7 @@ def test_an_unknown_section_is_an_error_listing_the_known_ones(tmp_path):
 @pytest.mark.parametrize(
     "text, line",
     [
-        ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "line 4: 'lr' is given twice in one section \\(first on line 2\\)"),
+        ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "line 4: 'lr' is given twice \\(first on line 2\\); keep one"),
         ("train:\n  lr: 0.1\nmerge:\n  temperature: 5.0\ntrain:\n  epochs: 3\n", "line 5: 'train' is given twice"),
     ],
 )
@@ -169,3 +169,9 @@ def test_an_unknown_demo_type_is_an_input_error_before_any_image_is_written(tmp_
     with pytest.raises(InputError, match=r"demo.types \['bubble'\] unknown; choose from"):
         generate(tmp_path / "demo", DemoParams(types=["scratch", "bubble"]))
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_number_yaml_reads_as_text_gets_a_hint_on_how_to_write_it(tmp_path):
+    with pytest.raises(InputError, match=r"train.lr: expected a number, got '1e-3' \(YAML reads 1e-3 as text: write it with a dot, 1.0e-3\)"):
+        load_params("train", _params(tmp_path, "train:\n  lr: 1e-3\n"))
+    assert load_params("train", _params(tmp_path, "train:\n  lr: 1.0e-3\n")).lr == 0.001

@@ -137,7 +137,7 @@ def test_packaged_classifier_names_scikit_learns_sample_photographs():
     assert 985 in top3[1]  # daisy
 
 
-@pytest.mark.parametrize("content", ["text", "resnet18"], ids=["not-weights", "another-architecture"])
+@pytest.mark.parametrize("content", ["not a weights file", "text\n", "[1, 2]", "resnet18"], ids=["text", "short-text", "a-list", "another-architecture"])
 def test_a_bad_checkpoint_param_is_one_error_naming_the_param(tmp_path, content):
     import timm
 
@@ -146,8 +146,11 @@ def test_a_bad_checkpoint_param_is_one_error_naming_the_param(tmp_path, content)
     from anomalyncd.model import create_backbone
 
     f = tmp_path / "w.pt"
-    if content == "text":
-        f.write_text("not a weights file")
+    if content == "[1, 2]":
+        torch.save([1, 2], f)
+        what = "not a readable weights file"
+    elif content != "resnet18":
+        f.write_text(content)
         what = "not a readable weights file"
     else:
         torch.save(timm.create_model("resnet18").state_dict(), f)
