@@ -326,6 +326,10 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+# YAML 1.2 floats, as DVC reads params.yaml: 1e-3 and 1.0e30 (YAML 1.1, PyYAML's, reads them as text)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+)
 
 
 def parse_params(text: str, where: str = PARAMS_FILE) -> dict:
@@ -462,10 +466,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = ""
-            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value):
-                hint = f" (YAML reads {value} as text: write it with a dot, {value.replace('e', '.0e').replace('E', '.0E')})"
-            raise InputError(f"{where}: expected a number, got {value!r}{hint}")
+            raise InputError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
             raise InputError(f"{where}: expected a finite number, got {value!r}")
         return float(value)

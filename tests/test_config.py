@@ -171,7 +171,8 @@ def test_an_unknown_demo_type_is_an_input_error_before_any_image_is_written(tmp_
     assert not (tmp_path / "demo").exists()
 
 
-def test_a_number_yaml_reads_as_text_gets_a_hint_on_how_to_write_it(tmp_path):
-    with pytest.raises(InputError, match=r"train.lr: expected a number, got '1e-3' \(YAML reads 1e-3 as text: write it with a dot, 1.0e-3\)"):
-        load_params("train", _params(tmp_path, "train:\n  lr: 1e-3\n"))
-    assert load_params("train", _params(tmp_path, "train:\n  lr: 1.0e-3\n")).lr == 0.001
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("1.0e30", 1e30), ("2E+2", 200.0), (".5e1", 5.0), ("0.003", 0.003)])
+def test_floats_are_read_as_yaml_1_2_and_dvc_read_them(tmp_path, text, value):
+    """PyYAML (YAML 1.1) reads 1e-3 as the text '1e-3'; DVC and YAML 1.2 read a number."""
+    assert load_params("train", _params(tmp_path, f"train:\n  lr: {text}\n")).lr == value
+    assert load_params("train", _params(tmp_path, f"train:\n  model: '{text}'\n")).model == text  # quoted: text
