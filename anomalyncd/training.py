@@ -467,10 +467,11 @@ def train(
             count += n
         packed = torch.cat([sums["cluster_heads"], torch.stack([sums[k] for k in _scalar_keys(sums)]), count[None].double()])
         packed = _all_sum(packed)
-        if not torch.isfinite(packed).all():  # every rank sees the same sums: all stop together
+        # every rank sees the same sums and weights: all stop together
+        if not torch.isfinite(packed).all() or not all(torch.isfinite(w).all() for w in net.parameters()):
             raise InputError(
-                f"params.yaml: train: the loss is not finite in epoch {epoch + 1} (it diverged); no model was "
-                f"saved. Lower train.lr (now {cfg.lr:g}) or train.memax_weight and run again"
+                f"params.yaml: train: the loss or the weights are not finite in epoch {epoch + 1} (training diverged); "
+                f"no model was saved. Lower train.lr (now {cfg.lr:g}) or train.memax_weight and run again"
             )
         h = cfgm.n_head
         total_n = float(packed[-1])

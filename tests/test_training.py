@@ -428,9 +428,29 @@ def test_data_loading_workers_do_not_change_the_result():
 
 def test_a_diverging_loss_stops_training_with_a_clear_error_and_saves_nothing(tmp_path):
     """lr 1e30 is in range (> 0) but makes the loss infinite within one epoch."""
-    with pytest.raises(InputError, match=r"train: the loss is not finite in epoch 1 .*no model was saved. Lower train.lr \(now 1e\+30\)"):
+    with pytest.raises(InputError, match=r"train: the loss or the weights are not finite in epoch 1 .*no model was saved. Lower train.lr \(now 1e\+30\)"):
         train(tiny_net(), tiny_data(), TrainParams(epochs=2, lr=1e30, **FAST), checkpoint=tmp_path / "c.pt", fingerprint="x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_that_became_non_finite_in_the_last_step_stop_training_too(tmp_path, monkeypatch):
+    """The epoch's loss is computed before its last step: a step that breaks the weights shows
+    only in them."""
+    net = tiny_net()
+    step, calls = torch.optim.SGD.step, []
+
+    def breaking_step(self, *a, **kw):  # the epoch's 2nd and last step (12 crops, batches of 6)
+        out = step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                net.head.weight.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", breaking_step)
+    with pytest.raises(InputError, match=r"the loss or the weights are not finite in epoch 1"):
+        train(net, tiny_data(), TrainParams(epochs=1, **FAST), checkpoint=tmp_path / "c.pt", fingerprint="x")
+    assert not (tmp_path / "c.pt").exists()
 
 
 def test_train_checks_its_base_dir_before_it_estimates_k_and_writes_its_metrics(tmp_path, monkeypatch):
