@@ -150,32 +150,37 @@ def test_writing_a_file_onto_an_existing_folder_keeps_the_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no temporary left
 
 
-def test_predict_out_naming_a_folder_writes_into_it_and_keeps_what_it_holds(tmp_path):
-    """The CLI checks --out before loading the run: the folder's file is kept, and the checks
-    of the other options come before any work too (the run folder here does not exist)."""
+def test_predict_options_are_checked_before_any_work_and_out_may_name_a_folder(tmp_path):
+    """--out naming a folder means <folder>/predictions.csv (the folder and its files are kept);
+    an unwritable --out, --batch-size < 1 and an unknown --device fail before the run is read
+    (here it does not exist, so getting past the options means meeting that error)."""
+    from stages.predict import main
+
+    def predict(out="predictions.csv", batch_size=None, device="auto"):
+        main([tmp_path], run_dir=tmp_path / "no-run", out=Path(out), maps=None, device=device, batch_size=batch_size)
+
     results = tmp_path / "results"
     results.mkdir()
     (results / "precious.txt").write_text("keep me")
-    out = _predict(tmp_path, ["--out", str(results), "--run", str(tmp_path / "no-run")])
-    assert f"{tmp_path / 'no-run'}: run directory not found" in out  # got past --out to the run
+    with pytest.raises(InputError, match="no-run: run directory not found"):
+        predict(out=results)
     assert (results / "precious.txt").read_text() == "keep me"
     (tmp_path / "a_file").write_text("")
-    out = _predict(tmp_path, ["--out", str(tmp_path / "a_file" / "p.csv"), "--run", str(tmp_path)])
-    assert out.startswith(f"error: {tmp_path / 'a_file' / 'p.csv'}: cannot write there") and "--out" in out
-    out = _predict(tmp_path, ["--batch-size", "0", "--run", str(tmp_path)])
-    assert out.startswith("error: --batch-size must be at least 1, got 0")
-    out = _predict(tmp_path, ["--device", "banana", "--run", str(tmp_path)])
-    assert out.startswith("error: --device: unknown device 'banana'")
+    with pytest.raises(InputError, match=r"a_file/p.csv: cannot write there \(.*a_file: not a folder\); choose another --out"):
+        predict(out=tmp_path / "a_file" / "p.csv")
+    with pytest.raises(InputError, match="--batch-size must be at least 1, got 0"):
+        predict(batch_size=0)
+    with pytest.raises(InputError, match="--device: unknown device 'banana'; use auto, cpu, cuda, cuda:N or mps"):
+        predict(device="banana")
 
 
-def _predict(cwd: Path, args: list[str]) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.predict", str(cwd), *args],
-        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
-    return proc.stderr
+def test_output_file_is_the_named_file_or_predictions_csv_inside_a_named_folder(tmp_path):
+    from anomalyncd.io import output_file
+
+    (tmp_path / "results").mkdir()
+    assert output_file(tmp_path / "results", "predictions.csv", "--out") == tmp_path / "results" / "predictions.csv"
+    assert output_file(tmp_path / "new" / "p.csv", "predictions.csv", "--out") == tmp_path / "new" / "p.csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # the probe file is gone, nothing created
 
 
 def test_demo_replaces_only_a_folder_it_wrote_itself(tmp_path):
