@@ -320,10 +320,12 @@ def test_patchcore_keeping_the_aspect_maps_images_of_any_shape_and_finds_the_spo
     assert spot_contrast(maps[:1]) > 0
 
 
-def test_greedy_coreset_is_the_same_for_any_number_of_workers():
+def test_greedy_coreset_is_the_same_for_any_number_of_workers(monkeypatch):
+    from anomalyncd.detect import ops, parallel
     from anomalyncd.detect.ops import greedy_coreset_full
 
-    # more rows than parallel.BLOCK_ROWS: several blocks, shared by the workers
+    # blocks of 4,096 rows instead of parallel.BLOCK_ROWS: several blocks, shared by the workers
+    monkeypatch.setattr(ops, "row_blocks", lambda n: parallel.row_blocks(n, 4096))
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(20000, 12)).astype(np.float32))
     ref = greedy_coreset_full(x, 40, seed=3)
     for workers in (1, 2, 3):

@@ -24,7 +24,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 #: Rows per block of :func:`row_blocks`: the cut does not depend on the thread count.
-BLOCK_ROWS = 8192
+BLOCK_ROWS = 65536
 
 
 @contextmanager
