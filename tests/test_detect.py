@@ -318,3 +318,46 @@ def test_patchcore_keeping_the_aspect_maps_images_of_any_shape_and_finds_the_spo
     maps = det.predict(test)
     assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
     assert spot_contrast(maps[:1]) > 0
+
+
+def test_greedy_coreset_is_the_same_for_any_number_of_workers(monkeypatch):
+    from anomalyncd.detect import ops, parallel
+    from anomalyncd.detect.ops import greedy_coreset_full
+
+    # blocks of 4,096 rows instead of parallel.BLOCK_ROWS: several blocks, shared by the workers
+    monkeypatch.setattr(ops, "row_blocks", lambda n: parallel.row_blocks(n, 4096))
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(20000, 12)).astype(np.float32))
+    ref = greedy_coreset_full(x, 40, seed=3)
+    for workers in (1, 2, 3):
+        assert torch.equal(greedy_coreset(x, 40, seed=3, progress=False, workers=workers), ref)
+
+
+def test_nearest_distance_finds_the_nearest_row_exactly(rng):
+    q = torch.from_numpy(rng.normal(size=(300, 24)).astype(np.float32))
+    bank = torch.from_numpy(rng.normal(size=(500, 24)).astype(np.float32))
+    d = torch.cdist(q.double(), bank.double())
+    got = nearest_distance(q, bank).double()
+    torch.testing.assert_close(got, d.min(1).values, rtol=1e-6, atol=1e-6)
+    assert torch.equal(nearest_distance(bank[:7], bank), torch.zeros(7))  # a bank row is at 0
+
+
+def test_ordered_map_keeps_the_order_of_the_items():
+    from anomalyncd.detect.parallel import ordered_map
+
+    assert list(ordered_map(lambda i: i * i, range(50), workers=3, ahead=1)) == [i * i for i in range(50)]
+
+
+def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng):
+    normal = [surface(rng) for _ in range(5)]
+    test = [with_spot(surface(rng)) for _ in range(3)]
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], bank_size=200))
+            det.fit(normal)
+            out.append((det.bank.numpy().tobytes(), det.predict(test).tobytes()))
+    finally:
+        torch.set_num_threads(before)
+    assert out[0] == out[1] == out[2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import cv2
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from .parallel import blocked, row_blocks, single_threaded
 
 # Elements of one chunk of a distance matrix: bounds memory (about 256 MB of float32).
 CHUNK_ELEMENTS = 1 << 26
@@ -44,45 +47,121 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(i + size, n))
 
 
-def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def nearest_distance(query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distance of each row of ``query`` (Q, D) to its nearest row of ``bank`` (M, D).
 
-    Computed in chunks of queries so that at most ``CHUNK_ELEMENTS`` distances exist at once.
+    Exact search by one matrix product per chunk of queries (at most ``CHUNK_ELEMENTS``
+    distances at once): the nearest row is the argmin of ``|b|^2 - 2 q.b`` (first index on a
+    tie), and its distance is then taken directly as ``|q - b|``, without the cancellation of
+    the expanded form. ``bank_sq`` (M,): the bank's squared row norms, if already known.
     Returns (Q,).
     """
+    if len(bank) == 0:
+        raise ValueError("nearest_distance: empty bank")
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(dim=1)
+    step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
+    out = []
+    for s in batches(len(query), step):
+        q = query[s]
+        nearest = torch.addmm(bank_sq, q, bank.T, alpha=-2).argmin(dim=1)
+        out.append((q - bank[nearest]).square_().sum(dim=1).sqrt_())
+    return torch.cat(out) if out else query.new_zeros(0)
+
+
+def nearest_distance_cdist(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The previous kernel of :func:`nearest_distance` (``torch.cdist`` then the row minimum),
+    kept as the reference the tests and ``benchmarks/bench_detect.py`` compare with."""
     step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
     out = [torch.cdist(query[s], bank).amin(dim=1) for s in batches(len(query), step)]
     return torch.cat(out) if out else query.new_zeros(0)
 
 
+def project(features: torch.Tensor, dim: int, generator: torch.Generator, workers: int = 1) -> torch.Tensor:
+    """Random projection of ``features`` (M, D) to (M, dim) by a Gaussian matrix (D, dim) of
+    ``generator``'s next draws; computed a block of rows at a time (the same bits for any
+    ``workers``)."""
+    proj = (torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)).to(features.device, features.dtype)
+    return blocked(lambda x: x @ proj, features, workers)
+
+
 def greedy_coreset(
-    features: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128, progress: bool = True
+    features: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128, progress: bool = True, workers: int = 1
 ) -> torch.Tensor:
     """Indices ``(n,)`` of a greedy k-center coreset of ``features`` (M, D).
 
-    Iteratively adds the point farthest from the points chosen so far (the PatchCore
-    coreset), starting from a seeded random point. Distances are taken after a seeded random
-    projection to ``proj_dim`` dimensions when D is larger, as in the PatchCore paper.
+    Iteratively adds the point farthest from the points chosen so far (the PatchCore coreset;
+    the first index among equally far ones), starting from a seeded random point. Distances
+    are taken after a seeded random projection to ``proj_dim`` dimensions when D is larger,
+    as in the PatchCore paper.
+
+    Every step updates the M squared distances block of rows by block of rows
+    (``parallel.BLOCK_ROWS``, a fixed cut), each block by one single-threaded product, the
+    blocks shared by ``workers`` threads; the farthest point is the first maximum of the
+    blocks' maxima in row order. The same indices for any ``workers``, and as
+    :func:`greedy_coreset_full`.
     """
-    m, d = features.shape
+    m = len(features)
     if n >= m:
         return torch.arange(m, device=features.device)
     g = torch.Generator().manual_seed(seed)
-    x = features
-    if d > proj_dim:
-        proj = torch.randn(d, proj_dim, generator=g) / math.sqrt(proj_dim)
-        x = features @ proj.to(features.device, features.dtype)
-    xt = x.T.contiguous()  # (D, M): a row vector times it is the fastest product on CPU
-    sq = (x * x).sum(dim=1)
+    x = project(features, proj_dim, g, workers) if features.shape[1] > proj_dim else features
     start = int(torch.randint(m, (1,), generator=g))
-    chosen = torch.empty(n, dtype=torch.long, device=features.device)
-    chosen[0] = start
-    # Squared distances, as |a|^2 + |b|^2 - 2 a.b: one matrix-vector product per step.
-    dist = (sq + sq[start] - 2 * (x[start] @ xt)).clamp_min_(0)
-    for k in tqdm(range(1, n), desc="detect: coreset", unit="pt", disable=not progress, mininterval=1.0):
-        i = torch.argmax(dist)
-        chosen[k] = i
-        torch.minimum(dist, (sq + sq[i]).sub_(x[i] @ xt, alpha=2), out=dist)
+    blocks = row_blocks(m)
+    workers = max(1, min(workers, len(blocks)))
+    with single_threaded():
+        sq = (x * x).sum(dim=1)  # (M,)
+        dist = torch.full((m,), math.inf, dtype=x.dtype, device=x.device)  # squared, (M,)
+        top = [(0.0, 0)] * len(blocks)  # per block: its largest distance and its row
+
+        def update(group: list[int], c: torch.Tensor, sq_c: torch.Tensor) -> None:
+            for b in group:
+                s = blocks[b]
+                new = (sq[s] + sq_c).sub_(x[s] @ c, alpha=2).clamp_min_(0)
+                d = torch.minimum(dist[s], new, out=dist[s])
+                j = int(torch.argmax(d))
+                top[b] = (float(d[j]), s.start + j)
+
+        groups = [list(range(w, len(blocks), workers)) for w in range(workers)]
+        chosen = torch.empty(n, dtype=torch.long, device=x.device)
+        pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
+        try:
+            i = start
+            for k in tqdm(range(n), desc="detect: coreset", unit="pt", disable=not progress, mininterval=1.0):
+                chosen[k] = i
+                if k == n - 1:
+                    break
+                c, sq_c = x[i], sq[i]
+                futures = [pool.submit(update, grp, c, sq_c) for grp in groups[1:]] if pool else []
+                update(groups[0], c, sq_c)
+                for f in futures:
+                    f.result()
+                # the largest distance; among equal ones the first block, i.e. the first row
+                i = top[max(range(len(blocks)), key=lambda b: (top[b][0], -b))][1]
+        finally:
+            if pool:
+                pool.shutdown()
+    return chosen
+
+
+def greedy_coreset_full(features: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
+    """:func:`greedy_coreset` in one piece (all M distances by one product per step, one
+    thread): the reference its tests compare with."""
+    m = len(features)
+    if n >= m:
+        return torch.arange(m, device=features.device)
+    g = torch.Generator().manual_seed(seed)
+    x = project(features, proj_dim, g) if features.shape[1] > proj_dim else features
+    with single_threaded():
+        sq = (x * x).sum(dim=1)
+        start = int(torch.randint(m, (1,), generator=g))
+        chosen = torch.empty(n, dtype=torch.long, device=x.device)
+        chosen[0] = start
+        dist = (sq + sq[start]).sub_(x @ x[start], alpha=2).clamp_min_(0)
+        for k in range(1, n):
+            i = int(torch.argmax(dist))
+            chosen[k] = i
+            torch.minimum(dist, (sq + sq[i]).sub_(x @ x[i], alpha=2).clamp_min_(0), out=dist)
     return chosen
 
 

@@ -22,6 +22,7 @@ from ..io import InputError
 from .base import register
 from .ops import batches, to_batch, upsample_maps
 from .backbone import BackboneDetector, patch_features
+from .parallel import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class PaDiM(BackboneDetector):
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         cov = cov + (REG * torch.diag(var) + 1e-4 * float(var.mean()) * eye)
         self.mean = mean.float()
-        self.precision = torch.linalg.inv(cov).float()
+        with single_threaded():  # see parallel.single_threaded; also the same bits for any thread count
+            self.precision = torch.linalg.inv(cov).float()
         log.info("padim: %d images, %d positions, %d dims", count, *mean.shape)
 
     @torch.inference_mode()

@@ -27,6 +27,7 @@ from .backbone import BackboneDetector, patch_features
 from .base import register
 from .features import FILTERBANK
 from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_maps
+from .parallel import ordered_map, pool_size, single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class PatchCore(BackboneDetector):
         self.bank: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
+        self.bank_sq: torch.Tensor | None = None  # (bank_size,) squared norms of the bank
 
     def batches(self, n: int) -> list[slice]:
         """Batches of images: ``batch_size`` at a time, or one at a time with ``keep_aspect``
@@ -54,11 +56,21 @@ class PatchCore(BackboneDetector):
         x = to_batch(images, self.spec.image_size, self.device, self.params.keep_aspect)
         return patch_features(self.backbone(x), self.stride)
 
-    @torch.inference_mode()
-    def features(self, images: Sequence[np.ndarray], desc: str) -> Iterator[torch.Tensor]:
-        """Patch features ``(D, h, w)`` of each RGB uint8 image."""
-        for s in tqdm(self.batches(len(images)), desc=desc, unit="batch", disable=len(images) <= self.params.batch_size):
-            yield from self.patch_grid(images[s])
+    def _batch_patches(self, images: Sequence[np.ndarray], s: slice) -> list[torch.Tensor]:
+        """Patches ``(h * w, D)`` of each image of the batch ``s`` of ``images`` (read here)."""
+        with torch.inference_mode():
+            f = self.patch_grid(images[s])
+            return list(f.permute(0, 2, 3, 1).reshape(len(f), -1, f.shape[1]))
+
+    def _batch_maps(self, images: Sequence[np.ndarray], s: slice) -> np.ndarray:
+        """Maps ``(B, map_size, map_size)`` of the batch ``s`` of ``images`` (read here)."""
+        size = self.params.map_size
+        with torch.inference_mode():
+            f = self.patch_grid(images[s])
+            b, d, h, w = f.shape
+            q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
+            grid = nearest_distance(q, self.bank, self.bank_sq).view(b, h, w)
+            return upsample_maps(grid, size, self.params.smooth_sigma * size / self.spec.image_size).cpu().numpy()
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
         """Build the memory bank ``(bank_size, D)`` from normal RGB uint8 images.
@@ -80,12 +92,19 @@ class PatchCore(BackboneDetector):
         per_image = math.ceil(CANDIDATES_PER_ENTRY * bank_size / len(images)) if bank_size else 0
         rng = torch.Generator().manual_seed(self.params.seed)
         kept = []
-        for feats in self.features(images, "detect: fit patchcore"):
-            patches = feats.permute(1, 2, 0).reshape(-1, feats.shape[0])
+        workers = pool_size(self.device)
+        # Batches are computed single-threaded side by side (parallel.py); the sampling and
+        # everything after it run single-threaded here, in image order.
+        done = ordered_map(lambda s: self._batch_patches(images, s), self.batches(len(images)), workers)
+        for patches in _progress(done, len(images), self.params.batch_size, "detect: fit patchcore"):
             if per_image and per_image < len(patches):
                 patches = patches[torch.randperm(len(patches), generator=rng)[:per_image].sort().values]
             kept.append(patches)
-        patches = torch.cat(kept)
+        with single_threaded():
+            self._fit_bank(torch.cat(kept), bank_size, workers)
+
+    def _fit_bank(self, patches: torch.Tensor, bank_size: int, workers: int) -> None:
+        """Standardisation (filter bank) and the coreset bank of the candidate patches (N, D)."""
         self.mean, self.std = patches.new_zeros(patches.shape[1]), patches.new_ones(patches.shape[1])
         if self.spec.name == FILTERBANK:
             self.mean = patches.mean(0)
@@ -95,23 +114,20 @@ class PatchCore(BackboneDetector):
             self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
             patches = (patches - self.mean) / self.std
         n_keep = min(bank_size, len(patches)) if bank_size else len(patches)
-        idx = greedy_coreset(patches, n_keep, seed=self.params.seed)
+        idx = greedy_coreset(patches, n_keep, seed=self.params.seed, workers=workers)
         self.bank = patches[idx].contiguous()
+        self.bank_sq = (self.bank * self.bank).sum(dim=1)
         log.info("patchcore: memory bank %d of %d candidate patches, %d dims", len(self.bank), len(patches), patches.shape[1])
 
-    @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
         size = self.params.map_size
-        sigma = self.params.smooth_sigma * size / self.spec.image_size
         out = np.zeros((len(images), size, size), dtype=np.float32)
-        for s in tqdm(self.batches(len(images)), desc="detect: patchcore maps", unit="batch"):
-            f = self.patch_grid(images[s])
-            b, d, h, w = f.shape
-            q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
-            grid = nearest_distance(q, self.bank).view(b, h, w)
-            out[s] = upsample_maps(grid, size, sigma).cpu().numpy()
+        parts = self.batches(len(images))
+        done = ordered_map(lambda s: self._batch_maps(images, s), parts, pool_size(self.device))
+        for s, maps in zip(parts, tqdm(done, total=len(parts), desc="detect: patchcore maps", unit="batch")):
+            out[s] = maps
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,3 +137,13 @@ class PatchCore(BackboneDetector):
         self.bank = state["bank"].to(self.device)
         self.mean = state["mean"].to(self.device)
         self.std = state["std"].to(self.device)
+        with single_threaded():
+            self.bank_sq = (self.bank * self.bank).sum(dim=1)
+
+
+def _progress(batches_done: Iterator[list[torch.Tensor]], n: int, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
+    """The items of each batch of ``batches_done``, with a progress bar over the ``n`` images."""
+    with tqdm(total=n, desc=desc, unit="img", disable=n <= batch_size) as bar:
+        for batch in batches_done:
+            yield from batch
+            bar.update(len(batch))
