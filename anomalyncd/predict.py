@@ -218,7 +218,10 @@ class Predictor:
         loaded = []
         clock = _Clock(self.timings)
         for r in clock("read", self._map, load, list(zip(images, files))):
-            (out.failed.append(str(r)) if isinstance(r, InputError) else loaded.append(r))
+            if isinstance(r, InputError):
+                out.failed.append(str(r))
+            else:
+                loaded.append(r)
         if not loaded:
             return out
         if self.detector is not None:
