@@ -161,6 +161,8 @@ def main() -> None:
     print(f"run: {run}; {len(files)} images from {source}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
     with tempfile.TemporaryDirectory() as d:
         images = link_images(files, Path(d) / "images")
+        # the commands first: a child's peak RSS counts its parent's at the fork, kept small here
+        cli = None if args.no_cli else cli_part(run, images, args.ref, args.repeat, Path(d))
         ip = inprocess_part(run, images, args.single)
         n = len(images)
         print(f"\nin process (this code): load run {ip['load_run']:.2f} s, detector + classifier {ip['load_models']:.2f} s; "
@@ -171,9 +173,8 @@ def main() -> None:
         old, new, diff = classifier_layouts(run)
         print(f"classifier on 64 of the run's crops: default layout {old:.2f} s, channels-last {new:.2f} s "
               f"({old / new:.2f}x), logits differ by <= {diff:.1e}")
-        if args.no_cli:
+        if cli is None:
             return
-        cli = cli_part(run, images, args.ref, args.repeat, Path(d))
         print(f"\ncommand (python -m stages.predict, best of {args.repeat}):")
         print(f"{'code':<6} {'wall 1 img':>11} {'wall N':>9} {'start-up':>9} {'ms/img':>8} {'RSS MB (1/N)':>14}")
         for name, r in cli.items():
