@@ -41,8 +41,8 @@ class CropOutputs:
 
 def for_inference(net: MGViTClassifier) -> MGViTClassifier:
     """``net`` in eval mode with its 4-D weights in the channels-last layout, in place: the
-    layout oneDNN's convolutions run fastest in on CPU (the crop CNN 1.3-1.6x faster here); the
-    outputs are the same up to float rounding (logits within ~2e-7). :func:`crop_outputs` feeds
+    layout oneDNN's convolutions run fastest in on CPU (the crop CNN 1.3-1.7x faster here); the
+    outputs are the same up to float rounding (logits within 4e-7). :func:`crop_outputs` feeds
     such a network channels-last images. For a loaded model only: training keeps the default."""
     return net.eval().to(memory_format=torch.channels_last)
 

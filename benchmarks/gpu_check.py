@@ -13,7 +13,8 @@ bits), and the image clusters must be the same partition. With several GPUs a th
 --nproc_per_node=<GPUs>`` and is compared with the CPU run too.
 
 Without CUDA it prints one ``skipped:`` line saying why and exits with 0. Exit status 1 when a
-comparison fails. The comparison itself is tested on the CPU (``tests/test_compare.py``).
+comparison fails. ``--against cpu`` runs the check itself on a machine without a GPU (both
+copies on the CPU). The comparison itself is tested on the CPU (``tests/test_compare.py``).
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a smaller demo")
     ap.add_argument("--tolerance", type=int, default=None, help="grey levels the uint8 maps may differ by (default 2)")
-    ap.add_argument("--workdir", type=Path, default=None, help="where the copies go (kept; default: a temporary folder)")
+    ap.add_argument("--workdir", type=Path, default=None, help="an empty folder for the copies (kept; default: a temporary one)")
+    ap.add_argument("--against", default="cuda", help="the second copy's device (cpu: try the check itself without a GPU)")
     args = ap.parse_args()
-    reason = skip_reason()
+    reason = skip_reason() if args.against.startswith("cuda") else None
     if reason:
         print(f"gpu_check: skipped: {reason}")
         return
@@ -104,11 +106,13 @@ def main() -> None:
     overrides = TINY if args.tiny else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
+        other = args.against if args.against != "cpu" else "cpu again"
         runs = {"cpu": (make_copy(work / "cpu", "cpu", overrides), 1),
-                "cuda": (make_copy(work / "cuda", "cuda", overrides), 1)}
-        if gpus > 1:
+                other: (make_copy(work / "other", args.against, overrides), 1)}
+        if gpus > 1 and args.against.startswith("cuda"):
             runs[f"cuda x{gpus}"] = (make_copy(work / "ddp", "cuda", overrides), gpus)
-        print(f"gpu_check: {torch.cuda.get_device_name(0)} x{gpus}, torch {torch.__version__}; projects in {work}")
+        device = f"{torch.cuda.get_device_name(0)} x{gpus}" if gpus else "no GPU"
+        print(f"gpu_check: {device}, torch {torch.__version__}; projects in {work}")
         times = {name: run_stages(proj, n) for name, (proj, n) in runs.items()}
         print(f"\n{'stage':<10}" + "".join(f"{name:>12}" for name in times))
         for stage in STAGES:
