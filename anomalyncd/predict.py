@@ -8,13 +8,16 @@ store), the trained model with its selected head, class names and evaluation tra
 (``models/mgvit.pt``), the merge settings (the merge store), and, where the run had ground
 truth, the matched true type of each discovered class (``metrics/evaluate.json``). New images
 go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
-:func:`anomalyncd.inference.predict_crops`, :func:`anomalyncd.merge.merge_tables`), so
+:func:`anomalyncd.inference.crop_outputs`, :func:`anomalyncd.merge.merge_tables`), so
 predicting the run's own images reproduces its image-level predictions.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +30,7 @@ from .config import InferParams, MebinParams, from_dict
 from .datasets import IMAGE_EXTENSIONS
 from .io import InputError, read_image, read_json
 from .merge import Merger, merge_tables, novel_probabilities
-from .store import crop_ids_of, read_crops, read_maps, read_merged
+from .store import StoreReader, crop_ids_of
 
 MAP_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")  # what the external detector reads
 CHUNK = 32  # images per detector / MEBin pass, bounds memory on large folders
@@ -66,11 +69,16 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     for rel in (paths.MAPS, paths.CROPS, paths.MODEL, paths.MERGED):
         if not (root / rel).exists():
             raise InputError(f"{root / rel}: missing; finish the run first (cd {root} && dvc repro)")
-    ms = read_maps(root / paths.MAPS)
-    cs_attrs = read_crops(root / paths.CROPS).attrs
+    # attrs and shapes only: the run's pixels (every map and crop of its set) stay in the files
+    with StoreReader(root / paths.MAPS, "maps") as r:
+        map_attrs, map_size = r.attrs, int(r["maps"].shape[-1])
+    with StoreReader(root / paths.CROPS, "crops") as r:
+        cs_attrs = r.attrs
+    with StoreReader(root / paths.MERGED, "merged") as r:
+        merge_attrs = r.attrs
     for name, attrs, key in (
-        ("norm_min", ms.attrs, paths.MAPS),
-        ("norm_max", ms.attrs, paths.MAPS),
+        ("norm_min", map_attrs, paths.MAPS),
+        ("norm_max", map_attrs, paths.MAPS),
         ("lo", cs_attrs, paths.CROPS),
         ("hi", cs_attrs, paths.CROPS),
         ("params", cs_attrs, paths.CROPS),
@@ -79,13 +87,13 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             raise InputError(f"{root / key}: has no {name!r}; rerun the stage that writes it (dvc repro)")
     return Run(
         root=root,
-        map_size=int(ms.maps.shape[-1]),
-        norm_min=float(ms.attrs["norm_min"]),
-        norm_max=float(ms.attrs["norm_max"]),
+        map_size=map_size,
+        norm_min=float(map_attrs["norm_min"]),
+        norm_max=float(map_attrs["norm_max"]),
         lo=int(cs_attrs["lo"]),
         hi=int(cs_attrs["hi"]),
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
-        merger=Merger.from_attrs(read_merged(root / paths.MERGED).attrs, str(root / paths.MERGED)),
+        merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
         names=class_names(root / paths.METRICS / "evaluate.json"),
     )
 
@@ -152,6 +160,151 @@ class Predictions:
     failed: list[str] = field(default_factory=list)
 
 
+class Predictor:
+    """A finished run's fitted detector and classifier, loaded once, to classify images a
+    chunk at a time (:meth:`classify`) and merge the results (:meth:`merge`).
+
+    ``maps``: maps will be given (no detector is loaded). ``workers``: threads reading images
+    and running MEBin (OpenCV and NumPy release the GIL; results are in input order, so the
+    same whatever the number).
+    """
+
+    def __init__(
+        self, run: Run, device: str = "auto", batch_size: int | None = None, maps: bool = False, workers: int | None = None
+    ) -> None:
+        from .device import resolve_device
+        from .detect import load_detector
+        from .inference import for_inference
+        from .model import load_model
+
+        self.run = run
+        self.detector = None
+        if not maps:
+            if not run.detector.exists():
+                raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
+            self.detector = load_detector(run.detector, device=None if device == "auto" else device)
+        self.device = resolve_device(device)
+        self.net, info = load_model(run.model, self.device)
+        for_inference(self.net)
+        self.head = int(info["head"])
+        self.batch_size = batch_size or InferParams().batch_size
+        self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per step, summed over calls
+
+    def _map(self, fn, items: list) -> list:
+        if self.workers == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(fn, items))
+
+    def classify(self, images: list[tuple[str, Path]], map_files: list[Path] | None = None) -> "Classified":
+        """Maps, MEBin crops and crop probabilities of ``images`` (one chunk: all of it is in
+        memory at once); unreadable images (or maps) go to ``failed``."""
+        import torch
+
+        from .detect import normalise_u8
+        from .inference import crop_outputs, novel_probabilities as head_probabilities
+        from .mebin import mebin_image
+
+        run = self.run
+        files = map_files if map_files is not None else [None] * len(images)
+
+        def load(job):
+            (item, f) = job
+            try:
+                return item, read_image(item[1]), None if f is None else _read_map(f, run.map_size)
+            except InputError as e:
+                return e
+
+        out = Classified()
+        loaded = []
+        clock = _Clock(self.timings)
+        for r in clock("read", self._map, load, list(zip(images, files))):
+            if isinstance(r, InputError):
+                out.failed.append(str(r))
+            else:
+                loaded.append(r)
+        if not loaded:
+            return out
+        if self.detector is not None:
+            try:
+                raw = list(clock("detector", self.detector.predict, [img for _, img, _ in loaded]))
+            except InputError as e:
+                raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
+        else:
+            raw = [m for _, _, m in loaded]
+
+        def crop(job):
+            (_, img, _), m = job
+            # the run's global map range, as the detect stage normalised the run's own maps
+            return mebin_image(normalise_u8(m, run.norm_min, run.norm_max), img, run.lo, run.hi, run.mebin)[1]
+
+        crops = clock("mebin", self._map, crop, list(zip(loaded, raw)))
+        out.kept = [item for item, _, _ in loaded]
+        out.counts = np.array([len(c) for c in crops], np.int64)
+        out.boxes = np.concatenate([c.boxes for c in crops]).reshape(-1, 4)
+        out.areas = np.concatenate([c.areas for c in crops])
+        out.scores = np.concatenate([c.scores for c in crops])
+        o = clock("classifier", crop_outputs, self.net, np.concatenate([c.crops for c in crops]),
+                  np.concatenate([c.crop_masks for c in crops]), self.device, self.batch_size)
+        probs = head_probabilities(torch.from_numpy(o.logits), self.net.cfg.num_labeled).numpy().astype(np.float32)
+        out.probs = novel_probabilities(probs, self.head, self.net.cfg.num_labeled)
+        return out
+
+    def merge(self, parts: list["Classified"]) -> list[dict]:
+        """The image rows of the classified chunks, in their order (region merging with the
+        run's settings, as the merge stage)."""
+        parts = [p for p in parts if p.kept]
+        ids = [i for p in parts for i, _ in p.kept]
+        image_index = np.repeat(np.arange(len(ids)), np.concatenate([p.counts for p in parts]))
+        rows, _, _ = merge_tables(
+            ids=ids,
+            images=[str(f) for p in parts for _, f in p.kept],
+            categories=[""] * len(ids),
+            crop_ids=crop_ids_of(ids, image_index),
+            image_index=image_index,
+            boxes=np.concatenate([p.boxes for p in parts]).reshape(-1, 4),
+            areas=np.concatenate([p.areas for p in parts]),
+            scores=np.concatenate([p.scores for p in parts]),
+            crop_probs=np.concatenate([p.probs for p in parts]),
+            merger=self.run.merger,
+        )
+        first = ("id", "image", "cluster")
+        return [
+            {**{c: r[c] for c in first}, "name": self.run.names.get(int(r["cluster"]), "")}
+            | {c: v for c, v in r.items() if c not in first and c != "category"}
+            for r in rows
+        ]
+
+
+class _Clock:
+    """``clock(step, fn, *args)``: ``fn(*args)``, its wall time added to ``timings[step]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, step: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.timings[step] += time.perf_counter() - t
+
+
+@dataclass
+class Classified:
+    """One chunk's result before merging: the images kept (id, path), each one's number of
+    crops, the crops' boxes (M, 4), areas, scores and novel-class probabilities (M, K)."""
+
+    kept: list[tuple[str, Path]] = field(default_factory=list)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    failed: list[str] = field(default_factory=list)
+
+
 def predict_images(
     run: Run,
     images: list[tuple[str, Path]],
@@ -159,6 +312,7 @@ def predict_images(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Predictions:
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
     ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
@@ -166,84 +320,24 @@ def predict_images(
     Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to the
     run's map size as the ``external`` detector reads map files; either way they are
     normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
-    ``batch_size``: crops per batch (default: ``infer``'s).
+    ``batch_size``: crops per batch (default: ``infer``'s). Images go through the detector,
+    MEBin and the classifier :data:`CHUNK` at a time (memory stays bounded on large folders);
+    ``workers``: see :class:`Predictor`.
     An unreadable image (or map) is reported in ``failed`` and the others are classified; an
     ``InputError`` only when none can be.
     """
-    from .detect import load_detector, normalise_u8
-    from .inference import predict_crops
-    from .mebin import mebin_image
-
-    detector = None
     map_files = find_maps(maps_dir, [i for i, _ in images]) if maps_dir is not None else None
-    if map_files is None:
-        if not run.detector.exists():
-            raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
-        detector = load_detector(run.detector, device=None if device == "auto" else device)
-
-    kept: list[tuple[str, Path]] = []
-    failed: list[str] = []
-    crops, masks, index, boxes, areas, scores = [], [], [], [], [], []
-    bar = tqdm(total=len(images), desc="predict: maps + mebin", unit="img", disable=not progress)
+    predictor = Predictor(run, device, batch_size, maps=map_files is not None, workers=workers)
+    parts: list[Classified] = []
+    bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress)
     for s in range(0, len(images), CHUNK):
-        chunk = images[s : s + CHUNK]
-        files = map_files[s : s + CHUNK] if map_files is not None else [None] * len(chunk)
-        loaded = []
-        for item, f in zip(chunk, files):
-            try:
-                loaded.append((item, read_image(item[1]), None if f is None else _read_map(f, run.map_size)))
-            except InputError as e:
-                failed.append(str(e))
-        bar.update(len(chunk) - len(loaded))
-        if not loaded:
-            continue
-        if detector is not None:
-            try:
-                raw = list(detector.predict([img for _, img, _ in loaded]))
-            except InputError as e:
-                raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
-        else:
-            raw = [m for _, _, m in loaded]
-        for (item, img, _), m in zip(loaded, raw):
-            # the run's global map range, as the detect stage normalised the run's own maps
-            map_u8 = normalise_u8(m, run.norm_min, run.norm_max)
-            _, c = mebin_image(map_u8, img, run.lo, run.hi, run.mebin)
-            crops.append(c.crops)
-            masks.append(c.crop_masks)
-            boxes.append(c.boxes)
-            areas.append(c.areas)
-            scores.append(c.scores)
-            index.append(np.full(len(c), len(kept), np.int64))
-            kept.append(item)
-            bar.update()
+        parts.append(predictor.classify(images[s : s + CHUNK], None if map_files is None else map_files[s : s + CHUNK]))
+        bar.update(len(images[s : s + CHUNK]))
     bar.close()
-    if not kept:
+    failed = [f for p in parts for f in p.failed]
+    if not any(p.kept for p in parts):
         raise InputError(f"none of the {len(images)} images could be classified; the first: {failed[0]}")
-
-    crops_a = np.concatenate(crops)
-    ps = predict_crops(run.model, crops_a, np.concatenate(masks), device, batch_size or InferParams().batch_size)
-    crop_probs = novel_probabilities(ps.probs, ps.head, int(ps.attrs.get("num_labeled", 0)))
-    image_index = np.concatenate(index)
-    ids = [i for i, _ in kept]
-    rows, _, _ = merge_tables(
-        ids=ids,
-        images=[str(p) for _, p in kept],
-        categories=[""] * len(kept),
-        crop_ids=crop_ids_of(ids, image_index),
-        image_index=image_index,
-        boxes=np.concatenate(boxes).reshape(-1, 4),
-        areas=np.concatenate(areas),
-        scores=np.concatenate(scores),
-        crop_probs=crop_probs,
-        merger=run.merger,
-    )
-    first = ("id", "image", "cluster")
-    rows = [
-        {**{c: r[c] for c in first}, "name": run.names.get(int(r["cluster"]), "")}
-        | {c: v for c, v in r.items() if c not in first and c != "category"}
-        for r in rows
-    ]
-    return Predictions(rows, failed)
+    return Predictions(predictor.merge(parts), failed)
 
 
 def _read_map(path: Path, size: int) -> np.ndarray:

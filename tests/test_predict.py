@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -234,3 +235,81 @@ def test_nan_maps_given_to_predict_are_refused_naming_the_file(finished_run, tmp
     log = _run([sys.executable, "-m", "stages.cli", *args], finished_run, returncode=2)
     assert f"{maps_dir / folder.name / images[1].stem}.npy: map has 1 NaN or infinite values" in log
     assert [r["id"] for r in _rows(out)] == [f"{folder.name}/{f.stem}" for i, f in enumerate(images) if i != 1]
+
+
+# -- the Predictor: chunks and threads -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> tuple[Path, list[tuple[str, Path]], Path]:
+    """A finished run of synthetic stores and a tiny untrained classifier (no detector: maps
+    are given), its images and a folder of their maps."""
+    from dataclasses import asdict
+
+    import torch
+
+    from anomalyncd import paths
+    from anomalyncd.config import MebinParams
+    from anomalyncd.model import MGViTClassifier, ModelConfig, save_model
+    from anomalyncd.store import MapSet, write_crops, write_maps
+    from stages import merge as merge_stage
+
+    from .synthetic_run import SIZE, make_project
+
+    root = tmp_path_factory.mktemp("small_run")
+    made = make_project(root)
+    cs = made["crops"]
+    cs.attrs["params"] = asdict(MebinParams(crop_size=36, core=0.0, fallback="none"))
+    write_crops(root / paths.CROPS, cs)
+    n = len(cs.ids)
+    write_maps(root / paths.MAPS, MapSet(ids=cs.ids, maps=np.zeros((n, 32, 32)), maps_u8=np.zeros((n, 32, 32)),
+                                         scores=np.zeros(n), image_sizes=cs.image_sizes,
+                                         attrs={"norm_min": 0.0, "norm_max": 1.0}))
+    with contextlib.chdir(root):
+        merge_stage.main(params=Path("params.yaml"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=1, grad_from_block=11,
+                      n_head=2, num_unlabeled=3)
+    save_model(root / paths.MODEL, MGViTClassifier(cfg), head=1)
+    rng = np.random.default_rng(1)
+    images, maps_dir = [], root / "maps"
+    maps_dir.mkdir()
+    for r in made["records"]:
+        m = rng.random((32, 32)).astype(np.float32) * 0.2
+        for _ in range(rng.integers(0, 3)):  # 0 to 2 blobs: images without anomaly too
+            y, x = rng.integers(4, 28, 2)
+            m[y - 3 : y + 3, x - 4 : x + 4] += rng.uniform(0.5, 0.8)
+        name = r.id.replace("/", "_")
+        np.save(maps_dir / f"{name}.npy", m)
+        images.append((name, root / r.image))
+    return root, images, maps_dir
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    """Equal rows, numbers within 1e-5 (crops batched otherwise round otherwise in the last bits)."""
+    assert [list(r) for r in a] == [list(r) for r in b]
+    for ra, rb in zip(a, b):
+        for k, v in ra.items():
+            if isinstance(v, float) or k.startswith(("prob_", "confidence")):
+                assert float(rb[k] or "nan") == pytest.approx(float(v or "nan"), abs=1e-5, nan_ok=True), (ra["id"], k)
+            else:
+                assert rb[k] == v, (ra["id"], k)
+
+
+def test_predictions_do_not_depend_on_chunks_or_threads(small_run, monkeypatch):
+    from anomalyncd import predict
+    from anomalyncd.predict import Predictor, find_maps, load_run, predict_images
+
+    root, images, maps_dir = small_run
+    run = load_run(root)
+    one = predict_images(run, images, maps_dir, "cpu", workers=1, progress=False).rows
+    assert [r["id"] for r in one] == [i for i, _ in images]
+    assert {r["status"] for r in one} == {"anomaly found", "no anomaly found"}
+    assert predict_images(run, images, maps_dir, "cpu", workers=3, progress=False).rows == one  # threads: exact
+    monkeypatch.setattr(predict, "CHUNK", 4)
+    _same_rows(one, predict_images(run, images, maps_dir, "cpu", batch_size=3, workers=3, progress=False).rows)
+    p = Predictor(run, "cpu", maps=True, workers=2)
+    files = find_maps(maps_dir, [i for i, _ in images])
+    parts = [p.classify(images[s : s + 1], files[s : s + 1]) for s in range(len(images))]
+    _same_rows(one, p.merge(parts))
+    assert set(p.timings) == {"read", "mebin", "classifier"}

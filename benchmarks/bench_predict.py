@@ -1,0 +1,193 @@
+"""Time ``anomalyncd predict``: start-up, warm single-image latency, batched throughput, per step.
+
+    python -m benchmarks.bench_predict                         # this project's run, 200 MTD images
+    python -m benchmarks.bench_predict --run ../mtd-run --n 200 --ref /tmp/main-copy
+
+``--run``: a finished project (default: this one, the demo run after ``dvc repro``). Images: N
+MTD defect images (``--mtd``, default ``/work/shared/datasets/mtd`` or ``$ANOMALYNCD_MTD``),
+taken evenly over the ``MT_*/Imgs`` folders, when the dataset is there; else the run's own
+demo test images (repeated up to N).
+
+Two parts:
+
+1. The command as a user runs it (a fresh ``python -m stages.predict`` process): wall time and
+   peak RSS on 1 image and on N images. Start-up = wall(1) - warm single-image latency; batched
+   ms/image = (wall(N) - wall(1)) / (N - 1). With ``--ref DIR`` (a copy of another version's
+   ``anomalyncd`` and ``stages``, e.g. ``git archive main anomalyncd stages | tar -x -C DIR``)
+   the same commands run with that code, interleaved with this one's, and the ratios are
+   printed (the machine's load drifts: compare within one invocation).
+2. In this process, with this code: loading the run and its models, the warm single-image
+   latency (median over ``--single`` images), and the N images' time per step (reading images,
+   detector, MEBin, classifier, merge) from :attr:`anomalyncd.predict.Predictor.timings`; and
+   the classifier step on 64 of the run's crops with the model as loaded before and after
+   :func:`anomalyncd.inference.for_inference` (the channels-last layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MTD = Path(os.environ.get("ANOMALYNCD_MTD", "/work/shared/datasets/mtd"))
+
+
+def pick_images(run: Path, mtd: Path, n: int) -> tuple[str, list[Path]]:
+    """N image files: MTD defect images evenly over its folders if present, else the run's
+    demo test images (cycled up to N, each under its own name)."""
+    folders = sorted(d / "Imgs" for d in mtd.glob("MT_*") if d.name != "MT_Free") if mtd.is_dir() else []
+    if folders:
+        files = sorted(f for d in folders for f in d.glob("*.jpg"))
+        step = max(1, len(files) // n)
+        return f"MTD ({mtd})", files[::step][:n]
+    files = sorted(f for f in (run / "data" / "demo").rglob("test/*/*.png") if f.parent.name != "good")
+    if not files:
+        sys.exit(f"{run}: no demo test images and no MTD at {mtd}; pass --mtd")
+    return f"the demo run's test images ({run})", [files[i % len(files)] for i in range(n)]
+
+
+def link_images(files: list[Path], dest: Path) -> list[Path]:
+    """Symlinks to ``files`` with unique names (predict needs unique ids)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, f in enumerate(files):
+        link = dest / f"{i:04d}_{f.name}"
+        link.symlink_to(f.resolve())
+        out.append(link)
+    return out
+
+
+def run_cli(code: Path, run: Path, inputs: list[Path], out: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``python -m stages.predict`` with the code in ``code``."""
+    env = dict(os.environ, PYTHONPATH=str(code))
+    args = [sys.executable, "-m", "stages.predict", *map(str, inputs), "--run", str(run), "--out", str(out)]
+    t = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"predict with {code} failed ({proc.returncode}):\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def cli_part(run: Path, images: list[Path], ref: Path | None, repeat: int, tmp: Path) -> dict[str, dict]:
+    """Part 1: wall(1), wall(N), peak RSS per code version, best of ``repeat`` runs in alternating order."""
+    codes = {"this": ROOT} | ({"ref": ref} if ref else {})
+    res: dict[str, dict] = {k: {"wall1": [], "wallN": [], "rss1": [], "rssN": []} for k in codes}
+    for i in range(repeat):
+        for name, code in list(codes.items())[:: 1 if i % 2 == 0 else -1]:  # A B, B A, ...: load drift evens out
+            for key, inputs in (("1", images[:1]), ("N", images)):
+                wall, rss = run_cli(code, run, inputs, tmp / f"{name}-{key}.csv")
+                res[name][f"wall{key}"].append(wall)
+                res[name][f"rss{key}"].append(rss)
+    return {k: {m: min(v) for m, v in r.items()} for k, r in res.items()}
+
+
+def inprocess_part(run_dir: Path, images: list[Path], single: int) -> dict:
+    """Part 2: load time, warm single-image latency and per-step times with this code."""
+    from anomalyncd.predict import CHUNK, Predictor, load_run
+
+    t = time.perf_counter()
+    run = load_run(run_dir)
+    t_run = time.perf_counter() - t
+    t = time.perf_counter()
+    pred = Predictor(run, "cpu")
+    t_models = time.perf_counter() - t
+    items = [(f"{i:04d}", p) for i, p in enumerate(images)]
+    pred.merge([pred.classify(items[:1])])  # warm-up
+    lat = []
+    for item in items[1 : 1 + single]:
+        t = time.perf_counter()
+        pred.merge([pred.classify([item])])
+        lat.append(time.perf_counter() - t)
+    pred.timings.clear()
+    t = time.perf_counter()
+    parts = [pred.classify(items[s : s + CHUNK]) for s in range(0, len(items), CHUNK)]
+    t0 = time.perf_counter()
+    rows = pred.merge(parts)
+    pred.timings["merge"] += time.perf_counter() - t0
+    total = time.perf_counter() - t
+    return {"load_run": t_run, "load_models": t_models, "single": statistics.median(lat), "total": total,
+            "steps": dict(pred.timings), "n": len(rows), "crops": sum(len(p.areas) for p in parts)}
+
+
+def classifier_layouts(run_dir: Path, n: int = 64, repeat: int = 3) -> tuple[float, float, float]:
+    """The classifier step before and after :func:`anomalyncd.inference.for_inference`: seconds
+    for ``n`` of the run's crops in the default and the channels-last layout (best of
+    ``repeat``, interleaved), and the largest difference of their logits."""
+    import numpy as np
+
+    from anomalyncd import paths
+    from anomalyncd.inference import crop_outputs, for_inference
+    from anomalyncd.model import load_model
+    from anomalyncd.store import read_crops
+
+    cs = read_crops(run_dir / paths.CROPS, lazy=True)
+    idx = np.arange(n) % len(cs.crops)
+    crops, masks = np.asarray(cs.crops[: len(cs.crops)])[idx], np.asarray(cs.crop_masks[: len(cs.crops)])[idx]
+    plain, _ = load_model(run_dir / paths.MODEL)
+    fast = for_inference(load_model(run_dir / paths.MODEL)[0])
+    times: dict[str, list[float]] = {"plain": [], "fast": []}
+    outs = {}
+    for _ in range(repeat):
+        for name, net in (("plain", plain), ("fast", fast)):
+            t = time.perf_counter()
+            outs[name] = crop_outputs(net, crops, masks)
+            times[name].append(time.perf_counter() - t)
+    diff = float(np.abs(outs["plain"].logits - outs["fast"].logits).max())
+    return min(times["plain"]), min(times["fast"]), diff
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, default=ROOT, help="a finished project (default: this one)")
+    ap.add_argument("--mtd", type=Path, default=MTD)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--single", type=int, default=10, help="images timed one at a time")
+    ap.add_argument("--repeat", type=int, default=1, help="command runs per version (best kept)")
+    ap.add_argument("--ref", type=Path, default=None, help="another version's code to compare with")
+    ap.add_argument("--no-cli", action="store_true", help="skip part 1")
+    args = ap.parse_args()
+    run = args.run.resolve()
+    source, files = pick_images(run, args.mtd, args.n)
+    print(f"run: {run}; {len(files)} images from {source}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    with tempfile.TemporaryDirectory() as d:
+        images = link_images(files, Path(d) / "images")
+        # the commands first: a child's peak RSS counts its parent's at the fork, kept small here
+        cli = None if args.no_cli else cli_part(run, images, args.ref, args.repeat, Path(d))
+        ip = inprocess_part(run, images, args.single)
+        n = len(images)
+        print(f"\nin process (this code): load run {ip['load_run']:.2f} s, detector + classifier {ip['load_models']:.2f} s; "
+              f"warm single image {ip['single'] * 1000:.0f} ms (median of {args.single})")
+        print(f"{n} images ({ip['crops']} crops): {ip['total']:.2f} s = {ip['total'] / n * 1000:.1f} ms/image")
+        for step, sec in ip["steps"].items():
+            print(f"  {step:<10} {sec:7.2f} s  {sec / n * 1000:6.1f} ms/image")
+        old, new, diff = classifier_layouts(run)
+        print(f"classifier on 64 of the run's crops: default layout {old:.2f} s, channels-last {new:.2f} s "
+              f"({old / new:.2f}x), logits differ by <= {diff:.1e}")
+        if cli is None:
+            return
+        print(f"\ncommand (python -m stages.predict, best of {args.repeat}):")
+        print(f"{'code':<6} {'wall 1 img':>11} {'wall N':>9} {'start-up':>9} {'ms/img':>8} {'RSS MB (1/N)':>14}")
+        for name, r in cli.items():
+            startup = r["wall1"] - ip["single"]
+            per = (r["wallN"] - r["wall1"]) / max(1, n - 1) * 1000
+            r.update(startup=startup, per=per)
+            print(f"{name:<6} {r['wall1']:>10.2f}s {r['wallN']:>8.2f}s {startup:>8.2f}s {per:>8.1f} "
+                  f"{r['rss1']:>6.0f}/{r['rssN']:.0f}")
+        if "ref" in cli:
+            a, b = cli["ref"], cli["this"]
+            print(f"ratios ref/this: start-up {a['startup'] / b['startup']:.2f}x, batched ms/image {a['per'] / b['per']:.2f}x, "
+                  f"peak RSS (N) {a['rssN'] / b['rssN']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
