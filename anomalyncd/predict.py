@@ -181,7 +181,7 @@ def predict_images(
 
     kept: list[tuple[str, Path]] = []
     failed: list[str] = []
-    crops, masks, index, boxes, areas, scores = [], [], [], [], [], []
+    crops, masks, index, boxes, regions, sizes, areas, scores = [], [], [], [], [], [], [], []
     bar = tqdm(total=len(images), desc="predict: maps + mebin", unit="img", disable=not progress)
     for s in range(0, len(images), CHUNK):
         chunk = images[s : s + CHUNK]
@@ -209,6 +209,8 @@ def predict_images(
             crops.append(c.crops)
             masks.append(c.crop_masks)
             boxes.append(c.boxes)
+            regions.append(c.regions)
+            sizes.append(img.shape[:2])
             areas.append(c.areas)
             scores.append(c.scores)
             index.append(np.full(len(c), len(kept), np.int64))
@@ -230,6 +232,8 @@ def predict_images(
         crop_ids=crop_ids_of(ids, image_index),
         image_index=image_index,
         boxes=np.concatenate(boxes).reshape(-1, 4),
+        regions=np.concatenate(regions).reshape(-1, 4),
+        image_sizes=np.array(sizes).reshape(-1, 2),
         areas=np.concatenate(areas),
         scores=np.concatenate(scores),
         crop_probs=crop_probs,

@@ -51,6 +51,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crop_ids=cs.crop_ids,
         image_index=cs.image_index,
         boxes=cs.boxes,
+        regions=cs.regions,
+        image_sizes=cs.image_sizes,
         areas=cs.areas,
         scores=cs.scores,
         crop_probs=crop_probs,
