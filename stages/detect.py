@@ -27,7 +27,7 @@ from anomalyncd.detect import DetectContext, LazyImages, create_detector, normal
 from anomalyncd.detect.metrics import detection_metrics, image_auroc, resize_masks
 from anomalyncd.detect.plot import detection_grid, pick_examples
 from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -67,7 +67,7 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
-@app.command()
+@app.command(cls=reads("detect", "dataset.include_normal"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/detect/maps.zarr.zip, models/detector.pt, metrics/detect.json and plots/detect_grid.png."""
     p = load_params("detect", params)

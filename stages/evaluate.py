@@ -30,7 +30,7 @@ from anomalyncd.io import InputError, write_json
 from anomalyncd.merge import Merger, merge_regions, write_table
 from anomalyncd.metrics import evaluate_predictions, score_clustering
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MergeSet, ProbSet, read_crops, read_maps, read_merged, read_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -103,7 +103,7 @@ def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
         raise InputError(f"{paths.MERGED}: images or crops differ from {paths.CROPS}; rerun merge (dvc repro)")
 
 
-@app.command()
+@app.command(cls=reads("dataset", "detect", "mebin", "train", "evaluate", "merge"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
     p = load_params("evaluate", params)

@@ -24,7 +24,7 @@ from anomalyncd import mebin, paths, shard
 from anomalyncd.config import MebinParams, load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.io import InputError, read_image, read_mask, write_json
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MapSet, StoreWriter, read_maps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -236,7 +236,7 @@ def gather_parts(world: int, ids: list[str], attrs: dict, p: MebinParams) -> dic
                          coverage, attrs["lo"], attrs["hi"], p)
 
 
-@app.command()
+@app.command(cls=reads("mebin", "train.model", "train.image_size", "train.crop_pct", "detect.method", "detect.smooth_sigma"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/mebin/crops.zarr.zip and metrics/mebin.json.
 
