@@ -6,7 +6,7 @@ editing ``params.yaml`` after the run changes nothing here: the detector with it
 in the map store), MEBin's search range and settings (``lo``/``hi``/``params`` in the crop
 store), the trained model with its selected head, class names and evaluation transform
 (``models/mgvit.pt``), the merge settings (the merge store), and, where the run had ground
-truth, the matched true type of each discovered class (``metrics/evaluate.json``). New images
+truth, the matched true type of each discovered class (``metrics/evaluate_detail.json``). New images
 go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
 :func:`anomalyncd.inference.predict_crops`, :func:`anomalyncd.merge.merge_tables`), so
 predicting the run's own images reproduces its image-level predictions.
@@ -87,7 +87,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         hi=int(cs_attrs["hi"]),
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
         merger=Merger.from_attrs(read_merged(root / paths.MERGED).attrs, str(root / paths.MERGED)),
-        names=class_names(root / paths.METRICS / "evaluate.json"),
+        names=class_names(root / paths.EVALUATE_DETAIL),
     )
 
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "merge": "merge: region merging, from crop predictions to one class per image.",
     "evaluate": "evaluate: clustering metrics, the confusion plot and the HTML report.",
     "predict": "predict: classify new defect images with a finished run, without retraining.",
+    "exps": "exps: the experiments side by side, readable in a terminal: `dvc exp show` with only the params that differ and the headline metrics.",
 }
 
 

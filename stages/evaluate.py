@@ -3,10 +3,11 @@
 With ground truth: NMI, ARI and Hungarian-matched micro-F1 at image and crop level (a crop
 carries its image's type), per-class precision/recall after matching, and per-category
 scores with their mean when the run holds several categories. Without ground truth: cluster
-sizes and mean confidences, and ``"ground_truth": false``. Reads merge's store (data/merge/merged.zarr.zip) and the crop
-store. Writes metrics/evaluate.json (DVC
-metrics; its ``clusters`` entry holds each class's size and matched true type, which
-``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
+sizes and mean confidences, and ``"ground_truth": false``. Reads merge's store
+(data/merge/merged.zarr.zip) and the crop store. Writes metrics/evaluate.json (the DVC metric:
+the headline figures experiments are compared on, :func:`anomalyncd.metrics.headline_metrics`),
+metrics/evaluate_detail.json (everything, not a DVC metric; its ``clusters`` entry holds each
+class's size and matched true type, which ``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
 reports/index.html with its images. Images where MEBin found no anomaly have no class: they
 count as wrong in the F1 and ``no_anomaly`` counts them per true type.
 
@@ -28,7 +29,7 @@ from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError, write_json
 from anomalyncd.merge import Merger, merge_regions, write_table
-from anomalyncd.metrics import evaluate_predictions, score_clustering
+from anomalyncd.metrics import evaluate_predictions, headline_metrics, score_clustering
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
 from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MergeSet, ProbSet, read_crops, read_maps, read_merged, read_probs
@@ -105,7 +106,7 @@ def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
 
 @app.command(cls=reads("dataset", "detect", "mebin", "train", "evaluate", "merge"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
+    """Write metrics/evaluate.json, metrics/evaluate_detail.json, plots/confusion.csv and reports/."""
     p = load_params("evaluate", params)
     records = Manifest.read(paths.MANIFEST).by_id()
     cs = read_crops(paths.CROPS)
@@ -132,7 +133,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if ev.metrics["ground_truth"]:
         merger = Merger.from_attrs(ms.attrs, str(paths.MERGED))  # merged as the run's predictions were
         ev.metrics["baseline"] = baseline_metrics(cs, read_probs(paths.PROBS), merger, p.seed, records)
-    write_json(paths.METRICS / "evaluate.json", ev.metrics)
+    write_json(paths.EVALUATE_DETAIL, ev.metrics)
+    write_json(paths.EVALUATE_METRICS, headline_metrics(ev.metrics))
 
     # The confusion plot: one row per image, DVC's confusion template counts them.
     write_table(

@@ -231,7 +231,7 @@ def _evaluate(tmp_path, monkeypatch, **kw):
     monkeypatch.chdir(tmp_path)
     merge.main(params=Path("params.yaml"))
     evaluate.main(params=Path("params.yaml"))
-    return json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    return json.loads((tmp_path / "metrics" / "evaluate_detail.json").read_text())
 
 
 def _links_resolve(report):
@@ -247,6 +247,11 @@ def test_evaluate_stage_scores_writes_the_confusion_plot_and_report(tmp_path, mo
     assert m["ground_truth"] is True and m["n_images"] == 6
     assert set(m["image"]) == {"n", "nmi", "ari", "f1"} and m["crop"]["n"] == 12
     assert set(m["per_class"]) == {"crack", "hole", "stain"}
+    # the DVC metric holds the headline only: no per-class column in dvc exp show
+    head = __import__("json").loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert head == {"ground_truth": True, "n_images": 6, "n_clusters": 3, "no_anomaly": {"images": 0},
+                    "image": {k: m["image"][k] for k in ("nmi", "ari", "f1")}, "crop": {k: m["crop"][k] for k in ("nmi", "ari", "f1")},
+                    "baseline": {"image": {k: m["baseline"]["image"][k] for k in ("nmi", "ari", "f1")}}}
     with open(tmp_path / "plots" / "confusion.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and {r["actual"] for r in rows} == {"crack", "hole", "stain"}
@@ -289,7 +294,7 @@ def test_evaluate_reads_merges_store_not_its_tables(tmp_path, monkeypatch):
     paths.CROP_PREDICTIONS.unlink()
     (tmp_path / "params.yaml").write_text("merge:\n  strategy: mean\nevaluate:\n  report_images: 4\n")
     evaluate.main(params=Path("params.yaml"))
-    m = __import__("json").loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    m = __import__("json").loads((tmp_path / "metrics" / "evaluate_detail.json").read_text())
     assert m["n_images"] == 6 and set(m["clusters"]) == {"0", "1", "2"}
     ms = read_merged(paths.MERGED)
     ms.crop_clusters, ms.crop_confidence, ms.weights = ms.crop_clusters[:-1], ms.crop_confidence[:-1], ms.weights[:-1]
@@ -337,7 +342,7 @@ def test_evaluate_stage_scores_the_frozen_feature_baseline_beside_the_model(tmp_
     write_probs(paths.PROBS, ps)
     merge.main(params=Path("params.yaml"))
     evaluate.main(params=Path("params.yaml"))
-    m = json.loads(Path("metrics/evaluate.json").read_text())
+    m = json.loads(Path("metrics/evaluate_detail.json").read_text())
     assert set(m["baseline"]["image"]) == {"n", "nmi", "ari", "f1"}
     assert m["baseline"]["crop"]["nmi"] == pytest.approx(1.0) and m["baseline"]["image"]["f1"] == pytest.approx(1.0)
     # the mean over evaluate.BASELINE_SEEDS k-means seeds; separable features: no spread
