@@ -159,6 +159,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             confidence=float(ms.confidence[i]),
             truth=truth[id_],
             boxes=cs.boxes[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
+            regions=cs.regions[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
             crop_rows=crop_rows_of.get(i, []),
             crop_clusters=[int(ms.crop_clusters[j]) for j in crop_rows_of.get(i, [])],
             crop_weights=[float(ms.weights[j]) for j in crop_rows_of.get(i, [])],

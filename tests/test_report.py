@@ -6,7 +6,11 @@ import pytest
 
 from anomalyncd.io import write_image
 from anomalyncd.report import (
+    BOX_COLOR,
+    STRIP_SIZE,
     ImageEntry,
+    around_box,
+    defect_thumbnail,
     MebinEntry,
     ReportData,
     draw_boxes,
@@ -56,6 +60,7 @@ def _run(tmp_path, ground_truth=True, n=6, size=48, no_anomaly=()):
                 boxes=np.array([[2, 3, 20, 30]] if found else [[0, 0, size + 8, size]]), crop_rows=[i],
                 crop_clusters=[i % 2 if found else -1], crop_weights=[1.0], anomaly=found, mebin_mask=mebin_mask,
                 map_u8=map_u8, true_mask=str(tmp_path / "data" / f"img{i}_mask.png") if ground_truth else "",
+                regions=np.array([[6, 5, 16, 18]] if found else [[0, 0, 0, 0]]),
             )
         )
     metrics = {
@@ -123,12 +128,51 @@ def test_images_without_anomaly_have_their_own_section_and_no_class(tmp_path):
     assert "MEBin found no anomaly in 1 of 6 images" in page  # the warning at the top
 
 
-def test_the_legend_and_warnings_come_before_the_results(tmp_path):
+def test_the_page_opens_with_the_summary_then_the_galleries_and_folds_the_research_below(tmp_path):
     out = tmp_path / "reports"
     write_report(out, _run(tmp_path, no_anomaly=(3,)))
     page = (out / "index.html").read_text()
-    assert page.index("class='legend'") < page.index("class='warn'") < page.index("<h2>Results</h2>")
-    assert page.index("<h2>Results</h2>") < page.index("id='class-0'")
+    order = ["id='summary'", "id='review'", "What to do next", "class='legend'", "class='warn'", "id='class-0'",
+             "id='no-anomaly'", "id='research'", "<details>", "<h2>Results</h2>", "Confusion matrix", "id='params'"]
+    assert [page.index(s) for s in order] == sorted(page.index(s) for s in order)
+
+
+def test_the_summary_gives_the_types_their_counts_examples_and_the_images_to_review(tmp_path):
+    out = tmp_path / "reports"
+    write_report(out, _run(tmp_path, no_anomaly=(3,)))
+    page = (out / "index.html").read_text()
+    summary = page[page.index("id='summary'") : page.index("class='legend'")]
+    assert "<b>2 defect types</b> found in 6 images; no anomaly found in <a href='#no-anomaly'>1 images</a>" in summary
+    # one row per type with its images and share, named by its matched true type
+    assert "<a href='#class-0'>class 0 (a)</a></th><td>3</td><td>50 %</td>" in summary
+    assert "<a href='#class-1'>class 1 (b)</a></th><td>2</td><td>33 %</td>" in summary
+    # a strip per type, most confident first, with large thumbnails cut around the defect
+    strip_a = summary[summary.index("class 0 (a)</a>: 3 images") : summary.index("class 1 (b)</a>: 2 images")]
+    assert [a for a in ("tile/test/a/004", "tile/test/a/002", "tile/test/a/000") if f"alt='{a}'" in strip_a] == [
+        "tile/test/a/004", "tile/test/a/002", "tile/test/a/000"]
+    assert strip_a.index("alt='tile/test/a/004'") < strip_a.index("alt='tile/test/a/000'")
+    img = cv2.imread(str(out / "strip" / "00000.png"))
+    assert img.shape[:2] == (STRIP_SIZE, STRIP_SIZE) and STRIP_SIZE >= 200
+    # the least certain images first, with their class and confidence
+    review = summary[summary.index("id='review'") : summary.index("What to do next")]
+    assert review.index("alt='tile/test/a/000'") < review.index("alt='tile/test/b/001'") < review.index("alt='tile/test/a/002'")
+    assert "class 0 (a), 0.50" in review
+    nxt = summary[summary.index("What to do next") :]
+    assert "dvc exp run -S train.num_classes=4" in nxt and "href='#no-anomaly'" in nxt and "anomalyncd predict --run ." in nxt
+
+
+def test_the_summary_thumbnail_is_cut_around_the_defect_box_not_the_context_crop():
+    image = np.zeros((300, 500, 3), np.uint8)
+    image[100:125, 200:260] = 255  # a 60 x 25 px hole
+    mask = np.zeros((300, 500), bool)
+    mask[100:125, 200:260] = True
+    assert around_box((200, 100, 260, 125), image.shape) == (170, 52, 290, 172)  # 60 px grown by half on each side, centred
+    assert around_box((480, 290, 500, 300), image.shape) == (460, 260, 500, 300)  # 40 px, moved inside at the corner
+    t = defect_thumbnail(image, (200, 100, 260, 125), mask, size=240)
+    assert t.shape == (240, 240, 3)
+    white = (t > 200).all(-1)
+    assert 0.08 < white.mean() < 0.2  # the hole fills about an eighth of the thumbnail, not a speck
+    assert (np.abs(t.astype(int) - BOX_COLOR).sum(-1) < 60).any()  # the defect's box drawn
 
 
 def test_captions_wrap_only_between_the_parts_of_an_id(tmp_path):
@@ -136,7 +180,8 @@ def test_captions_wrap_only_between_the_parts_of_an_id(tmp_path):
     data.images[0].id = "tile/test/a/exp1_num_123456"
     write_report(tmp_path / "r", data)
     page = (tmp_path / "r" / "index.html").read_text()
-    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456 0.50<br>" in page
+    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456 0.50<br>" in page  # gallery
+    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456<br>0.50</figcaption>" in page  # summary
     assert "word-break: break-all" not in page  # which would cut 123456 anywhere
 
 
