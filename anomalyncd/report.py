@@ -5,7 +5,7 @@ types found with their names where known and their numbers of images, a strip of
 each type cut around the defect, the least certain images to review, and what to do next. Then
 what the thumbnails show, any warning, and one section per discovered class with a gallery:
 for each image its main crop with MEBin's mask, the true mask and the defect's box outlined,
-beside the anomaly map over the same crop; each links to the full image with every crop's box.
+beside the anomaly map over the same crop; each links to the full image with every defect's box.
 Then the images where MEBin found no anomaly. Folded below, for research: the
 class-discovery, detection and MEBin metrics, the number of classes (the estimate and its score
 chart), the training curves, the per-type tables and the image-level confusion matrix (when
@@ -35,8 +35,8 @@ from .num_classes import estimate_summary
 
 THUMB_SIZE = 160
 STRIP_SIZE = 200  # the summary's examples, cut around the defect
-STRIP_IMAGES = 6  # examples per type in the summary
-REVIEW_IMAGES = 8  # least certain images in the summary
+STRIP_IMAGES = 5  # examples per type in the summary: one row on a 1280-px screen
+REVIEW_IMAGES = 5  # least certain images in the summary: one row
 BOX_COLOR = (255, 64, 160)  # magenta: the defect's box
 FULL_MAX_SIDE = 768
 FULL_MIN_SIDE = 384
@@ -159,17 +159,15 @@ def around_box(box: Sequence[int], shape: Sequence[int], margin: float = 0.5, mi
     return ax0, ay0, min(ax0 + side, w), min(ay0 + side, h)
 
 
-def defect_thumbnail(image: np.ndarray, region: Sequence[int] | None, mebin_mask: np.ndarray | None, size: int = STRIP_SIZE) -> np.ndarray:
+def defect_thumbnail(image: np.ndarray, region: Sequence[int] | None, size: int = STRIP_SIZE) -> np.ndarray:
     """The part of ``image`` (H, W, 3) around the defect's box ``region`` (:func:`around_box`;
-    the whole image without one), MEBin's mask outlined and the box drawn: uint8 (size, size, 3)."""
+    the whole image without one) with the box drawn, nothing else over the defect: uint8 (size, size, 3)."""
     h, w = image.shape[:2]
     view = around_box(region, (h, w)) if region is not None else (0, 0, w, h)
     x0, y0, x1, y1 = view
     out = fit_square(image[y0:y1, x0:x1], size)
     scale = size / max(x1 - x0, y1 - y0)
     dx, dy = (size - round((x1 - x0) * scale)) // 2, (size - round((y1 - y0) * scale)) // 2
-    if mebin_mask is not None:
-        out = draw_outline(out, _fit_mask(np.asarray(mebin_mask)[y0:y1, x0:x1], size), MEBIN_COLOR, max(1, size // 100))
     if region is not None:
         p0 = (dx + int((region[0] - x0) * scale), dy + int((region[1] - y0) * scale))
         p1 = (dx + int(round((region[2] - x0) * scale)) - 1, dy + int(round((region[3] - y0) * scale)) - 1)
@@ -437,7 +435,7 @@ def _legend() -> str:
         "<span class='sw' style='background:#4c4'></span> the true type is the class's matched type, "
         "<span class='sw' style='background:#e33'></span> it differs, "
         "<span class='sw' style='background:#999'></span> no ground truth. A thumbnail links to the full image "
-        "with every crop's box.</div>"
+        "with every defect's box.</div>"
     ) % (MEBIN_COLOR, TRUE_COLOR, BOX_COLOR)
 
 
@@ -537,7 +535,7 @@ def _strip_figure(out: Path, data: ReportData, idx: int, im: ImageEntry, colors:
     rel = f"strip/{idx:05d}.png"
     rgb = read_image(im.path)
     if not (out / rel).exists():
-        write_image(out / rel, defect_thumbnail(rgb, im.defect_box(), im.mebin_mask))
+        write_image(out / rel, defect_thumbnail(rgb, im.defect_box()))
     full = _full_image(out, data, idx, im, colors, rgb, read_mask(im.true_mask) if im.true_mask else None)
     return (
         f"<figure class='ex'><a href='{full}'><img src='{rel}' width='{STRIP_SIZE}' height='{STRIP_SIZE}' alt='{_e(im.id)}'></a>"
@@ -717,9 +715,19 @@ def _full_image(
         return rel
     labels = [cluster_label(c, data.names) if c < 0 else (f"{c}: {data.names[c]}" if c in data.names else str(c)) for c in im.crop_clusters]
     cols = [colors[c % len(colors)] if c >= 0 else (128, 128, 128) for c in im.crop_clusters]
-    drawn = full_view(rgb, im.boxes, labels, cols, im.mebin_mask, true_mask, im.map_u8)
+    drawn = full_view(rgb, _shown_boxes(im), labels, cols, im.mebin_mask, true_mask, im.map_u8)
     cv2.imwrite(str(out / rel), np.ascontiguousarray(drawn[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return rel
+
+
+def _shown_boxes(im: ImageEntry) -> np.ndarray:
+    """The boxes the full view draws: each crop's defect box, its context crop where it has none."""
+    boxes = np.asarray(im.boxes).reshape(-1, 4).copy()
+    if im.regions is not None:
+        regions = np.asarray(im.regions).reshape(-1, 4)
+        has = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
+        boxes[has] = regions[has]
+    return boxes
 
 
 def _mebin_section(out: Path, data: ReportData) -> str:
