@@ -59,6 +59,7 @@ class DatasetParams:
     categories: list[str] = field(default_factory=list)  # empty: every category found
     include_normal: bool = False  # classify defect-free test images too (adds a normal slot)
     train_list: str = "mtd_train_filenames.txt"  # mtd only: normal training split
+    normal_root: str = ""  # folder only: known-good images (searched recursively) that patchcore/padim fit on
 
     def __post_init__(self) -> None:
         require(

@@ -81,13 +81,16 @@ class Crops:
 
     crops: uint8 (m, C, C, 3) RGB; crop_masks: uint8 (m, C, C) in {0, 1}; boxes: int32 (m, 4)
     ``(x0, y0, x1, y1)`` in image pixels, which may reach outside the image (that part of the
-    crop is black, as in the authors' code); areas: int64 (m,) mask pixels inside the box;
-    scores: float32 (m,) in [0, 1].
+    crop is black, as in the authors' code); regions: int32 (m, 4) the defect's own box, the
+    extent of the crop's mask (the region's core where ``core`` > 0) in image pixels, always
+    inside the image, zeros where the crop holds no region; areas: int64 (m,) mask pixels
+    inside the box; scores: float32 (m,) in [0, 1].
     """
 
     crops: np.ndarray
     crop_masks: np.ndarray
     boxes: np.ndarray
+    regions: np.ndarray
     areas: np.ndarray
     scores: np.ndarray
 
@@ -419,6 +422,16 @@ def crop_boxes(
 # -- rule 9: crops and scores ----------------------------------------------------------------
 
 
+def mask_extent(mask: np.ndarray, offset: Sequence[int] = (0, 0)) -> tuple[int, int, int, int]:
+    """The bounding box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) of the non-zero pixels of
+    ``mask`` (h, w), shifted by ``offset = (x, y)``; ``(0, 0, 0, 0)`` for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return (0, 0, 0, 0)
+    dx, dy = (int(v) for v in offset)
+    return (int(xs.min()) + dx, int(ys.min()) + dy, int(xs.max()) + 1 + dx, int(ys.max()) + 1 + dy)
+
+
 def crop_padded(arr: np.ndarray, box: Sequence[int]) -> np.ndarray:
     """``arr[y0:y1, x0:x1]`` for a box that may reach outside ``arr``; outside is zero."""
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -465,23 +478,27 @@ def extract_crops(
     Images are resized bilinearly, masks nearest-neighbour (:func:`resize_short_side`).
     ``core`` > 0 (not in the paper): the crop mask keeps only the region's pixels scoring at
     least ``core`` times the highest score of the region in the box (:func:`core_mask`); the
-    box, the area and the score stay those of the whole region.
+    box, the area and the score stay those of the whole region. Each crop's ``regions`` entry
+    is the extent of its mask (:func:`mask_extent`): where the defect is, inside the image.
     """
     if crop_size < 1:
         raise InputError(f"params.yaml: mebin.crop_size must be >= 1, got {crop_size}")
     crops = np.zeros((len(boxes), crop_size, crop_size, 3), np.uint8)
     crop_masks = np.zeros((len(boxes), crop_size, crop_size), np.uint8)
     areas = np.zeros(len(boxes), np.int64)
+    regions = np.zeros((len(boxes), 4), np.int32)
     out_scores = np.zeros(len(boxes), np.float32)
     mask_u8 = mask.astype(np.uint8)
     for k, box in enumerate(boxes):
         m = crop_padded(mask_u8, box)
         s = crop_padded(scores, box)
         crops[k] = resize_short_side(crop_padded(image, box), crop_size, Image.Resampling.BILINEAR)
-        crop_masks[k] = resize_short_side(core_mask(m, s, core), crop_size, Image.Resampling.NEAREST)
+        kept = core_mask(m, s, core)
+        crop_masks[k] = resize_short_side(kept, crop_size, Image.Resampling.NEAREST)
+        regions[k] = mask_extent(kept, box[:2])
         areas[k] = int(m.sum())
         out_scores[k] = np.clip(s.max() / 255.0, 0.0, 1.0)
-    return Crops(crops, crop_masks, np.asarray(boxes, np.int32).reshape(-1, 4), areas, out_scores)
+    return Crops(crops, crop_masks, np.asarray(boxes, np.int32).reshape(-1, 4), regions, areas, out_scores)
 
 
 def core_mask(mask: np.ndarray, scores: np.ndarray, core: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -175,12 +175,41 @@ def _check_crops(areas: np.ndarray, image_index: np.ndarray, n_images: int) -> N
 
 # -- tables ----------------------------------------------------------------------------------
 # The merge stage and ``anomalyncd predict`` write the same two tables: one row per image and
-# one row per crop. Crop boxes inside an image row are ``x0 y0 x1 y1`` joined by ``;``, in the
-# order of the crop classes in ``crop_clusters``.
+# one row per crop. Each crop has two boxes ``x0 y0 x1 y1`` in image pixels (x1, y1 exclusive),
+# both inside the image: the defect's own box (the extent of its region, empty for the
+# whole-image crop of an image without anomaly) and the context crop the classifier saw (cut to
+# the image). In an image row they are joined by ``;``, in the order of ``crop_clusters``.
 
 
 def _fmt(x: float) -> str:
     return "" if not np.isfinite(x) else f"{x:.6f}"
+
+
+def clip_box(box: Sequence[int], size: Sequence[int]) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) cut to an image of ``size = (H, W)``: the part of a crop box
+    that lies inside the image (a crop box may reach outside it: :func:`anomalyncd.mebin.region_boxes`)."""
+    h, w = (int(v) for v in size)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return (min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h))
+
+
+def table_boxes(
+    boxes: np.ndarray, regions: np.ndarray, areas: np.ndarray, image_index: np.ndarray, image_sizes: np.ndarray
+) -> tuple[list[tuple[int, ...] | None], list[tuple[int, ...]]]:
+    """Each crop's two boxes as the tables give them: the defect's own box (``regions``; None
+    for a crop without region, ``areas`` 0) and the context crop ``boxes`` cut to its image.
+
+    boxes, regions: int (M, 4) as in :class:`anomalyncd.store.CropSet`; areas, image_index:
+    (M,); image_sizes: int (N, 2) as (H, W).
+    """
+    defect = [tuple(int(v) for v in r) if a > 0 else None for r, a in zip(np.asarray(regions).reshape(-1, 4), areas)]
+    sizes = np.asarray(image_sizes).reshape(-1, 2)
+    context = [clip_box(b, sizes[i]) for b, i in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(image_index).tolist())]
+    return defect, context
+
+
+def _box_text(box: Sequence[int] | None) -> str:
+    return "" if box is None else " ".join(str(int(v)) for v in box)
 
 
 def image_rows(
@@ -188,15 +217,18 @@ def image_rows(
     images: list[str],
     categories: list[str],
     merged: MergedPredictions,
-    boxes: np.ndarray,
+    defect_boxes: list,
+    crop_boxes: list,
     image_index: np.ndarray,
     crop_labels: np.ndarray,
 ) -> Iterator[dict[str, str | int]]:
     """One row per image, generated (a table of any length is written without holding it):
     id, image path, category, cluster, status (:data:`STATUS`), confidence (empty without
-    anomaly), n_crops, boxes, crop_clusters and prob_<k> for every class k.
+    anomaly), n_crops, boxes (the defects'), crop_boxes, crop_clusters and prob_<k> for every
+    class k.
 
-    boxes: int (M, 4); image_index: int (M,); crop_labels: int (M,) each crop's own class.
+    defect_boxes, crop_boxes: (M,) from :func:`table_boxes`; image_index: int (M,);
+    crop_labels: int (M,) each crop's own class.
     """
     per_image: list[list[int]] = [[] for _ in ids]
     for j, i in enumerate(np.asarray(image_index).tolist()):
@@ -211,7 +243,8 @@ def image_rows(
             "status": STATUS[bool(merged.anomaly[i])],
             "confidence": _fmt(merged.confidence[i]),
             "n_crops": int(merged.n_crops[i]),
-            "boxes": ";".join(" ".join(str(int(v)) for v in boxes[j]) for j in js),
+            "boxes": ";".join(_box_text(defect_boxes[j]) for j in js),
+            "crop_boxes": ";".join(_box_text(crop_boxes[j]) for j in js),
             "crop_clusters": ";".join(str(int(crop_labels[j])) for j in js),
         }
         row.update({f"prob_{k}": _fmt(p) for k, p in enumerate(merged.probs[i])})
@@ -221,29 +254,30 @@ def image_rows(
 def crop_rows(
     crop_ids: list[str],
     image_ids: list[str],
-    boxes: np.ndarray,
+    defect_boxes: list,
+    crop_boxes: list,
     areas: np.ndarray,
     scores: np.ndarray,
     crop_probs: np.ndarray,
     weights: np.ndarray,
     crop_labels: np.ndarray,
 ) -> Iterator[dict[str, str | int]]:
-    """One row per crop, generated: crop_id, image_id, box (x0, y0, x1, y1), area, score, its class
-    (``crop_labels`` (M,)) and confidence (empty for a crop without mask pixels, which holds
-    no region), its weight in the image merge, and prob_<k>.
+    """One row per crop, generated: crop_id, image_id, the defect's box (x0, y0, x1, y1; empty
+    without region), the context crop (crop_x0, crop_y0, crop_x1, crop_y1), area, score, its
+    class (``crop_labels`` (M,)) and confidence (empty for a crop without mask pixels, which
+    holds no region), its weight in the image merge, and prob_<k>.
 
-    image_ids: (M,) the image id of each crop; crop_probs: (M, K); weights: (M,).
+    image_ids: (M,) the image id of each crop; defect_boxes, crop_boxes: (M,) from
+    :func:`table_boxes`; crop_probs: (M, K); weights: (M,).
     """
     for j, cid in enumerate(crop_ids):
-        x0, y0, x1, y1 = (int(v) for v in boxes[j])
         k = int(crop_labels[j])
+        defect = defect_boxes[j] or ("",) * 4
         row: dict[str, str | int] = {
             "crop_id": cid,
             "image_id": image_ids[j],
-            "x0": x0,
-            "y0": y0,
-            "x1": x1,
-            "y1": y1,
+            **dict(zip(("x0", "y0", "x1", "y1"), defect)),
+            **dict(zip(("crop_x0", "crop_y0", "crop_x1", "crop_y1"), crop_boxes[j])),
             "area": int(areas[j]),
             "score": _fmt(float(scores[j])),
             "cluster": k,
@@ -310,6 +344,8 @@ def merge_tables(
     crop_ids: list[str],
     image_index: np.ndarray,
     boxes: np.ndarray,
+    regions: np.ndarray,
+    image_sizes: np.ndarray,
     areas: np.ndarray,
     scores: np.ndarray,
     crop_probs: np.ndarray,
@@ -319,8 +355,9 @@ def merge_tables(
     generators: write them with :func:`write_table`) and the same result as arrays for the store.
 
     The one code path behind the ``merge`` stage and ``anomalyncd predict``. ids, images,
-    categories: (N,); crop_ids, image_index, boxes (M, 4), areas, scores: (M,); crop_probs
-    (M, K) from :func:`novel_probabilities`.
+    categories, image_sizes (N, 2) as (H, W); crop_ids, image_index, boxes and regions (M, 4)
+    (:class:`anomalyncd.store.CropSet`), areas, scores: (M,); crop_probs (M, K) from
+    :func:`novel_probabilities`.
     """
     merged = merge_regions(
         crop_probs, areas, image_index, len(ids), merger.strategy, merger.temperature, merger.no_anomaly
@@ -329,9 +366,10 @@ def merge_tables(
     raw = np.argmax(crop_probs, axis=1) if len(crop_probs) else np.zeros(0, dtype=np.int64)
     crop_labels = np.where(areas > 0, raw, merger.no_anomaly)
     crop_conf = np.where(areas > 0, np.asarray(crop_probs)[np.arange(len(raw)), raw] if len(raw) else 0.0, np.nan)
-    img_rows = image_rows(ids, images, categories, merged, boxes, image_index, crop_labels)
+    defect, context = table_boxes(boxes, regions, areas, image_index, image_sizes)
+    img_rows = image_rows(ids, images, categories, merged, defect, context, image_index, crop_labels)
     crop_image_ids = [ids[i] for i in np.asarray(image_index).tolist()]
-    c_rows = crop_rows(crop_ids, crop_image_ids, boxes, areas, scores, crop_probs, merged.weights, crop_labels)
+    c_rows = crop_rows(crop_ids, crop_image_ids, defect, context, areas, scores, crop_probs, merged.weights, crop_labels)
     store = MergeSet(
         ids=list(ids),
         clusters=merged.labels,

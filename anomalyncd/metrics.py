@@ -279,3 +279,26 @@ def evaluate_predictions(
             if any(lvl in v for v in per_cat.values())
         }
     return Evaluation(metrics, img_scores)
+
+
+#: The keys of a run's metrics that ``metrics/evaluate.json`` (a DVC metric: a column of
+#: ``dvc exp show``) keeps; the rest (per class, per cluster, per category) is the detail file.
+HEADLINE_SCORES = ("nmi", "ari", "f1")
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The few figures of a run's metrics (:func:`evaluate_predictions`, with ``baseline``)
+    that experiments are compared on: whether ground truth existed, the numbers of images and
+    classes, the images without anomaly, and NMI / ARI / F1 at image and crop level, of the
+    baseline at image level, and their per-category mean where there are several categories."""
+    out: dict = {k: metrics[k] for k in ("ground_truth", "n_images", "n_clusters") if k in metrics}
+    out["no_anomaly"] = {"images": metrics["no_anomaly"]["images"]} if "no_anomaly" in metrics else {}
+    pick = lambda d: {k: d[k] for k in HEADLINE_SCORES if k in d}  # noqa: E731
+    for level in ("image", "crop"):
+        if level in metrics:
+            out[level] = pick(metrics[level])
+    if "image" in metrics.get("baseline", {}):
+        out["baseline"] = {"image": pick(metrics["baseline"]["image"])}
+    if metrics.get("mean", {}).get("image"):
+        out["mean"] = {"image": pick(metrics["mean"]["image"])}
+    return out

@@ -6,7 +6,7 @@ editing ``params.yaml`` after the run changes nothing here: the detector with it
 in the map store), MEBin's search range and settings (``lo``/``hi``/``params`` in the crop
 store), the trained model with its selected head, class names and evaluation transform
 (``models/mgvit.pt``), the merge settings (the merge store), and, where the run had ground
-truth, the matched true type of each discovered class (``metrics/evaluate.json``). New images
+truth, the matched true type of each discovered class (``metrics/evaluate_detail.json``). New images
 go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
 :func:`anomalyncd.inference.crop_outputs`, :func:`anomalyncd.merge.merge_tables`), so
 predicting the run's own images reproduces its image-level predictions.
@@ -94,7 +94,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         hi=int(cs_attrs["hi"]),
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
         merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
-        names=class_names(root / paths.METRICS / "evaluate.json"),
+        names=class_names(root / paths.EVALUATE_DETAIL),
     )
 
 
@@ -243,6 +243,8 @@ class Predictor:
         out.kept = [item for item, _, _ in loaded]
         out.counts = np.array([len(c) for c in crops], np.int64)
         out.boxes = np.concatenate([c.boxes for c in crops]).reshape(-1, 4)
+        out.regions = np.concatenate([c.regions for c in crops]).reshape(-1, 4)
+        out.sizes = np.array([img.shape[:2] for _, img, _ in loaded], np.int64).reshape(-1, 2)
         out.areas = np.concatenate([c.areas for c in crops])
         out.scores = np.concatenate([c.scores for c in crops])
         o = clock("classifier", crop_outputs, self.net, np.concatenate([c.crops for c in crops]),
@@ -264,6 +266,8 @@ class Predictor:
             crop_ids=crop_ids_of(ids, image_index),
             image_index=image_index,
             boxes=np.concatenate([p.boxes for p in parts]).reshape(-1, 4),
+            regions=np.concatenate([p.regions for p in parts]).reshape(-1, 4),
+            image_sizes=np.concatenate([p.sizes for p in parts]).reshape(-1, 2),
             areas=np.concatenate([p.areas for p in parts]),
             scores=np.concatenate([p.scores for p in parts]),
             crop_probs=np.concatenate([p.probs for p in parts]),
@@ -299,6 +303,8 @@ class Classified:
     kept: list[tuple[str, Path]] = field(default_factory=list)
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    regions: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
     areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))

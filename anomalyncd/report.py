@@ -1,13 +1,15 @@
 """The static HTML report of a run: ``reports/index.html`` plus image files beside it.
 
-Top of the page: what the thumbnails show (outlines, map colours, borders), any warning, the
+Top of the page, for the people who act on it: the summary (:func:`_summary`): the defect
+types found with their names where known and their numbers of images, a strip of examples of
+each type cut around the defect, the least certain images to review, and what to do next. Then
+what the thumbnails show, any warning, and one section per discovered class with a gallery:
+for each image its main crop with MEBin's mask, the true mask and the defect's box outlined,
+beside the anomaly map over the same crop; each links to the full image with every defect's box.
+Then the images where MEBin found no anomaly. Folded below, for research: the
 class-discovery, detection and MEBin metrics, the number of classes (the estimate and its score
-chart), the training curves, then the per-type tables and the image-level confusion matrix
-(when ground truth exists) or the cluster sizes. Then one section per discovered class with a
-gallery: for each image its main crop with MEBin's mask and the true mask outlined, beside the
-anomaly map over the same crop; each links to the full image with every crop's box. Then the
-images where MEBin found no anomaly, the MEBin threshold sweeps of a few images, and the
-parameters of the run. The page has no scripts and no external resources, so it opens
+chart), the training curves, the per-type tables and the image-level confusion matrix (when
+ground truth exists), the MEBin threshold sweeps of a few images, and the parameters of the run. The page has no scripts and no external resources, so it opens
 offline; images (charts included, drawn with matplotlib) are separate files so the page stays
 small.
 
@@ -31,7 +33,11 @@ from .io import atomic_path, read_image, read_mask, write_image
 from .mebin import crop_padded
 from .num_classes import estimate_summary
 
-THUMB_SIZE = 128
+THUMB_SIZE = 160
+STRIP_SIZE = 200  # the summary's examples, cut around the defect
+STRIP_IMAGES = 5  # examples per type in the summary: one row on a 1280-px screen
+REVIEW_IMAGES = 5  # least certain images in the summary: one row
+BOX_COLOR = (255, 64, 160)  # magenta: the defect's box
 FULL_MAX_SIDE = 768
 FULL_MIN_SIDE = 384
 PANEL_GAP = 4
@@ -103,13 +109,15 @@ def region_panels(
     true_mask: np.ndarray | None,
     map_u8: np.ndarray | None,
     size: int = THUMB_SIZE,
+    defect: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Two panels of one box (x0, y0, x1, y1) of an image (H, W, 3), side by side:
     uint8 (size, 2 * size + PANEL_GAP, 3).
 
-    Left, the image with MEBin's mask (yellow) and the true mask (cyan) outlined; right, the
-    anomaly map (S, S) over it (:func:`map_overlay`). Masks are bool (H, W) or None; parts of
-    the box outside the image are black, as in the crops.
+    Left, the image with MEBin's mask (yellow) and the true mask (cyan) outlined, and the
+    defect's box ``defect`` (image pixels) in magenta; right, the anomaly map (S, S) over it
+    (:func:`map_overlay`). Masks are bool (H, W) or None; parts of the box outside the image
+    are black, as in the crops.
     """
     crop = crop_padded(image, box)
     thick = max(1, size // 96)
@@ -125,6 +133,10 @@ def region_panels(
     for mask, color in ((cut(mebin_mask), MEBIN_COLOR), (cut(true_mask), TRUE_COLOR)):
         if mask is not None:
             left = draw_outline(left, _fit_mask(mask, size), color, thick)
+    if defect is not None:
+        marked = np.zeros((image.shape[0], image.shape[1]), np.uint8)
+        marked[defect[1] : defect[3], defect[0] : defect[2]] = 1
+        left = draw_outline(left, _fit_mask(crop_padded(marked, box), size), BOX_COLOR, thick)
     gap = np.full((size, PANEL_GAP, 3), 255, np.uint8)
     return np.concatenate([left, gap, right], axis=1)
 
@@ -132,6 +144,35 @@ def region_panels(
 def _fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """A mask placed as :func:`fit_square` places its image: uint8 (size, size)."""
     return fit_square(np.repeat(np.asarray(mask, np.uint8)[:, :, None] * 255, 3, axis=2), size, fill=0)[:, :, 0] > 127
+
+
+def around_box(box: Sequence[int], shape: Sequence[int], margin: float = 0.5, min_side: int = 32) -> tuple[int, int, int, int]:
+    """A square around ``box`` (x0, y0, x1, y1): its longer side grown by ``margin`` on each
+    side (at least ``min_side``), centred on it and moved, then cut, to lie inside an image of
+    ``shape`` (H, W, ...): what the summary shows of a defect."""
+    h, w = int(shape[0]), int(shape[1])
+    x0, y0, x1, y1 = (int(v) for v in box)
+    side = min(max(round(max(x1 - x0, y1 - y0) * (1 + 2 * margin)), min_side), max(h, w))
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    ax0 = min(max(cx - side // 2, 0), max(w - side, 0))
+    ay0 = min(max(cy - side // 2, 0), max(h - side, 0))
+    return ax0, ay0, min(ax0 + side, w), min(ay0 + side, h)
+
+
+def defect_thumbnail(image: np.ndarray, region: Sequence[int] | None, size: int = STRIP_SIZE) -> np.ndarray:
+    """The part of ``image`` (H, W, 3) around the defect's box ``region`` (:func:`around_box`;
+    the whole image without one) with the box drawn, nothing else over the defect: uint8 (size, size, 3)."""
+    h, w = image.shape[:2]
+    view = around_box(region, (h, w)) if region is not None else (0, 0, w, h)
+    x0, y0, x1, y1 = view
+    out = fit_square(image[y0:y1, x0:x1], size)
+    scale = size / max(x1 - x0, y1 - y0)
+    dx, dy = (size - round((x1 - x0) * scale)) // 2, (size - round((y1 - y0) * scale)) // 2
+    if region is not None:
+        p0 = (dx + int((region[0] - x0) * scale), dy + int((region[1] - y0) * scale))
+        p1 = (dx + int(round((region[2] - x0) * scale)) - 1, dy + int(round((region[3] - y0) * scale)) - 1)
+        cv2.rectangle(out, p0, p1, BOX_COLOR, max(1, size // 100))
+    return out
 
 
 def draw_boxes(
@@ -270,7 +311,8 @@ def read_live_curves(folder: str | os.PathLike) -> dict[str, tuple[np.ndarray, n
 
 @dataclass
 class ImageEntry:
-    """One image of the run. boxes: (k, 4); crop_rows: indices of its crops in the crop store;
+    """One image of the run. boxes: (k, 4) its crops' context boxes, regions: (k, 4) their defect
+    boxes (:class:`anomalyncd.store.CropSet`; None: not known); crop_rows: indices of its crops in the crop store;
     anomaly: whether MEBin found an anomaly (else its status is "no anomaly found");
     mebin_mask: bool (H, W) MEBin's mask; map_u8: uint8 (S, S) its anomaly map; true_mask:
     the path of the dataset's mask ("" if none)."""
@@ -288,6 +330,19 @@ class ImageEntry:
     mebin_mask: np.ndarray | None = None
     map_u8: np.ndarray | None = None
     true_mask: str = ""
+    regions: np.ndarray | None = None
+
+    def main_crop(self) -> int | None:
+        """The crop that weighs most in the image's class (None: no crop)."""
+        return int(np.argmax(self.crop_weights)) if self.crop_rows else None
+
+    def defect_box(self) -> tuple[int, ...] | None:
+        """The defect's box of the main crop (None without anomaly or regions)."""
+        j = self.main_crop()
+        if not self.anomaly or j is None or self.regions is None:
+            return None
+        box = tuple(int(v) for v in self.regions[j])
+        return box if box[2] > box[0] and box[3] > box[1] else None
 
 
 @dataclass
@@ -333,12 +388,18 @@ def write_report(out_dir: str | os.PathLike, data: ReportData) -> None:
     with atomic_path(out_dir) as tmp:
         for sub in ("img", "full", "mebin", "charts"):
             (tmp / sub).mkdir(parents=True)
+        (tmp / "strip").mkdir()
         colors = palette(max(1, data.n_clusters))
-        body = [_header(tmp, data)]
+        body = [f"<h1>{_e(data.title)}</h1>", _summary(tmp, data, colors), _header(data)]
         body += [_class_section(tmp, data, k, colors) for k in _cluster_order(data)]
         body.append(_no_anomaly_section(tmp, data, colors))
-        body.append(_mebin_section(tmp, data))
-        body.append(_params_section(data.params))
+        research = [_research(tmp, data), _mebin_section(tmp, data), _params_section(data.params)]
+        body.append(
+            "<h2 id='research'>For research: metrics, charts and parameters</h2><details><summary>Show the "
+            "class-discovery, detection and MEBin metrics, the number of classes, the training curves, the per-type "
+            "tables, MEBin's threshold sweeps and the parameters of the run</summary>"
+            + "\n".join(b for b in research if b) + "</details>"
+        )
         (tmp / "index.html").write_text(_page(data.title, "\n".join(b for b in body if b)), encoding="utf-8")
 
 
@@ -369,13 +430,14 @@ def _legend() -> str:
     return (
         "<div class='legend'><b>Reading the thumbnails.</b> Left: the image's main crop, with "
         "<span class='sw' style='background:rgb%s'></span> MEBin's mask and "
-        "<span class='sw' style='background:rgb%s'></span> the true mask (where the dataset has one) outlined. "
+        "<span class='sw' style='background:rgb%s'></span> the true mask (where the dataset has one) outlined, and "
+        "<span class='sw' style='background:rgb%s'></span> the defect's box. "
         "Right: the anomaly map over the same crop (blue low, red high). Border: "
         "<span class='sw' style='background:#4c4'></span> the true type is the class's matched type, "
         "<span class='sw' style='background:#e33'></span> it differs, "
         "<span class='sw' style='background:#999'></span> no ground truth. A thumbnail links to the full image "
-        "with every crop's box.</div>"
-    ) % (MEBIN_COLOR, TRUE_COLOR)
+        "with every defect's box.</div>"
+    ) % (MEBIN_COLOR, TRUE_COLOR, BOX_COLOR)
 
 
 def _warnings(data: ReportData) -> list[str]:
@@ -395,22 +457,115 @@ def _estimate(data: ReportData) -> tuple[str, list[str]]:
     return estimate_summary(data.num_classes)
 
 
-def _header(out: Path, data: ReportData) -> str:
-    m = data.metrics
-    n_crops = sum(len(im.crop_rows) for im in data.images)
-    none_found = sum(not im.anomaly for im in data.images)
+#: the summary suggests reviewing the images classified with less confidence than this
+REVIEW_BELOW = 0.8
+
+
+def _summary(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) -> str:
+    """What a plant engineer reads first: the types found and their numbers of images, a strip
+    of examples of each (most confident first, cut around the defect), the least certain
+    images to review, and what to do next."""
+    indexed = list(enumerate(data.images))
+    found = [(i, im) for i, im in indexed if im.anomaly and im.cluster >= 0]
+    none = [im for im in data.images if not im.anomaly]
+    sizes = {k: sum(im.cluster == k for _, im in found) for k in range(data.n_clusters)}
+    types = [k for k in _cluster_order(data) if sizes.get(k)]
+    conf = {k: [im.confidence for _, im in found if im.cluster == k and np.isfinite(im.confidence)] for k in types}
     parts = [
-        f"<h1>{_e(data.title)}</h1>",
-        f"<p>{len(data.images)} images, {n_crops} crops, {data.n_clusters} discovered classes; "
-        f"{none_found} images with no anomaly found.</p>",
-        _legend(),
+        "<section id='summary'><h2>Summary</h2>",
+        f"<p class='lead'><b>{len(types)} defect types</b> found in {len(data.images)} images"
+        + (f"; no anomaly found in <a href='#no-anomaly'>{len(none)} images</a>" if none else "") + ".</p>",
     ]
+    rows = "".join(
+        f"<tr><th><span class='sw' style='background:rgb{colors[k % len(colors)]}'></span> "
+        f"<a href='#{_anchor(k)}'>{_e(cluster_label(k, data.names))}</a></th><td>{sizes[k]}</td>"
+        f"<td>{100 * sizes[k] / max(1, len(data.images)):.0f} %</td><td>{_fmt(float(np.mean(conf[k])) if conf[k] else None)}</td></tr>"
+        for k in types
+    )
+    parts.append(f"<table class='num'><tr><th>type</th><th>images</th><th>share</th><th>mean confidence</th></tr>{rows}</table>")
+    for k in types:
+        members = sorted((p for p in found if p[1].cluster == k), key=lambda p: (-np.nan_to_num(p[1].confidence, nan=-1.0), p[1].id))
+        figs = "".join(_strip_figure(out, data, i, im, colors, f"{im.confidence:.2f}") for i, im in members[:STRIP_IMAGES])
+        parts.append(f"<h3><a href='#{_anchor(k)}'>{_e(cluster_label(k, data.names))}</a>: {sizes[k]} images</h3>"
+                     f"<div class='gallery strip'>{figs}</div>")
+    review = sorted((p for p in found if np.isfinite(p[1].confidence)), key=lambda p: (p[1].confidence, p[1].id))[:REVIEW_IMAGES]
+    if review:
+        figs = "".join(
+            _strip_figure(out, data, i, im, colors, f"{cluster_label(im.cluster, data.names)}, {im.confidence:.2f}")
+            for i, im in review
+        )
+        parts.append("<h3 id='review'>Least certain: review these first</h3>"
+                     f"<div class='gallery strip'>{figs}</div>")
+    parts.append("<h3>What to do next</h3><ul class='next'>" + "".join(f"<li>{t}</li>" for t in _next_steps(data, found, none)) + "</ul>")
+    return "\n".join(parts) + "</section>"
+
+
+def _next_steps(data: ReportData, found: list[tuple[int, ImageEntry]], none: list[ImageEntry]) -> list[str]:
+    """The summary's advice, from what the run found."""
+    steps = []
+    unsure = sum(np.isfinite(im.confidence) and im.confidence < REVIEW_BELOW for _, im in found)
+    if unsure:
+        steps.append(
+            f"Check the {unsure} images classified with confidence below {REVIEW_BELOW} (the least certain are shown "
+            "above). If some belong to a type of their own, run with one type more: "
+            f"<code>dvc exp run -S train.num_classes={data.n_clusters + 1}</code>."
+        )
+    if none:
+        steps.append(
+            f"Look at the <a href='#no-anomaly'>{len(none)} images with no anomaly found</a>: a defect there was missed "
+            "by the detector (or the image is good)."
+        )
+    nc = data.num_classes
+    if nc.get("estimate") is not None and nc["estimate"] != nc.get("num_classes"):
+        steps.append(
+            f"The images suggest {nc['estimate']} types, this run sorted them into {nc.get('num_classes')}: compare with "
+            f"<code>dvc exp run -S train.num_classes={nc['estimate']}</code>, then <code>anomalyncd exps</code>."
+        )
+    if not data.names:
+        steps.append("Name each type from its examples above; the type numbers stay the same for new images of this run.")
+    steps.append(
+        "Classify new images with this run: <code>anomalyncd predict --run . &lt;folder&gt; --out new.csv</code> "
+        "(one row per image: its type, the confidence and the defect's box)."
+    )
+    return steps
+
+
+def _strip_figure(out: Path, data: ReportData, idx: int, im: ImageEntry, colors: list[tuple[int, int, int]], caption: str) -> str:
+    """A summary example: the image cut around its defect (:func:`defect_thumbnail`), linked
+    to its full view."""
+    rel = f"strip/{idx:05d}.png"
+    rgb = read_image(im.path)
+    if not (out / rel).exists():
+        write_image(out / rel, defect_thumbnail(rgb, im.defect_box()))
+    full = _full_image(out, data, idx, im, colors, rgb, read_mask(im.true_mask) if im.true_mask else None)
+    return (
+        f"<figure class='ex'><a href='{full}'><img src='{rel}' width='{STRIP_SIZE}' height='{STRIP_SIZE}' alt='{_e(im.id)}'></a>"
+        f"<figcaption>{_breakable(im.id)}<br>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _header(data: ReportData) -> str:
+    """What the thumbnails show and the warnings, above the galleries."""
+    m = data.metrics
+    parts = [_legend()]
     warns = _warnings(data)
     if not m.get("ground_truth"):
         warns.insert(0, "No ground truth was available: the classes below are unnamed clusters.")
     if warns:
         parts.append("<ul class='warn'>" + "".join(f"<li>{w}</li>" for w in warns) + "</ul>")
-    parts.append("<h2>Results</h2>")
+    return "\n".join(parts)
+
+
+def _research(out: Path, data: ReportData) -> str:
+    """The metrics, charts and tables for research (folded on the page)."""
+    m = data.metrics
+    n_crops = sum(len(im.crop_rows) for im in data.images)
+    none_found = sum(not im.anomaly for im in data.images)
+    parts = [
+        f"<p>{len(data.images)} images, {n_crops} crops, {data.n_clusters} discovered classes; "
+        f"{none_found} images with no anomaly found.</p>",
+        "<h2>Results</h2>",
+    ]
     if m.get("ground_truth"):
         rows = [[lvl, m[lvl]["n"], m[lvl]["nmi"], m[lvl]["ari"], m[lvl]["f1"]] for lvl in ("image", "crop") if lvl in m]
         base = m.get("baseline", {})
@@ -512,8 +667,7 @@ def _class_section(out: Path, data: ReportData, k: int, colors: list[tuple[int, 
     for idx, im in members[: data.per_class_images]:
         border = "" if not (matched and im.truth) else (" wrong" if im.truth != matched else " right")
         conf = "" if not np.isfinite(im.confidence) else f" {im.confidence:.2f}"
-        j = int(np.argmax(im.crop_weights)) if im.crop_rows else None
-        figs.append(_figure(out, data, idx, im, colors, j, border, conf))
+        figs.append(_figure(out, data, idx, im, colors, im.main_crop(), border, conf))
     more = f"<p>{len(members) - data.per_class_images} more not shown.</p>" if len(members) > data.per_class_images else ""
     return title + info + "<div class='gallery'>" + "".join(figs) + "</div>" + more
 
@@ -544,7 +698,7 @@ def _figure(
     true_mask = read_mask(im.true_mask) if im.true_mask else None
     box = im.boxes[crop] if crop is not None else (0, 0, rgb.shape[1], rgb.shape[0])
     rel = f"img/{idx:05d}.png"
-    write_image(out / rel, region_panels(rgb, box, im.mebin_mask, true_mask, im.map_u8))
+    write_image(out / rel, region_panels(rgb, box, im.mebin_mask, true_mask, im.map_u8, defect=im.defect_box() if crop is not None else None))
     full = _full_image(out, data, idx, im, colors, rgb, true_mask)
     truth = f"<br>true: {_e(im.truth)}" if im.truth else ""
     width = 2 * THUMB_SIZE + PANEL_GAP
@@ -558,11 +712,23 @@ def _full_image(
     out: Path, data: ReportData, idx: int, im: ImageEntry, colors: list[tuple[int, int, int]], rgb: np.ndarray, true_mask
 ) -> str:
     rel = f"full/{idx:05d}.jpg"
+    if (out / rel).exists():
+        return rel
     labels = [cluster_label(c, data.names) if c < 0 else (f"{c}: {data.names[c]}" if c in data.names else str(c)) for c in im.crop_clusters]
     cols = [colors[c % len(colors)] if c >= 0 else (128, 128, 128) for c in im.crop_clusters]
-    drawn = full_view(rgb, im.boxes, labels, cols, im.mebin_mask, true_mask, im.map_u8)
+    drawn = full_view(rgb, _shown_boxes(im), labels, cols, im.mebin_mask, true_mask, im.map_u8)
     cv2.imwrite(str(out / rel), np.ascontiguousarray(drawn[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return rel
+
+
+def _shown_boxes(im: ImageEntry) -> np.ndarray:
+    """The boxes the full view draws: each crop's defect box, its context crop where it has none."""
+    boxes = np.asarray(im.boxes).reshape(-1, 4).copy()
+    if im.regions is not None:
+        regions = np.asarray(im.regions).reshape(-1, 4)
+        has = (regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])
+        boxes[has] = regions[has]
+    return boxes
 
 
 def _mebin_section(out: Path, data: ReportData) -> str:
@@ -610,7 +776,13 @@ table.num td { text-align: right; }
 table.params td { text-align: left; font-family: monospace; }
 .gallery { display: flex; flex-wrap: wrap; gap: 10px; }
 figure { margin: 0; font-size: 11px; }
-figure.thumb { width: 266px; }
+figure.thumb { width: 330px; }
+figure.ex { width: 206px; }
+figure.ex img { border: 1px solid #999; }
+.lead { font-size: 1.2em; }
+#summary h3 { margin: 0.8em 0 0.3em; }
+ul.next li { margin: 0.3em 0; }
+details > summary { cursor: pointer; color: #1f4e99; }
 figure.thumb figcaption { overflow-wrap: break-word; word-break: normal; }
 figure.thumb img { border: 3px solid #999; }
 figure.thumb.right img { border-color: #4c4; }

@@ -16,9 +16,9 @@ import dataclasses
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import zarr
@@ -58,7 +58,9 @@ class CropSet:
     component counts along the threshold sweep, masks: N bool arrays (H_i, W_i) full size.
     Per crop (M): crops uint8 (M, C, C, 3) RGB, crop_masks uint8 (M, C, C) in {0, 1},
     image_index int32 (M,), boxes int32 (M, 4) as (x0, y0, x1, y1) in image pixels (x1, y1
-    exclusive), areas int64 (M,) anomaly pixels in the box, scores float32 (M,) in [0, 1].
+    exclusive; the context crop, which may reach outside the image), regions int32 (M, 4) the
+    defect's own box inside the image (zeros: no region; :class:`anomalyncd.mebin.Crops`),
+    areas int64 (M,) anomaly pixels in the box, scores float32 (M,) in [0, 1].
     attrs: lo, hi (the MEBin search range), crop_size, params.
     """
 
@@ -72,13 +74,14 @@ class CropSet:
     crop_masks: np.ndarray
     image_index: np.ndarray
     boxes: np.ndarray
+    regions: np.ndarray
     areas: np.ndarray
     scores: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_rows(self, len(self.ids), "image_sizes", "thresholds", "est_counts", "count_seqs", "masks")
-        _check_rows(self, len(self.crops), "crop_masks", "image_index", "boxes", "areas", "scores")
+        _check_rows(self, len(self.crops), "crop_masks", "image_index", "boxes", "regions", "areas", "scores")
 
     @property
     def crop_ids(self) -> list[str]:
@@ -474,6 +477,7 @@ def write_crops(path: str | os.PathLike, cs: CropSet) -> None:
         "crop_masks": cs.crop_masks.astype(np.uint8),
         "image_index": cs.image_index.astype(np.int32),
         "boxes": cs.boxes.astype(np.int32),
+        "regions": cs.regions.astype(np.int32),
         "areas": cs.areas.astype(np.int64),
         "scores": cs.scores.astype(np.float32),
     }
@@ -502,6 +506,12 @@ class LazyMasks(Sequence[np.ndarray]):
 CROP_PIXELS = ("crops", "crop_masks")
 
 
+def _check_crop_arrays(path: str | os.PathLike, names: Iterable[str]) -> None:
+    missing = sorted({f.name for f in fields(CropSet)} - {"ids", "masks", "attrs"} - set(names))
+    if missing:
+        raise InputError(f"{path}: written by an older mebin, no {missing}; rerun mebin (dvc repro)")
+
+
 def read_crops(path: str | os.PathLike, lazy: bool = False) -> CropSet:
     """The crops store; ``lazy``: the pixels (``crops``, ``crop_masks`` as :class:`LazyRows`,
     ``masks`` as :class:`LazyMasks`) stay in the file until read, the rest is loaded."""
@@ -509,11 +519,13 @@ def read_crops(path: str | os.PathLike, lazy: bool = False) -> CropSet:
         arrays, attrs = read_group(path, "crops")
         ids = attrs.pop("ids")
         masks = [arrays.pop(f"masks/{i}").astype(bool) for i in range(len(ids))]
+        _check_crop_arrays(path, arrays)
         return CropSet(ids=ids, masks=masks, attrs=attrs, **arrays)
     r = StoreReader(path, "crops")
     attrs = dict(r.attrs)
     ids = attrs.pop("ids")
     arrays = {n: (r[n] if n in CROP_PIXELS else r.read(n)) for n in r.names if not n.startswith("masks/")}
+    _check_crop_arrays(path, arrays)
     return CropSet(ids=ids, masks=LazyMasks(r, len(ids)), attrs=attrs, **arrays)
 
 

@@ -7,7 +7,7 @@ import typer
 from anomalyncd import demo, paths
 from anomalyncd.config import load_params
 from anomalyncd.io import InputError, atomic_path
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -15,7 +15,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 MARKER = ".anomalyncd-demo"
 
 
-@app.command()
+@app.command(cls=reads("demo"))
 def main(params: Path = typer.Option("params.yaml", help="params file"), out: Path = paths.DEMO) -> None:
     """Write the demo dataset to data/demo/<category>."""
     p = load_params("demo", params)

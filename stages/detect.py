@@ -27,7 +27,7 @@ from anomalyncd.detect import DetectContext, LazyImages, create_detector, normal
 from anomalyncd.detect.metrics import detection_metrics, image_auroc, resize_masks
 from anomalyncd.detect.plot import detection_grid, pick_examples
 from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -44,6 +44,20 @@ def metrics_records(manifest: Manifest, todo: list[Record]) -> list[Record]:
     return [r for r in manifest.records if r.split == "test" and r.is_normal and r.id not in ids]
 
 
+def no_normal_images(method: str, layout: str) -> str:
+    """The error for a detector that fits on normal images (``method``) when the dataset of
+    ``layout`` has none: the commands that fix it."""
+    give = {
+        "folder": "give a folder of known-good images: dvc exp run -S dataset.normal_root=<folder>",
+        "mvtec": "add known-good images under <dataset.root>/<category>/train/good",
+        "mtd": "check dataset.train_list (the MT_Free images of the training split)",
+    }.get(layout, "add known-good images")
+    return (
+        f"{paths.MANIFEST}: detect.method {method} fits on known-good (normal) images and dataset.layout {layout} "
+        f"gave none; {give}, or detect without them (zero-shot): dvc exp run -S detect.method=musc"
+    )
+
+
 def _masks(records: list[Record]) -> list[np.ndarray]:
     return [read_mask(r.mask) if r.mask else np.zeros((r.height, r.width), bool) for r in records]
 
@@ -53,7 +67,7 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
-@app.command()
+@app.command(cls=reads("detect", "dataset.include_normal"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/detect/maps.zarr.zip, models/detector.pt, metrics/detect.json and plots/detect_grid.png."""
     p = load_params("detect", params)
@@ -79,6 +93,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
     shard.clear_parts(paths.MAPS, rank)
     start = time.perf_counter()
+    if det.needs_training_images and not manifest.train_normal():
+        raise InputError(no_normal_images(p.method, ds.layout))
     if det.needs_training_images:
         if rank == 0:  # fitted once, so that every rank maps with the same state
             det.fit(LazyImages([r.image for r in manifest.train_normal()]))

@@ -3,10 +3,11 @@
 With ground truth: NMI, ARI and Hungarian-matched micro-F1 at image and crop level (a crop
 carries its image's type), per-class precision/recall after matching, and per-category
 scores with their mean when the run holds several categories. Without ground truth: cluster
-sizes and mean confidences, and ``"ground_truth": false``. Reads merge's store (data/merge/merged.zarr.zip) and the crop
-store. Writes metrics/evaluate.json (DVC
-metrics; its ``clusters`` entry holds each class's size and matched true type, which
-``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
+sizes and mean confidences, and ``"ground_truth": false``. Reads merge's store
+(data/merge/merged.zarr.zip) and the crop store. Writes metrics/evaluate.json (the DVC metric:
+the headline figures experiments are compared on, :func:`anomalyncd.metrics.headline_metrics`),
+metrics/evaluate_detail.json (everything, not a DVC metric; its ``clusters`` entry holds each
+class's size and matched true type, which ``anomalyncd predict`` reads), plots/confusion.csv (a DVC confusion plot) and
 reports/index.html with its images. Images where MEBin found no anomaly have no class: they
 count as wrong in the F1 and ``no_anomaly`` counts them per true type.
 
@@ -27,9 +28,9 @@ from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError, read_json, write_json
 from anomalyncd.merge import Merger, merge_regions, write_table
-from anomalyncd.metrics import evaluate_predictions, score_clustering
+from anomalyncd.metrics import evaluate_predictions, headline_metrics, score_clustering
 from anomalyncd.report import ImageEntry, MebinEntry, ReportData, cluster_label, read_live_curves, write_report
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MergeSet, ProbSet, read_crops, read_maps, read_merged, read_probs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -103,9 +104,9 @@ def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
         raise InputError(f"{paths.MERGED}: images or crops differ from {paths.CROPS}; rerun merge (dvc repro)")
 
 
-@app.command()
+@app.command(cls=reads("dataset", "detect", "mebin", "train", "evaluate", "merge"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
-    """Write metrics/evaluate.json, plots/confusion.csv and reports/."""
+    """Write metrics/evaluate.json, metrics/evaluate_detail.json, plots/confusion.csv and reports/."""
     p = load_params("evaluate", params)
     # every input is read and checked before the first output is written
     records = Manifest.read(paths.MANIFEST).by_id()
@@ -153,6 +154,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             confidence=float(ms.confidence[i]),
             truth=truth[id_],
             boxes=cs.boxes[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
+            regions=cs.regions[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
             crop_rows=crop_rows_of.get(i, []),
             crop_clusters=[int(ms.crop_clusters[j]) for j in crop_rows_of.get(i, [])],
             crop_weights=[float(ms.weights[j]) for j in crop_rows_of.get(i, [])],
@@ -179,7 +181,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         ),
     )
     # the report reads every image and mask: written first, so that a bad one leaves no metrics
-    write_json(paths.METRICS / "evaluate.json", ev.metrics)
+    write_json(paths.EVALUATE_DETAIL, ev.metrics)
+    write_json(paths.EVALUATE_METRICS, headline_metrics(ev.metrics))
 
     # The confusion plot: one row per image, DVC's confusion template counts them.
     write_table(

@@ -13,13 +13,13 @@ import typer
 from anomalyncd import paths, shard
 from anomalyncd.config import load_params
 from anomalyncd.inference import PART_KIND, write_probs_part
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import StoreWriter, read_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command()
+@app.command(cls=reads("infer"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/infer/probs.zarr.zip."""
     p = load_params("infer", params)

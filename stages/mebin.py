@@ -24,7 +24,7 @@ from anomalyncd import mebin, paths, shard
 from anomalyncd.config import MebinParams, load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.io import InputError, read_image, read_mask, write_json
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MapSet, StoreWriter, read_maps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -125,6 +125,7 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
         crop_masks=np.concatenate([c.crop_masks for c in crops]),
         image_index=np.concatenate([np.full(len(c), i, np.int32) for i, c in enumerate(crops)]),
         boxes=np.concatenate([c.boxes for c in crops]),
+        regions=np.concatenate([c.regions for c in crops]),
         areas=np.concatenate([c.areas for c in crops]),
         scores=np.concatenate([c.scores for c in crops]),
         attrs={
@@ -190,7 +191,7 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
             for name, shape, dtype in [("image_sizes", (2,), np.int32), ("thresholds", (), np.int32),
                                        ("est_counts", (), np.int32), ("count_seqs", (t,), np.int32),
                                        ("crops", (c, c, 3), np.uint8), ("crop_masks", (c, c), np.uint8),
-                                       ("image_index", (), np.int32), ("boxes", (4,), np.int32),
+                                       ("image_index", (), np.int32), ("boxes", (4,), np.int32), ("regions", (4,), np.int32),
                                        ("areas", (), np.int64), ("scores", (), np.float32)]:
                 w.declare(name, shape, dtype)
             _share(lo, hi, p)
@@ -204,7 +205,7 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                     w.append("thresholds", np.array([result.threshold]))
                     w.append("est_counts", np.array([result.est_count]))
                     w.append("count_seqs", result.counts[None])
-                    for name in ("crops", "crop_masks", "boxes", "areas", "scores"):
+                    for name in ("crops", "crop_masks", "boxes", "regions", "areas", "scores"):
                         w.append(name, getattr(crops, name))
                     w.append("image_index", np.full(len(crops), i))
                     w.put(f"masks/{i}", result.mask.astype(np.uint8))
@@ -235,7 +236,7 @@ def gather_parts(world: int, ids: list[str], attrs: dict, p: MebinParams) -> dic
                          coverage, attrs["lo"], attrs["hi"], p)
 
 
-@app.command()
+@app.command(cls=reads("mebin", "train.model", "train.image_size", "train.crop_pct", "detect.method", "detect.smooth_sigma"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/mebin/crops.zarr.zip and metrics/mebin.json.
 

@@ -19,13 +19,13 @@ from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError
 from anomalyncd.merge import Merger, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import read_crops, read_probs, write_merged
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command()
+@app.command(cls=reads("merge"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write data/merge/merged.zarr.zip, data/merge/predictions.csv and data/merge/crops.csv."""
     p = load_params("merge", params)
@@ -51,6 +51,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crop_ids=cs.crop_ids,
         image_index=cs.image_index,
         boxes=cs.boxes,
+        regions=cs.regions,
+        image_sizes=cs.image_sizes,
         areas=cs.areas,
         scores=cs.scores,
         crop_probs=crop_probs,

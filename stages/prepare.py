@@ -8,12 +8,12 @@ import typer
 from anomalyncd import paths
 from anomalyncd.config import load_params
 from anomalyncd.datasets import build_manifest, read_dataset
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command()
+@app.command(cls=reads("dataset"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Validate every image and mask of ``dataset.root`` and write data/prepared/manifest.csv."""
     p = load_params("dataset", params)

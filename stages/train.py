@@ -30,7 +30,7 @@ from anomalyncd.config import TrainParams, load_params
 from anomalyncd.datasets import IMAGE_EXTENSIONS
 from anomalyncd.io import InputError, read_image, read_mask, write_json
 from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone, save_model
-from anomalyncd.stage import run
+from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, read_crops
 from anomalyncd.training import TrainData, dist_env, init_distributed, train
 
@@ -120,7 +120,7 @@ class _Live:
         self.live.end()
 
 
-@app.command()
+@app.command(cls=reads("train", "dataset.include_normal"))
 def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
     """Write models/mgvit.pt, metrics/train.json and dvclive/train."""
     p = load_params("train", params)

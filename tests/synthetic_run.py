@@ -54,6 +54,7 @@ def make_project(root: Path, categories=("tile",), labelled=True, crops_per_imag
         crop_masks=masks,
         image_index=np.array(image_index),
         boxes=np.array(boxes),
+        regions=np.array([[0, 0, 0, 0] if a == 0 else [b[0] + 4, b[1] + 4, b[0] + 12, b[1] + 12] for b, a in zip(boxes, areas)]),
         areas=np.array(areas),
         scores=rng.random(m),
         attrs={"lo": 10, "hi": 240, "sample_rate": 4},

@@ -85,4 +85,5 @@ def test_evaluate_writes_no_metrics_when_the_report_cannot_read_an_image(tmp_pat
         Path(r.image).write_bytes(b"")  # emptied after prepare
     with pytest.raises(InputError, match=r"\.png: cannot read this image \(empty or not an image file\)"):
         evaluate.main(params=Path("params.yaml"))
-    assert not (tmp_path / paths.METRICS / "evaluate.json").exists() and not (tmp_path / evaluate.CONFUSION).exists()
+    assert not (tmp_path / paths.EVALUATE_METRICS).exists() and not (tmp_path / paths.EVALUATE_DETAIL).exists()
+    assert not (tmp_path / evaluate.CONFUSION).exists()

@@ -63,6 +63,29 @@ def test_unreadable_image_names_the_file(tiny_demo):
         _manifest("mvtec", tiny_demo)
 
 
+def test_a_folder_layout_takes_known_good_images_from_normal_root_for_the_detector(tiny_demo):
+    root = tiny_demo / "tile" / "test"
+    shutil.copytree(tiny_demo / "tile" / "train" / "good", root / "known_good")  # inside root: tracked with it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        m = _manifest("folder", root, normal_root=str(root / "known_good"))
+    assert len(m.train_normal()) == 6 and all(r.is_normal for r in m.train_normal())
+    assert m.train_normal()[0].id == "test/train/good/000"
+    # the known-good images are not classified; every other image is
+    assert len(m.to_classify()) == 14 and not any("known_good" in r.image for r in m.to_classify())
+
+
+def test_normal_root_outside_root_is_taken_with_a_warning_and_a_missing_one_is_an_error(tiny_demo):
+    root = tiny_demo / "tile" / "test"
+    with pytest.warns(InputWarning, match="outside dataset.root"):
+        m = _manifest("folder", root, normal_root=str(tiny_demo / "tile" / "train" / "good"))
+    assert len(m.train_normal()) == 6
+    with pytest.raises(InputError, match="nope: dataset.normal_root folder not found"):
+        _manifest("folder", root, normal_root=str(tiny_demo / "nope"))
+    with pytest.raises(InputError, match="dataset.normal_root is for dataset.layout folder"):
+        _manifest("mvtec", tiny_demo, normal_root=str(tiny_demo / "tile" / "train" / "good"))
+
+
 def test_a_truncated_jpeg_is_refused_naming_the_file(tiny_demo):
     folder = tiny_demo / "tile" / "test"
     img = cv2.imread(str(folder / "hole" / "001.png"))

@@ -148,14 +148,28 @@ def test_without_ground_truth_no_detection_metrics_are_claimed(tmp_path, tiny_de
     assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
 
 
-def test_patchcore_on_a_folder_without_normal_images_says_what_to_do(tmp_path, tiny_demo, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    ds = DatasetParams(layout="folder", root=str(tiny_demo / "tile" / "test"))
+def _folder_project(tmp_path, root: Path, **dataset) -> None:
+    ds = DatasetParams(layout="folder", root=str(root), **dataset)
     build_manifest(read_dataset(ds), progress=False).write(paths.MANIFEST)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": {"layout": "folder", "root": ds.root},
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": {"layout": "folder", "root": ds.root, **dataset},
                                                           "detect": {**TINY, "method": "patchcore"}}))
-    with pytest.raises(InputError, match="musc"):
+
+
+def test_patchcore_on_a_folder_without_normal_images_names_the_commands_that_fix_it(tmp_path, tiny_demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _folder_project(tmp_path, tiny_demo / "tile" / "test")
+    with pytest.raises(InputError) as e:
         main(params=Path("params.yaml"))
+    assert "dvc exp run -S dataset.normal_root=<folder>" in str(e.value)
+    assert "dvc exp run -S detect.method=musc" in str(e.value)
+    assert not (tmp_path / paths.MAPS).exists()
+
+
+def test_patchcore_on_a_folder_fits_on_the_known_good_images_of_normal_root(tmp_path, tiny_demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _folder_project(tmp_path, tiny_demo / "tile" / "test", normal_root=str(tiny_demo / "tile" / "train" / "good"))
+    main(params=Path("params.yaml"))
+    assert len(read_maps(paths.MAPS).ids) == 14  # the 6 known-good images are fitted on, not mapped
 
 
 def test_default_backbone_uses_the_packaged_imagenet_weights_and_says_so(project):

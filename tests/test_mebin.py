@@ -380,6 +380,7 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
         assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
         assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
         assert crops.boxes.tolist() == [[14, 24, 26, 36]]
+        assert crops.regions.tolist() == [[17, 27, 24, 34]]  # the defect's own box: the 7 x 7 mask
         assert crops.areas.tolist() == [49] and crops.scores.tolist() == [pytest.approx(200 / 255)]
         assert crops.crops.shape == (1, 16, 16, 3)
 
@@ -396,6 +397,28 @@ def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
     res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0))
     assert (res.threshold, res.est_count) == (255, 0) and not res.mask.any()
     assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
+    assert crops.regions.tolist() == [[0, 0, 0, 0]]  # no region, no defect box
+
+
+def test_the_defect_box_is_the_extent_of_the_crop_mask_inside_the_image():
+    # a 60 x 25 px hole in the corner of a 128 x 128 image: the context crop is the padded square
+    # (here the whole image), the defect box the hole
+    mask = np.zeros((128, 128), bool)
+    mask[100:125, 60:120] = True
+    scores = np.where(mask, 200.0, 0.0).astype(np.float32)
+    boxes = mebin.crop_boxes(mask, 1, padding=1.0, min_crop_size=0.1, max_merge_dist=0.01)
+    crops = mebin.extract_crops(np.zeros((128, 128, 3), np.uint8), mask, scores, boxes, 16, core=0.0)
+    assert crops.boxes.tolist() == [[8, 8, 128, 128]]  # the square context: 120 px for a 60 px hole
+    assert crops.regions.tolist() == [[60, 100, 120, 125]]
+
+
+def test_with_a_core_the_defect_box_is_the_core_s_extent():
+    mask = np.zeros((64, 64), bool)
+    mask[10:40, 10:40] = True  # a wide region on a smooth map ...
+    scores = np.where(mask, 100.0, 0.0).astype(np.float32)
+    scores[20:25, 22:30] = 250.0  # ... whose peak is the defect
+    crops = mebin.extract_crops(np.zeros((64, 64, 3), np.uint8), mask, scores, np.array([[0, 0, 64, 64]]), 16, core=0.6)
+    assert crops.regions.tolist() == [[22, 20, 30, 25]] and crops.areas.tolist() == [900]
 
 
 def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():

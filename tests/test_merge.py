@@ -7,11 +7,13 @@ from anomalyncd.io import InputError
 from anomalyncd.merge import (
     NO_ANOMALY,
     Merger,
+    clip_box,
     crop_rows,
     image_rows,
     merge_regions,
     merge_tables,
     no_anomaly_cluster,
+    table_boxes,
     novel_probabilities,
     read_table,
     region_weights,
@@ -97,13 +99,16 @@ def test_no_anomaly_images_are_marked_in_both_tables():
     probs = np.array([[0.98, 0.02], [0.3, 0.7], [0.6, 0.4]])
     images, crops, merged = merge_tables(
         ["a", "b"], ["a.png", "b.png"], ["t", "t"], ["a#0", "b#0", "b#1"], np.array([0, 1, 1]),
-        np.array([[0, 0, 64, 48], [1, 1, 9, 9], [20, 20, 30, 30]]), np.array([0, 30, 12]), np.ones(3), probs,
-        Merger("weighted", 50.0, NO_ANOMALY),
+        np.array([[0, 0, 64, 48], [1, 1, 9, 9], [20, 20, 30, 30]]), np.array([[0, 0, 0, 0], [3, 3, 8, 8], [22, 24, 27, 28]]),
+        np.array([[48, 64], [48, 64]]), np.array([0, 30, 12]), np.ones(3), probs, Merger("weighted", 50.0, NO_ANOMALY),
     )
     images, crops = list(images), list(crops)
     assert [r["status"] for r in images] == ["no anomaly found", "anomaly found"]
     assert images[0]["cluster"] == -1 and images[0]["confidence"] == "" and images[0]["prob_0"] == ""
     assert images[0]["crop_clusters"] == "-1" and images[1]["cluster"] == 1
+    # the image without anomaly has no defect box; its context crop is the whole image
+    assert images[0]["boxes"] == "" and images[0]["crop_boxes"] == "0 0 64 48"
+    assert images[1]["boxes"] == "3 3 8 8;22 24 27 28" and images[1]["crop_boxes"] == "1 1 9 9;20 20 30 30"
     assert crops[0]["cluster"] == -1 and crops[0]["confidence"] == ""
     assert crops[0]["prob_0"] == "0.980000"  # the model's output on the crop stays readable
     assert [c["cluster"] for c in crops[1:]] == [1, 0]
@@ -144,27 +149,47 @@ def test_bad_strategy_and_temperature_are_errors():
         region_weights(np.ones(1), np.array([3]), 2, "weighted", 50.0)
 
 
+def test_a_crop_box_reaching_past_the_image_is_cut_to_it():
+    # demo hole/004, 128 x 128: the padded square context crop 9 12 137 140
+    assert clip_box((9, 12, 137, 140), (128, 128)) == (9, 12, 128, 128)
+    # a 500 x 300 image (H 300, W 500) whose square crop is 500 wide
+    assert clip_box((0, 0, 500, 500), (300, 500)) == (0, 0, 500, 300)
+    assert clip_box((-6, -2, 20, 30), (40, 40)) == (0, 0, 20, 30)
+
+
+def test_table_boxes_give_the_defect_box_and_the_context_crop_inside_the_image():
+    boxes = np.array([[9, 12, 137, 140], [0, 0, 500, 500]])
+    regions = np.array([[40, 50, 100, 75], [0, 0, 0, 0]])
+    defect, context = table_boxes(boxes, regions, np.array([900, 0]), np.array([0, 1]), np.array([[128, 128], [300, 500]]))
+    assert defect == [(40, 50, 100, 75), None]
+    assert context == [(9, 12, 128, 128), (0, 0, 500, 300)]
+
+
 def test_tables_round_trip_boxes_and_crop_classes(tmp_path):
     probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     idx = np.array([0, 0, 1])
-    boxes = np.array([[0, 1, 10, 12], [5, 5, 9, 9], [2, 2, 4, 4]])
+    defect = [(2, 3, 8, 10), (6, 6, 8, 8), (2, 2, 3, 4)]
+    context = [(0, 1, 10, 12), (5, 5, 9, 9), (2, 2, 4, 4)]
     merged = merge_regions(probs, np.array([100, 4, 9]), idx, 3, "weighted", 5.0)
-    rows = image_rows(["a", "b", "c"], ["a.png", "b.png", "c.png"], ["t"] * 3, merged, boxes, idx, probs.argmax(1))
+    rows = image_rows(["a", "b", "c"], ["a.png", "b.png", "c.png"], ["t"] * 3, merged, defect, context, idx, probs.argmax(1))
     write_table(tmp_path / "p.csv", rows)
     back = read_table(tmp_path / "p.csv", required=("id", "cluster"))
     assert [r["cluster"] for r in back] == [str(merged.labels[0]), "0", "-1"]
-    assert back[0]["boxes"] == "0 1 10 12;5 5 9 9" and back[0]["crop_clusters"] == "0;1"
+    assert back[0]["boxes"] == "2 3 8 10;6 6 8 8" and back[0]["crop_boxes"] == "0 1 10 12;5 5 9 9"
+    assert back[0]["crop_clusters"] == "0;1"
     assert back[2]["n_crops"] == "0" and back[2]["boxes"] == "" and back[2]["confidence"] == ""
     assert [c for c in back[0] if c.startswith("prob_")] == ["prob_0", "prob_1"]
     assert float(back[0]["prob_0"]) == pytest.approx(merged.probs[0, 0], abs=1e-6)
 
 
-def test_crop_table_has_one_row_per_crop_with_its_weight(tmp_path):
+def test_crop_table_has_one_row_per_crop_with_its_two_boxes_and_weight(tmp_path):
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
-    rows = list(crop_rows(["a#0", "a#1"], ["a", "a"], np.array([[0, 0, 4, 4], [1, 1, 3, 3]]), np.array([16, 4]),
+    rows = list(crop_rows(["a#0", "a#1"], ["a", "a"], [(1, 1, 3, 4), None], [(0, 0, 4, 4), (1, 1, 3, 3)], np.array([16, 0]),
                           np.array([0.9, 0.5]), probs, np.array([0.6, 0.4]), probs.argmax(1)))
     assert [r["cluster"] for r in rows] == [0, 1]
-    assert rows[1]["confidence"] == "0.700000" and rows[0]["weight"] == "0.600000"
+    assert [rows[0][k] for k in ("x0", "y0", "x1", "y1", "crop_x0", "crop_y0", "crop_x1", "crop_y1")] == [1, 1, 3, 4, 0, 0, 4, 4]
+    assert [rows[1][k] for k in ("x0", "y0", "x1", "y1")] == [""] * 4  # no region: no defect box
+    assert rows[1]["confidence"] == "" and rows[0]["weight"] == "0.600000"
 
 
 def test_reading_a_missing_table_names_the_stage(tmp_path):

@@ -139,7 +139,7 @@ def _assert_same_predictions(proj: Path, out: Path) -> None:
     for key, r in run_rows.items():
         n = new_rows[key]
         assert n["cluster"] == r["cluster"] and n["status"] == r["status"], key
-        assert n["n_crops"] == r["n_crops"] and n["boxes"] == r["boxes"], key
+        assert n["n_crops"] == r["n_crops"] and n["boxes"] == r["boxes"] and n["crop_boxes"] == r["crop_boxes"], key
         if r["confidence"]:  # empty for an image without anomaly
             assert float(n["confidence"]) == pytest.approx(float(r["confidence"]), abs=1e-4), key
         else:

@@ -6,7 +6,11 @@ import pytest
 
 from anomalyncd.io import write_image
 from anomalyncd.report import (
+    BOX_COLOR,
+    STRIP_SIZE,
     ImageEntry,
+    around_box,
+    defect_thumbnail,
     MebinEntry,
     ReportData,
     draw_boxes,
@@ -56,6 +60,7 @@ def _run(tmp_path, ground_truth=True, n=6, size=48, no_anomaly=()):
                 boxes=np.array([[2, 3, 20, 30]] if found else [[0, 0, size + 8, size]]), crop_rows=[i],
                 crop_clusters=[i % 2 if found else -1], crop_weights=[1.0], anomaly=found, mebin_mask=mebin_mask,
                 map_u8=map_u8, true_mask=str(tmp_path / "data" / f"img{i}_mask.png") if ground_truth else "",
+                regions=np.array([[6, 5, 16, 18]] if found else [[0, 0, 0, 0]]),
             )
         )
     metrics = {
@@ -123,12 +128,49 @@ def test_images_without_anomaly_have_their_own_section_and_no_class(tmp_path):
     assert "MEBin found no anomaly in 1 of 6 images" in page  # the warning at the top
 
 
-def test_the_legend_and_warnings_come_before_the_results(tmp_path):
+def test_the_page_opens_with_the_summary_then_the_galleries_and_folds_the_research_below(tmp_path):
     out = tmp_path / "reports"
     write_report(out, _run(tmp_path, no_anomaly=(3,)))
     page = (out / "index.html").read_text()
-    assert page.index("class='legend'") < page.index("class='warn'") < page.index("<h2>Results</h2>")
-    assert page.index("<h2>Results</h2>") < page.index("id='class-0'")
+    order = ["id='summary'", "id='review'", "What to do next", "class='legend'", "class='warn'", "id='class-0'",
+             "id='no-anomaly'", "id='research'", "<details>", "<h2>Results</h2>", "Confusion matrix", "id='params'"]
+    assert [page.index(s) for s in order] == sorted(page.index(s) for s in order)
+
+
+def test_the_summary_gives_the_types_their_counts_examples_and_the_images_to_review(tmp_path):
+    out = tmp_path / "reports"
+    write_report(out, _run(tmp_path, no_anomaly=(3,)))
+    page = (out / "index.html").read_text()
+    summary = page[page.index("id='summary'") : page.index("class='legend'")]
+    assert "<b>2 defect types</b> found in 6 images; no anomaly found in <a href='#no-anomaly'>1 images</a>" in summary
+    # one row per type with its images and share, named by its matched true type
+    assert "<a href='#class-0'>class 0 (a)</a></th><td>3</td><td>50 %</td>" in summary
+    assert "<a href='#class-1'>class 1 (b)</a></th><td>2</td><td>33 %</td>" in summary
+    # a strip per type, most confident first, with large thumbnails cut around the defect
+    strip_a = summary[summary.index("class 0 (a)</a>: 3 images") : summary.index("class 1 (b)</a>: 2 images")]
+    assert [a for a in ("tile/test/a/004", "tile/test/a/002", "tile/test/a/000") if f"alt='{a}'" in strip_a] == [
+        "tile/test/a/004", "tile/test/a/002", "tile/test/a/000"]
+    assert strip_a.index("alt='tile/test/a/004'") < strip_a.index("alt='tile/test/a/000'")
+    img = cv2.imread(str(out / "strip" / "00000.png"))
+    assert img.shape[:2] == (STRIP_SIZE, STRIP_SIZE) and STRIP_SIZE >= 200
+    # the least certain images first, with their class and confidence
+    review = summary[summary.index("id='review'") : summary.index("What to do next")]
+    assert review.index("alt='tile/test/a/000'") < review.index("alt='tile/test/b/001'") < review.index("alt='tile/test/a/002'")
+    assert "class 0 (a), 0.50" in review
+    nxt = summary[summary.index("What to do next") :]
+    assert "dvc exp run -S train.num_classes=4" in nxt and "href='#no-anomaly'" in nxt and "anomalyncd predict --run ." in nxt
+
+
+def test_the_summary_thumbnail_is_cut_around_the_defect_box_not_the_context_crop():
+    image = np.zeros((300, 500, 3), np.uint8)
+    image[100:125, 200:260] = 255  # a 60 x 25 px hole
+    assert around_box((200, 100, 260, 125), image.shape) == (170, 52, 290, 172)  # 60 px grown by half on each side, centred
+    assert around_box((480, 290, 500, 300), image.shape) == (460, 260, 500, 300)  # 40 px, moved inside at the corner
+    t = defect_thumbnail(image, (200, 100, 260, 125), size=240)
+    assert t.shape == (240, 240, 3)
+    white = (t > 200).all(-1)
+    assert 0.08 < white.mean() < 0.2  # the hole fills about an eighth of the thumbnail, not a speck
+    assert (np.abs(t.astype(int) - BOX_COLOR).sum(-1) < 60).any()  # the defect's box drawn
 
 
 def test_captions_wrap_only_between_the_parts_of_an_id(tmp_path):
@@ -136,7 +178,8 @@ def test_captions_wrap_only_between_the_parts_of_an_id(tmp_path):
     data.images[0].id = "tile/test/a/exp1_num_123456"
     write_report(tmp_path / "r", data)
     page = (tmp_path / "r" / "index.html").read_text()
-    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456 0.50<br>" in page
+    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456 0.50<br>" in page  # gallery
+    assert "<figcaption>tile/<wbr>test/<wbr>a/<wbr>exp1_<wbr>num_<wbr>123456<br>0.50</figcaption>" in page  # summary
     assert "word-break: break-all" not in page  # which would cut 123456 anywhere
 
 
@@ -231,7 +274,7 @@ def _evaluate(tmp_path, monkeypatch, **kw):
     monkeypatch.chdir(tmp_path)
     merge.main(params=Path("params.yaml"))
     evaluate.main(params=Path("params.yaml"))
-    return json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    return json.loads((tmp_path / "metrics" / "evaluate_detail.json").read_text())
 
 
 def _links_resolve(report):
@@ -247,6 +290,11 @@ def test_evaluate_stage_scores_writes_the_confusion_plot_and_report(tmp_path, mo
     assert m["ground_truth"] is True and m["n_images"] == 6
     assert set(m["image"]) == {"n", "nmi", "ari", "f1"} and m["crop"]["n"] == 12
     assert set(m["per_class"]) == {"crack", "hole", "stain"}
+    # the DVC metric holds the headline only: no per-class column in dvc exp show
+    head = __import__("json").loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert head == {"ground_truth": True, "n_images": 6, "n_clusters": 3, "no_anomaly": {"images": 0},
+                    "image": {k: m["image"][k] for k in ("nmi", "ari", "f1")}, "crop": {k: m["crop"][k] for k in ("nmi", "ari", "f1")},
+                    "baseline": {"image": {k: m["baseline"]["image"][k] for k in ("nmi", "ari", "f1")}}}
     with open(tmp_path / "plots" / "confusion.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and {r["actual"] for r in rows} == {"crack", "hole", "stain"}
@@ -289,7 +337,7 @@ def test_evaluate_reads_merges_store_not_its_tables(tmp_path, monkeypatch):
     paths.CROP_PREDICTIONS.unlink()
     (tmp_path / "params.yaml").write_text("merge:\n  strategy: mean\nevaluate:\n  report_images: 4\n")
     evaluate.main(params=Path("params.yaml"))
-    m = __import__("json").loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    m = __import__("json").loads((tmp_path / "metrics" / "evaluate_detail.json").read_text())
     assert m["n_images"] == 6 and set(m["clusters"]) == {"0", "1", "2"}
     ms = read_merged(paths.MERGED)
     ms.crop_clusters, ms.crop_confidence, ms.weights = ms.crop_clusters[:-1], ms.crop_confidence[:-1], ms.weights[:-1]
@@ -337,7 +385,7 @@ def test_evaluate_stage_scores_the_frozen_feature_baseline_beside_the_model(tmp_
     write_probs(paths.PROBS, ps)
     merge.main(params=Path("params.yaml"))
     evaluate.main(params=Path("params.yaml"))
-    m = json.loads(Path("metrics/evaluate.json").read_text())
+    m = json.loads(Path("metrics/evaluate_detail.json").read_text())
     assert set(m["baseline"]["image"]) == {"n", "nmi", "ari", "f1"}
     assert m["baseline"]["crop"]["nmi"] == pytest.approx(1.0) and m["baseline"]["image"]["f1"] == pytest.approx(1.0)
     # the mean over evaluate.BASELINE_SEEDS k-means seeds; separable features: no spread

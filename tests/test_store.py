@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ def _crops():
         crop_masks=np.ones((3, 4, 4), np.uint8),
         image_index=np.array([0, 0, 1]),
         boxes=np.array([[0, 0, 4, 4], [4, 4, 8, 8], [0, 0, 7, 7]]),
+        regions=np.array([[0, 0, 4, 4], [4, 4, 7, 8], [0, 0, 0, 0]]),
         areas=np.array([4, 3, 0]),
         scores=np.array([0.9, 0.5, 0.1]),
         attrs={"lo": 10, "hi": 200},
@@ -59,8 +61,20 @@ def test_crops_round_trip_keeps_ragged_full_size_masks(tmp_path):
     assert [m.shape for m in back.masks] == [(10, 12), (7, 9)]
     np.testing.assert_array_equal(back.masks[0], cs.masks[0])
     np.testing.assert_array_equal(back.boxes, cs.boxes)
+    np.testing.assert_array_equal(back.regions, cs.regions)
     assert back.crop_ids == ["a#0", "a#1", "b#0"]
     assert back.attrs["lo"] == 10
+
+
+def test_a_crops_store_without_the_defect_boxes_names_the_stage_to_rerun(tmp_path):
+    path = tmp_path / "c.zarr.zip"
+    arrays = {f.name: getattr(_crops(), f.name) for f in dataclasses.fields(store.CropSet)
+              if f.name not in ("ids", "masks", "attrs", "regions")}
+    store.write_group(path, "crops", {**arrays, "masks/0": np.zeros((10, 12), np.uint8), "masks/1": np.zeros((7, 9), np.uint8)},
+                      {"ids": ["a", "b"]})
+    for lazy in (False, True):
+        with pytest.raises(InputError, match=r"no \['regions'\]; rerun mebin"):
+            store.read_crops(path, lazy=lazy)
 
 
 def test_a_store_is_a_single_file(tmp_path):

@@ -350,7 +350,7 @@ def write_tiny_crops(path: Path, m: int = 10) -> None:
         ids=[f"img{i}" for i in range(n)], image_sizes=np.full((n, 2), 64), thresholds=np.zeros(n),
         est_counts=np.ones(n), count_seqs=np.zeros((n, 3)), masks=[np.zeros((64, 64), bool)] * n,
         crops=d.crops, crop_masks=d.masks, image_index=np.arange(m) // 2, boxes=np.zeros((m, 4)),
-        areas=np.full(m, 100), scores=d.scores,
+        regions=np.zeros((m, 4)), areas=np.full(m, 100), scores=d.scores,
     ))
 
 

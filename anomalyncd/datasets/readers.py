@@ -7,11 +7,12 @@ filled in; sizes are filled in later by :func:`build_manifest`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 from ..config import DatasetParams
-from ..io import InputError
+from ..io import InputError, InputWarning
 from .manifest import NORMAL, Record
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -35,6 +36,11 @@ def read_dataset(params: DatasetParams) -> list[Record]:
         raise InputError(f"params.yaml: dataset.layout {params.layout!r} is unknown; use one of {sorted(READERS)}")
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found; set dataset.root in params.yaml")
+    if params.normal_root and params.layout != "folder":
+        raise InputError(
+            f"params.yaml: dataset.normal_root is for dataset.layout folder (layout {params.layout!r} has its own "
+            "normal images); set it to \"\""
+        )
     records = READERS[params.layout](root, params)
     if not records:
         raise InputError(f"{root}: no images found for layout {params.layout!r}")
@@ -129,12 +135,38 @@ def read_mtd(root: Path, params: DatasetParams) -> list[Record]:
     return records
 
 
+def _tree(folder: Path) -> list[Path]:
+    return _image_files(folder.rglob("*"))
+
+
 @register("folder")
 def read_folder(root: Path, params: DatasetParams) -> list[Record]:
-    """Any folder of images, searched recursively; no labels, all images are classified."""
-    imgs = _image_files(root.rglob("*"))
+    """Any folder of images, searched recursively; no labels, all images are classified.
+
+    ``dataset.normal_root``, if set, is a folder of known-good images (searched recursively)
+    for the detectors that fit on normal images: rows ``<category>/train/good/<path>`` of split
+    ``train``. Inside ``root`` it is left out of the images to classify."""
     cat = root.resolve().name
-    return [
+    normal: list[Path] = []
+    if params.normal_root:
+        good = Path(params.normal_root)
+        if not good.is_dir():
+            raise InputError(f"{good}: dataset.normal_root folder not found; set it to a folder of known-good images, or \"\"")
+        normal = _tree(good)
+        if not normal:
+            raise InputError(f"{good}: dataset.normal_root holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if not good.resolve().is_relative_to(root.resolve()):
+            warnings.warn(InputWarning(
+                f"{good}: dataset.normal_root lies outside dataset.root {root}, so DVC does not see changes to its "
+                "images (dvc repro -f prepare after changing them); a subfolder of dataset.root is tracked with it"
+            ))
+    skip = {p.resolve() for p in normal}
+    records = [
+        Record(_rel_id(cat, "train", NORMAL, p.relative_to(params.normal_root).with_suffix("").as_posix()), str(p), "", NORMAL, "train", cat)
+        for p in normal
+    ]
+    return records + [
         Record(_rel_id(cat, p.relative_to(root).with_suffix("").as_posix()), str(p), "", "", "test", cat)
-        for p in imgs
+        for p in _tree(root)
+        if p.resolve() not in skip
     ]
