@@ -10,9 +10,10 @@ from anomalyncd.config import MebinParams, MergeParams, TrainParams
 
 from .conftest import ROOT
 
-# Names a knob shares with unrelated arguments (a device to run on, a seed of a helper, ...).
+# Names a knob shares with unrelated arguments (a device to run on, a seed of a helper, the
+# threads of detect's and predict's pools beside mebin.workers, ...).
 SHARED_NAMES = {"seed", "device", "batch_size", "image_size", "layers", "pretrained", "checkpoint", "model",
-                "resume", "num_workers", "temperature"}
+                "resume", "num_workers", "workers", "temperature"}
 # Arguments that carry a knob under another name.
 ALIASES = {"warmup_epochs": "warmup_teacher_epochs", "start": "warmup_teacher_temp", "end": "teacher_temp"}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from anomalyncd import paths
 from anomalyncd.io import InputError, write_image
 from anomalyncd.predict import class_names, find_images, find_maps, load_run
 
@@ -135,7 +136,7 @@ def _assert_same_predictions(proj: Path, out: Path) -> None:
     with open(out, newline="") as fh:
         new_rows = {str(Path(r["image"]).resolve()): r for r in csv.DictReader(fh)}
     assert set(new_rows) == set(run_rows)
-    metrics = json.loads((proj / "metrics" / "evaluate.json").read_text())
+    metrics = json.loads((proj / paths.EVALUATE_DETAIL).read_text())
     for key, r in run_rows.items():
         n = new_rows[key]
         assert n["cluster"] == r["cluster"] and n["status"] == r["status"], key
