@@ -574,6 +574,13 @@ def _next_steps(data: ReportData, found: list[tuple[int, ImageEntry]], none: lis
             "Name each type from its examples above (<code>anomalyncd classes name &lt;cluster&gt; &lt;name&gt;</code>, "
             "then <code>dvc repro</code>); the type numbers stay the same for new images of this run."
         )
+    if data.catalog:
+        steps.append(
+            "Curate the types in <a href='#catalog'>the catalog</a>: <code>anomalyncd classes name|merge|reject "
+            "&lt;cluster&gt; ...</code> names a type, merges two clusters of one type or rejects false alarms, and "
+            "<code>dvc repro</code> applies it (merge and evaluate only); <code>anomalyncd export --out labelled</code> "
+            "then writes the curated crops as a labelled data set."
+        )
     steps.append(
         "Classify new images with this run: <code>anomalyncd predict --run . &lt;folder&gt; --out new.csv</code> "
         "(one row per image: its type, the confidence and the defect's box)."

@@ -108,6 +108,8 @@ def test_evaluate_scores_the_curated_classes_and_the_report_shows_the_catalog(tm
     assert "Discovered clusters 1, 2, merged by the catalog." in page
     assert "<h3 id='catalog'>Catalog</h3>" in page and "<td>1, 2</td><td>4</td><td>hole, stain</td><td>merged</td>" in page
     assert "<th>class 0 (fissure)</th>" in page  # the confusion matrix's columns
+    nxt = page[page.index("What to do next") :]
+    assert "anomalyncd classes name|merge|reject" in nxt and "anomalyncd export --out labelled" in nxt
 
 
 def test_rejected_clusters_are_reported_as_not_a_defect(tmp_path, monkeypatch):
