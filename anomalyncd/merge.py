@@ -288,6 +288,19 @@ def crop_rows(
         yield row
 
 
+def named_rows(rows: Iterable[dict], names: dict[int, str]) -> Iterator[dict]:
+    """``rows`` (image or crop rows, generated) with a ``name`` column after ``cluster``: the
+    name of the cluster's class (``names``: cluster id -> name, :func:`anomalyncd.catalog.cluster_names`;
+    empty for a cluster without one, e.g. -1, no anomaly found)."""
+    for row in rows:
+        out: dict = {}
+        for c, v in row.items():
+            out[c] = v
+            if c == "cluster":
+                out["name"] = names.get(int(v), "")
+        yield out
+
+
 def write_table(path: str | os.PathLike, rows: Iterable[dict], columns: list[str] | None = None) -> None:
     """Write ``rows`` (any iterable: a generator is consumed row by row) as CSV atomically
     (columns: those of the first row unless given)."""

@@ -13,7 +13,8 @@ unmatched because there are more clusters than classes), and
 
 NMI and ARI need no matching and come from scikit-learn. Label ``-1`` in the predictions marks
 a sample without a prediction (an image where MEBin found no anomaly, and its crop): it forms
-its own group for NMI/ARI, is never matched, and counts as an error for F1. How many images had
+its own group for NMI/ARI, is never matched, and counts as an error for F1; so does any other
+negative label (``-2``: a cluster the catalog rejects as not a defect, :mod:`anomalyncd.catalog`). How many images had
 no anomaly found, per true type, is reported beside the scores.
 """
 
@@ -110,7 +111,7 @@ def score_clustering(y_true: Sequence[str], y_pred: Sequence[int]) -> Clustering
     if not y_true:
         raise ValueError("no samples to evaluate")
     ct = contingency(y_true, y_pred)
-    matchable = [j for j, q in enumerate(ct.clusters) if q != NO_PREDICTION]
+    matchable = [j for j, q in enumerate(ct.clusters) if q >= 0]
     pairs = [(r, matchable[c]) for r, c in hungarian_match(ct.table[:, matchable])]
     matching = {ct.clusters[c]: ct.classes[r] for r, c in pairs}
     col_of_row = dict(pairs)
@@ -183,6 +184,25 @@ def mean_scores(per_group: dict[str, dict[str, float]], keys: Sequence[str] = ("
     return {k: float(np.mean([g[k] for g in per_group.values()])) for k in keys}
 
 
+def truth_labels(truth: Sequence[str], categories: Sequence[str], known: np.ndarray, several: bool) -> list[str]:
+    """The true classes of the ``known`` (bool (n,)) samples: their types, ``<category>/<type>``
+    when the run holds ``several`` categories."""
+    t = np.asarray(truth, dtype=object)[known]
+    c = np.asarray(categories, dtype=object)[known]
+    return [f"{ci}/{ti}" for ci, ti in zip(c, t)] if several else t.tolist()
+
+
+def matched_types(image_truth: Sequence[str], image_pred: Sequence[int], image_category: Sequence[str]) -> dict[int, str]:
+    """Cluster id -> matched true class at image level, as :func:`evaluate_predictions` matches
+    them ({} without ground truth: every true type ``""``)."""
+    known = np.array([bool(t) for t in image_truth], dtype=bool)
+    if not known.any():
+        return {}
+    several = len(set(np.asarray(image_category, dtype=object)[known].tolist())) > 1
+    pred = np.asarray(image_pred, dtype=np.int64)[known]
+    return score_clustering(truth_labels(image_truth, image_category, known, several), pred).matching
+
+
 @dataclass
 class Evaluation:
     """Result of :func:`evaluate_predictions`: the JSON-ready ``metrics`` dict and, with ground
@@ -238,9 +258,7 @@ def evaluate_predictions(
     several = len(categories) > 1
 
     def labels(truth, cats, known):
-        t = np.asarray(truth, dtype=object)[known]
-        c = np.asarray(cats, dtype=object)[known]
-        return [f"{ci}/{ti}" for ci, ti in zip(c, t)] if several else t.tolist()
+        return truth_labels(truth, cats, known, several)
 
     img_scores = score_clustering(labels(image_truth, image_category, img_known), image_pred[img_known])
     crop_scores = (
@@ -290,7 +308,8 @@ def headline_metrics(metrics: dict) -> dict:
     """The few figures of a run's metrics (:func:`evaluate_predictions`, with ``baseline``)
     that experiments are compared on: whether ground truth existed, the numbers of images and
     classes, the images without anomaly, and NMI / ARI / F1 at image and crop level, of the
-    baseline at image level, and their per-category mean where there are several categories."""
+    baseline at image level, their per-category mean where there are several categories, and the
+    catalog's curated classes (``curated``: their number, the images rejected, image NMI / ARI / F1)."""
     out: dict = {k: metrics[k] for k in ("ground_truth", "n_images", "n_clusters") if k in metrics}
     out["no_anomaly"] = {"images": metrics["no_anomaly"]["images"]} if "no_anomaly" in metrics else {}
     pick = lambda d: {k: d[k] for k in HEADLINE_SCORES if k in d}  # noqa: E731
@@ -301,4 +320,9 @@ def headline_metrics(metrics: dict) -> dict:
         out["baseline"] = {"image": pick(metrics["baseline"]["image"])}
     if metrics.get("mean", {}).get("image"):
         out["mean"] = {"image": pick(metrics["mean"]["image"])}
+    if "curated" in metrics:
+        cur = metrics["curated"]
+        out["curated"] = {"n_classes": cur["n_classes"], "rejected_images": cur["rejected_images"]}
+        if "image" in cur:
+            out["curated"]["image"] = pick(cur["image"])
     return out

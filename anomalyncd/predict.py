@@ -5,8 +5,9 @@ editing ``params.yaml`` after the run changes nothing here: the detector with it
 (``models/detector.pt``) and the range its maps were normalised with (``norm_min``/``norm_max``
 in the map store), MEBin's search range and settings (``lo``/``hi``/``params`` in the crop
 store), the trained model with its selected head, class names and evaluation transform
-(``models/mgvit.pt``), the merge settings (the merge store), and, where the run had ground
-truth, the matched true type of each discovered class (``metrics/evaluate_detail.json``). New images
+(``models/mgvit.pt``), the merge settings and the class catalog (the merge store: each cluster's curated name, "not a
+defect" for a rejected one; a run without it: the matched true type of each discovered class
+from ``metrics/evaluate_detail.json``). New images
 go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
 :func:`anomalyncd.inference.crop_outputs`, :func:`anomalyncd.merge.merge_tables`), so
 predicting the run's own images reproduces its image-level predictions.
@@ -94,8 +95,15 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         hi=int(cs_attrs["hi"]),
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
         merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
-        names=class_names(root / paths.EVALUATE_DETAIL),
+        names=catalog_names(merge_attrs, root / paths.MERGED) or class_names(root / paths.EVALUATE_DETAIL),
     )
+
+
+def catalog_names(merge_attrs: dict, where: Path) -> dict[int, str]:
+    """Cluster -> the name of its curated class, from the catalog the merge stage stored ({} if none)."""
+    from .catalog import cluster_names, from_attrs
+
+    return cluster_names(from_attrs(merge_attrs["catalog"], str(where))) if "catalog" in merge_attrs else {}
 
 
 def class_names(metrics_path: Path) -> dict[int, str]:
@@ -321,7 +329,8 @@ def predict_images(
     workers: int | None = None,
 ) -> Predictions:
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
-    ``data/merge/predictions.csv``, plus ``name``, the class's matched true type ('' if none).
+    ``data/merge/predictions.csv``, with ``name``: the cluster's class in the run's catalog
+    ("not a defect" for a rejected cluster; '' without anomaly).
 
     Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to the
     run's map size as the ``external`` detector reads map files; either way they are

@@ -6,7 +6,10 @@ each type cut around the defect, the least certain images to review, and what to
 what the thumbnails show, any warning, and one section per discovered class with a gallery:
 for each image its main crop with MEBin's mask, the true mask and the defect's box outlined,
 beside the anomaly map over the same crop; each links to the full image with every defect's box.
-Then the images where MEBin found no anomaly. Folded below, for research: the
+Then the images of the clusters the catalog rejects as not a defect, and those where MEBin found
+no anomaly. The classes are the catalog's curated classes (``classes.yaml``,
+:mod:`anomalyncd.catalog`): their names, merged clusters shown as one class, and the catalog
+itself in the summary. Folded below, for research: the
 class-discovery, detection and MEBin metrics, the number of classes (the estimate and its score
 chart), the training curves, the per-type tables and the image-level confusion matrix (when
 ground truth exists), the MEBin threshold sweeps of a few images, and the parameters of the run. The page has no scripts and no external resources, so it opens
@@ -29,6 +32,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .catalog import REJECTED, REJECTED_ID
 from .io import atomic_path, read_image, read_mask, write_image
 from .mebin import crop_padded
 from .num_classes import estimate_summary
@@ -359,7 +363,11 @@ class ReportData:
     ``metrics``: the evaluate metrics dict; ``detect``, ``mebin_metrics``, ``num_classes``:
     those stages' metrics files ({} when absent); ``curves``: the training curves
     (:func:`read_live_curves`); ``params``: params.yaml's sections. ``confusion``: (classes,
-    cluster ids, table) or None."""
+    cluster ids, table) or None. ``matched``: class id -> matched true type, for the thumbnails'
+    borders (None: ``names`` are the matched types). ``classes``: the class ids with a section
+    (None: ``0..n_clusters-1``). ``catalog``: the resolved catalog, one row per discovered cluster
+    (:func:`anomalyncd.catalog.to_attrs`; empty: none shown). An image or crop of class
+    :data:`~anomalyncd.catalog.REJECTED_ID` is in a rejected cluster (not a defect)."""
 
     title: str
     n_clusters: int
@@ -374,10 +382,19 @@ class ReportData:
     num_classes: dict = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    matched: dict[int, str] | None = None
+    classes: list[int] | None = None
+    catalog: list[dict] = field(default_factory=list)
+
+    def matched_type(self, k: int) -> str | None:
+        return self.names.get(k) if self.matched is None else self.matched.get(k)
 
 
 def cluster_label(k: int, names: dict[int, str]) -> str:
-    """``class 3 (crack)`` or ``class 3``; ``-1`` is ``no anomaly found``."""
+    """``class 3 (crack)`` or ``class 3``; ``-1`` is ``no anomaly found``, ``-2`` (a rejected
+    cluster) ``not a defect``."""
+    if k == REJECTED_ID:
+        return REJECTED
     if k < 0:
         return NO_ANOMALY_LABEL
     return f"class {k} ({names[k]})" if k in names else f"class {k}"
@@ -392,6 +409,7 @@ def write_report(out_dir: str | os.PathLike, data: ReportData) -> None:
         colors = palette(max(1, data.n_clusters))
         body = [f"<h1>{_e(data.title)}</h1>", _summary(tmp, data, colors), _header(data)]
         body += [_class_section(tmp, data, k, colors) for k in _cluster_order(data)]
+        body.append(_rejected_section(tmp, data, colors))
         body.append(_no_anomaly_section(tmp, data, colors))
         research = [_research(tmp, data), _mebin_section(tmp, data), _params_section(data.params)]
         body.append(
@@ -406,7 +424,7 @@ def write_report(out_dir: str | os.PathLike, data: ReportData) -> None:
 def _cluster_order(data: ReportData) -> list[int]:
     """Defect classes with images first, in id order; then empty ones (the images without
     anomaly have their own section)."""
-    sizes = {k: 0 for k in range(data.n_clusters)}
+    sizes = {k: 0 for k in (range(data.n_clusters) if data.classes is None else data.classes)}
     for im in data.images:
         if im.anomaly and im.cluster >= 0:
             sizes[im.cluster] = sizes.get(im.cluster, 0) + 1
@@ -468,13 +486,15 @@ def _summary(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) ->
     indexed = list(enumerate(data.images))
     found = [(i, im) for i, im in indexed if im.anomaly and im.cluster >= 0]
     none = [im for im in data.images if not im.anomaly]
-    sizes = {k: sum(im.cluster == k for _, im in found) for k in range(data.n_clusters)}
+    rejected = sum(im.anomaly and im.cluster == REJECTED_ID for im in data.images)
+    sizes = {k: sum(im.cluster == k for _, im in found) for k in _cluster_order(data)}
     types = [k for k in _cluster_order(data) if sizes.get(k)]
     conf = {k: [im.confidence for _, im in found if im.cluster == k and np.isfinite(im.confidence)] for k in types}
     parts = [
         "<section id='summary'><h2>Summary</h2>",
         f"<p class='lead'><b>{len(types)} defect types</b> found in {len(data.images)} images"
-        + (f"; no anomaly found in <a href='#no-anomaly'>{len(none)} images</a>" if none else "") + ".</p>",
+        + (f"; no anomaly found in <a href='#no-anomaly'>{len(none)} images</a>" if none else "")
+        + (f"; <a href='#rejected'>{rejected} images</a> in clusters rejected as not a defect" if rejected else "") + ".</p>",
     ]
     rows = "".join(
         f"<tr><th><span class='sw' style='background:rgb{colors[k % len(colors)]}'></span> "
@@ -483,6 +503,7 @@ def _summary(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) ->
         for k in types
     )
     parts.append(f"<table class='num'><tr><th>type</th><th>images</th><th>share</th><th>mean confidence</th></tr>{rows}</table>")
+    parts.append(_catalog(data))
     for k in types:
         members = sorted((p for p in found if p[1].cluster == k), key=lambda p: (-np.nan_to_num(p[1].confidence, nan=-1.0), p[1].id))
         figs = "".join(_strip_figure(out, data, i, im, colors, f"{im.confidence:.2f}") for i, im in members[:STRIP_IMAGES])
@@ -498,6 +519,33 @@ def _summary(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) ->
                      f"<div class='gallery strip'>{figs}</div>")
     parts.append("<h3>What to do next</h3><ul class='next'>" + "".join(f"<li>{t}</li>" for t in _next_steps(data, found, none)) + "</ul>")
     return "\n".join(parts) + "</section>"
+
+
+def _catalog(data: ReportData) -> str:
+    """The catalog: each curated class with the clusters it holds, and the rejected clusters."""
+    if not data.catalog:
+        return ""
+    classes: dict[int, list[dict]] = {}
+    for row in data.catalog:
+        classes.setdefault(REJECTED_ID if row["rejected"] else row["class"], []).append(row)
+    sizes = {int(k): v.get("size", 0) for k, v in data.metrics.get("clusters", {}).items()}
+    rows = []
+    for k in sorted(classes, key=lambda c: (c == REJECTED_ID, c)):
+        members = classes[k]
+        ids = ", ".join(str(r["cluster"]) for r in members)
+        how = "rejected: not a defect" if k == REJECTED_ID else ("merged" if len(members) > 1 else "")
+        matched = ", ".join(sorted({r["matched"] for r in members if r.get("matched")}))
+        name = f"<a href='#{_anchor(k)}'>{_e(members[0]['name'])}</a>"
+        rows.append(
+            f"<tr><th>{name}</th><td>{_e(ids)}</td><td>{sum(sizes.get(r['cluster'], 0) for r in members)}</td>"
+            f"<td>{_e(matched)}</td><td>{_e(how)}</td></tr>"
+        )
+    return (
+        "<h3 id='catalog'>Catalog</h3><p>How <code>classes.yaml</code> curates the discovered clusters "
+        "(<code>anomalyncd classes show</code>; edit with <code>anomalyncd classes name|merge|reject</code>, then "
+        "<code>dvc repro</code>).</p><table class='num catalog'><tr><th>class</th><th>clusters</th><th>images</th>"
+        f"<th>matched true type</th><th></th></tr>{''.join(rows)}</table>"
+    )
 
 
 def _next_steps(data: ReportData, found: list[tuple[int, ImageEntry]], none: list[ImageEntry]) -> list[str]:
@@ -522,7 +570,17 @@ def _next_steps(data: ReportData, found: list[tuple[int, ImageEntry]], none: lis
             f"<code>dvc exp run -S train.num_classes={nc['estimate']}</code>, then <code>anomalyncd exps</code>."
         )
     if not data.names:
-        steps.append("Name each type from its examples above; the type numbers stay the same for new images of this run.")
+        steps.append(
+            "Name each type from its examples above (<code>anomalyncd classes name &lt;cluster&gt; &lt;name&gt;</code>, "
+            "then <code>dvc repro</code>); the type numbers stay the same for new images of this run."
+        )
+    if data.catalog:
+        steps.append(
+            "Curate the types in <a href='#catalog'>the catalog</a>: <code>anomalyncd classes name|merge|reject "
+            "&lt;cluster&gt; ...</code> names a type, merges two clusters of one type or rejects false alarms, and "
+            "<code>dvc repro</code> applies it (merge and evaluate only); <code>anomalyncd export --out labelled</code> "
+            "then writes the curated crops as a labelled data set."
+        )
     steps.append(
         "Classify new images with this run: <code>anomalyncd predict --run . &lt;folder&gt; --out new.csv</code> "
         "(one row per image: its type, the confidence and the defect's box)."
@@ -601,9 +659,17 @@ def _research(out: Path, data: ReportData) -> str:
         parts.append(_truth_tables(data))
     clusters = m.get("clusters", {})
     if clusters:
+        cat = {r["cluster"]: r for r in data.catalog}
+
+        def label(k: int) -> str:
+            r = cat.get(k)
+            if r is None:
+                return f"<a href='#{_anchor(k)}'>{_e(cluster_label(k, data.names))}</a>"
+            to = REJECTED_ID if r["rejected"] else r["class"]
+            return f"cluster {k}: <a href='#{_anchor(to)}'>{_e(r['name'])}</a>"
+
         rows = "".join(
-            f"<tr><th><a href='#{_anchor(int(k))}'>{_e(cluster_label(int(k), data.names))}</a></th><td>{v['size']}</td>"
-            f"<td>{_fmt(v['mean_confidence'])}</td></tr>"
+            f"<tr><th>{label(int(k))}</th><td>{v['size']}</td><td>{_fmt(v['mean_confidence'])}</td></tr>"
             for k, v in clusters.items()
         )
         parts.append(
@@ -651,18 +717,21 @@ def _confusion_table(classes: list[str], clusters: list[int], table: np.ndarray,
 
 
 def _anchor(k: int) -> str:
-    return "no-anomaly" if k < 0 else f"class-{k}"
+    return "rejected" if k == REJECTED_ID else "no-anomaly" if k < 0 else f"class-{k}"
 
 
 def _class_section(out: Path, data: ReportData, k: int, colors: list[tuple[int, int, int]]) -> str:
     members = [(i, im) for i, im in enumerate(data.images) if im.cluster == k and im.anomaly]
     members.sort(key=lambda p: (-np.nan_to_num(p[1].confidence, nan=-1.0), p[1].id))
     label = cluster_label(k, data.names)
-    matched = data.names.get(k)
+    matched = data.matched_type(k)
     title = f"<h2 id='{_anchor(k)}'>{_e(label)}: {len(members)} images</h2>"
     if not members:
         return title + "<p>No image was assigned to this class.</p>"
     info = f"<p>Matched true type: <b>{_e(matched)}</b></p>" if matched else ""
+    merged = [r["cluster"] for r in data.catalog if r["class"] == k and not r["rejected"]]
+    if len(merged) > 1:
+        info += f"<p>Discovered clusters {_e(', '.join(map(str, merged)))}, merged by the catalog.</p>"
     figs = []
     for idx, im in members[: data.per_class_images]:
         border = "" if not (matched and im.truth) else (" wrong" if im.truth != matched else " right")
@@ -670,6 +739,22 @@ def _class_section(out: Path, data: ReportData, k: int, colors: list[tuple[int, 
         figs.append(_figure(out, data, idx, im, colors, im.main_crop(), border, conf))
     more = f"<p>{len(members) - data.per_class_images} more not shown.</p>" if len(members) > data.per_class_images else ""
     return title + info + "<div class='gallery'>" + "".join(figs) + "</div>" + more
+
+
+def _rejected_section(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) -> str:
+    members = [(i, im) for i, im in enumerate(data.images) if im.anomaly and im.cluster == REJECTED_ID]
+    if not members:
+        return ""
+    members.sort(key=lambda p: p[1].id)
+    figs = [_figure(out, data, idx, im, colors, im.main_crop(), "", "") for idx, im in members[: data.per_class_images]]
+    more = f"<p>{len(members) - data.per_class_images} more not shown.</p>" if len(members) > data.per_class_images else ""
+    clusters = ", ".join(str(r["cluster"]) for r in data.catalog if r["rejected"])
+    return (
+        f"<h2 id='rejected'>{REJECTED}: {len(members)} images</h2>"
+        f"<p>The catalog rejects cluster(s) {_e(clusters)} as not a defect (false alarms): their images are named "
+        f"<code>{REJECTED}</code> in <code>data/merge/predictions.csv</code> and by <code>anomalyncd predict</code>.</p>"
+        "<div class='gallery'>" + "".join(figs) + "</div>" + more
+    )
 
 
 def _no_anomaly_section(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) -> str:

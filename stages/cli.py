@@ -1,4 +1,4 @@
-"""The ``anomalyncd`` console command: every pipeline stage as a subcommand, and ``predict``.
+"""The ``anomalyncd`` console command: every pipeline stage as a subcommand, ``predict``, and the catalog's ``classes`` and ``export``.
 
 ``anomalyncd detect`` is the same as ``python -m stages.detect``; ``dvc repro`` runs the stages
 in order with caching, which is what most users want. ``anomalyncd predict`` classifies new
@@ -29,6 +29,8 @@ COMMANDS = {
     "merge": "merge: region merging, from crop predictions to one class per image.",
     "evaluate": "evaluate: clustering metrics, the confusion plot and the HTML report.",
     "predict": "predict: classify new defect images with a finished run, without retraining.",
+    "classes": "classes: show the discovered clusters and curate them in classes.yaml: name, merge, reject.",
+    "export": "export: the curated classes as a labelled data set: <class name>/ folders of crops and masks, and a CSV.",
     "exps": "exps: the experiments side by side, readable in a terminal: `dvc exp show` with only the params that differ and the headline metrics.",
 }
 

@@ -11,6 +11,11 @@ class's size and matched true type, which ``anomalyncd predict`` reads), plots/c
 reports/index.html with its images. Images where MEBin found no anomaly have no class: they
 count as wrong in the F1 and ``no_anomaly`` counts them per true type.
 
+The curated classes of the catalog (``classes.yaml``, resolved by ``merge`` and stored with its
+result) are scored too (``curated`` in both metrics files: merged clusters count as one class,
+images of rejected clusters as not classified), and name the report's sections, its confusion
+matrix and the confusion plot.
+
 The report also shows the detection, MEBin and number-of-classes metrics, the training curves
 and the parameters of the run, and each image's anomaly map; files that are absent (a stage
 run by hand) leave their section out.
@@ -23,6 +28,7 @@ import typer
 import yaml
 
 from anomalyncd import paths
+from anomalyncd.catalog import REJECTED_ID, CuratedClass, class_names, curated_labels, from_attrs
 from anomalyncd.baseline import kmeans_clusters
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
@@ -94,6 +100,32 @@ def baseline_metrics(cs: CropSet, ps: ProbSet, merger: Merger, seed: int, record
     return out
 
 
+def curated_metrics(ev_curated, curated: list[CuratedClass], labels: np.ndarray, confidence: np.ndarray) -> dict:
+    """The ``curated`` entry of the metrics: the curated classes' image (and crop) scores where
+    ground truth exists, their number, the images of rejected clusters, and per class its
+    clusters, size, mean confidence and matched true type. ``ev_curated``: the evaluation of
+    the curated labels (n,); ``confidence``: (n,)."""
+    m = ev_curated.metrics
+    out: dict = {k: m[k] for k in ("image", "crop") if k in m}
+    names = class_names(curated)
+    matching = ev_curated.image_scores.matching if ev_curated.image_scores else {}
+    out["n_classes"] = sum(1 for k in names if k >= 0)
+    out["rejected_images"] = int((labels == REJECTED_ID).sum())
+    classes = {}
+    for k, name in names.items():
+        sel = labels == k
+        conf = confidence[sel]
+        conf = conf[np.isfinite(conf)]
+        classes[name] = {
+            "clusters": [c.cluster for c in curated if c.label == k],
+            "size": int(sel.sum()),
+            "mean_confidence": float(conf.mean()) if len(conf) else None,
+            "matched": matching.get(k),
+        }
+    out["classes"] = classes
+    return out
+
+
 def check_merged(ms: MergeSet, cs: CropSet, records: dict) -> None:
     """``InputError`` unless the merge store holds the crop store's images and crops, all of
     them in the manifest."""
@@ -138,7 +170,26 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         n_clusters=k,
         image_anomaly=anomaly,
     )
-    names = ev.image_scores.matching if ev.image_scores else {}
+    curated = from_attrs(ms.attrs.get("catalog"), str(paths.MERGED)) if "catalog" in ms.attrs else None
+    if curated is None or len(curated) != k:
+        raise InputError(f"{paths.MERGED}: has no class catalog for its {k} clusters; rerun merge (dvc repro)")
+    image_labels = curated_labels(curated, ms.clusters)
+    crop_labels = curated_labels(curated, ms.crop_clusters)
+    ev_cur = evaluate_predictions(
+        image_truth=[truth[i] for i in ids],
+        image_pred=image_labels.tolist(),
+        image_confidence=ms.confidence.tolist(),
+        image_category=[cats[i] for i in ids],
+        crop_truth=[truth[i] for i in crop_image],
+        crop_pred=crop_labels.tolist(),
+        crop_category=[cats[i] for i in crop_image],
+        n_clusters=k,
+        image_anomaly=anomaly,
+    )
+    ev.metrics["curated"] = curated_metrics(ev_cur, curated, image_labels, ms.confidence)
+    # the report and the confusion plot show the curated classes by the catalog's names
+    names = {c: n for c, n in class_names(curated).items() if c >= 0 and n != f"cluster {c}"}
+    matched = ev_cur.image_scores.matching if ev_cur.image_scores else {}
     if ev.metrics["ground_truth"]:
         merger = Merger.from_attrs(ms.attrs, str(paths.MERGED))  # merged as the run's predictions were
         ev.metrics["baseline"] = baseline_metrics(cs, read_probs(paths.PROBS), merger, p.seed, records)
@@ -150,13 +201,13 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         ImageEntry(
             id=id_,
             path=records[id_].image,
-            cluster=int(ms.clusters[i]),
+            cluster=int(image_labels[i]),
             confidence=float(ms.confidence[i]),
             truth=truth[id_],
             boxes=cs.boxes[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
             regions=cs.regions[crop_rows_of.get(i, [])].astype(np.int64).reshape(-1, 4),
             crop_rows=crop_rows_of.get(i, []),
-            crop_clusters=[int(ms.crop_clusters[j]) for j in crop_rows_of.get(i, [])],
+            crop_clusters=[int(crop_labels[j]) for j in crop_rows_of.get(i, [])],
             crop_weights=[float(ms.weights[j]) for j in crop_rows_of.get(i, [])],
             anomaly=found,
             mebin_mask=cs.masks[i],
@@ -165,15 +216,20 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         )
         for i, (id_, found) in enumerate(zip(ids, anomaly))
     ]
-    s = ev.image_scores
+    s = ev_cur.image_scores
+    roots = sorted({c.root for c in curated if not c.rejected})
     write_report(
         paths.REPORT,
         ReportData(
-            title=f"anomalyncd: {len(ids)} images, {k} discovered classes",
+            title=f"anomalyncd: {len(ids)} images, {k} discovered classes"
+            + (f", {len(roots)} after curation" if len(roots) != k or any(c.rejected for c in curated) else ""),
             n_clusters=k,
             images=images,
             metrics=ev.metrics,
             names=names,
+            matched=matched,
+            classes=roots,
+            catalog=ms.attrs["catalog"],
             confusion=(s.classes, s.confusion_clusters, s.confusion) if s else None,
             mebin=mebin_examples(cs, p.mebin_plots, p.seed),
             per_class_images=p.report_images,
@@ -189,7 +245,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         CONFUSION,
         [
             {"actual": truth[i] or "unknown", "predicted": names.get(c) or cluster_label(c, {})}
-            for i, c in zip(ids, ms.clusters.tolist())
+            for i, c in zip(ids, image_labels.tolist())
         ],
         columns=["actual", "predicted"],
     )
@@ -201,6 +257,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         summary += f" (k-means on the frozen features, mean of {BASELINE_SEEDS} seeds: image NMI {b['nmi']:.3f} ARI {b['ari']:.3f} F1 {b['f1']:.3f})"
     else:
         summary = "no ground truth; cluster sizes " + str({c: v["size"] for c, v in m["clusters"].items()})
+    cur = m["curated"]
+    if "image" in cur:
+        summary += f" curated ({cur['n_classes']} classes, {cur['rejected_images']} images rejected): image NMI {cur['image']['nmi']:.3f} ARI {cur['image']['ari']:.3f} F1 {cur['image']['f1']:.3f};"
     typer.echo(f"evaluate: {summary} no anomaly found in {m['no_anomaly']['images']} images; report: {paths.REPORT / 'index.html'}")
 
 

@@ -8,17 +8,26 @@ class: status ``no anomaly found``, cluster -1 (the normal class when the run ha
 confidence. Writes the result to the store evaluate reads (data/merge/merged.zarr.zip, with the
 merge settings for ``anomalyncd predict``) and as tables for people: one row per image
 (data/merge/predictions.csv) and one per crop (data/merge/crops.csv).
+
+The classes are named by the catalog (``classes.yaml``, :mod:`anomalyncd.catalog`): each
+cluster's curated class (its name, the cluster it was merged into, or "not a defect") is
+stored with the result and is the tables' ``name`` column; an uncurated cluster is named by
+its matched true type (image-level Hungarian matching, as ``evaluate`` scores it), else
+``cluster <id>``. Editing the catalog reruns this stage and ``evaluate``, nothing before.
 """
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from anomalyncd import paths
+from anomalyncd.catalog import CATALOG_FILE, cluster_names, load_catalog, resolve, to_attrs
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest
 from anomalyncd.io import InputError
-from anomalyncd.merge import Merger, merge_tables, no_anomaly_cluster, novel_probabilities, write_table
+from anomalyncd.merge import Merger, merge_tables, named_rows, no_anomaly_cluster, novel_probabilities, write_table
+from anomalyncd.metrics import matched_types
 from anomalyncd.stage import reads, run
 from anomalyncd.store import read_crops, read_probs, write_merged
 
@@ -26,9 +35,13 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command(cls=reads("merge"))
-def main(params: Path = typer.Option("params.yaml", help="params file")) -> None:
+def main(
+    params: Path = typer.Option("params.yaml", help="params file"),
+    classes: Annotated[Path, typer.Option(help="the class catalog (missing: no curation)")] = CATALOG_FILE,
+) -> None:
     """Write data/merge/merged.zarr.zip, data/merge/predictions.csv and data/merge/crops.csv."""
     p = load_params("merge", params)
+    catalog = load_catalog(classes)
     # lazy: no crop pixels or features in memory, and the tables are written as they are made
     cs, ps = read_crops(paths.CROPS, lazy=True), read_probs(paths.PROBS, lazy=True)
     records = Manifest.read(paths.MANIFEST).by_id()
@@ -58,14 +71,19 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crop_probs=crop_probs,
         merger=Merger(p.strategy, p.temperature, no_anomaly_cluster(ps.attrs)),
     )
+    matched = matched_types([records[i].defect_type for i in cs.ids], merged.clusters, [records[i].category for i in cs.ids])
+    curated = resolve(catalog, crop_probs.shape[1], matched)
+    merged.attrs["catalog"] = to_attrs(curated)
+    names = cluster_names(curated)
     write_merged(paths.MERGED, merged)
-    write_table(paths.PREDICTIONS, img_rows)
-    write_table(paths.CROP_PREDICTIONS, crop_rows)
+    write_table(paths.PREDICTIONS, named_rows(img_rows, names))
+    write_table(paths.CROP_PREDICTIONS, named_rows(crop_rows, names))
     none_found = int((~merged.anomaly).sum())
     typer.echo(
         f"merge ({p.strategy}, T={p.temperature:g}): {len(cs.ids)} images, {len(cs.image_index)} crops, "
         f"{crop_probs.shape[1]} classes -> {paths.PREDICTIONS}; no anomaly found in {none_found} images"
     )
+    typer.echo("classes: " + "; ".join(f"{c.cluster}: {c.name}" for c in curated))
 
 
 if __name__ == "__main__":

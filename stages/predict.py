@@ -39,7 +39,7 @@ def main(
     pred = predict_images(r, images, maps, device, batch_size)
     write_table(out, pred.rows)
     found = [row for row in pred.rows if row["status"] == STATUS[True]]
-    counts = Counter(f"{row['cluster']}" + (f" ({row['name']})" if row["name"] else "") for row in found)
+    counts = Counter(row["name"] or f"cluster {row['cluster']}" for row in found)
     typer.echo(
         f"predict: {len(pred.rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
         f"no anomaly found: {len(pred.rows) - len(found)}"

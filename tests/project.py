@@ -12,7 +12,7 @@ import yaml
 
 from .conftest import ROOT
 
-COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", "classes.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
 
 # Small enough for a 2-core CI machine; the real defaults are in params.yaml.
 TINY = {

@@ -37,7 +37,7 @@ def test_the_console_summaries_are_the_stage_modules_first_lines():
 
     from stages.cli import COMMANDS
 
-    assert list(COMMANDS) == [*STAGES, "predict", "exps"]
+    assert list(COMMANDS) == [*STAGES, "predict", "classes", "export", "exps"]
     for name, line in COMMANDS.items():
         assert importlib.import_module(f"stages.{name}").__doc__.splitlines()[0] == line
 

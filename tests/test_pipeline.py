@@ -98,6 +98,29 @@ def test_code_change_of_one_stage_reruns_it_and_what_follows(project):
         _run([sys.executable, "-m", "dvc", "repro"], project)
 
 
+def test_a_catalog_edit_reruns_merge_and_evaluate_only_and_names_every_output(project):
+    """Naming, merging and rejecting clusters (`anomalyncd classes`) reruns no stage before merge."""
+    import csv
+
+    catalog = project / "classes.yaml"
+    original = catalog.read_text()
+    try:
+        _run([sys.executable, "-m", "stages.cli", "classes", "name", "0", "first"], project)
+        _run([sys.executable, "-m", "stages.cli", "classes", "merge", "3", "2"], project)
+        _run([sys.executable, "-m", "stages.cli", "classes", "reject", "1"], project)
+        out = _run([sys.executable, "-m", "dvc", "repro"], project)
+        assert _ran(out) == ["merge", "evaluate"]
+        with open(project / "data/merge/predictions.csv", newline="") as fh:
+            names = {(r["cluster"], r["name"]) for r in csv.DictReader(fh)}
+        two = next(n for c, n in names if c == "2")
+        assert names <= {("0", "first"), ("1", "not a defect"), ("2", two), ("3", two)}
+        assert "first" in (project / "reports" / "index.html").read_text()
+        assert json.loads((project / "metrics" / "evaluate.json").read_text())["curated"]["n_classes"] == 2
+    finally:
+        catalog.write_text(original)
+        _run([sys.executable, "-m", "dvc", "repro"], project)
+
+
 def test_new_images_under_the_same_names_rerun_detection(project):
     out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "demo.seed=1"], project)
     assert _ran(out)[:3] == ["demo", "prepare", "detect"]  # the manifest is the same, the images are not

@@ -294,7 +294,9 @@ def test_evaluate_stage_scores_writes_the_confusion_plot_and_report(tmp_path, mo
     head = __import__("json").loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert head == {"ground_truth": True, "n_images": 6, "n_clusters": 3, "no_anomaly": {"images": 0},
                     "image": {k: m["image"][k] for k in ("nmi", "ari", "f1")}, "crop": {k: m["crop"][k] for k in ("nmi", "ari", "f1")},
-                    "baseline": {"image": {k: m["baseline"]["image"][k] for k in ("nmi", "ari", "f1")}}}
+                    "baseline": {"image": {k: m["baseline"]["image"][k] for k in ("nmi", "ari", "f1")}},
+                    # without curation (no classes.yaml) the curated classes are the clusters
+                    "curated": {"n_classes": 3, "rejected_images": 0, "image": {k: m["image"][k] for k in ("nmi", "ari", "f1")}}}
     with open(tmp_path / "plots" / "confusion.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and {r["actual"] for r in rows} == {"crack", "hole", "stain"}
