@@ -161,6 +161,10 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
     return out
 
 
+def _f(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
 def report(out: dict) -> str:
     """The figures of :func:`chain` as a few lines."""
     d, m, c, cov, b = out["detect"], out["mebin_mask"], out["crop_mask"], out["crops_cover"], out["baseline"]["image"]
@@ -169,8 +173,8 @@ def report(out: dict) -> str:
              + f"; mebin {out['mebin_params']}"]
     stage = d.get("stage")
     lines.append(f"  detect      pixel AUROC {d['pixel_auroc']:.3f}  AUPRO {d['aupro']:.3f}  (images to classify)"
-                 + (f"; metrics/detect.json: image AUROC {stage['image_auroc']}, pixel AUROC {stage['pixel_auroc']}, "
-                    f"AUPRO {stage['aupro']} (with {stage['normal_images_for_metrics']} normal images)" if stage else ""))
+                 + (f"; metrics/detect.json: image AUROC {_f(stage['image_auroc'])}, pixel AUROC {_f(stage['pixel_auroc'])}, "
+                    f"AUPRO {_f(stage['aupro'])} (with {stage['normal_images_for_metrics']} normal images)" if stage else ""))
     for name, s in (("MEBin mask", m), ("crop masks", c)):
         lines.append(f"  {name:11s} region IoU {s['iou']:.3f}  precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
                      f"regions hit {s['regions_hit']}/{s['regions']}  extra regions/image {s['extra_regions_per_image']:.2f}"
