@@ -23,7 +23,9 @@ and ``mebin`` done), prints:
 
 ``--rerun-mebin`` reruns MEBin in memory on the run's maps (a run whose ``mebin`` has not run
 yet), ``--set mebin.KEY=VALUE`` does so with those params changed, to judge a MEBin lever on
-the same chain; the run's folder is only read.
+the same chain; ``--remap-sigma S`` first maps the images again with the run's fitted detector
+(``models/detector.pt``, a ``patchcore`` or ``padim`` run) smoothed with ``detect.smooth_sigma``
+S, normalised over the set as ``detect`` does. The run's folder is only read.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_regions --run /tmp/mtdgt
     OMP_NUM_THREADS=1 python -m benchmarks.bench_regions --run /tmp/mtd --set mebin.core=0
@@ -41,16 +43,20 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from anomalyncd import mebin, paths
 from anomalyncd.auto_k import region_features
 from anomalyncd.config import SECTIONS, from_dict, parse_params, resolve
 from anomalyncd.datasets import Manifest
+from anomalyncd.detect import load_detector
+from anomalyncd.detect.base import normalise_u8
 from anomalyncd.detect.metrics import aupro, pixel_auroc, resize_masks
-from anomalyncd.io import InputError, read_mask
+from anomalyncd.detect.ops import image_scores
+from anomalyncd.io import InputError, read_image, read_mask
 from anomalyncd.merge import NO_ANOMALY, Merger
 from anomalyncd.regions import paste_crop_masks, region_scores, summarize, without_stable_interval
-from anomalyncd.store import CropSet, ProbSet, read_crops, read_maps, read_merged, read_probs
+from anomalyncd.store import CropSet, MapSet, ProbSet, read_crops, read_maps, read_merged, read_probs
 from stages.evaluate import baseline_metrics
 from stages.mebin import build_crops
 
@@ -83,6 +89,20 @@ def crops_of_run(ms, records: dict, p, rerun: bool, progress: bool) -> CropSet:
     return build_crops(ms, records, p, progress=progress)[0]
 
 
+def remap(ms: MapSet, records: dict, sigma: float, progress: bool) -> MapSet:
+    """The maps of ``ms`` made again by the run's detector with ``smooth_sigma`` ``sigma``:
+    raw maps float32 (N, S, S), maps_u8 min-max normalised over the set, image scores."""
+    det = load_detector(paths.DETECTOR, "cpu")
+    if not hasattr(det.params, "smooth_sigma") or det.method not in ("patchcore", "padim"):
+        raise InputError(f"{paths.DETECTOR}: a {det.method} detector has no smoothing to change; drop --remap-sigma")
+    det.params.smooth_sigma = float(sigma)
+    ids = ms.ids if not progress else tqdm(ms.ids, desc=f"maps, sigma {sigma:g}", unit="img")
+    maps = np.concatenate([det.predict([read_image(records[i].image)]) for i in ids]).astype(np.float32)
+    lo, hi = float(maps.min()), float(maps.max())
+    attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, "smooth_sigma": float(sigma)}
+    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, det.params.score_top), ms.image_sizes, attrs)
+
+
 def baseline(cs: CropSet, params: dict, records: dict, rerun: bool, device: str, k: int = 0) -> tuple[dict, str]:
     """``evaluate``'s frozen-feature baseline of the crops ``cs`` and where its features came from."""
     ps = None
@@ -107,23 +127,30 @@ def baseline(cs: CropSet, params: dict, records: dict, rerun: bool, device: str,
     return baseline_metrics(cs, ps, merger, params["evaluate"].seed, records), source
 
 
-def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "cpu", k: int = 0, progress: bool = True) -> dict:
+def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "cpu", k: int = 0, progress: bool = True,
+          remap_sigma: float | None = None) -> dict:
     """Every figure of the chain for the run folder ``run`` (see the module docstring), MEBin
-    rerun in memory when ``rerun`` or ``overrides`` (``mebin.KEY=VALUE``) are given."""
+    rerun in memory when ``rerun``, ``overrides`` (``mebin.KEY=VALUE``) or ``remap_sigma`` (the
+    maps made again with that smoothing) are given."""
     os.chdir(run)  # the manifest's and the stores' paths are relative to the project root
-    params = run_params(Path("params.yaml"), overrides)
+    # mebin.core: auto follows the smoothing of the maps it binarizes
+    remapped = [f"detect.smooth_sigma={remap_sigma}"] if remap_sigma is not None else []
+    params = run_params(Path("params.yaml"), overrides + remapped)
     p_mebin = params["mebin"]
-    rerun = rerun or bool(overrides)
+    rerun = rerun or bool(overrides) or remap_sigma is not None
     if not rerun and not paths.CROPS.exists():
         raise InputError(f"{run / paths.CROPS}: not found; wait for the run's mebin stage, or pass --rerun-mebin")
     records = Manifest.read(paths.MANIFEST).by_id()
     ms = read_maps(paths.MAPS)
+    if remap_sigma is not None:
+        ms = remap(ms, records, remap_sigma, progress)
     if not any(records[i].mask for i in ms.ids):
         raise InputError(f"{run / paths.MANIFEST}: no image to classify has a mask; the chain needs ground truth")
     cs = crops_of_run(ms, records, p_mebin, rerun, progress)
     if cs.ids != ms.ids:
         raise InputError(f"{run / paths.CROPS}: images differ from {run / paths.MAPS}; rerun mebin (dvc repro)")
-    out: dict = {"run": str(run), "images": len(ms.ids), "crops": len(cs.crops), "mebin_rerun": rerun, "overrides": overrides}
+    out: dict = {"run": str(run), "images": len(ms.ids), "crops": len(cs.crops), "mebin_rerun": rerun, "overrides": overrides,
+                 "remap_sigma": remap_sigma}
 
     sizes = [tuple(int(v) for v in s) for s in ms.image_sizes]
     truth = [read_mask(records[i].mask, s) if records[i].mask else np.zeros(s, bool) for i, s in zip(ms.ids, sizes)]
@@ -169,6 +196,7 @@ def report(out: dict) -> str:
     """The figures of :func:`chain` as a few lines."""
     d, m, c, cov, b = out["detect"], out["mebin_mask"], out["crop_mask"], out["crops_cover"], out["baseline"]["image"]
     lines = [f"run {out['run']}: {out['images']} images, {out['crops']} crops"
+             + (f", maps made again with smooth_sigma {out['remap_sigma']:g}" if out.get("remap_sigma") is not None else "")
              + (f", MEBin rerun here{' with ' + ' '.join(out['overrides']) if out['overrides'] else ''}" if out["mebin_rerun"] else "")
              + f"; mebin {out['mebin_params']}"]
     stage = d.get("stage")
@@ -193,6 +221,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="mebin.KEY=VALUE",
                     help="rerun MEBin in memory with this param changed (repeatable)")
     ap.add_argument("--rerun-mebin", action="store_true", help="rerun MEBin in memory on the run's maps")
+    ap.add_argument("--remap-sigma", type=float, default=None, metavar="S",
+                    help="map the images again with the run's detector smoothed with sigma S (implies --rerun-mebin)")
     ap.add_argument("--device", default="cpu", help="for the frozen features, when computed here")
     ap.add_argument("--k", type=int, default=0,
                     help="clusters of the baseline when its features are computed here (0: the run's train.num_classes)")
@@ -205,7 +235,8 @@ def main() -> None:
         raise SystemExit(f"--set {bad[0]!r}: only mebin params can change (MEBin is rerun on the run's maps)")
     json_path = args.json.resolve() if args.json else None
     try:
-        out = chain(args.run.resolve(), args.overrides, args.rerun_mebin, args.device, args.k, progress=sys.stderr.isatty())
+        out = chain(args.run.resolve(), args.overrides, args.rerun_mebin, args.device, args.k, progress=sys.stderr.isatty(),
+                    remap_sigma=args.remap_sigma)
     except InputError as e:
         raise SystemExit(f"error: {e}") from e
     print(report(out))

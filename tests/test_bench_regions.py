@@ -76,3 +76,23 @@ def test_a_run_without_crops_needs_rerun_mebin_and_bad_overrides_are_refused(run
         chain(run_dir, [], progress=False)
     with pytest.raises(InputError, match="section.key=value"):
         chain(run_dir, ["core=0"], progress=False)
+
+
+def test_remap_sigma_maps_the_images_again_with_the_runs_detector_and_that_smoothing(run_dir):
+    from anomalyncd.config import DetectParams
+    from anomalyncd.detect import LazyImages, create_detector
+    from anomalyncd.detect.base import save_detector
+
+    with pytest.raises(InputError, match="detector not found"):
+        chain(run_dir, [], remap_sigma=0.0, progress=False)
+    det = create_detector(DetectParams(method="patchcore", backbone="filterbank", layers=[1, 2], image_size=64,
+                                       map_size=MAP, bank_size=64, device="cpu", smooth_sigma=4.0))
+    det.fit(LazyImages([str(run_dir / f"imgs/{i}.png") for i in range(6)]))
+    save_detector(det, run_dir / paths.DETECTOR)
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    params["detect"] = {"method": "patchcore", "smooth_sigma": 4.0}
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    out = chain(run_dir, [], remap_sigma=0.0, progress=False)
+    assert out["remap_sigma"] == 0.0 and out["mebin_rerun"] and out["images"] == 6
+    assert out["mebin_params"]["core"] == 0.0  # core: auto is 0 on unsmoothed maps (0.6 at the run's sigma 4)
+    assert "smooth_sigma 0" in report(out)
