@@ -156,7 +156,7 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
     truth = [read_mask(records[i].mask, s) if records[i].mask else np.zeros(s, bool) for i, s in zip(ms.ids, sizes)]
     small = resize_masks(truth, ms.maps.shape[-1])
     out["detect"] = {"pixel_auroc": pixel_auroc(ms.maps, small), "aupro": aupro(ms.maps, small)}
-    if (paths.METRICS / "detect.json").exists():
+    if (paths.METRICS / "detect.json").exists() and remap_sigma is None:  # the stage's figures are of its own maps
         d = json.loads((paths.METRICS / "detect.json").read_text())
         out["detect"]["stage"] = {k: d.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "normal_images_for_metrics")}
 
