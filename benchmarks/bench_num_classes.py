@@ -13,6 +13,12 @@ the outputs that keep at least 2% / 5% of the crops)::
     python benchmarks/bench_num_classes.py estimators --seeds 0 1 2 3 4 5 6 7 8 9
     python benchmarks/bench_num_classes.py estimators --dataset mtd --set detect.method=ground_truth
 
+``synthetic``: the estimators on the synthetic feature sets of :mod:`synthetic_k` (known K:
+no structure, equal and unequal classes, one class of 5 %, overlapping classes), several seeds
+each; prints every estimate and the share within 1 of the true K::
+
+    python benchmarks/bench_num_classes.py synthetic --seeds 0 1 2 3 4 --methods stability null_stability
+
 ``pipeline``: the whole pipeline in a scratch copy of the repository, once per seed
 (``demo.seed`` and ``train.seed``), with ``num_classes`` set to ``auto`` and to fixed values
 (by default the true K, K-1, K+1 and 2K); prints the estimate and image-level NMI/ARI/F1::
@@ -42,6 +48,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 STAGES_DATA = ["demo", "prepare", "detect", "mebin"]
 STAGES_MODEL = ["train", "infer", "merge", "evaluate"]
@@ -168,6 +175,40 @@ def run_estimators(args: argparse.Namespace) -> None:
         print(f"  {key[0]:<12} {key[1]:<10} {' '.join(map(str, ks)):<24} {exact}/{len(ks)}  {near}/{len(ks)}")
 
 
+# -- the synthetic bench ---------------------------------------------------------------------
+
+
+def run_synthetic(args: argparse.Namespace) -> None:
+    """Every case of :data:`synthetic_k.CASES` x seed, every method: the estimates, exact and
+    within-1 counts, and "no structure" recognised (K = 1 on the cases with one class)."""
+    from anomalyncd.num_classes import estimate_num_classes
+    from synthetic_k import CASES, mixture
+
+    methods = args.methods
+    print(f"{'case':<26} {'K':>2}  " + "  ".join(f"{m:>18}" for m in methods))
+    tally = {m: [0, 0, 0] for m in methods}  # exact, within 1, cases
+    secs = {m: 0.0 for m in methods}
+    for case in CASES:
+        cells = []
+        for m in methods:
+            ks = []
+            for seed in args.seeds:
+                x, _ = mixture(case, seed)
+                t = time.perf_counter()
+                k = estimate_num_classes(x, k_max=10, method=m, seed=0).k
+                secs[m] += time.perf_counter() - t
+                ks.append(k)
+                ok = k == case.k
+                tally[m][0] += ok
+                tally[m][1] += ok if case.k == 1 else abs(k - case.k) <= 1  # no structure must be exactly 1
+                tally[m][2] += 1
+            cells.append(" ".join(map(str, ks)))
+        print(f"{case.name:<26} {case.k:>2}  " + "  ".join(f"{c:>18}" for c in cells), flush=True)
+    for m in methods:
+        e, n1, n = tally[m]
+        print(f"{m}: exact {e}/{n}, within 1 (no structure: exactly 1) {n1}/{n} = {n1 / n:.0%}, {secs[m] / n:.2f} s per set")
+
+
 # -- the whole pipeline -----------------------------------------------------------------------
 
 
@@ -261,6 +302,9 @@ def main() -> None:
     e = sub.add_parser("estimators", help="every estimator and feature on the crops of one run per seed")
     e.add_argument("--runs", nargs="*", default=[], help="existing runs (repository copies with data/) instead of seeds")
     e.add_argument("--overcomplete-epochs", type=int, default=0)
+    sy = sub.add_parser("synthetic", help="the estimators on synthetic features with known K")
+    sy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    sy.add_argument("--methods", nargs="+", default=["stability", "null_stability"])
     p = sub.add_parser("pipeline", help="the whole pipeline with num_classes auto and fixed")
     p.add_argument("--ks", nargs="+", default=None, help="num_classes settings; default auto K K-1 K+1 2K")
     for q in (e, p):
@@ -271,6 +315,11 @@ def main() -> None:
         q.add_argument("--set", nargs="*", default=[], help="extra params, e.g. train.epochs=6")
         q.add_argument("--workdir", default=None, help="scratch copy of the repo (default: a new temp dir)")
     args = ap.parse_args()
+    if args.cmd == "synthetic":
+        import torch
+
+        torch.set_num_threads(1)
+        return run_synthetic(args)
     if args.true_k is None:
         args.true_k = 5 if args.dataset == "mtd" else 4
     if args.cmd == "estimators":
