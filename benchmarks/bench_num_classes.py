@@ -6,7 +6,8 @@ Two measurements, both printed as tables:
 can use (the filter-bank region descriptors, the mask-guided [CLS] features with guidance in all
 blocks, and in the last block only), on the crops of one run per seed (the data stages run in a
 scratch copy of the repository with ``demo.seed`` set), or on existing runs (``--runs``). Prints
-the estimate of each (features, method) pair per run, and how often it is exact and within 1;
+the estimate of each (features, method) pair per run, with its runner-up and confidence in
+brackets, and how often it is exact and within 1;
 ``--overcomplete-epochs`` adds the over-complete head (train with ``auto_max`` outputs, count
 the outputs that keep at least 2% / 5% of the crops)::
 
@@ -113,18 +114,20 @@ def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, st
     k_true = len(np.unique(y))
     print(f"\n{run}: {len(y)} crops with a region ({int((~keep).sum())} without), true classes {k_true}, "
           f"crops per class {np.bincount(y).tolist()}")
-    print(f"{'features':<12} {'kmeans@K NMI':>12}  " + "  ".join(f"{m:>10}" for m in METHODS) + "   seconds")
+    print(f"{'features':<12} {'kmeans@K NMI':>12}  " + "  ".join(f"{m:>14}" for m in METHODS) + "   seconds")
     out = {}
     for name, f in feature_sets(p, cs.crops[keep], cs.crop_masks[keep]).items():
         labels = KMeans(k_true, n_init=4, random_state=0).fit(prepare_features(f)).labels_
         row, secs = [], []
         for m in METHODS:
             t = time.perf_counter()
-            out[name, m] = estimate_num_classes(f, k_max=p.auto_max, method=m, seed=p.seed).k
-            row.append(out[name, m])
+            est = estimate_num_classes(f, k_max=p.auto_max, method=m, seed=p.seed)
+            out[name, m] = est.k
+            conf = f" {est.confidence:.1f}" if est.confidence is not None else ""
+            row.append(f"{est.k} ({est.runner_up}{conf})")
             secs.append(time.perf_counter() - t)
         print(f"{name:<12} {normalized_mutual_info_score(y, labels):>12.3f}  "
-              + "  ".join(f"{k:>10}" for k in row) + "   " + " ".join(f"{s:.1f}" for s in secs), flush=True)
+              + "  ".join(f"{k:>14}" for k in row) + "   " + " ".join(f"{s:.1f}" for s in secs), flush=True)
 
     if args.overcomplete_epochs:
         from anomalyncd.inference import crop_outputs, novel_probabilities
