@@ -166,8 +166,9 @@ def resolve_num_classes(
 
 
 def num_classes_metrics(est: KEstimate, chosen: int, auto: bool, auto_max: int) -> dict:
-    """The metrics file: the K used, the estimate, ``auto_max``, the largest K the estimator
-    could consider (fewer crops allow fewer) and the score of every candidate K."""
+    """The metrics file: the K used, the estimate, its runner-up and confidence (``None`` where
+    the method gives none), ``auto_max``, the largest K the estimator could consider (fewer
+    crops allow fewer) and the score of every candidate K."""
     d = est.to_dict()
     return {
         "num_classes": chosen,
@@ -175,6 +176,8 @@ def num_classes_metrics(est: KEstimate, chosen: int, auto: bool, auto_max: int) 
         "auto": auto,
         "auto_max": auto_max,
         "largest_k": max(est.candidates),
+        "runner_up": est.runner_up,
+        "confidence": est.confidence,
         "method": est.method,
         "scores": {f"k{k}": s for k, s in zip(d["candidates"], d["scores"]) if s is not None},
     }

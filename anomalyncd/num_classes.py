@@ -21,6 +21,12 @@ Estimators (``method``):
 - ``stability`` (the pipeline's default): agreement (ARI) of k-means fitted on two random halves of the data, over
   resamplings (Ben-Hur et al., 2002; Lange et al., 2004). Undefined for K = 1 (a single
   cluster is trivially stable), answered like ``silhouette``.
+- ``null_stability``: the same agreement minus the agreement on structureless data of the same
+  covariance (Gaussian reference sets drawn in feature space and prepared the same way, as the
+  gap statistic's reference, Tibshirani et al., 2001, and Clest, Dudoit & Fridlyand, 2002).
+  Plain stability favours K = 2 on any elongated cloud, since two halves cut it the same way;
+  the reference removes that. K = 1 scores 0 (no excess over no structure) and wins unless
+  some K's excess is significant against the references' spread (5 % over all K tested).
 
 Features are L2-normalised (the classifier heads are cosine classifiers) and reduced with PCA
 before any estimator runs; see :func:`prepare_features`.
@@ -34,12 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse import csgraph
 from scipy.spatial.distance import cdist
+from scipy.stats import t as student_t
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 
-METHODS = ("bic", "silhouette", "eigengap", "stability")
+METHODS = ("bic", "silhouette", "eigengap", "stability", "null_stability")
 
 
 @dataclass
@@ -48,13 +55,17 @@ class KEstimate:
 
     k: the chosen number of classes. candidates: the Ks scored, ``1..k_max``. scores: one score
     per candidate under ``method`` (higher is better; ``nan`` where undefined). method: the
-    estimator's name.
+    estimator's name. runner_up: the next best K (``None`` with one candidate). confidence:
+    the share of resamplings in which ``k`` scores at least as well as the runner-up
+    (``stability``, ``null_stability``; ``None`` for the estimators that do not resample).
     """
 
     k: int
     candidates: list[int]
     scores: list[float]
     method: str
+    runner_up: int | None = None
+    confidence: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: ``nan`` scores become ``None``."""
@@ -63,6 +74,8 @@ class KEstimate:
             "method": self.method,
             "candidates": list(self.candidates),
             "scores": [_finite_or_none(s) for s in self.scores],
+            "runner_up": self.runner_up,
+            "confidence": self.confidence,
         }
 
 
@@ -186,6 +199,24 @@ def silhouette_scores(x: np.ndarray, k_max: int, seed: int = 0, sample_size: int
     return out
 
 
+def split_agreements(x: np.ndarray, k_max: int, splits: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """ARI between k-means fitted on the two halves of each split, compared on all points.
+
+    x: float (M, d) prepared features; splits: permutations of ``range(M)``, each cut in two
+    halves. Returns float (len(splits), k_max); column K-1 holds K's agreements, K = 1 is
+    ``nan`` (and any K larger than a half).
+    """
+    m = len(x)
+    out = np.full((len(splits), k_max), np.nan)
+    for b, perm in enumerate(splits):
+        half_a, half_b = perm[: m // 2], perm[m // 2 :]
+        for k in range(2, min(k_max, len(half_a), len(half_b)) + 1):
+            la = _kmeans(x[half_a], k, seed + b, n_init=2).predict(x)
+            lb = _kmeans(x[half_b], k, seed + b, n_init=2).predict(x)
+            out[b, k - 1] = adjusted_rand_score(la, lb)
+    return out
+
+
 def stability_scores(x: np.ndarray, k_max: int, n_resamples: int = 10, seed: int = 0) -> np.ndarray:
     """Mean ARI between k-means fitted on two disjoint random halves, compared on all points.
 
@@ -197,20 +228,98 @@ def stability_scores(x: np.ndarray, k_max: int, n_resamples: int = 10, seed: int
     m = len(x)
     k_max = _k_max(k_max, m)
     rng = np.random.default_rng(seed)
-    out = np.full(k_max, np.nan)
     splits = [rng.permutation(m) for _ in range(n_resamples)]
-    for k in range(2, k_max + 1):
-        aris = []
-        for b, perm in enumerate(splits):
-            half_a, half_b = perm[: m // 2], perm[m // 2 :]
-            if min(len(half_a), len(half_b)) < k:
-                continue
-            la = _kmeans(x[half_a], k, seed + b, n_init=2).predict(x)
-            lb = _kmeans(x[half_b], k, seed + b, n_init=2).predict(x)
-            aris.append(adjusted_rand_score(la, lb))
-        if aris:
-            out[k - 1] = float(np.mean(aris))
-    return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of an all-nan column
+        return np.nanmean(split_agreements(x, k_max, splits, seed), axis=0)
+
+
+def null_reference(features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Structureless features of the same mean and covariance: float (M, D).
+
+    A Gaussian sample of M rows whose covariance is the features' sample covariance (drawn as
+    random combinations of the centred rows, so its cost is O(M^2 D) whatever D is).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    mean = x.mean(axis=0, keepdims=True)
+    m = len(x)
+    return mean + rng.standard_normal((m, m)) @ (x - mean) / np.sqrt(max(m - 1, 1))
+
+
+@dataclass
+class NullStability:
+    """What :func:`null_stability_scores` measured. Per candidate K (k_max,): ``excess``, the
+    data's mean agreement minus the references' (K = 1: 0), ``null_sd``, the spread of the
+    references' mean agreement (K = 1: 0); per split and K (n_resamples, k_max):
+    ``split_excess``, one split's agreement minus the references' mean."""
+
+    excess: np.ndarray
+    null_sd: np.ndarray
+    split_excess: np.ndarray
+
+
+def null_stability_scores(
+    features: np.ndarray,
+    k_max: int,
+    *,
+    n_resamples: int = 10,
+    n_references: int = 10,
+    n_components: int = 32,
+    seed: int = 0,
+) -> NullStability:
+    """Split-half stability of k-means in excess of structureless reference data.
+
+    features: float (M, D) raw features (each reference set is drawn from their covariance,
+    :func:`null_reference`, and goes through :func:`prepare_features` as they do, so that
+    the PCA's own fit to noise is in both). The data and every reference are cut by the same
+    ``n_resamples`` splits. K = 1 scores 0: no more agreement than no structure gives.
+    """
+    x = _check_features(features)
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    rng = np.random.default_rng(seed)
+    splits = [rng.permutation(m) for _ in range(n_resamples)]
+    data = split_agreements(prepare_features(x, n_components), k_max, splits, seed)
+    refs = np.stack([
+        split_agreements(prepare_features(null_reference(x, rng), n_components), k_max, splits, seed)
+        for _ in range(n_references)
+    ])  # (n_references, n_resamples, k_max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # K = 1 and Ks above a half: all nan
+        ref_means = np.nanmean(refs, axis=1)
+        null_mean = np.nanmean(ref_means, axis=0)
+        null_sd = np.nanstd(ref_means, axis=0, ddof=1) if n_references > 1 else np.zeros(k_max)
+        split_excess = data - null_mean
+        excess = np.nanmean(split_excess, axis=0)
+    excess[0], null_sd[0], split_excess[:, 0] = 0.0, 0.0, 0.0
+    return NullStability(excess, null_sd, split_excess)
+
+
+def significance_z(n_references: int, n_candidates: int, alpha: float = 0.05) -> float:
+    """How many standard deviations of the references an excess must reach: the one-sided
+    Student t quantile at ``alpha`` shared over the ``n_candidates`` Ks tested (Bonferroni), with
+    ``n_references - 1`` degrees of freedom (the spread is estimated from that few sets)."""
+    return float(student_t.isf(alpha / max(n_candidates, 1), df=max(n_references - 1, 1)))
+
+
+def pick_null_stability(ns: NullStability, null_z: float) -> tuple[int, int | None, float]:
+    """The estimate, its runner-up and its confidence from :func:`null_stability_scores`.
+
+    A K > 1 is a candidate when its excess is above 0 and ``null_z`` times the references'
+    spread (:func:`significance_z`); the estimate is the candidate of largest excess, 1 when
+    there is none. The runner-up is the next K by excess (K = 1's is 0); the confidence is
+    :func:`paired_confidence` of the splits' excess.
+    """
+    excess = np.nan_to_num(ns.excess, nan=-np.inf)
+    sig = (excess > null_z * np.nan_to_num(ns.null_sd, nan=np.inf)) & (excess > 0)
+    sig[0] = True
+    score = np.where(sig, excess, -np.inf)
+    score[0] = 0.0
+    k = int(np.argmax(score)) + 1  # ties to the smaller K
+    others = [int(i) + 1 for i in np.argsort(-excess, kind="stable") if int(i) + 1 != k]
+    runner_up = others[0] if others else None
+    confidence = paired_confidence(ns.split_excess, k, runner_up)
+    return k, runner_up, confidence
 
 
 # -- the entry point --------------------------------------------------------------------------
@@ -225,13 +334,16 @@ def estimate_num_classes(
     n_components: int = 32,
     min_silhouette: float = 0.25,
     min_stability: float = 0.6,
+    alpha: float = 0.05,
+    n_references: int = 10,
 ) -> KEstimate:
     """Estimate the number of classes among ``features``.
 
     features: float (M, D), one row per crop (e.g. the normed [CLS] features). k_max: the
     largest K considered (clamped to M - 1). method: one of :data:`METHODS`. min_silhouette,
     min_stability: below these best scores, ``silhouette`` and ``stability`` answer K = 1.
-    Deterministic for a given seed.
+    alpha, n_references: ``null_stability``'s chance of answering K > 1 on structureless data
+    (:func:`significance_z`) and its number of reference sets. Deterministic for a given seed.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -242,6 +354,10 @@ def estimate_num_classes(
     z = prepare_features(x, n_components)
     if m < 3 or k_max == 1:
         return KEstimate(1, candidates, [float("nan")] * k_max, method)
+    if method == "null_stability":
+        ns = null_stability_scores(x, k_max, n_references=n_references, n_components=n_components, seed=seed)
+        k, runner_up, confidence = pick_null_stability(ns, significance_z(n_references, k_max - 1, alpha))
+        return KEstimate(k, candidates, ns.excess.tolist(), method, runner_up, confidence)
     if method == "bic":
         scores = bic_scores(z, k_max, seed=seed)
         k = int(np.argmax(scores)) + 1
@@ -252,9 +368,34 @@ def estimate_num_classes(
         scores = silhouette_scores(z, k_max, seed)
         k = _pick_or_one(scores, min_silhouette)
     else:
-        scores = stability_scores(z, k_max, seed=seed)
+        rng = np.random.default_rng(seed)
+        per_split = split_agreements(z, k_max, [rng.permutation(m) for _ in range(10)], seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # K = 1: all nan
+            scores = np.nanmean(per_split, axis=0)
         k = _pick_or_one(scores, min_stability)
-    return KEstimate(k, candidates, scores.tolist(), method)
+        per_split[:, 0] = min_stability  # what K = 1 stands for: the floor a K must reach
+        second = best_other_k(np.where(np.arange(k_max) == 0, min_stability, scores), k)
+        return KEstimate(k, candidates, scores.tolist(), method, second, paired_confidence(per_split, k, second))
+    return KEstimate(k, candidates, scores.tolist(), method, best_other_k(scores, k))
+
+
+def paired_confidence(per_split: np.ndarray, k: int, runner_up: int | None) -> float:
+    """Share of resamplings in which the estimate ``k`` scores at least as well as the
+    runner-up: per_split float (B, k_max), one row of scores per resampling (``nan``: the K
+    could not be scored, counted as the lowest). 1.0 without a runner-up."""
+    if runner_up is None or len(per_split) == 0:
+        return 1.0
+    s = np.nan_to_num(np.asarray(per_split, dtype=float), nan=-np.inf)
+    return float(np.mean(s[:, k - 1] >= s[:, runner_up - 1]))
+
+
+def best_other_k(scores: np.ndarray, k: int) -> int | None:
+    """The best K other than ``k`` by ``scores`` (K = 1 first among undefined ones); ``None``
+    with one candidate."""
+    s = np.nan_to_num(np.asarray(scores, dtype=float), nan=-np.inf)
+    others = [int(i) + 1 for i in np.argsort(-s, kind="stable") if int(i) + 1 != k]
+    return others[0] if others else None
 
 
 def _pick_or_one(scores: np.ndarray, floor: float) -> int:
@@ -278,35 +419,52 @@ def count_massive_classes(probs: np.ndarray, min_fraction: float = 0.02) -> int:
     return max(1, int((share >= min_fraction).sum()))
 
 
+#: below this confidence (share of resamplings that agree) the estimate is called uncertain
+UNCERTAIN_BELOW = 0.6
+
+
 def estimate_summary(metrics: dict) -> tuple[str, list[str]]:
     """What the train stage prints and the report shows about the estimate: the line
-    ``estimated K = n (...)`` with the score curve and the K trained with, and the warnings of an
-    ``auto`` estimate: at the largest K considered (``auto_max``, or fewer when the crops allow
-    fewer) there may be more classes; at 1 no cluster structure was found. ``metrics``: the
-    dict of ``anomalyncd.auto_k.num_classes_metrics`` (``metrics/num_classes.json``)."""
+    ``estimated K = n (...)`` with the runner-up and the confidence where the method gives them,
+    the score curve and the K trained with, and the warnings of an ``auto`` estimate: at the
+    largest K considered (``auto_max``, or fewer when the crops allow fewer) there may be more
+    classes; at 1 no cluster structure was found; a confidence below :data:`UNCERTAIN_BELOW`
+    means the runner-up is nearly as likely. ``metrics``: the dict of
+    ``anomalyncd.auto_k.num_classes_metrics`` (``metrics/num_classes.json``)."""
     k, scores = metrics["estimate"], metrics.get("scores", {})
     curve = ", ".join(f"{c[1:]}: {v:.4g}" + ("*" if int(c[1:]) == k else "") for c, v in scores.items())
     used = "train.num_classes: auto" if metrics.get("auto") else "train.num_classes"
+    runner_up, confidence = metrics.get("runner_up"), metrics.get("confidence")
+    odds = ""
+    if runner_up is not None:
+        odds = f", runner-up {runner_up}" + (f", confidence {confidence:.2f}" if confidence is not None else "")
     line = (
-        f"estimated K = {k} ({metrics['method']} over {metrics.get('crops', '?')} region crops; score by K, "
+        f"estimated K = {k}{odds} ({metrics['method']} over {metrics.get('crops', '?')} region crops; score by K, "
         f"higher is better: {curve or 'none defined'}); training with K = {metrics['num_classes']} ({used})"
     )
     if not metrics.get("auto"):
         return line, []
     prefix = f"params.yaml: train.num_classes auto: the estimate {k}"
+    warns = []
     if k > 1 and k == metrics.get("largest_k"):
         if k == metrics.get("auto_max"):
-            return line, [
+            warns.append(
                 f"{prefix} is the largest number considered (train.auto_max={k}), so there may be more classes; "
                 "raise train.auto_max to check"
-            ]
-        return line, [
-            f"{prefix} is the most that {metrics.get('crops')} crops with a region can tell apart, so there may be "
-            "more classes; classify more images to check"
-        ]
-    if k == 1:
-        return line, [
+            )
+        else:
+            warns.append(
+                f"{prefix} is the most that {metrics.get('crops')} crops with a region can tell apart, so there may be "
+                "more classes; classify more images to check"
+            )
+    elif k == 1:
+        warns.append(
             f"{prefix} means the crops' regions show no cluster structure (or fewer than 2 crops have a region); "
             "look at the crops in the report, or set train.num_classes"
-        ]
-    return line, []
+        )
+    if confidence is not None and runner_up is not None and confidence < UNCERTAIN_BELOW:
+        warns.append(
+            f"{prefix} is uncertain: {100 * confidence:.0f} % of the resamplings agree, the runner-up is {runner_up}; "
+            f"compare with dvc exp run -S train.num_classes={runner_up}"
+        )
+    return line, warns

@@ -502,6 +502,7 @@ def _summary(out: Path, data: ReportData, colors: list[tuple[int, int, int]]) ->
         f"<td>{100 * sizes[k] / max(1, len(data.images)):.0f} %</td><td>{_fmt(float(np.mean(conf[k])) if conf[k] else None)}</td></tr>"
         for k in types
     )
+    parts += _estimate_lead(data)
     parts.append(f"<table class='num'><tr><th>type</th><th>images</th><th>share</th><th>mean confidence</th></tr>{rows}</table>")
     parts.append(_catalog(data))
     for k in types:
@@ -546,6 +547,19 @@ def _catalog(data: ReportData) -> str:
         "<code>dvc repro</code>).</p><table class='num catalog'><tr><th>class</th><th>clusters</th><th>images</th>"
         f"<th>matched true type</th><th></th></tr>{''.join(rows)}</table>"
     )
+
+
+def _estimate_lead(data: ReportData) -> list[str]:
+    """With ``num_classes: auto``: the number of types as estimated, its runner-up and
+    confidence, and the estimate's warnings, under the summary's first line."""
+    nc = data.num_classes
+    if not nc.get("auto") or nc.get("estimate") is None:
+        return []
+    odds = [f"runner-up {nc['runner_up']}"] if nc.get("runner_up") is not None else []
+    odds += [f"confidence {nc['confidence']:.2f}"] if nc.get("confidence") is not None else []
+    lead = f"<p>The number of types was estimated from the images: {nc['estimate']}" + (f" ({', '.join(odds)})" if odds else "") + ".</p>"
+    warns = _estimate(data)[1]
+    return [lead] + (["<ul class='warn estimate'>" + "".join(f"<li>{_e(w)}</li>" for w in warns) + "</ul>"] if warns else [])
 
 
 def _next_steps(data: ReportData, found: list[tuple[int, ImageEntry]], none: list[ImageEntry]) -> list[str]:

@@ -6,12 +6,19 @@ Two measurements, both printed as tables:
 can use (the filter-bank region descriptors, the mask-guided [CLS] features with guidance in all
 blocks, and in the last block only), on the crops of one run per seed (the data stages run in a
 scratch copy of the repository with ``demo.seed`` set), or on existing runs (``--runs``). Prints
-the estimate of each (features, method) pair per run, and how often it is exact and within 1;
+the estimate of each (features, method) pair per run, with its runner-up and confidence in
+brackets, and how often it is exact and within 1;
 ``--overcomplete-epochs`` adds the over-complete head (train with ``auto_max`` outputs, count
 the outputs that keep at least 2% / 5% of the crops)::
 
     python benchmarks/bench_num_classes.py estimators --seeds 0 1 2 3 4 5 6 7 8 9
     python benchmarks/bench_num_classes.py estimators --dataset mtd --set detect.method=ground_truth
+
+``synthetic``: the estimators on the synthetic feature sets of :mod:`synthetic_k` (known K:
+no structure, equal and unequal classes, one class of 5 %, overlapping classes), several seeds
+each; prints every estimate and the share within 1 of the true K::
+
+    python benchmarks/bench_num_classes.py synthetic --seeds 0 1 2 3 4 --methods stability null_stability
 
 ``pipeline``: the whole pipeline in a scratch copy of the repository, once per seed
 (``demo.seed`` and ``train.seed``), with ``num_classes`` set to ``auto`` and to fixed values
@@ -42,6 +49,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 STAGES_DATA = ["demo", "prepare", "detect", "mebin"]
 STAGES_MODEL = ["train", "infer", "merge", "evaluate"]
@@ -106,18 +114,20 @@ def estimators_on_run(run: Path, args: argparse.Namespace) -> dict[tuple[str, st
     k_true = len(np.unique(y))
     print(f"\n{run}: {len(y)} crops with a region ({int((~keep).sum())} without), true classes {k_true}, "
           f"crops per class {np.bincount(y).tolist()}")
-    print(f"{'features':<12} {'kmeans@K NMI':>12}  " + "  ".join(f"{m:>10}" for m in METHODS) + "   seconds")
+    print(f"{'features':<12} {'kmeans@K NMI':>12}  " + "  ".join(f"{m:>14}" for m in METHODS) + "   seconds")
     out = {}
     for name, f in feature_sets(p, cs.crops[keep], cs.crop_masks[keep]).items():
         labels = KMeans(k_true, n_init=4, random_state=0).fit(prepare_features(f)).labels_
         row, secs = [], []
         for m in METHODS:
             t = time.perf_counter()
-            out[name, m] = estimate_num_classes(f, k_max=p.auto_max, method=m, seed=p.seed).k
-            row.append(out[name, m])
+            est = estimate_num_classes(f, k_max=p.auto_max, method=m, seed=p.seed)
+            out[name, m] = est.k
+            conf = f" {est.confidence:.1f}" if est.confidence is not None else ""
+            row.append(f"{est.k} ({est.runner_up}{conf})")
             secs.append(time.perf_counter() - t)
         print(f"{name:<12} {normalized_mutual_info_score(y, labels):>12.3f}  "
-              + "  ".join(f"{k:>10}" for k in row) + "   " + " ".join(f"{s:.1f}" for s in secs), flush=True)
+              + "  ".join(f"{k:>14}" for k in row) + "   " + " ".join(f"{s:.1f}" for s in secs), flush=True)
 
     if args.overcomplete_epochs:
         from anomalyncd.inference import crop_outputs, novel_probabilities
@@ -166,6 +176,40 @@ def run_estimators(args: argparse.Namespace) -> None:
         ks = [r[key] for r in results]
         exact, near = sum(k == k_true for k in ks), sum(abs(k - k_true) <= 1 for k in ks)
         print(f"  {key[0]:<12} {key[1]:<10} {' '.join(map(str, ks)):<24} {exact}/{len(ks)}  {near}/{len(ks)}")
+
+
+# -- the synthetic bench ---------------------------------------------------------------------
+
+
+def run_synthetic(args: argparse.Namespace) -> None:
+    """Every case of :data:`synthetic_k.CASES` x seed, every method: the estimates, exact and
+    within-1 counts, and "no structure" recognised (K = 1 on the cases with one class)."""
+    from anomalyncd.num_classes import estimate_num_classes
+    from synthetic_k import CASES, mixture
+
+    methods = args.methods
+    print(f"{'case':<26} {'K':>2}  " + "  ".join(f"{m:>18}" for m in methods))
+    tally = {m: [0, 0, 0] for m in methods}  # exact, within 1, cases
+    secs = {m: 0.0 for m in methods}
+    for case in CASES:
+        cells = []
+        for m in methods:
+            ks = []
+            for seed in args.seeds:
+                x, _ = mixture(case, seed)
+                t = time.perf_counter()
+                k = estimate_num_classes(x, k_max=10, method=m, seed=0).k
+                secs[m] += time.perf_counter() - t
+                ks.append(k)
+                ok = k == case.k
+                tally[m][0] += ok
+                tally[m][1] += ok if case.k == 1 else abs(k - case.k) <= 1  # no structure must be exactly 1
+                tally[m][2] += 1
+            cells.append(" ".join(map(str, ks)))
+        print(f"{case.name:<26} {case.k:>2}  " + "  ".join(f"{c:>18}" for c in cells), flush=True)
+    for m in methods:
+        e, n1, n = tally[m]
+        print(f"{m}: exact {e}/{n}, within 1 (no structure: exactly 1) {n1}/{n} = {n1 / n:.0%}, {secs[m] / n:.2f} s per set")
 
 
 # -- the whole pipeline -----------------------------------------------------------------------
@@ -261,6 +305,9 @@ def main() -> None:
     e = sub.add_parser("estimators", help="every estimator and feature on the crops of one run per seed")
     e.add_argument("--runs", nargs="*", default=[], help="existing runs (repository copies with data/) instead of seeds")
     e.add_argument("--overcomplete-epochs", type=int, default=0)
+    sy = sub.add_parser("synthetic", help="the estimators on synthetic features with known K")
+    sy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    sy.add_argument("--methods", nargs="+", default=["stability", "null_stability"])
     p = sub.add_parser("pipeline", help="the whole pipeline with num_classes auto and fixed")
     p.add_argument("--ks", nargs="+", default=None, help="num_classes settings; default auto K K-1 K+1 2K")
     for q in (e, p):
@@ -271,6 +318,11 @@ def main() -> None:
         q.add_argument("--set", nargs="*", default=[], help="extra params, e.g. train.epochs=6")
         q.add_argument("--workdir", default=None, help="scratch copy of the repo (default: a new temp dir)")
     args = ap.parse_args()
+    if args.cmd == "synthetic":
+        import torch
+
+        torch.set_num_threads(1)
+        return run_synthetic(args)
     if args.true_k is None:
         args.true_k = 5 if args.dataset == "mtd" else 4
     if args.cmd == "estimators":

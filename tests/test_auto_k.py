@@ -99,7 +99,7 @@ def test_the_estimate_is_echoed_with_its_score_curve(tmp_path):
     crops, masks = two_kinds_of_crops()
     lines = []
     auto_k.resolve_num_classes(tiny_params(num_classes=3), crops, masks, tmp_path / "m.json", tmp_path / "p.json", echo=lines.append)
-    assert len(lines) == 1 and lines[0].startswith("estimated K = 2 (bic over 12 region crops; score by K")
+    assert len(lines) == 1 and lines[0].startswith("estimated K = 2, runner-up 3 (bic over 12 region crops; score by K")
     assert "2: " in lines[0] and "*" in lines[0] and lines[0].endswith("training with K = 3 (train.num_classes)")
 
 
@@ -110,7 +110,7 @@ def test_an_auto_estimate_of_one_warns_that_no_structure_was_found(tmp_path):
         auto_k.resolve_num_classes(
             tiny_params(num_classes="auto"), crops, np.zeros_like(masks), tmp_path / "m.json", tmp_path / "p.json", echo=lines.append
         )
-    assert lines[0].startswith("estimated K = 1 (bic over 0 region crops") and len(lines) == 1
+    assert lines[0].startswith("estimated K = 1 (bic over 0 region crops") and len(lines) == 1  # no runner-up: one K
 
 
 def test_estimate_summary_reads_the_metrics_file_format():
@@ -123,6 +123,32 @@ def test_estimate_summary_reads_the_metrics_file_format():
     assert line.endswith("training with K = 10 (train.num_classes: auto)")
     assert warns == ["params.yaml: train.num_classes auto: the estimate 10 is the largest number considered "
                      "(train.auto_max=10), so there may be more classes; raise train.auto_max to check"]
+
+
+def test_estimate_summary_names_the_runner_up_and_the_confidence():
+    metrics = {"num_classes": 5, "estimate": 5, "runner_up": 4, "confidence": 0.8, "auto": True, "auto_max": 10,
+               "largest_k": 10, "method": "null_stability", "crops": 400, "scores": {"k1": 0.0, "k4": 0.3, "k5": 0.4}}
+    line, warns = estimate_summary(metrics)
+    assert line.startswith("estimated K = 5, runner-up 4, confidence 0.80 (null_stability over 400 region crops")
+    assert warns == []
+
+
+def test_an_uncertain_auto_estimate_warns_and_names_the_runner_up():
+    metrics = {"num_classes": 6, "estimate": 6, "runner_up": 9, "confidence": 0.3, "auto": True, "auto_max": 10,
+               "largest_k": 10, "method": "null_stability", "crops": 413, "scores": {"k6": 0.35, "k9": 0.34}}
+    _, warns = estimate_summary(metrics)
+    assert warns == ["params.yaml: train.num_classes auto: the estimate 6 is uncertain: 30 % of the resamplings "
+                     "agree, the runner-up is 9; compare with dvc exp run -S train.num_classes=9"]
+    assert estimate_summary({**metrics, "auto": False})[1] == []  # a given K: the line only
+
+
+def test_the_metrics_file_holds_the_runner_up_and_the_confidence(tmp_path, monkeypatch):
+    est = KEstimate(3, [1, 2, 3, 4], [0.0, 0.2, 0.5, 0.4], "null_stability", runner_up=4, confidence=0.7)
+    monkeypatch.setattr(auto_k, "estimate_num_classes", lambda f, **kw: est)
+    k, metrics, _ = resolve(tmp_path, tiny_params(num_classes="auto", auto_method="null_stability"))
+    assert k == 3
+    assert (metrics["estimate"], metrics["runner_up"], metrics["confidence"]) == (3, 4, 0.7)
+    assert metrics["scores"] == {"k1": 0.0, "k2": 0.2, "k3": 0.5, "k4": 0.4}
 
 
 def test_mgvit_features_are_the_mask_guided_cls_tokens():

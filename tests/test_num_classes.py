@@ -130,3 +130,96 @@ def test_bic_counts_clusters_of_different_shapes():
     c = rng.normal(size=(25, d)) * 0.05
     x = np.concatenate([a + 6 * np.eye(d)[2], b - 6 * np.eye(d)[2], c + 6 * np.eye(d)[3]]) + 10 * np.eye(d)[4]
     assert estimate_num_classes(x, k_max=8, method="bic", seed=0).k == 3
+
+
+# -- null-corrected stability on the synthetic bench (benchmarks/synthetic_k.py) --------------
+
+from benchmarks.synthetic_k import CASES, Case, mixture  # noqa: E402
+from anomalyncd.num_classes import null_reference, null_stability_scores, pick_null_stability  # noqa: E402
+
+
+def test_the_synthetic_bench_has_the_cases_the_estimate_must_survive():
+    names = {c.name: c for c in CASES}
+    assert names["none, round"].k == names["none, elongated"].k == 1
+    small = names["5, one of 5 %"]
+    assert min(small.sizes) / sum(small.sizes) == pytest.approx(0.05)
+    assert len(set(names["4 unequal"].sizes)) == 4
+    assert names["4 overlapping"].separation < names["4 unequal"].separation
+
+
+def test_a_synthetic_set_has_its_sizes_labels_and_separation():
+    case = Case("t", (30, 20, 10), separation=5.0)
+    x, y = mixture(case, seed=3)
+    assert x.shape == (60, 64) and x.dtype == np.float32
+    assert np.bincount(y).tolist() == [30, 20, 10]
+    np.testing.assert_array_equal(mixture(case, seed=3)[0], x)  # deterministic
+    centres = np.stack([x[y == c].mean(0) for c in range(3)])
+    closest = min(np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i + 1, 3))
+    assert 3.5 < closest < 6.5  # 5 noise sd apart, up to the sample means' error
+
+
+def test_a_null_reference_keeps_the_covariance_and_loses_the_clusters():
+    x, _ = mixture(Case("t", (100, 100), separation=8.0), seed=0)
+    ref = null_reference(x, np.random.default_rng(0))
+    assert ref.shape == x.shape
+    np.testing.assert_allclose(ref.mean(0), x.mean(0), atol=0.5)
+    assert np.trace(np.cov(ref.T)) == pytest.approx(np.trace(np.cov(x.T)), rel=0.2)
+    lead = lambda z: prepare_features(z, 1)[:, 0]  # noqa: E731
+    gap = lambda v: np.sort(v)[100] - np.sort(v)[99]  # noqa: E731, the widest cut in the middle
+    assert gap(lead(x)) > 5 * gap(lead(ref))  # two modes in the data, one in the reference
+
+
+@pytest.mark.parametrize("name", ["none, round", "none, elongated"])
+def test_null_stability_recognises_no_structure(name):
+    case = next(c for c in CASES if c.name == name)
+    x, _ = mixture(Case(name, (150,), decay=case.decay), seed=0)
+    est = estimate_num_classes(x, k_max=6, method="null_stability", seed=0)
+    assert est.k == 1 and est.scores[0] == 0.0
+
+
+@pytest.mark.parametrize("sizes", [(60, 60, 60), (120, 60, 30, 15), (76, 76, 76, 76, 16)])
+def test_null_stability_counts_equal_unequal_and_small_classes(sizes):
+    x, _ = mixture(Case("t", sizes), seed=0)
+    est = estimate_num_classes(x, k_max=8, method="null_stability", seed=0)
+    assert abs(est.k - len(sizes)) <= 1
+
+
+def test_null_stability_holds_on_overlapping_classes():
+    x, _ = mixture(Case("t", (80,) * 4, separation=4.0), seed=0)
+    assert abs(estimate_num_classes(x, k_max=8, method="null_stability", seed=0).k - 4) <= 1
+
+
+def test_an_estimate_carries_its_runner_up_and_its_confidence():
+    x, _ = mixture(Case("t", (60, 60, 60), separation=8.0), seed=1)
+    est = estimate_num_classes(x, k_max=6, method="null_stability", seed=0)
+    assert est.k == 3 and est.runner_up not in (None, 3)
+    assert est.confidence >= 0.9  # well-separated classes: nearly every resampling agrees
+    d = est.to_dict()
+    assert (d["runner_up"], d["confidence"]) == (est.runner_up, est.confidence)
+    other = estimate_num_classes(x, k_max=6, method="eigengap", seed=0)
+    assert other.runner_up not in (None, other.k) and other.confidence is None
+
+
+def test_pick_null_stability_needs_an_excess_above_the_references_spread():
+    from anomalyncd.num_classes import NullStability
+
+    split = np.array([[0.0, 0.3, 0.1], [0.0, 0.1, 0.2], [0.0, 0.2, 0.0]])
+    ns = NullStability(excess=np.array([0.0, 0.2, 0.1]), null_sd=np.array([0.0, 0.05, 0.01]), split_excess=split)
+    assert pick_null_stability(ns, null_z=2.0) == (2, 3, pytest.approx(2 / 3))
+    assert pick_null_stability(ns, null_z=5.0)[0] == 3  # K = 2's excess is within 5 sd of the references: K = 3 (10 sd)
+    assert pick_null_stability(ns, null_z=20.0)[:2] == (1, 2)  # nothing significant: no structure
+
+
+def test_null_stability_is_deterministic_for_a_seed():
+    x, _ = mixture(Case("t", (40, 30, 20)), seed=2)
+    a = null_stability_scores(x, 5, seed=4)
+    b = null_stability_scores(x, 5, seed=4)
+    np.testing.assert_array_equal(a.excess, b.excess)
+    np.testing.assert_array_equal(a.split_excess, b.split_excess)
+
+
+def test_the_significance_grows_with_the_ks_tested_and_shrinks_with_the_references():
+    from anomalyncd.num_classes import significance_z
+
+    assert significance_z(10, 9) > significance_z(10, 1) > 1.64  # Bonferroni over the Ks; t above the normal
+    assert significance_z(5, 9) > significance_z(10, 9) > significance_z(100, 9)

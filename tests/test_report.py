@@ -194,6 +194,18 @@ def test_report_shows_detection_mebin_estimate_and_parameters(tmp_path):
     assert "id='params'" in page and "keep_thin" in page
 
 
+def test_report_top_warns_when_the_estimate_is_uncertain(tmp_path):
+    data = _run(tmp_path)
+    data.num_classes = {**data.num_classes, "method": "null_stability", "auto_max": 10, "largest_k": 10,
+                        "runner_up": 5, "confidence": 0.3}
+    write_report(tmp_path / "reports", data)
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert "estimated K = 4, runner-up 5, confidence 0.30 (null_stability over 6 region crops" in page
+    top = page[page.index("id='summary'"):page.index("<table class='num'>")]  # the summary's first lines
+    assert "estimated from the images: 4 (runner-up 5, confidence 0.30)" in top
+    assert "the estimate 4 is uncertain: 30 % of the resamplings agree, the runner-up is 5" in top
+
+
 def test_region_panels_outline_both_masks_and_overlay_the_map():
     image = np.full((40, 40, 3), 128, np.uint8)
     mebin_mask = np.zeros((40, 40), bool)
