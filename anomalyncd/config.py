@@ -181,7 +181,9 @@ class TrainParams:
     auto_features: Literal["filterbank", "mgvit"] = "mgvit"  # what the estimate clusters (anomalyncd.auto_k)
     head_init: Literal["kmeans", "random"] = "kmeans"  # novel outputs start at k-means centroids of the untrained features
     mask_layers: int = 0  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
-    grad_from_block: int = 11  # blocks before this one are frozen
+    grad_from_block: int = 11  # ViT: blocks before this one are frozen
+    tune_last_stage: bool = False  # CNN: fine-tune the blocks after the common grid's layer (Lite0: the stride-32 stage)
+    backbone_lr_scale: float = 1.0  # learning rate of the backbone's trained blocks, as a fraction of lr
     n_head: int = 4
     head_select: Literal["consensus", "loss"] = "consensus"  # consensus: the head agreeing most with the others; loss: lowest cluster loss (the paper)
     epochs: int = 10
@@ -195,6 +197,7 @@ class TrainParams:
     warmup_teacher_epochs: int = 20  # longer than the default epochs: the teacher stays between the two temperatures
     repeat_times: int = 1  # each teacher-temperature step is held this many epochs
     memax_weight: float = 2.0  # the paper: 4
+    memax_prior: Literal["uniform", "init"] = "uniform"  # me-max target: equal class sizes (the paper), or each head's initial k-means class sizes
     anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)
     sup_weight: float = 0.3  # only with base_dir
     base_dir: str = ""  # optional labelled base set: <base_dir>/<class>/<name>.png + <name>_mask.png
@@ -220,6 +223,7 @@ class TrainParams:
             epochs=(self.epochs >= 1, "at least 1"),
             batch_size=(self.batch_size >= 2, "at least 2 (the losses compare the crops of a batch)"),
             lr=(self.lr > 0, "> 0"),
+            backbone_lr_scale=(self.backbone_lr_scale >= 0, ">= 0"),
             momentum=(0 <= self.momentum < 1, "in [0, 1)"),
             weight_decay=(self.weight_decay >= 0, ">= 0"),
             min_lr_ratio=(0 <= self.min_lr_ratio <= 1, "in [0, 1]"),

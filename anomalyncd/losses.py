@@ -122,17 +122,39 @@ def distillation(
     return ce[r].mean()
 
 
-def mean_entropy_penalty(logits: torch.Tensor, student_temp: float = STUDENT_TEMP) -> torch.Tensor:
-    """``log K - H(mean prediction)``: zero when the batch uses every output equally.
+def mean_entropy_penalty(
+    logits: torch.Tensor, student_temp: float = STUDENT_TEMP, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``KL(mean prediction || prior)``: zero when the batch uses the outputs in the prior's
+    proportions.
 
-    logits: (N, K). Minimising it maximises the entropy of the batch-average prediction.
+    logits: (N, K); prior: (K,) positive, summing to 1, or None for the uniform prior, where the
+    penalty is ``log K - H(mean prediction)`` (the me-max term: minimising it maximises the
+    entropy of the batch-average prediction). A non-uniform prior (the class sizes expected)
+    lets small classes stay small instead of being spread toward equal sizes.
     No rows (N = 0): no penalty.
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     avg = F.softmax(logits / student_temp, dim=-1).mean(0)
     entropy = -(avg * torch.log(avg.clamp(min=1e-12))).sum()
-    return math.log(avg.numel()) - entropy
+    if prior is None:
+        return math.log(avg.numel()) - entropy
+    return -entropy - (avg * torch.log(prior.to(avg))).sum()
+
+
+def class_prior(labels: np.ndarray, k: int, num_labeled: int = 0) -> np.ndarray:
+    """Expected output proportions from a partition of the unlabelled crops: float64 (num_labeled + k,).
+
+    labels: int (M,) in [0, k). The novel outputs get the partition's class sizes, smoothed by
+    one crop each ((n_c + 1) / (M + k), so no class has probability 0), scaled to the novel
+    outputs' share ``k / (num_labeled + k)``; each base output keeps ``1 / (num_labeled + k)``.
+    Equal class sizes give the uniform prior.
+    """
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=k)[:k].astype(np.float64)
+    novel = (counts + 1) / (counts.sum() + k)
+    total = num_labeled + k
+    return np.concatenate([np.full(num_labeled, 1.0 / total), novel * k / total])
 
 
 def supervised_ce(logits: torch.Tensor, labels: torch.Tensor, student_temp: float = STUDENT_TEMP) -> torch.Tensor:

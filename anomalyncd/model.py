@@ -29,6 +29,8 @@ weight norm is fixed to 1, applied to the L2-normalised feature.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,6 +71,7 @@ class ModelConfig:
     layers: list[int] = field(default_factory=list)
     proj_hidden: int = 2048
     proj_dim: int = 256
+    tune_last_stage: bool = False  # CNN: the backbone's blocks after the common grid's layer train
 
     @classmethod
     def from_params(cls, p, num_unlabeled: int, num_labeled: int = 0, has_normal: bool = False) -> "ModelConfig":
@@ -84,6 +87,7 @@ class ModelConfig:
             num_labeled=num_labeled,
             has_normal=has_normal,
             layers=list(p.layers),
+            tune_last_stage=p.tune_last_stage,
         )
 
     @property
@@ -287,6 +291,12 @@ class Adapter(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
+def _block_of(module_name: str) -> int | None:
+    """Index of the backbone block a timm feature comes from (``'blocks.4'`` -> 4), else None."""
+    parts = module_name.split(".")
+    return int(parts[1]) if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
 class MaskGuidedCNN(nn.Module):
     """Mask-guided pooling of a frozen CNN: ``forward(images, masks) -> features (B, D)``.
 
@@ -319,6 +329,7 @@ class MaskGuidedCNN(nn.Module):
 
     has_frozen_trunk = True
     needs_calibration = True  # the channel standardisation comes from the training crops
+    tuned = False  # no backbone block trains (:class:`MaskGuidedCNNTunedStage`)
 
     def train(self, mode: bool = True) -> "MaskGuidedCNN":
         super().train(mode)
@@ -329,10 +340,17 @@ class MaskGuidedCNN(nn.Module):
     def trunk(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen part: tokens (B, N, D) on the layers' common grid (:func:`~anomalyncd.grids.common_grid`)
         and the mask's coverage of each grid cell (B, N)."""
-        maps = common_grid(self.backbone((images - self.in_mean) / self.in_std))
+        return self._tokens(common_grid(self.backbone((images - self.in_mean) / self.in_std)), masks)
+
+    @staticmethod
+    def _tokens(maps: list[torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
         pmask = F.adaptive_avg_pool2d(masks[:, None].float(), maps[0].shape[-2:]).flatten(1)
         return tokens, pmask
+
+    def full_tokens(self, tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Every layer's tokens (B, N, D) from the trunk's: here the trunk's own."""
+        return tokens
 
     @torch.no_grad()
     def calibrate(self, tokens: torch.Tensor, pmask: torch.Tensor) -> None:
@@ -343,6 +361,8 @@ class MaskGuidedCNN(nn.Module):
         """
         empty = pmask.sum(dim=1, keepdim=True) <= 0
         w = torch.where(empty, torch.ones_like(pmask), pmask).flatten()
+        if self.tuned and len(tokens):
+            tokens = torch.cat([self.full_tokens(tokens[s : s + 64], frozen=True) for s in range(0, len(tokens), 64)])
         t = tokens.reshape(-1, tokens.shape[-1]).double()
         w = (w / w.sum()).double()[:, None]
         mean = (w * t).sum(0)
@@ -353,11 +373,12 @@ class MaskGuidedCNN(nn.Module):
     def pooled_trunk(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         """The standardised frozen features averaged over the mask (B, D): the baseline
         feature, which is also this encoder's output before training."""
+        tokens = self.full_tokens(tokens, frozen=True)
         return masked_attention_pool((tokens - self.feat_mean) / self.feat_std, pmask, torch.zeros_like(pmask))
 
     def head_blocks(self, tokens: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
         """Trainable part: standardise, adapt, mask-restricted attention pooling -> (B, D)."""
-        x = (tokens - self.feat_mean) / self.feat_std
+        x = (self.full_tokens(tokens) - self.feat_mean) / self.feat_std
         for adapter in self.adapters:
             x = adapter(x)
         return masked_attention_pool(x, pmask, self.attention(x)[..., 0])
@@ -366,11 +387,76 @@ class MaskGuidedCNN(nn.Module):
         return self.head_blocks(*self.trunk(images, masks))
 
 
+class MaskGuidedCNNTunedStage(MaskGuidedCNN):
+    """:class:`MaskGuidedCNN` whose last stage is fine-tuned (``train.tune_last_stage``).
+
+    The backbone (a timm CNN built of ``blocks``: EfficientNet, MobileNet) trains its blocks
+    after the layer on the common grid: with Lite0's layers [2, 3, 4], blocks 5 and 6, which
+    make the stride-32 map. The ``trunk`` stops before them and returns the tokens of the
+    frozen layers only (B, N, D_frozen), so the frozen-trunk cache still holds the costly part;
+    ``head_blocks`` runs the tuned blocks on the grid layer's map and rebuilds every layer's
+    token. Batch-norm statistics stay the pretrained ones in every block (eval mode), and an
+    untrained copy of the tuned blocks keeps the baseline feature (:meth:`pooled_trunk`) that
+    of the frozen CNN.
+    """
+
+    tuned = True
+
+    def __init__(self, backbone: nn.Module, mask_layers: int):
+        super().__init__(backbone, mask_layers)
+        blocks = getattr(backbone, "blocks", None)
+        self.layer_blocks = [_block_of(n) for n in backbone.feature_info.module_name()]
+        grid = (len(self.layer_blocks) - 1) // 2  # common_grid's default grid layer
+        if blocks is None or None in self.layer_blocks or grid == len(self.layer_blocks) - 1:
+            raise InputError(
+                "params.yaml: train.tune_last_stage needs a CNN built of `blocks` (EfficientNet, MobileNet) and at "
+                "least two train.layers; set it to false"
+            )
+        self.tune_from = self.layer_blocks[grid] + 1
+        self.frozen_channels = int(sum(backbone.feature_info.channels()[: grid + 1]))
+        self.grid_channels = int(backbone.feature_info.channels()[grid])
+        tuned = blocks[self.tune_from : self.layer_blocks[-1] + 1]  # later blocks feed no pooled layer
+        for param in tuned.parameters():
+            param.requires_grad_(True)
+        self.frozen_tail = copy.deepcopy(tuned)
+        for param in self.frozen_tail.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def trunk(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen part: the frozen layers' tokens (B, N, D_frozen) on the common grid and the
+        mask's coverage of each grid cell (B, N)."""
+        bb = self.backbone
+        x, maps = bb.bn1(bb.conv_stem((images - self.in_mean) / self.in_std)), []
+        for i in range(self.tune_from):
+            x = bb.blocks[i](x)
+            if i in self.layer_blocks:
+                maps.append(x)
+        return self._tokens(common_grid(maps, at=len(maps) - 1), masks)
+
+    def full_tokens(self, tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Every layer's tokens (B, N, D): the trunk's (B, N, D_frozen), then the tuned blocks
+        (``frozen``: their untrained copy) run on the grid layer's map (square grid)."""
+        b, n, _ = tokens.shape
+        side = math.isqrt(n)
+        x = tokens[..., self.frozen_channels - self.grid_channels :].transpose(1, 2).reshape(b, self.grid_channels, side, n // side)
+        blocks = self.frozen_tail if frozen else self.backbone.blocks[self.tune_from : self.tune_from + len(self.frozen_tail)]
+        maps = [x]
+        for i, block in enumerate(blocks, start=self.tune_from):
+            x = block(x)
+            if i in self.layer_blocks:
+                maps.append(x)
+        tail = common_grid(maps, at=0)[1:]
+        return torch.cat([tokens, *(m.flatten(2).transpose(1, 2) for m in tail)], dim=-1)
+
+
 def create_encoder(cfg: ModelConfig, backbone: nn.Module) -> nn.Module:
     """MGViT for a ViT backbone, MaskGuidedCNN for a CNN."""
     if cfg.is_vit:
+        if cfg.tune_last_stage:
+            raise InputError("params.yaml: train.tune_last_stage is for a CNN; a ViT trains its blocks from train.grad_from_block on")
         return MGViT(backbone, cfg.mask_layers, cfg.grad_from_block)
-    return MaskGuidedCNN(backbone, cfg.mask_layers)
+    return (MaskGuidedCNNTunedStage if cfg.tune_last_stage else MaskGuidedCNN)(backbone, cfg.mask_layers)
 
 
 class ClusterHead(nn.Module):

@@ -7,7 +7,9 @@ CPU: every random draw comes from generators seeded by ``(seed, epoch, crop, vie
 
 The frozen-trunk cache (``trunk_cache_views: V``) runs V augmented views of every crop once
 through the frozen blocks (every DDP process builds the whole cache) and trains the later
-blocks and the heads on two distinct cached views per crop and epoch.
+blocks and the heads on two distinct cached views per crop and epoch. The backbone's trained
+blocks (a ViT's from ``grad_from_block``, a CNN's last stage with ``tune_last_stage``) learn at
+``lr * backbone_lr_scale``.
 
 Pseudo-label correction pulls the teacher target of every unlabelled crop scoring below
 ``anomaly_thred`` toward the first novel output, as the authors do: the normal slot with
@@ -21,6 +23,8 @@ classes seldom are.
 Loss of one batch (per head h, then averaged over heads)::
 
     cluster_h = distill_h + memax_weight * memax_h     (both on the unlabelled rows only)
+    memax_h = KL(mean prediction || prior_h): the prior uniform (the me-max term, the paper), or
+              with memax_prior: init head h's class sizes in the k-means partition it starts from
     no base set:   total = cluster + contrastive
     with base set: total = (1 - sup_weight) * (cluster + contrastive) + sup_weight * (ce + supcon)
 """
@@ -252,7 +256,9 @@ def head_assignments(net: MGViTClassifier, data: TrainData, device: str, batch_s
 
 
 @torch.no_grad()
-def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init: str, seed: int, batch_size: int = 64) -> None:
+def prepare_model(
+    net: MGViTClassifier, data: TrainData, device: str, head_init: str, seed: int, batch_size: int = 64
+) -> np.ndarray | None:
     """Fit what the network takes from the training crops before training, on their
     evaluation views (deterministic): the encoder's channel statistics
     (:meth:`MaskGuidedCNN.calibrate`) and, with ``head_init: kmeans``, the novel outputs of
@@ -261,19 +267,24 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
     features of the unlabelled crops, so that training starts from the baseline's partition
     and refines it. The centroids go in order of their crops' mean anomaly score, so the first
     novel output, toward which the correction pulls low-score crops, is the lowest.
+
+    Returns each head's class sizes in that partition as output proportions, float64
+    (n_head, K) (:func:`~anomalyncd.losses.class_prior`, the me-max prior of
+    ``memax_prior: init``), or None where the heads start at random.
     """
     tokens, pmask = eval_trunk(net, data, device, batch_size)
     if net.encoder.needs_calibration:
         net.encoder.calibrate(tokens, pmask)
     if head_init == "random":
-        return
+        return None
     unl = torch.from_numpy(data.labels < 0)
     raw = net.encoder.head_blocks(tokens[unl], pmask[unl]).cpu().numpy().astype(np.float64)
     feats = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
     cfg = net.cfg
     k = cfg.num_unlabeled
     if len(feats) < k:
-        return
+        return None
+    priors = []
     for h in range(cfg.n_head):
         # the baseline's clustering (standardise, PCA, k-means), so that training starts from
         # the frozen features' partition; each output is its cluster's mean direction
@@ -281,8 +292,10 @@ def prepare_model(net: MGViTClassifier, data: TrainData, device: str, head_init:
         centres = np.stack([feats[labels == c].mean(0) for c in range(k)])
         # the first novel output (the normal slot, if any) is where the correction pulls low scores
         mean_score = [data.scores[np.flatnonzero(data.labels < 0)[labels == c]].mean() for c in range(k)]
-        centres = centres[np.argsort(mean_score, kind="stable")]
-        net.head.weight[h, cfg.num_labeled :] = torch.from_numpy(centres).to(net.head.weight)
+        order = np.argsort(mean_score, kind="stable")
+        net.head.weight[h, cfg.num_labeled :] = torch.from_numpy(centres[order]).to(net.head.weight)
+        priors.append(losses.class_prior(np.argsort(order)[labels], k, cfg.num_labeled))
+    return np.stack(priors)
 
 
 def cached_view_pairs(m: int, views: int, seed: int, epoch: int) -> np.ndarray:
@@ -305,10 +318,12 @@ def batch_loss(
     teacher_temp: float,
     num_labeled: int,
     supervised: bool,
+    priors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts for a view-major batch.
 
-    proj: (2B, P); logits: (H, 2B, K); labels: (B,) int64 (-1 unlabelled); scores: (B,).
+    proj: (2B, P); logits: (H, 2B, K); labels: (B,) int64 (-1 unlabelled); scores: (B,);
+    priors: (H, K) each head's expected output proportions for the me-max term (None: uniform).
     Low-score crops are corrected toward output ``num_labeled``, the first novel one.
     ``supervised``: a labelled base set takes part in training (enables CE and SupCon).
     Returns (total, parts) with parts['cluster_heads'] (H,): each head's cluster loss.
@@ -323,7 +338,7 @@ def batch_loss(
         lg = logits[h]
         teacher = losses.teacher_targets(lg, teacher_temp, num_labeled, unl2, w, num_labeled)
         distill.append(losses.distillation(lg, teacher, unl, losses.STUDENT_TEMP))
-        memax.append(losses.mean_entropy_penalty(lg[unl2], losses.STUDENT_TEMP))
+        memax.append(losses.mean_entropy_penalty(lg[unl2], losses.STUDENT_TEMP, None if priors is None else priors[h]))
         if supervised and bool(lab_rows.any()):
             ce.append(losses.supervised_ce(lg[lab_rows], lab2[lab_rows], losses.STUDENT_TEMP))
     cluster_h = torch.stack(distill) + cfg.memax_weight * torch.stack(memax)
@@ -349,12 +364,17 @@ def batch_loss(
 # -- the loop --------------------------------------------------------------------------------
 
 
-def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in net.named_parameters():
+def _param_groups(net: torch.nn.Module, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
+    """SGD groups: weight decay on weights but not on biases and norms; the backbone's trained
+    blocks at ``backbone_lr_scale`` times the learning rate (``lr_scale``), the rest at 1."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in net.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((name.startswith("encoder.backbone."), p.ndim <= 1), []).append(p)
+    return [
+        {"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": backbone_lr_scale if bb else 1.0}
+        for (bb, no_decay), ps in sorted(groups.items())
+    ]
 
 
 def train(
@@ -385,8 +405,11 @@ def train(
         )
     t0 = time.perf_counter()
     net.to(device)
-    prepare_model(net, data, device, cfg.head_init, cfg.seed)
-    opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    init_priors = prepare_model(net, data, device, cfg.head_init, cfg.seed)
+    priors = None
+    if cfg.memax_prior == "init" and init_priors is not None:
+        priors = torch.from_numpy(init_priors).float().to(device)
+    opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay, cfg.backbone_lr_scale), lr=cfg.lr, momentum=cfg.momentum)
     history: list[dict] = []
     start = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
@@ -423,7 +446,7 @@ def train(
         torch.manual_seed(cfg.seed * 100003 + epoch)
         lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.min_lr_ratio)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         tt = losses.teacher_temperature(
             epoch, cfg.warmup_teacher_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.repeat_times
         )
@@ -457,6 +480,7 @@ def train(
                 tt,
                 cfgm.num_labeled,
                 supervised,
+                priors,
             )
             opt.zero_grad(set_to_none=True)
             total.backward()

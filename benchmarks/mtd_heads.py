@@ -17,6 +17,7 @@ distinct view: the figures are those of separate runs, computed faster.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 from pathlib import Path
@@ -37,17 +38,30 @@ from stages.evaluate import BASELINE_SEEDS, baseline_metrics
 
 
 class TrunkMemo:
-    """The frozen trunk, memoised by the bytes of its input batch (it is deterministic)."""
+    """The frozen trunk, memoised by the bytes of its input batch (it is deterministic): in
+    memory, or with ``folder`` in files there (float32, exact), so that later invocations on
+    the same crops skip the trunk passes and the memory holds one train run's cache only."""
 
-    def __init__(self):
+    def __init__(self, folder: Path | None = None):
         self.memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
 
     def wrap(self, trunk):
         def cached(images: torch.Tensor, masks: torch.Tensor):
             key = hashlib.sha1(images.numpy().tobytes() + masks.numpy().tobytes()).hexdigest()
-            if key not in self.memo:
-                self.memo[key] = trunk(images, masks)
-            return self.memo[key]
+            if self.folder is None:
+                if key not in self.memo:
+                    self.memo[key] = trunk(images, masks)
+                return self.memo[key]
+            f = self.folder / f"{key}.pt"
+            if f.exists():
+                return torch.load(f)
+            out = trunk(images, masks)
+            torch.save(out, f.with_suffix(".tmp"))
+            f.with_suffix(".tmp").rename(f)
+            return out
 
         return cached
 
@@ -63,6 +77,7 @@ def main() -> None:
     ap.add_argument("--project", type=Path, required=True)
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2], help="comma-separated")
     ap.add_argument("--num-classes", type=int, default=5)
+    ap.add_argument("--memo-dir", type=Path, default=None, help="keep the trunk outputs in files here (reused by later runs on the same crops)")
     ap.add_argument("variants", nargs="*", default=["base"])
     a = ap.parse_args()
 
@@ -83,17 +98,26 @@ def main() -> None:
     def fmt(x: np.ndarray) -> str:
         return " / ".join(f"{v:.3f}" for v in x)
 
-    memo = TrunkMemo()
+    memo = TrunkMemo(a.memo_dir)
     backbone = create_backbone(base.model, base.image_size, base.pretrained, base.checkpoint, base.layers)
     baseline_done = False
     for text in a.variants:
         rows: dict[str, list[np.ndarray]] = {"consensus": [], "loss": []}
+        seconds = []
         for seed in a.seeds:
             p = dataclasses.replace(base, seed=seed, head_select="consensus", **parse_variant(text))
             torch.manual_seed(seed)
-            net = MGViTClassifier(ModelConfig.from_params(p, num_unlabeled=k), backbone)
-            net.encoder.trunk = memo.wrap(net.encoder.trunk)
+            # a copy: fine-tuned blocks (grad_from_block) train the backbone's weights in place
+            net = MGViTClassifier(ModelConfig.from_params(p, num_unlabeled=k), copy.deepcopy(backbone))
+            if getattr(net.encoder, "tuned", False):
+                # the frozen layers' tokens come first in the whole trunk's: one memo serves both
+                frozen_dim = net.encoder.frozen_channels
+                whole = memo.wrap(MGViTClassifier(ModelConfig.from_params(base, num_unlabeled=k), copy.deepcopy(backbone)).encoder.trunk)
+                net.encoder.trunk = lambda x, m, whole=whole, d=frozen_dim: (lambda t, pm: (t[..., :d], pm))(*whole(x, m))
+            else:
+                net.encoder.trunk = memo.wrap(net.encoder.trunk)
             res = train(net, data, p)
+            seconds.append(res.seconds - res.cache_seconds)
             out = crop_outputs(net, cs.crops, cs.crop_masks)
             probs = novel_probabilities(torch.from_numpy(out.logits), 0).numpy()
             by_loss = select_head([res.history[-1][f"cluster_head{h}"] for h in range(p.n_head)])
@@ -106,6 +130,7 @@ def main() -> None:
                 baseline_done = True
         for rule, r in rows.items():
             print(f"{text:40s} {rule:9s} {fmt(np.mean(r, 0))}   per seed: {', '.join(fmt(x) for x in r)}", flush=True)
+        print(f"{text:40s} training without the cache build: {np.mean(seconds):.0f} s per seed", flush=True)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,33 @@ def test_supervised_ce_uses_logits_over_student_temperature():
     logits = torch.tensor([[0.1, 0.0]])
     expected = -math.log(E / (E + 1))  # logits / 0.1 = (1, 0)
     assert losses.supervised_ce(logits, torch.tensor([0])).item() == pytest.approx(expected)
+
+
+def test_memax_with_a_prior_is_zero_when_the_batch_matches_the_prior_sizes():
+    # three crops to output 0, one to output 1: the sizes the prior expects
+    sized = torch.tensor([[10.0, 0], [10.0, 0], [10.0, 0], [0, 10.0]])
+    prior = torch.tensor([0.75, 0.25])
+    assert losses.mean_entropy_penalty(sized, 0.01, prior).item() == pytest.approx(0.0, abs=1e-6)
+    # the uniform penalty pushes the same batch toward equal sizes; the prior does not
+    assert losses.mean_entropy_penalty(sized, 0.01).item() > 0.1
+    balanced = torch.tensor([[10.0, 0], [0, 10.0]])
+    assert losses.mean_entropy_penalty(balanced, 0.01, prior).item() > 0.1
+
+
+def test_memax_with_the_uniform_prior_is_the_me_max_term():
+    logits = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        losses.mean_entropy_penalty(logits, prior=torch.full((5,), 0.2)), losses.mean_entropy_penalty(logits)
+    )
+
+
+def test_class_prior_is_the_smoothed_class_sizes_after_the_base_outputs():
+    prior = losses.class_prior(np.array([0, 0, 0, 0, 0, 1, 1, 2]), 3)
+    np.testing.assert_allclose(prior, [6 / 11, 3 / 11, 2 / 11])
+    # an empty class keeps a small share; equal sizes are the uniform prior
+    assert losses.class_prior(np.array([0, 0, 1, 1]), 3)[2] == pytest.approx(1 / 7)
+    np.testing.assert_allclose(losses.class_prior(np.array([0, 1, 2, 0, 1, 2]), 3), [1 / 3] * 3)
+    # base outputs keep 1 / K each, the novel ones share the rest in proportion
+    with_base = losses.class_prior(np.array([0, 0, 0, 1]), 2, num_labeled=2)
+    np.testing.assert_allclose(with_base, [0.25, 0.25, 0.5 * 4 / 6, 0.5 * 2 / 6])
+    assert with_base.sum() == pytest.approx(1.0)

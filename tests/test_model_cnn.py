@@ -151,3 +151,88 @@ def test_empty_layers_for_a_cnn_is_an_input_error():
 
     with pytest.raises(InputError, match="train.layers"):
         create_backbone("tf_efficientnet_lite0", 64, layers=[])
+
+
+# -- tune_last_stage: the CNN's last stage fine-tuned, the trunk cache kept for the rest --------
+
+
+def test_a_tuned_last_stage_starts_from_the_frozen_cnn_and_its_trunk_stops_before_it():
+    frozen, tuned = tiny_cnn().eval(), tiny_cnn(tune_last_stage=True).eval()
+    enc = tuned.encoder
+    # layers [2, 3] meet on the grid of layer 2 (block 2): blocks 3 and 4 make layer 3 and train
+    assert enc.tune_from == 3
+    trainable = {n for n, p in enc.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in enc.backbone.named_parameters() if n.startswith(("blocks.3.", "blocks.4."))}
+    assert not any(p.requires_grad for p in enc.frozen_tail.parameters())
+    x, m = torch.rand(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.5).float()
+    with torch.no_grad():
+        whole, pmask = frozen.encoder.trunk(x, m)
+        part, pmask_t = enc.trunk(x, m)
+        assert part.shape[-1] == 40  # layer 2's channels only
+        torch.testing.assert_close(pmask_t, pmask)
+        torch.testing.assert_close(enc.full_tokens(part), whole, rtol=0, atol=0)
+        # the untrained features: the same model output and baseline as the frozen CNN's
+        for a, b in zip(frozen(x, m), tuned(x, m)):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(enc.pooled_trunk(part, pmask), frozen.encoder.pooled_trunk(whole, pmask))
+
+
+def test_a_tuned_last_stage_trains_only_its_blocks_and_keeps_every_batch_norm_statistic():
+    cfg = TrainParams(**{**FAST, "trunk_cache_views": 3, "lr": 0.05})
+    net = tiny_cnn(tune_last_stage=True)
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    train(net, tiny_data(), cfg)
+    after = net.encoder.state_dict()
+    tuned_weights = [k for k in after if k.startswith(("backbone.blocks.3.", "backbone.blocks.4.")) and "running" not in k
+                     and "num_batches" not in k]
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    # the channel standardisation is fitted on the crops before training; the rest is trained
+    trained_here = {"feat_mean", "feat_std", "attention.weight", "attention.bias"} | {k for k in after if k.startswith("adapters.")}
+    assert moved <= set(tuned_weights) | trained_here
+    assert any(k in moved for k in tuned_weights)
+    # the frozen blocks, the untrained copy of the tuned ones, every BN statistic stay as loaded
+    for k in after:
+        if k not in moved:
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    assert not any("running" in k or "frozen_tail" in k or "num_batches" in k for k in moved)
+    # after training the cached path still equals the uncached forward
+    net.eval()
+    x, m = torch.rand(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.5).float()
+    with torch.no_grad():
+        for a, b in zip(net(x, m), net(*net.encoder.trunk(x, m), cached=True)):
+            torch.testing.assert_close(a, b)
+
+
+def test_backbone_lr_scale_zero_keeps_the_tuned_blocks_where_they_were():
+    net = tiny_cnn(tune_last_stage=True)
+    before = {k: v.clone() for k, v in net.encoder.backbone.state_dict().items()}
+    train(net, tiny_data(), TrainParams(**{**FAST, "backbone_lr_scale": 0.0}))
+    for k, v in net.encoder.backbone.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_resumed_run_with_a_tuned_last_stage_reaches_the_same_weights(tmp_path):
+    cfg = TrainParams(**{**FAST, "trunk_cache_views": 2, "backbone_lr_scale": 0.5})
+    full = tiny_cnn(tune_last_stage=True)
+    train(full, tiny_data(), cfg, checkpoint=tmp_path / "a.pt", fingerprint="x")
+    train(tiny_cnn(tune_last_stage=True), tiny_data(), cfg, checkpoint=tmp_path / "b.pt", fingerprint="x", stop_after=1)
+    resumed = tiny_cnn(tune_last_stage=True)
+    assert train(resumed, tiny_data(), cfg, checkpoint=tmp_path / "b.pt", resume=True, fingerprint="x").resumed_from == 1
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(v, resumed.state_dict()[k], rtol=0, atol=0, msg=k)
+    # and the saved model reloads with its tuned blocks
+    save_model(tmp_path / "m.pt", full.eval(), head=0)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x, m = torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, m)[2], full(x, m)[2])
+
+
+def test_tune_last_stage_without_a_stage_to_tune_is_an_input_error():
+    from anomalyncd.io import InputError
+
+    with pytest.raises(InputError, match="train.tune_last_stage"):
+        tiny_cnn(tune_last_stage=True, layers=[4])  # one layer: nothing after the grid's layer
+    with pytest.raises(InputError, match="train.tune_last_stage"):
+        MGViTClassifier(ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=1,
+                                    grad_from_block=11, n_head=1, num_unlabeled=2, tune_last_stage=True))

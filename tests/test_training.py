@@ -84,6 +84,38 @@ def test_kmeans_head_init_starts_each_head_from_the_baselines_clusters_lowest_sc
         assert (np.argmax(unit @ got.T, axis=1) == np.argsort(order)[labels]).mean() >= 0.8
 
 
+def test_kmeans_head_init_returns_each_heads_initial_class_sizes_as_its_memax_prior():
+    net, data = tiny_net(has_normal=False), tiny_data(m=18)
+    priors = prepare_model(net, data, "cpu", "kmeans", seed=5)
+    assert priors.shape == (net.cfg.n_head, 3)
+    x, mk = eval_views(data.crops, data.masks, net.cfg.image_size, net.cfg.crop_pct)
+    with torch.no_grad():
+        feats = net.encoder(torch.from_numpy(x), torch.from_numpy(mk)).double().numpy()
+    for h in range(net.cfg.n_head):
+        labels = kmeans_clusters(feats, 3, 5 + h)
+        order = np.argsort([data.scores[labels == c].mean() for c in range(3)], kind="stable")
+        # output j holds cluster order[j]: its prior is that cluster's (smoothed) share
+        np.testing.assert_allclose(priors[h], losses.class_prior(np.argsort(order)[labels], 3))
+    assert prepare_model(tiny_net(), data, "cpu", "random", seed=5) is None
+
+
+def test_memax_prior_init_changes_the_memax_term_and_training_only_through_it():
+    logits, proj, labels, scores = base_batch([-1] * 6, k=3)
+    priors = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    _, parts = batch_loss(proj, logits, labels, scores, TrainParams(), 0.05, 0, False, priors)
+    expected = torch.stack([losses.mean_entropy_penalty(lg, prior=p) for lg, p in zip(logits, priors)]).mean()
+    torch.testing.assert_close(parts["memax"], expected)
+    _, uniform = batch_loss(proj, logits, labels, scores, TrainParams(), 0.05, 0, False)
+    torch.testing.assert_close(parts["distill"], uniform["distill"])
+    assert not torch.allclose(parts["memax"], uniform["memax"])
+    # in training: the same start, other weights after an epoch, deterministic
+    nets = [tiny_net() for _ in range(3)]
+    for net, prior in zip(nets, ("uniform", "init", "init")):
+        train(net, tiny_data(m=18), TrainParams(epochs=1, memax_prior=prior, **FAST))
+    assert not torch.equal(nets[0].head.weight, nets[1].head.weight)
+    assert_same_state(state(nets[1]), state(nets[2]))
+
+
 def test_cosine_lr_goes_from_lr_towards_lr_times_ratio():
     assert cosine_lr(0, 50, 0.003, 1e-3) == pytest.approx(0.003)
     assert cosine_lr(25, 50, 0.003, 1e-3) == pytest.approx((0.003 + 3e-6) / 2)
