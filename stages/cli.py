@@ -27,6 +27,7 @@ COMMANDS = {
     "train": "train: mask-guided representation learning on the anomaly-centred crops.",
     "infer": "infer: class probabilities of every crop from the trained model.",
     "merge": "merge: region merging, from crop predictions to one class per image.",
+    "calibrate": "calibrate: the thresholds of predict's normal/defect and known/unknown-type decisions.",
     "evaluate": "evaluate: clustering metrics, the confusion plot and the HTML report.",
     "predict": "predict: classify new defect images with a finished run, without retraining.",
     "exps": "exps: the experiments side by side, readable in a terminal: `dvc exp show` with only the params that differ and the headline metrics.",
