@@ -269,8 +269,8 @@ class CalibrateParams:
     normal images ``detect`` held back), then known or unknown type (an image's distance to its
     nearest class against this quantile of the run's own images' distances)."""
 
-    normal_quantile: float = 0.95
-    unknown_quantile: float = 0.95
+    normal_quantile: float = 0.9
+    unknown_quantile: float = 0.99
 
     def __post_init__(self) -> None:
         require(

@@ -12,6 +12,7 @@ An image where MEBin found no anomaly has one whole-image crop with an empty mas
 would be a guess about the whole surface (often a confident one), so it gets none: it is marked
 ``no anomaly found`` with cluster -1 (the normal class instead, when the run has one) and no
 confidence, and so stays out of the sizes and confidences of the defect classes.
+With ``dataset.include_normal``, an image classed as the normal class has status ``normal``.
 
 Pure functions on arrays, and :class:`Merger`, the settings they run with, which the ``merge``
 stage stores with its result so that ``anomalyncd predict`` merges as the run did; the stage

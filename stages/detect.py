@@ -8,6 +8,11 @@ Metrics need normal images too: the normal test images that are not classified
 (``dataset.include_normal: false``) are mapped as well, for the metrics only; they are not in
 the store. For ``musc`` they join the set of images that score each other.
 
+``patchcore`` and ``padim`` fit on the normal training images less a share ``detect.holdout``
+held back (drawn with ``detect.seed``): those are scored after the fit, and their image scores
+stored in the maps store's attrs (``holdout_scores``), for the ``calibrate`` stage's
+normal/defect threshold. They are in no fit and no metric.
+
 Maps are made a chunk of images at a time into a part store and gathered into the maps store
 (``anomalyncd.detect.stream``); under ``torchrun`` every rank maps a block of whole batches
 with the detector fitted once on rank 0, and rank 0 gathers (``anomalyncd.shard``).

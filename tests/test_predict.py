@@ -135,7 +135,7 @@ def _assert_same_predictions(proj: Path, out: Path) -> None:
     with open(out, newline="") as fh:
         new_rows = {str(Path(r["image"]).resolve()): r for r in csv.DictReader(fh)}
     assert set(new_rows) == set(run_rows)
-    metrics = json.loads((proj / "metrics" / "evaluate.json").read_text())
+    metrics = json.loads((proj / "metrics" / "evaluate_detail.json").read_text())
     for key, r in run_rows.items():
         n = new_rows[key]
         assert n["cluster"] == r["cluster"] and n["status"] == r["status"], key
@@ -154,6 +154,27 @@ def test_predicting_the_runs_own_images_reproduces_its_predictions(finished_run,
     folders = [str(d) for d in _defect_folders(finished_run)]
     _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out), "--no-normal-gate"], finished_run)
     _assert_same_predictions(finished_run, out)
+
+
+@pytest.mark.slow
+def test_predict_scores_images_as_the_run_did_and_says_which_thresholds_it_applied(finished_run, tmp_path):
+    """The image score is the detect stage's; the calibrate stage's thresholds are applied."""
+    from anomalyncd.store import read_maps
+
+    ms = read_maps(finished_run / "data" / "detect" / "maps.zarr.zip")
+    cal = json.loads((finished_run / "models" / "calibration.json").read_text())
+    assert cal["normal"]["holdout_images"] == 2 and cal["normal"]["threshold"] is not None  # 20 % of 8 normal images
+    out = tmp_path / "preds.csv"
+    test_dir = finished_run / "data" / "demo" / "tile" / "test"
+    log = _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), str(test_dir), "--out", str(out)],
+               finished_run)
+    assert f"normal if image_score <= {cal['normal']['threshold']:.4g} (quantile 0.9 of 2 held-back normal images)" in log
+    rows = {r["id"]: r for r in _rows(out)}
+    for id_, score in zip(ms.ids, ms.scores):  # tile/test/crack/000 -> test/crack/000
+        r = rows[id_.split("/", 1)[1]]
+        assert float(r["image_score"]) == pytest.approx(float(score), rel=1e-4), id_
+        assert (r["status"] == "normal") == (float(score) <= cal["normal"]["threshold"]), id_
+    assert {r["open_set"] for r in rows.values() if r["status"] == "anomaly found"} <= {"known type", "unknown type"}
 
 
 @pytest.mark.slow
