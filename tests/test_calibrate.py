@@ -112,3 +112,62 @@ def test_bad_calibration_params_are_one_clear_error(tmp_path, text, message):
     section = text.split(":")[0]
     with pytest.raises(InputError, match=message):
         load_params(section, Path(tmp_path / "params.yaml"))
+
+
+def _calibrated_run(tmp_path, monkeypatch, method: str, holdout_scores: list[float]) -> dict:
+    """The synthetic run of tests/synthetic_run.py with random crop features and a maps store,
+    after the merge and calibrate stages (calibrate: normal_quantile 0.5, unknown_quantile 0.9)."""
+    import yaml
+
+    from anomalyncd import paths
+    from anomalyncd.store import MapSet, read_probs, write_maps, write_probs
+    from stages import calibrate as calibrate_stage
+    from stages import merge as merge_stage
+
+    from .synthetic_run import make_project
+
+    cs = make_project(tmp_path)["crops"]
+    ps = read_probs(tmp_path / paths.PROBS)
+    ps.features = np.random.default_rng(0).normal(size=(len(ps.probs), 8)).astype(np.float32)
+    write_probs(tmp_path / paths.PROBS, ps)
+    n = len(cs.ids)
+    attrs = {"method": method, "params": {"score_top": 0.02, "holdout": 0.2}, "norm_min": 0.0, "norm_max": 1.0,
+             "holdout_scores": holdout_scores}
+    write_maps(tmp_path / paths.MAPS, MapSet(ids=cs.ids, maps=np.zeros((n, 8, 8)), maps_u8=np.zeros((n, 8, 8)),
+                                             scores=np.zeros(n), image_sizes=cs.image_sizes, attrs=attrs))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["calibrate"] = {"normal_quantile": 0.5, "unknown_quantile": 0.9}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    merge_stage.main(params=Path("params.yaml"))
+    calibrate_stage.main(params=Path("params.yaml"))
+    return json.loads((tmp_path / paths.CALIBRATION).read_text())
+
+
+def test_the_calibrate_stage_stores_both_thresholds_and_what_they_are_quantiles_of(tmp_path, monkeypatch):
+    saved = _calibrated_run(tmp_path, monkeypatch, "patchcore", [4.0, 1.0, 3.0, 2.0])
+    assert saved["normal"]["threshold"] == 2.5 and saved["normal"]["holdout_images"] == 4
+    assert saved["normal"]["scores"] == [1.0, 2.0, 3.0, 4.0] and saved["normal"]["score_top"] == 0.02
+    unknown = saved["unknown"]
+    assert unknown["images"] == 6 and unknown["threshold"] == pytest.approx(np.quantile(unknown["scores"], 0.9))
+    cal = Calibration.from_dict(saved, "calibration.json")
+    assert cal.prototypes.shape == (3, 8) and np.allclose(np.linalg.norm(cal.prototypes, axis=1), 1)
+
+
+def test_without_held_back_normal_images_the_normal_decision_is_off_and_says_why(tmp_path, monkeypatch):
+    saved = _calibrated_run(tmp_path, monkeypatch, "ground_truth", [])
+    assert saved["normal"]["threshold"] is None and "ground_truth fits on no normal images" in saved["normal"]["note"]
+    assert saved["unknown"]["threshold"] is not None
+
+
+def test_a_maps_store_from_before_the_holdout_is_refused_naming_the_stage_to_rerun(tmp_path, monkeypatch):
+    from anomalyncd import paths
+    from anomalyncd.store import read_maps, write_maps
+    from stages import calibrate as calibrate_stage
+
+    _calibrated_run(tmp_path, monkeypatch, "patchcore", [1.0])
+    ms = read_maps(tmp_path / paths.MAPS)
+    del ms.attrs["holdout_scores"]
+    write_maps(tmp_path / paths.MAPS, ms)
+    with pytest.raises(InputError, match=r"maps.zarr.zip: has no holdout_scores .*rerun detect"):
+        calibrate_stage.main(params=Path("params.yaml"))

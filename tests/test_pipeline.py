@@ -15,7 +15,7 @@ from .project import tiny_project
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "evaluate"]
+STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "calibrate", "evaluate"]
 
 
 def _ran(output: str) -> list[str]:
@@ -84,6 +84,11 @@ def test_mebin_param_change_reruns_mebin_onwards_not_detect(project):
     out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "mebin.padding=0.2"], project)
     _assert_reran_from(out, "mebin")
     assert "train" in _ran(out)  # other boxes, other crops
+
+
+def test_a_predict_threshold_change_reruns_calibrate_only(project):
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "calibrate.unknown_quantile=0.9"], project)
+    assert _ran(out) == ["calibrate"]
 
 
 def test_code_change_of_one_stage_reruns_it_and_what_follows(project):
