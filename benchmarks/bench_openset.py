@@ -214,7 +214,9 @@ def bench_openset_one(work: Path, data: str, types, train, held_type: str, seed:
         link_queries(base / "queries" / "known", known, maps, map_size)
     run = load_run(proj)
     images = find_images([base / "queries" / "new", base / "queries" / "known"])
-    rows = predict_images(run, images, maps, "cpu", progress=False, normal_gate=False).rows
+    q = load_params("calibrate", ROOT / "params.yaml").unknown_quantile  # this project's default, also for reused runs
+    pred = predict_images(run, images, maps, "cpu", progress=False, normal_gate=False, unknown_quantile=q)
+    rows = pred.rows
     is_new = np.array([r["id"].startswith("new/") for r in rows])
     unknown = np.array([float(r["unknown_score"]) if r["unknown_score"] else math.nan for r in rows])
     conf = np.array([float(r["confidence"]) if r["confidence"] else math.nan for r in rows])
@@ -223,7 +225,7 @@ def bench_openset_one(work: Path, data: str, types, train, held_type: str, seed:
         "held": held_type, "seed": seed, "new": int(is_new.sum()), "known": int((~is_new).sum()),
         "auroc": auroc(unknown, is_new), "auroc_maxsoftmax": auroc(1 - conf, is_new),
         "new_flagged": float(flagged[is_new].mean()), "known_flagged": float(flagged[~is_new].mean()),
-        "no_anomaly": int(np.isnan(unknown).sum()), "threshold": run.calibration.unknown_threshold,
+        "no_anomaly": int(np.isnan(unknown).sum()), "threshold": pred.calibration.unknown_threshold,
         "run_images": sum(len(v) for v in run_types.values()), "seconds": seconds,
         **{f"new@{q}": float(np.mean(unknown[is_new] > threshold(run.calibration.known_scores, q))) for q in QUANTILES},
         **{f"known@{q}": float(np.mean(unknown[~is_new] > threshold(run.calibration.known_scores, q))) for q in QUANTILES},
