@@ -40,7 +40,7 @@ HEADER = """\
 #   <cluster>: {same_as: <other>}  the same defect type as cluster <other> (merged)
 #   <cluster>: {reject: true}      not a defect (false alarms)
 # A cluster left out keeps its own class, named by its matched true type, else "cluster <id>".
-# `dvc repro` then reruns merge and evaluate only.
+# `dvc repro` then reruns merge, calibrate and evaluate only.
 """
 
 

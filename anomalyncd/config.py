@@ -117,6 +117,7 @@ class DetectParams:
     external_dir: str = ""  # external: folder of maps
     smooth_sigma: float = 12.0  # patchcore, padim: Gaussian smoothing of the map, px of the resized image
     score_top: float = 0.01  # image score: mean of this fraction of the map's highest pixels (0: the maximum)
+    holdout: float = 0.2  # patchcore, padim: share of the normal training images held back from the fit and scored (the normal/defect calibration)
 
     def __post_init__(self) -> None:
         require(
@@ -132,6 +133,7 @@ class DetectParams:
             train_images=(self.train_images >= 0, ">= 0 (0: all)"),
             smooth_sigma=(self.smooth_sigma >= 0, ">= 0 (0: no smoothing)"),
             score_top=(0 <= self.score_top < 1, "in [0, 1) (0: the map maximum)"),
+            holdout=(0 <= self.holdout <= 0.5, "in [0, 0.5] (0: no calibration of the normal/defect decision)"),
         )
 
 
@@ -265,6 +267,25 @@ class MergeParams:
 
 
 @dataclass
+class CalibrateParams:
+    """The thresholds of ``anomalyncd predict``'s two decisions (:mod:`anomalyncd.calibrate`):
+    normal or defect (the detector's image score against this quantile of the scores of the
+    normal images ``detect`` held back), then known or unknown type (an image's distance to its
+    nearest class against this quantile of the run's own images' distances)."""
+
+    normal_quantile: float = 0.9
+    unknown_quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        require(
+            "calibrate",
+            self,
+            normal_quantile=(0.5 <= self.normal_quantile <= 1, "in [0.5, 1] (the share of normal images to pass as normal)"),
+            unknown_quantile=(0.5 <= self.unknown_quantile <= 1, "in [0.5, 1] (the share of the run's own images to pass as a known type)"),
+        )
+
+
+@dataclass
 class EvaluateParams:
     """Metrics and the HTML report; ``seed`` picks the images whose MEBin sweep is plotted."""
 
@@ -285,6 +306,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainParams,
     "infer": InferParams,
     "merge": MergeParams,
+    "calibrate": CalibrateParams,
     "evaluate": EvaluateParams,
 }
 

@@ -12,6 +12,7 @@ An image where MEBin found no anomaly has one whole-image crop with an empty mas
 would be a guess about the whole surface (often a confident one), so it gets none: it is marked
 ``no anomaly found`` with cluster -1 (the normal class instead, when the run has one) and no
 confidence, and so stays out of the sizes and confidences of the defect classes.
+With ``dataset.include_normal``, an image classed as the normal class has status ``normal``.
 
 Pure functions on arrays, and :class:`Merger`, the settings they run with, which the ``merge``
 stage stores with its result so that ``anomalyncd predict`` merges as the run did; the stage
@@ -35,6 +36,17 @@ from .store import MergeSet
 STRATEGIES = ("weighted", "mean")
 NO_ANOMALY = -1  # the cluster of an image where MEBin found no anomaly (without a normal class)
 STATUS = {True: "anomaly found", False: "no anomaly found"}
+#: the status of an image judged defect-free: classed as the run's normal class
+#: (``dataset.include_normal``), or, in ``anomalyncd predict``, scored under the normal threshold
+NORMAL = "normal"
+
+
+def image_status(anomaly: bool, label: int, no_anomaly: int = NO_ANOMALY) -> str:
+    """An image's status: :data:`NORMAL` when MEBin found a region but the image is classed as
+    the normal class (``no_anomaly >= 0``: the run has one), else :data:`STATUS` of ``anomaly``."""
+    if anomaly and no_anomaly >= 0 and label == no_anomaly:
+        return NORMAL
+    return STATUS[bool(anomaly)]
 
 
 def no_anomaly_cluster(prob_attrs: dict) -> int:
@@ -221,9 +233,10 @@ def image_rows(
     crop_boxes: list,
     image_index: np.ndarray,
     crop_labels: np.ndarray,
+    no_anomaly: int = NO_ANOMALY,
 ) -> Iterator[dict[str, str | int]]:
     """One row per image, generated (a table of any length is written without holding it):
-    id, image path, category, cluster, status (:data:`STATUS`), confidence (empty without
+    id, image path, category, cluster, status (:func:`image_status`), confidence (empty without
     anomaly), n_crops, boxes (the defects'), crop_boxes, crop_clusters and prob_<k> for every
     class k.
 
@@ -240,7 +253,7 @@ def image_rows(
             "image": images[i],
             "category": categories[i],
             "cluster": int(merged.labels[i]),
-            "status": STATUS[bool(merged.anomaly[i])],
+            "status": image_status(bool(merged.anomaly[i]), int(merged.labels[i]), no_anomaly),
             "confidence": _fmt(merged.confidence[i]),
             "n_crops": int(merged.n_crops[i]),
             "boxes": ";".join(_box_text(defect_boxes[j]) for j in js),
@@ -380,7 +393,7 @@ def merge_tables(
     crop_labels = np.where(areas > 0, raw, merger.no_anomaly)
     crop_conf = np.where(areas > 0, np.asarray(crop_probs)[np.arange(len(raw)), raw] if len(raw) else 0.0, np.nan)
     defect, context = table_boxes(boxes, regions, areas, image_index, image_sizes)
-    img_rows = image_rows(ids, images, categories, merged, defect, context, image_index, crop_labels)
+    img_rows = image_rows(ids, images, categories, merged, defect, context, image_index, crop_labels, merger.no_anomaly)
     crop_image_ids = [ids[i] for i in np.asarray(image_index).tolist()]
     c_rows = crop_rows(crop_ids, crop_image_ids, defect, context, areas, scores, crop_probs, merged.weights, crop_labels)
     store = MergeSet(

@@ -15,6 +15,7 @@ PROBS = Path("data/infer/probs.zarr.zip")
 MERGED = Path("data/merge/merged.zarr.zip")  # what evaluate and predict read
 PREDICTIONS = Path("data/merge/predictions.csv")  # the same, as a table for people
 CROP_PREDICTIONS = Path("data/merge/crops.csv")
+CALIBRATION = Path("models/calibration.json")  # predict's normal/defect and known/unknown thresholds
 METRICS = Path("metrics")
 EVALUATE_METRICS = METRICS / "evaluate.json"  # the headline figures: a DVC metric
 EVALUATE_DETAIL = METRICS / "evaluate_detail.json"  # per class, cluster and category: not a DVC metric

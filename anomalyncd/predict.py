@@ -7,19 +7,26 @@ in the map store), MEBin's search range and settings (``lo``/``hi``/``params`` i
 store), the trained model with its selected head, class names and evaluation transform
 (``models/mgvit.pt``), the merge settings and the class catalog (the merge store: each cluster's curated name, "not a
 defect" for a rejected one; a run without it: the matched true type of each discovered class
-from ``metrics/evaluate_detail.json``). New images
+from ``metrics/evaluate_detail.json``), and the thresholds of the two decisions below
+(``models/calibration.json``). New images
 go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
 :func:`anomalyncd.inference.crop_outputs`, :func:`anomalyncd.merge.merge_tables`), so
 predicting the run's own images reproduces its image-level predictions.
+
+Two decisions come on top (:mod:`anomalyncd.calibrate`): an image whose detector score is not
+above the run's normal threshold is ``normal`` (no class), and an anomalous image whose features
+lie farther from every class than the run's unknown threshold is an ``unknown type`` (its
+cluster stays the nearest class).
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,10 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import paths
-from .config import InferParams, MebinParams, from_dict
+from .calibrate import KNOWN, UNKNOWN, Calibration, crop_distances, image_unknown_scores
+from .config import DetectParams, InferParams, MebinParams, from_dict
 from .datasets import IMAGE_EXTENSIONS
-from .io import InputError, read_image, read_json
-from .merge import Merger, merge_tables, novel_probabilities
+from .io import InputError, InputWarning, read_image, read_json
+from .merge import NORMAL, STATUS, Merger, merge_tables, novel_probabilities
 from .store import StoreReader, crop_ids_of
 
 MAP_EXTENSIONS = (".npy", ".png", ".tif", ".tiff")  # what the external detector reads
@@ -51,6 +59,8 @@ class Run:
     mebin: MebinParams
     merger: Merger
     names: dict[int, str] = field(default_factory=dict)
+    score_top: float = DetectParams().score_top  # the run's image score (detect.score_top)
+    calibration: Calibration | None = None  # None: a run from before the calibrate stage
 
     @property
     def detector(self) -> Path:
@@ -96,6 +106,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
         merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
         names=catalog_names(merge_attrs, root / paths.MERGED) or class_names(root / paths.EVALUATE_DETAIL),
+        score_top=float((map_attrs.get("params") or {}).get("score_top", DetectParams().score_top)),
+        calibration=load_calibration(root / paths.CALIBRATION),
     )
 
 
@@ -104,6 +116,19 @@ def catalog_names(merge_attrs: dict, where: Path) -> dict[int, str]:
     from .catalog import cluster_names, from_attrs
 
     return cluster_names(from_attrs(merge_attrs["catalog"], str(where))) if "catalog" in merge_attrs else {}
+
+
+def load_calibration(path: Path) -> Calibration | None:
+    """The run's calibration, or None (with a warning) for a run finished before there was one."""
+    if not path.exists():
+        warnings.warn(
+            f"{path}: missing, so no image is judged normal and none an unknown type; "
+            f"finish the run with the calibrate stage (cd {path.parent.parent} && dvc repro)",
+            InputWarning,
+            stacklevel=2,
+        )
+        return None
+    return Calibration.from_dict(read_json(path, "calibrate"), str(path))
 
 
 def class_names(metrics_path: Path) -> dict[int, str]:
@@ -166,6 +191,7 @@ class Predictions:
 
     rows: list[dict]
     failed: list[str] = field(default_factory=list)
+    calibration: Calibration | None = None  # the thresholds applied (None: none)
 
 
 class Predictor:
@@ -178,7 +204,15 @@ class Predictor:
     """
 
     def __init__(
-        self, run: Run, device: str = "auto", batch_size: int | None = None, maps: bool = False, workers: int | None = None
+        self,
+        run: Run,
+        device: str = "auto",
+        batch_size: int | None = None,
+        maps: bool = False,
+        workers: int | None = None,
+        normal_quantile: float | None = None,
+        unknown_quantile: float | None = None,
+        normal_gate: bool = True,
     ) -> None:
         from .device import resolve_device
         from .detect import load_detector
@@ -186,6 +220,11 @@ class Predictor:
         from .model import load_model
 
         self.run = run
+        self.calibration = None
+        if run.calibration is not None:
+            self.calibration = run.calibration.with_quantiles(normal_quantile, unknown_quantile)
+            if not normal_gate:
+                self.calibration = replace(self.calibration, normal_scores=np.zeros(0), note="--no-normal-gate")
         self.detector = None
         if not maps:
             if not run.detector.exists():
@@ -211,6 +250,7 @@ class Predictor:
         import torch
 
         from .detect import normalise_u8
+        from .detect.ops import image_scores
         from .inference import crop_outputs, novel_probabilities as head_probabilities
         from .mebin import mebin_image
 
@@ -249,6 +289,7 @@ class Predictor:
 
         crops = clock("mebin", self._map, crop, list(zip(loaded, raw)))
         out.kept = [item for item, _, _ in loaded]
+        out.image_scores = image_scores(np.stack(raw), run.score_top).astype(np.float64)
         out.counts = np.array([len(c) for c in crops], np.int64)
         out.boxes = np.concatenate([c.boxes for c in crops]).reshape(-1, 4)
         out.regions = np.concatenate([c.regions for c in crops]).reshape(-1, 4)
@@ -259,6 +300,7 @@ class Predictor:
                   np.concatenate([c.crop_masks for c in crops]), self.device, self.batch_size)
         probs = head_probabilities(torch.from_numpy(o.logits), self.net.cfg.num_labeled).numpy().astype(np.float32)
         out.probs = novel_probabilities(probs, self.head, self.net.cfg.num_labeled)
+        out.features = o.features
         return out
 
     def merge(self, parts: list["Classified"]) -> list[dict]:
@@ -267,7 +309,7 @@ class Predictor:
         parts = [p for p in parts if p.kept]
         ids = [i for p in parts for i, _ in p.kept]
         image_index = np.repeat(np.arange(len(ids)), np.concatenate([p.counts for p in parts]))
-        rows, _, _ = merge_tables(
+        rows, _, merged = merge_tables(
             ids=ids,
             images=[str(f) for p in parts for _, f in p.kept],
             categories=[""] * len(ids),
@@ -281,12 +323,34 @@ class Predictor:
             crop_probs=np.concatenate([p.probs for p in parts]),
             merger=self.run.merger,
         )
-        first = ("id", "image", "cluster")
-        return [
-            {**{c: r[c] for c in first}, "name": self.run.names.get(int(r["cluster"]), "")}
-            | {c: v for c, v in r.items() if c not in first and c != "category"}
-            for r in rows
-        ]
+        scores = np.concatenate([p.image_scores for p in parts])
+        unknown = np.full(len(ids), np.nan)
+        cal = self.calibration
+        if cal is not None and np.isfinite(cal.prototypes).all(1).any():
+            dist, _ = crop_distances(np.concatenate([p.features for p in parts]), cal.prototypes)
+            unknown = image_unknown_scores(dist, merged.weights, image_index, merged.anomaly)
+        return [self._decide(r, s, u) for r, s, u in zip(rows, scores, unknown)]
+
+    def _decide(self, r: dict, score: float, unknown: float) -> dict:
+        """One merged row with predict's decisions and columns: ``name`` after ``cluster``, and
+        ``open_set`` (known type / unknown type), ``image_score`` and ``unknown_score`` after
+        ``status``. An image not above the normal threshold is ``normal``: no class, no boxes."""
+        cal, no_anomaly = self.calibration, self.run.merger.no_anomaly
+        t_normal = None if cal is None else cal.normal_threshold
+        t_unknown = None if cal is None else cal.unknown_threshold
+        r = {c: v for c, v in r.items() if c != "category"}
+        if t_normal is not None and score <= t_normal:
+            r.update(cluster=no_anomaly, status=NORMAL, confidence="", n_crops=0, boxes="", crop_boxes="", crop_clusters="")
+            r.update({c: "" for c in r if c.startswith("prob_")})
+        found = r["status"] == STATUS[True]
+        open_set = "" if not found or t_unknown is None else (UNKNOWN if unknown > t_unknown else KNOWN)
+        out = {"id": r["id"], "image": r["image"], "cluster": r["cluster"], "name": self.run.names.get(int(r["cluster"]), "")}
+        out.update(status=r["status"], open_set=open_set, image_score=_num(score), unknown_score=_num(unknown) if found else "")
+        return out | {c: v for c, v in r.items() if c not in out}
+
+
+def _num(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.6f}"
 
 
 class _Clock:
@@ -316,6 +380,8 @@ class Classified:
     areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (M, D) the encoder's
+    image_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) the detector's image scores
     failed: list[str] = field(default_factory=list)
 
 
@@ -327,14 +393,20 @@ def predict_images(
     batch_size: int | None = None,
     progress: bool = True,
     workers: int | None = None,
+    normal_quantile: float | None = None,
+    unknown_quantile: float | None = None,
+    normal_gate: bool = True,
 ) -> Predictions:
     """Classify ``images`` ((id, path) pairs) with ``run``: one row per image as in
     ``data/merge/predictions.csv``, with ``name``: the cluster's class in the run's catalog
-    ("not a defect" for a rejected cluster; '' without anomaly).
+    ("not a defect" for a rejected cluster; '' without anomaly), and ``open_set``,
+    ``image_score`` and ``unknown_score`` (:meth:`Predictor._decide`).
 
     Maps come from the run's fitted detector, or from ``maps_dir``, read and resized to the
     run's map size as the ``external`` detector reads map files; either way they are
     normalised with the run's global range (``norm_min``/``norm_max``), as the run's own.
+    ``normal_quantile``/``unknown_quantile`` override the run's (``calibrate`` params);
+    ``normal_gate=False`` classes every image as a defect, as a run without calibration.
     ``batch_size``: crops per batch (default: ``infer``'s). Images go through the detector,
     MEBin and the classifier :data:`CHUNK` at a time (memory stays bounded on large folders);
     ``workers``: see :class:`Predictor`.
@@ -342,7 +414,8 @@ def predict_images(
     ``InputError`` only when none can be.
     """
     map_files = find_maps(maps_dir, [i for i, _ in images]) if maps_dir is not None else None
-    predictor = Predictor(run, device, batch_size, maps=map_files is not None, workers=workers)
+    predictor = Predictor(run, device, batch_size, maps=map_files is not None, workers=workers,
+                          normal_quantile=normal_quantile, unknown_quantile=unknown_quantile, normal_gate=normal_gate)
     parts: list[Classified] = []
     bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress)
     for s in range(0, len(images), CHUNK):
@@ -352,7 +425,7 @@ def predict_images(
     failed = [f for p in parts for f in p.failed]
     if not any(p.kept for p in parts):
         raise InputError(f"none of the {len(images)} images could be classified; the first: {failed[0]}")
-    return Predictions(predictor.merge(parts), failed)
+    return Predictions(predictor.merge(parts), failed, predictor.calibration)
 
 
 def _read_map(path: Path, size: int) -> np.ndarray:

@@ -592,7 +592,7 @@ def _next_steps(data: ReportData, found: list[tuple[int, ImageEntry]], none: lis
         steps.append(
             "Curate the types in <a href='#catalog'>the catalog</a>: <code>anomalyncd classes name|merge|reject "
             "&lt;cluster&gt; ...</code> names a type, merges two clusters of one type or rejects false alarms, and "
-            "<code>dvc repro</code> applies it (merge and evaluate only); <code>anomalyncd export --out labelled</code> "
+            "<code>dvc repro</code> applies it (merge, calibrate and evaluate only); <code>anomalyncd export --out labelled</code> "
             "then writes the curated crops as a labelled data set."
         )
     steps.append(

@@ -4,7 +4,7 @@ Not a pipeline stage. ``show`` lists each cluster of the finished run (data/merg
 number of images, mean confidence, matched true type where the run had ground truth, and the
 class classes.yaml makes of it; ``name 3 crack``, ``merge 4 3`` (cluster 4 is the same type as
 3), ``reject 1`` (not a defect) and ``reset 3`` edit classes.yaml (checked against the run
-before it is written, atomically). Then ``dvc repro`` reruns merge and evaluate only.
+before it is written, atomically). Then ``dvc repro`` reruns merge, calibrate and evaluate only.
 """
 
 from pathlib import Path
@@ -42,7 +42,7 @@ def _edit(file: Path, cluster: int, entry) -> None:
 
 
 def _done(file: Path, what: str) -> None:
-    typer.echo(f"{file}: {what}; `dvc repro` applies it (reruns merge and evaluate only)")
+    typer.echo(f"{file}: {what}; `dvc repro` applies it (reruns merge, calibrate and evaluate only)")
 
 
 @app.command()

@@ -27,6 +27,7 @@ COMMANDS = {
     "train": "train: mask-guided representation learning on the anomaly-centred crops.",
     "infer": "infer: class probabilities of every crop from the trained model.",
     "merge": "merge: region merging, from crop predictions to one class per image.",
+    "calibrate": "calibrate: the thresholds of predict's normal/defect and known/unknown-type decisions.",
     "evaluate": "evaluate: clustering metrics, the confusion plot and the HTML report.",
     "predict": "predict: classify new defect images with a finished run, without retraining.",
     "classes": "classes: show the discovered clusters and curate them in classes.yaml: name, merge, reject.",

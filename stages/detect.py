@@ -8,6 +8,11 @@ Metrics need normal images too: the normal test images that are not classified
 (``dataset.include_normal: false``) are mapped as well, for the metrics only; they are not in
 the store. For ``musc`` they join the set of images that score each other.
 
+``patchcore`` and ``padim`` fit on the normal training images less a share ``detect.holdout``
+held back (drawn with ``detect.seed``): those are scored after the fit, and their image scores
+stored in the maps store's attrs (``holdout_scores``), for the ``calibrate`` stage's
+normal/defect threshold. They are in no fit and no metric.
+
 Maps are made a chunk of images at a time into a part store and gathered into the maps store
 (``anomalyncd.detect.stream``); under ``torchrun`` every rank maps a block of whole batches
 with the detector fitted once on rank 0, and rank 0 gathers (``anomalyncd.shard``).
@@ -24,7 +29,9 @@ from anomalyncd import paths, shard
 from anomalyncd.config import load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.detect import DetectContext, LazyImages, create_detector, normalise_u8, save_detector, stream
+from anomalyncd.detect.holdout import split_holdout
 from anomalyncd.detect.metrics import detection_metrics, image_auroc, resize_masks
+from anomalyncd.detect.ops import image_scores
 from anomalyncd.detect.plot import detection_grid, pick_examples
 from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
 from anomalyncd.stage import reads, run
@@ -56,6 +63,14 @@ def no_normal_images(method: str, layout: str) -> str:
         f"{paths.MANIFEST}: detect.method {method} fits on known-good (normal) images and dataset.layout {layout} "
         f"gave none; {give}, or detect without them (zero-shot): dvc exp run -S detect.method=musc"
     )
+
+
+def holdout_scores(det, held: list[Record], score_top: float) -> np.ndarray:
+    """float32 (H,): the image scores of the held-back normal images ``held`` (mapped a chunk at
+    a time, as the images to classify)."""
+    step = stream.chunk_size(det, len(held))
+    out = [image_scores(det.map_records(held[a : a + step]), score_top) for a in range(0, len(held), step)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
 def _masks(records: list[Record]) -> list[np.ndarray]:
@@ -95,9 +110,14 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     start = time.perf_counter()
     if det.needs_training_images and not manifest.train_normal():
         raise InputError(no_normal_images(p.method, ds.layout))
+    held: list[Record] = []
     if det.needs_training_images:
+        # normal images held back from the fit: predict's normal/defect threshold is taken on them
+        train = manifest.train_normal()
+        fit_idx, held_idx = split_holdout(len(train), p.holdout, p.seed)
+        held = [train[i] for i in held_idx]
         if rank == 0:  # fitted once, so that every rank maps with the same state
-            det.fit(LazyImages([r.image for r in manifest.train_normal()]))
+            det.fit(LazyImages([train[i].image for i in fit_idx]))
         if world > 1:
             det.load_state_dict(shard.broadcast(det.state_dict() if rank == 0 else None))
     evaluated = todo + extra
@@ -119,6 +139,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         "weights": det.weights,
         "pretrained": bool(det.pretrained),
         "params": p,
+        "holdout_scores": holdout_scores(det, held, p.score_top).tolist(),
     }
     try:
         with shard.Parts(shard.part_paths(paths.MAPS, world), stream.PART_KIND) as parts:
@@ -127,6 +148,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             det.norm_min, det.norm_max = lo, hi
             save_detector(det, paths.DETECTOR)
             metrics = _metrics_and_grid(manifest, todo, extra, parts, p, det, lo, hi)
+            metrics["holdout_images"] = len(held)
     finally:
         shard.remove_parts(paths.MAPS)
         shard.finish()

@@ -41,7 +41,7 @@ def main(
     stored = from_attrs(ms.attrs["catalog"], str(paths.MERGED))
     current = resolve(load_catalog(classes), ms.n_classes, {c.cluster: c.matched for c in stored if c.matched})
     if [(c.name, c.root, c.rejected) for c in current] != [(c.name, c.root, c.rejected) for c in stored]:
-        raise InputError(f"{classes}: changed since the run's last merge; run `dvc repro` first (reruns merge and evaluate only)")
+        raise InputError(f"{classes}: changed since the run's last merge; run `dvc repro` first (reruns merge, calibrate and evaluate only)")
     cs = read_crops(paths.CROPS, lazy=True)
     if cs.ids != ms.ids or len(cs.image_index) != len(ms.crop_clusters):
         raise InputError(f"{paths.MERGED}: images or crops differ from {paths.CROPS}; rerun merge (dvc repro)")

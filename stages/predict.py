@@ -1,8 +1,9 @@
 """predict: classify new defect images with a finished run, without retraining.
 
 Not a pipeline stage: it loads the run's fitted components (detector, MEBin range, classifier,
-merge settings) from its artifacts and applies them with the functions the stages call
-(:mod:`anomalyncd.predict`).
+merge settings, the calibrated thresholds) from its artifacts and applies them with the
+functions the stages call (:mod:`anomalyncd.predict`): an image is first judged normal or
+anomalous, then an anomalous one is classed, as a known type or an unknown one.
 """
 
 from collections import Counter
@@ -23,9 +24,15 @@ def main(
     maps: Path = typer.Option(None, "--maps", help="folder of raw anomaly maps (<image id>.npy or .png) instead of the run's detector"),
     device: str = typer.Option("auto", help="cpu, cuda or auto (cuda when available)"),
     batch_size: int = typer.Option(None, help="crops per batch (default: infer's default batch size)"),
+    normal_quantile: float = typer.Option(
+        None, help="normal/defect threshold: this quantile of the held-back normal images' scores (default: the run's calibrate.normal_quantile)"),
+    unknown_quantile: float = typer.Option(
+        None, help="unknown-type threshold: this quantile of the run's own images' distances (default: the run's calibrate.unknown_quantile)"),
+    normal_gate: bool = typer.Option(True, "--normal-gate/--no-normal-gate", help="--no-normal-gate: class every image as a defect"),
 ) -> None:
     """Classify new defect images with a finished run, without retraining."""
-    from anomalyncd.merge import STATUS, write_table
+    from anomalyncd.calibrate import UNKNOWN
+    from anomalyncd.merge import NORMAL, STATUS, write_table
     from anomalyncd.device import resolve_device
     from anomalyncd.io import InputError, output_file
     from anomalyncd.predict import find_images, load_run, predict_images
@@ -36,14 +43,26 @@ def main(
     resolve_device(device, "--device")
     r = load_run(run_dir)
     images = find_images(inputs)
-    pred = predict_images(r, images, maps, device, batch_size)
+    pred = predict_images(r, images, maps, device, batch_size, normal_quantile=normal_quantile,
+                          unknown_quantile=unknown_quantile, normal_gate=normal_gate)
     write_table(out, pred.rows)
     found = [row for row in pred.rows if row["status"] == STATUS[True]]
     counts = Counter(row["name"] or f"cluster {row['cluster']}" for row in found)
+    n = Counter(row["status"] for row in pred.rows)
+    unknown = sum(row["open_set"] == UNKNOWN for row in found)
     typer.echo(
         f"predict: {len(pred.rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
-        f"no anomaly found: {len(pred.rows) - len(found)}"
+        f"unknown type: {unknown}; normal: {n[NORMAL]}; no anomaly found: {n[STATUS[False]]}"
     )
+    cal = pred.calibration
+    if cal is not None:
+        t_n, t_u = cal.normal_threshold, cal.unknown_threshold
+        typer.echo(
+            "predict: normal if image_score <= "
+            + (f"{t_n:.4g} (quantile {cal.normal_quantile:g} of {len(cal.normal_scores)} held-back normal images)" if t_n is not None else f"- (off: {cal.note})")
+            + "; unknown type if unknown_score > "
+            + (f"{t_u:.4g} (quantile {cal.unknown_quantile:g} of the run's {len(cal.known_scores)} images)" if t_u is not None else "- (off: no class prototypes)")
+        )
     if pred.failed:
         for line in pred.failed:
             typer.echo(f"error: {line}", err=True)

@@ -1,6 +1,6 @@
 """The catalog applied to a run: merge names its tables, evaluate scores and reports the curated
 classes, `anomalyncd classes` edits the file, `anomalyncd export` writes the labelled set that
-train.base_dir reads back, and editing the catalog reruns merge and evaluate only."""
+train.base_dir reads back, and editing the catalog reruns only the stages after infer."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_export_refuses_a_catalog_edited_since_the_last_merge(tmp_path, monkeypa
 # -- rerun scope -----------------------------------------------------------------------------
 
 
-def test_only_merge_and_evaluate_depend_on_the_catalog():
+def test_only_the_stages_after_infer_depend_on_the_catalog():
     """dvc.yaml: the stages that read classes.yaml, or an output of one that does."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -239,5 +239,5 @@ def test_only_merge_and_evaluate_depend_on_the_catalog():
                 affected.add(name)
                 tainted |= outs(s)
                 changed = True
-    assert affected == {"merge", "evaluate"}
+    assert affected == {"merge", "calibrate", "evaluate"}
     assert "classes.yaml" in deps(stages["merge"])

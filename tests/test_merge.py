@@ -119,6 +119,20 @@ def test_no_anomaly_images_are_marked_in_both_tables():
     assert merged.n_classes == 2 and merged.attrs == {"strategy": "weighted", "temperature": 50.0, "no_anomaly": -1}
 
 
+def test_an_image_classed_as_the_normal_class_is_normal_not_anomaly_found():
+    """dataset.include_normal: the model's normal class (here cluster 0) is no defect type."""
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    images, _, merged = merge_tables(
+        ["good", "crack", "none"], ["g.png", "c.png", "n.png"], ["t"] * 3, ["g#0", "c#0", "n#0"], np.array([0, 1, 2]),
+        np.array([[0, 0, 9, 9]] * 3), np.array([[1, 1, 5, 5], [1, 1, 5, 5], [0, 0, 0, 0]]),
+        np.full((3, 2), 10), np.array([10, 10, 0]), np.ones(3), probs, Merger("weighted", 50.0, 0),
+    )
+    rows = list(images)
+    assert [r["status"] for r in rows] == ["normal", "anomaly found", "no anomaly found"]
+    assert [r["cluster"] for r in rows] == [0, 1, 0]
+    assert merged.anomaly.tolist() == [True, True, False]  # the store keeps what MEBin found
+
+
 def test_tables_are_written_from_generators_row_by_row_and_an_empty_one_has_no_columns(tmp_path):
     rows = ({"id": str(i), "cluster": i % 2} for i in range(3))
     write_table(tmp_path / "t.csv", rows)

@@ -15,7 +15,7 @@ from .project import tiny_project
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "evaluate"]
+STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "calibrate", "evaluate"]
 
 
 def _ran(output: str) -> list[str]:
@@ -86,6 +86,11 @@ def test_mebin_param_change_reruns_mebin_onwards_not_detect(project):
     assert "train" in _ran(out)  # other boxes, other crops
 
 
+def test_a_predict_threshold_change_reruns_calibrate_only(project):
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "calibrate.unknown_quantile=0.9"], project)
+    assert _ran(out) == ["calibrate"]
+
+
 def test_code_change_of_one_stage_reruns_it_and_what_follows(project):
     merge = project / "stages" / "merge.py"
     original = merge.read_text()
@@ -98,7 +103,7 @@ def test_code_change_of_one_stage_reruns_it_and_what_follows(project):
         _run([sys.executable, "-m", "dvc", "repro"], project)
 
 
-def test_a_catalog_edit_reruns_merge_and_evaluate_only_and_names_every_output(project):
+def test_a_catalog_edit_reruns_only_the_stages_after_infer_and_names_every_output(project):
     """Naming, merging and rejecting clusters (`anomalyncd classes`) reruns no stage before merge."""
     import csv
 
@@ -109,7 +114,7 @@ def test_a_catalog_edit_reruns_merge_and_evaluate_only_and_names_every_output(pr
         _run([sys.executable, "-m", "stages.cli", "classes", "merge", "3", "2"], project)
         _run([sys.executable, "-m", "stages.cli", "classes", "reject", "1"], project)
         out = _run([sys.executable, "-m", "dvc", "repro"], project)
-        assert _ran(out) == ["merge", "evaluate"]
+        assert sorted(_ran(out)) == ["calibrate", "evaluate", "merge"]  # never detect, mebin, train or infer
         with open(project / "data/merge/predictions.csv", newline="") as fh:
             names = {(r["cluster"], r["name"]) for r in csv.DictReader(fh)}
         two = next(n for c, n in names if c == "2")

@@ -151,8 +151,29 @@ def _assert_same_predictions(proj: Path, out: Path) -> None:
 def test_predicting_the_runs_own_images_reproduces_its_predictions(finished_run, tmp_path):
     out = tmp_path / "preds.csv"
     folders = [str(d) for d in _defect_folders(finished_run)]
-    _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+    _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out), "--no-normal-gate"], finished_run)
     _assert_same_predictions(finished_run, out)
+
+
+@pytest.mark.slow
+def test_predict_scores_images_as_the_run_did_and_says_which_thresholds_it_applied(finished_run, tmp_path):
+    """The image score is the detect stage's; the calibrate stage's thresholds are applied."""
+    from anomalyncd.store import read_maps
+
+    ms = read_maps(finished_run / "data" / "detect" / "maps.zarr.zip")
+    cal = json.loads((finished_run / "models" / "calibration.json").read_text())
+    assert cal["normal"]["holdout_images"] == 2 and cal["normal"]["threshold"] is not None  # 20 % of 8 normal images
+    out = tmp_path / "preds.csv"
+    test_dir = finished_run / "data" / "demo" / "tile" / "test"
+    log = _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), str(test_dir), "--out", str(out)],
+               finished_run)
+    assert f"normal if image_score <= {cal['normal']['threshold']:.4g} (quantile 0.9 of 2 held-back normal images)" in log
+    rows = {r["id"]: r for r in _rows(out)}
+    for id_, score in zip(ms.ids, ms.scores):  # tile/test/crack/000 -> test/crack/000
+        r = rows[id_.split("/", 1)[1]]
+        assert float(r["image_score"]) == pytest.approx(float(score), rel=1e-4), id_
+        assert (r["status"] == "normal") == (float(score) <= cal["normal"]["threshold"]), id_
+    assert {r["open_set"] for r in rows.values() if r["status"] == "anomaly found"} <= {"known type", "unknown type"}
 
 
 @pytest.mark.slow
@@ -167,7 +188,7 @@ def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run
         np.save(f, m)
     out = tmp_path / "preds.csv"
     folders = [str(d) for d in _defect_folders(finished_run)]
-    args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out)]
+    args = ["predict", "--run", str(finished_run), *folders, "--maps", str(maps_dir), "--out", str(out), "--no-normal-gate"]
     _run([sys.executable, "-m", "stages.cli", *args], finished_run)
     _assert_same_predictions(finished_run, out)
 
@@ -187,7 +208,7 @@ def test_predictions_are_reproduced_after_params_yaml_was_edited_following_the_r
         params.write_text(yaml.safe_dump(edited))
         out = tmp_path / "preds.csv"
         folders = [str(d) for d in _defect_folders(finished_run)]
-        _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out)], finished_run)
+        _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), *folders, "--out", str(out), "--no-normal-gate"], finished_run)
         _assert_same_predictions(finished_run, out)
     finally:
         params.write_text(kept)
@@ -312,3 +333,71 @@ def test_predictions_do_not_depend_on_chunks_or_threads(small_run, monkeypatch):
     parts = [p.classify(images[s : s + 1], files[s : s + 1]) for s in range(len(images))]
     _same_rows(one, p.merge(parts))
     assert set(p.timings) == {"read", "mebin", "classifier"}
+
+
+# -- normal or defect, then known or unknown type ---------------------------------------------
+
+
+def _with_calibration(small_run, dest: Path, normal_scores, known_scores) -> tuple[Path, "object"]:
+    """A copy of ``small_run`` with a calibration file: these score distributions, prototypes of
+    its own crops' features, both quantiles 0.5."""
+    import shutil
+
+    from anomalyncd import paths
+    from anomalyncd.calibrate import Calibration, class_prototypes
+    from anomalyncd.io import write_json
+    from anomalyncd.predict import Predictor
+
+    root, images, maps_dir = small_run
+    shutil.copytree(root, dest)
+    p = Predictor(load_run(dest), "cpu", maps=True, workers=1)
+    c = p.classify(images, find_maps(maps_dir, [i for i, _ in images]))
+    protos = class_prototypes(c.features[c.areas > 0], c.probs[c.areas > 0].argmax(1), c.probs.shape[1])
+    cal = Calibration(0.01, np.asarray(normal_scores, float), protos, np.asarray(known_scores, float), 0.5, 0.5)
+    write_json(dest / paths.CALIBRATION, cal.to_dict())
+    return dest, load_run(dest)
+
+
+def test_images_not_above_the_normal_threshold_are_normal_with_their_score(small_run, tmp_path):
+    from anomalyncd.detect.ops import image_scores
+
+    _, images, maps_dir = small_run
+    ids = [i for i, _ in images]
+    scores = image_scores(np.stack([np.load(f) for f in find_maps(maps_dir, ids)]), 0.01)
+    t = float(np.median(scores))
+    _, run = _with_calibration(small_run, tmp_path / "run", [t], [0.0])
+    rows = predict_images_quiet(run, images, maps_dir)
+    assert list(rows[0])[:8] == ["id", "image", "cluster", "name", "status", "open_set", "image_score", "unknown_score"]
+    np.testing.assert_allclose([float(r["image_score"]) for r in rows], scores, atol=1e-5)
+    for r, s in zip(rows, scores):
+        if s <= t:
+            assert r["status"] == "normal" and r["cluster"] == -1 and r["open_set"] == "" and r["unknown_score"] == ""
+            assert r["confidence"] == r["boxes"] == r["crop_clusters"] == r["prob_0"] == "" and r["n_crops"] == 0
+        else:
+            assert r["status"] != "normal"
+    assert sum(r["status"] == "normal" for r in rows) == int((scores <= t).sum()) >= 1
+    # the threshold can be moved without a rerun, or the decision left out
+    assert not any(r["status"] == "normal" for r in predict_images_quiet(run, images, maps_dir, normal_gate=False))
+    assert all(r["status"] == "normal" for r in predict_images_quiet(run, images, maps_dir, normal_quantile=1.0)
+               if float(r["image_score"]) <= t)
+
+
+def test_anomalous_images_farther_from_every_class_than_the_threshold_are_an_unknown_type(small_run, tmp_path):
+    _, images, maps_dir = small_run
+    _, run = _with_calibration(small_run, tmp_path / "first", [], [0.0])  # the decision on normal images off
+    unknown = [float(r["unknown_score"]) for r in predict_images_quiet(run, images, maps_dir) if r["unknown_score"]]
+    assert len(unknown) >= 4 and min(unknown) >= 0
+    _, run = _with_calibration(small_run, tmp_path / "second", [], unknown)  # the median of these: the threshold
+    rows = [r for r in predict_images_quiet(run, images, maps_dir) if r["status"] == "anomaly found"]
+    t = float(np.median(unknown))
+    assert [r["open_set"] for r in rows] == ["unknown type" if float(r["unknown_score"]) > t else "known type" for r in rows]
+    assert {r["open_set"] for r in rows} == {"known type", "unknown type"}
+    assert all(int(r["cluster"]) >= 0 for r in rows)  # an unknown type keeps its nearest class
+    flagged = predict_images_quiet(run, images, maps_dir, unknown_quantile=1.0)
+    assert not any(r["open_set"] == "unknown type" for r in flagged)
+
+
+def predict_images_quiet(run, images, maps_dir, **kw) -> list[dict]:
+    from anomalyncd.predict import predict_images
+
+    return predict_images(run, images, maps_dir, "cpu", workers=1, progress=False, **kw).rows

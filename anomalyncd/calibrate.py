@@ -1,0 +1,217 @@
+"""Calibration of ``anomalyncd predict``'s two decisions, and the decisions themselves.
+
+1. **Normal or defect.** An image is anomalous when the detector's image score (the mean of its
+   map's ``detect.score_top`` highest pixels) is above the ``normal_quantile`` of the scores of
+   the normal training images ``detect`` held back from the fit (``detect.holdout``,
+   :mod:`anomalyncd.detect.holdout`): about ``1 - normal_quantile`` of new normal images are
+   flagged. Detectors that fit on no normal images (``musc``, ``external``, ``ground_truth``)
+   leave no held-back scores: the decision is then off (every image goes on to MEBin, as before)
+   and :attr:`Calibration.note` says why.
+2. **Known or unknown type.** A crop's unknown score is its cosine distance to the nearest class
+   prototype, the normalised mean feature (the classifier's encoder output, which the cosine
+   heads read) of the run's own crops of that class; an image's is the merge-weighted mean over
+   its crops (:func:`anomalyncd.merge.region_weights`). An anomalous image is of an unknown type
+   when its score is above the ``unknown_quantile`` of the run's own anomalous images' scores.
+
+The ``calibrate`` stage stores what both need in ``models/calibration.json`` (the score
+distributions, not only the thresholds, so that ``predict --normal-quantile/--unknown-quantile``
+can move a threshold without a rerun). Pure functions on arrays; the stage does the I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .io import InputError
+
+FORMAT = "anomalyncd-calibration-1"
+#: ``open_set`` values of an anomalous image in predict's rows
+KNOWN, UNKNOWN = "known type", "unknown type"
+
+
+def threshold(scores: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of ``scores`` (N,) (linear interpolation; NaN for no scores)."""
+    scores = np.asarray(scores, np.float64)
+    return float(np.quantile(scores, q)) if len(scores) else math.nan
+
+
+def class_prototypes(features: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """float32 (K, D): each class's normalised mean of the L2-normalised ``features`` (M, D) of
+    its crops (``labels`` (M,) in 0..K-1; a crop labelled outside is ignored); NaN rows for a
+    class without crops."""
+    f = _unit(np.asarray(features, np.float64))
+    labels = np.asarray(labels)
+    out = np.full((n_classes, f.shape[1]), np.nan)
+    for k in range(n_classes):
+        if (labels == k).any():
+            out[k] = _unit(f[labels == k].mean(0, keepdims=True))[0]
+    return out.astype(np.float32)
+
+
+def crop_distances(features: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each crop's cosine distance ``1 - cos`` to the nearest prototype and that class:
+    features (M, D), prototypes (K, D) (NaN rows skipped) -> float64 (M,), int64 (M,)."""
+    f = _unit(np.asarray(features, np.float64))
+    p = np.asarray(prototypes, np.float64)
+    ok = np.isfinite(p).all(1)
+    if not ok.any():
+        raise ValueError("no class has a prototype (no crop with an anomaly region in the run)")
+    cos = f @ np.where(ok[:, None], p, 0.0).T
+    cos[:, ~ok] = -np.inf
+    nearest = np.argmax(cos, 1) if len(f) else np.zeros(0, np.int64)
+    return 1.0 - cos[np.arange(len(f)), nearest], nearest.astype(np.int64)
+
+
+def image_unknown_scores(
+    crop_scores: np.ndarray, weights: np.ndarray, image_index: np.ndarray, anomaly: np.ndarray
+) -> np.ndarray:
+    """float64 (N,): each anomalous image's merge-weighted mean of its crops' scores; NaN for an
+    image without anomaly. crop_scores, weights (summing to 1 per image), image_index: (M,);
+    anomaly: bool (N,)."""
+    anomaly = np.asarray(anomaly, bool)
+    out = np.zeros(len(anomaly))
+    np.add.at(out, np.asarray(image_index, np.int64), np.asarray(weights) * np.asarray(crop_scores))
+    out[~anomaly] = np.nan
+    return out
+
+
+@dataclass
+class Calibration:
+    """What predict's decisions need from a run (``models/calibration.json``).
+
+    normal_scores: float (H,) the held-back normal images' image scores (empty: the decision is
+    off, :attr:`note` says why); score_top: how the run's image score is made
+    (``detect.score_top``); prototypes: float (K, D) unit rows (NaN for a class without crops);
+    known_scores: float (N,) the run's own anomalous images' unknown scores; the two quantiles
+    (``calibrate`` params, or predict's overrides).
+    """
+
+    score_top: float
+    normal_scores: np.ndarray
+    prototypes: np.ndarray
+    known_scores: np.ndarray
+    normal_quantile: float
+    unknown_quantile: float
+    note: str = ""
+    method: str = ""  # detect.method of the run
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def normal_threshold(self) -> float | None:
+        """Image scores above it are anomalous; None when not calibrated."""
+        return threshold(self.normal_scores, self.normal_quantile) if len(self.normal_scores) else None
+
+    @property
+    def unknown_threshold(self) -> float | None:
+        """Unknown scores above it are an unknown type; None without known scores."""
+        return threshold(self.known_scores, self.unknown_quantile) if len(self.known_scores) else None
+
+    def with_quantiles(self, normal: float | None = None, unknown: float | None = None) -> "Calibration":
+        """A copy with the given quantiles (None keeps the run's)."""
+        for name, q in (("--normal-quantile", normal), ("--unknown-quantile", unknown)):
+            if q is not None and not 0 <= q <= 1:
+                raise InputError(f"{name} must be in [0, 1], got {q}")
+        return dataclasses.replace(
+            self,
+            normal_quantile=self.normal_quantile if normal is None else float(normal),
+            unknown_quantile=self.unknown_quantile if unknown is None else float(unknown),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (NaN prototypes rows as null)."""
+        return {
+            "format": FORMAT,
+            "method": self.method,
+            "normal": {
+                "quantile": self.normal_quantile,
+                "threshold": self.normal_threshold,
+                "score_top": self.score_top,
+                "holdout_images": len(self.normal_scores),
+                "note": self.note,
+                "scores": [float(s) for s in self.normal_scores],
+            },
+            "unknown": {
+                "quantile": self.unknown_quantile,
+                "threshold": self.unknown_threshold,
+                "images": len(self.known_scores),
+                "scores": [float(s) for s in self.known_scores],
+                "prototypes": [None if not np.isfinite(r).all() else [float(v) for v in r] for r in self.prototypes],
+            },
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Calibration":
+        fix = "rerun the calibrate stage (dvc repro calibrate)"
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise InputError(f"{where}: not a calibration file of this version ({FORMAT}); {fix}")
+        try:
+            n, u = d["normal"], d["unknown"]
+            protos = u["prototypes"]
+            dim = next((len(r) for r in protos if r is not None), 0)
+            return cls(
+                score_top=float(n["score_top"]),
+                normal_scores=np.asarray(n["scores"], np.float64).reshape(-1),
+                prototypes=np.array([[math.nan] * dim if r is None else r for r in protos], np.float64).reshape(len(protos), dim),
+                known_scores=np.asarray(u["scores"], np.float64).reshape(-1),
+                normal_quantile=float(n["quantile"]),
+                unknown_quantile=float(u["quantile"]),
+                note=str(n.get("note", "")),
+                method=str(d.get("method", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where}: damaged ({type(e).__name__}: {e}); {fix}") from e
+
+
+def no_normal_calibration(method: str, holdout: float) -> str:
+    """Why a run has no normal/defect threshold, in a line predict prints."""
+    if method in ("musc", "external", "ground_truth"):
+        return (f"detect.method {method} fits on no normal images, so none were held back to calibrate on; "
+                "every image goes on to the defect classifier")
+    return f"detect.holdout is {holdout:g}: no normal images were held back; every image goes on to the defect classifier"
+
+
+def calibrate(
+    holdout_scores: np.ndarray,
+    score_top: float,
+    features: np.ndarray,
+    areas: np.ndarray,
+    crop_labels: np.ndarray,
+    weights: np.ndarray,
+    image_index: np.ndarray,
+    anomaly: np.ndarray,
+    n_classes: int,
+    normal_quantile: float,
+    unknown_quantile: float,
+    method: str = "",
+    note: str = "",
+) -> Calibration:
+    """The calibration of a finished run: the held-back normal images' scores (H,), and the
+    prototypes and unknown scores of its crops (features (M, D), areas, crop_labels (merge's
+    crop classes), weights, image_index: (M,); anomaly: bool (N,)) over ``n_classes`` classes."""
+    region = np.asarray(areas) > 0
+    protos = class_prototypes(np.asarray(features)[region], np.asarray(crop_labels)[region], n_classes)
+    if np.isfinite(protos).all(1).any():
+        dist, _ = crop_distances(features, protos)
+        img = image_unknown_scores(dist, weights, image_index, anomaly)
+        known = np.sort(img[np.isfinite(img)])
+    else:  # no anomaly region in the whole run: nothing to compare with
+        known = np.zeros(0)
+    return Calibration(
+        score_top=float(score_top),
+        normal_scores=np.sort(np.asarray(holdout_scores, np.float64).reshape(-1)),
+        prototypes=protos,
+        known_scores=known,
+        normal_quantile=normal_quantile,
+        unknown_quantile=unknown_quantile,
+        note=note,
+        method=method,
+    )
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
