@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import yaml
 
-from .config import _StrictLoader, path_component
+from .config import load_strict_yaml, path_component
 from .io import InputError, atomic_path
 
 CATALOG_FILE = Path("classes.yaml")
@@ -100,14 +100,7 @@ def parse_catalog(text: str, where: str = str(CATALOG_FILE)) -> Catalog:
     """The :class:`Catalog` in ``text`` (YAML), checked without knowing the run (:func:`check`):
     bad YAML, a key given twice, a key that is not a cluster id, an unknown or missing field,
     a bad name, a merge cycle or a name given twice are an ``InputError`` naming ``where``."""
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise InputError(f"{where}: {line}not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+    data = load_strict_yaml(text, where)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -359,17 +359,23 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
-def parse_params(text: str, where: str = PARAMS_FILE) -> dict:
-    """The sections of a params file's ``text``: a YAML syntax error, a non-mapping file, a
-    key or section given twice and an unknown section are an ``InputError`` naming ``where``."""
+def load_strict_yaml(text: str, where: str):
+    """``text`` read as YAML 1.2 (as DVC reads it) with a key given twice an error; a syntax
+    error is an ``InputError`` naming ``where`` and the line."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_StrictLoader)
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise InputError(f"{where}: {line}not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+
+
+def parse_params(text: str, where: str = PARAMS_FILE) -> dict:
+    """The sections of a params file's ``text``: a YAML syntax error, a non-mapping file, a
+    key or section given twice and an unknown section are an ``InputError`` naming ``where``."""
+    data = load_strict_yaml(text, where)
     if data is None:
         return {}
     if not isinstance(data, dict):
