@@ -12,7 +12,7 @@ from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_de
 from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
-from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance
+from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance, nearest_distance_full, query_blocks
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, read_image, write_image
@@ -339,6 +339,37 @@ def test_nearest_distance_finds_the_nearest_row_exactly(rng):
     got = nearest_distance(q, bank).double()
     torch.testing.assert_close(got, d.min(1).values, rtol=1e-6, atol=1e-6)
     assert torch.equal(nearest_distance(bank[:7], bank), torch.zeros(7))  # a bank row is at 0
+
+
+def test_query_blocks_cover_the_queries_with_at_least_a_full_block_each():
+    for n in (0, 1, 127, 128, 129, 255, 256, 300, 1568):
+        blocks = query_blocks(n, 128)
+        assert [i for s in blocks for i in range(s.start, s.stop)] == list(range(n))
+        assert len(blocks) == 1 or all(s.stop - s.start >= 128 for s in blocks)
+        assert all(s.stop - s.start < 256 for s in blocks) or len(blocks) == 1
+
+
+@pytest.mark.parametrize("n_query", [1, 15, 127, 128, 255, 256, 300, 700])
+def test_nearest_distance_in_query_blocks_is_the_one_product_search(rng, n_query):
+    """The same bits as one product of every query (the kernel before the blocks), on
+    queries laid out as PatchCore's (a permuted feature grid)."""
+    bank = torch.from_numpy(np.abs(rng.normal(size=(600, 40))).astype(np.float32))
+    grid = torch.from_numpy(rng.normal(size=(1, 40, 1, n_query)).astype(np.float32)) + bank[:n_query % 600].mean(0)[None, :, None, None]
+    q = grid.permute(0, 2, 3, 1).reshape(-1, 40)
+    assert torch.equal(nearest_distance(q, bank), nearest_distance_full(q, bank))
+    assert torch.equal(nearest_distance(q.contiguous(), bank), nearest_distance_full(q.contiguous(), bank))
+
+
+def test_nearest_distance_with_ties_is_the_brute_force_distance_exactly(rng):
+    """Small integers: every product is exact, so are the ties (bank rows repeated, queries
+    equidistant from several rows), and the distance is the float64 brute force's, rounded."""
+    bank = torch.from_numpy(rng.integers(-3, 4, size=(90, 6)).astype(np.float32))
+    bank = torch.cat([bank, bank[:30]])  # exact duplicates
+    q = torch.from_numpy(rng.integers(-3, 4, size=(400, 6)).astype(np.float32))
+    q[:20] = (bank[:20] + bank[20:40]) / 2  # midway between two rows
+    want = torch.cdist(q.double(), bank.double()).min(1).values.float()
+    assert torch.equal(nearest_distance(q, bank), want)
+    assert torch.equal(nearest_distance(q, bank), nearest_distance_full(q, bank))
 
 
 def test_ordered_map_keeps_the_order_of_the_items():

@@ -47,34 +47,48 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(i + size, n))
 
 
+#: Queries per matrix product of :func:`nearest_distance`: a block of 128 to 255 rows of
+#: scores (5-10 MB for a bank of 10,000) is reused from the cache by the argmin, where one
+#: product of every query wrote them all to memory and read them back.
+QUERY_BLOCK = 128
+
+
+def query_blocks(n: int, rows: int) -> list[slice]:
+    """Slices of ``rows`` rows covering ``range(n)``, the remainder joined to the last one
+    (every block has at least ``rows`` rows, or there is one block of all ``n``)."""
+    starts = list(range(0, max(1, n - rows + 1), rows))
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
 def nearest_distance(query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distance of each row of ``query`` (Q, D) to its nearest row of ``bank`` (M, D).
 
-    Exact search by one matrix product per chunk of queries (at most ``CHUNK_ELEMENTS``
-    distances at once): the nearest row is the argmin of ``|b|^2 - 2 q.b`` (first index on a
-    tie), and its distance is then taken directly as ``|q - b|``, without the cancellation of
-    the expanded form. ``bank_sq`` (M,): the bank's squared row norms, if already known.
-    Returns (Q,).
+    Exact search by one matrix product per block of queries (:func:`query_blocks` of
+    ``QUERY_BLOCK``), written
+    into one reused (rows, M) buffer: the nearest row is the argmin of ``|b|^2 - 2 q.b``
+    (first index on a tie), and its distance is then taken directly as ``|q - b|``, without
+    the cancellation of the expanded form. ``bank_sq`` (M,): the bank's squared row norms, if
+    already known. Returns (Q,).
     """
     if len(bank) == 0:
         raise ValueError("nearest_distance: empty bank")
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
-    step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
-    out = []
-    for s in batches(len(query), step):
-        q = query[s]
-        nearest = torch.addmm(bank_sq, q, bank.T, alpha=-2).argmin(dim=1)
-        out.append((q - bank[nearest]).square_().sum(dim=1).sqrt_())
-    return torch.cat(out) if out else query.new_zeros(0)
+    blocks = query_blocks(len(query), QUERY_BLOCK)
+    scores = query.new_empty(max(s.stop - s.start for s in blocks), len(bank))
+    nearest = torch.empty(len(query), dtype=torch.long, device=query.device)
+    for s in blocks:
+        block = torch.addmm(bank_sq, query[s], bank.T, alpha=-2, out=scores[: s.stop - s.start])
+        nearest[s] = block.min(dim=1).indices
+    return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
 
 
-def nearest_distance_cdist(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """The previous kernel of :func:`nearest_distance` (``torch.cdist`` then the row minimum),
-    kept as the reference the tests and ``benchmarks/bench_detect.py`` compare with."""
-    step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
-    out = [torch.cdist(query[s], bank).amin(dim=1) for s in batches(len(query), step)]
-    return torch.cat(out) if out else query.new_zeros(0)
+def nearest_distance_full(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """:func:`nearest_distance` by one matrix product of every query (the kernel before the
+    query blocks, the same results): the reference its tests and
+    ``benchmarks/bench_search.py`` compare with. Returns (Q,)."""
+    nearest = torch.addmm((bank * bank).sum(dim=1), query, bank.T, alpha=-2).argmin(dim=1)
+    return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
 
 
 def project(features: torch.Tensor, dim: int, generator: torch.Generator, workers: int = 1) -> torch.Tensor:
