@@ -12,7 +12,9 @@ from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_de
 from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
-from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance, nearest_distance_full, query_blocks
+from anomalyncd.detect.ops import (
+    bank_index, greedy_coreset, image_scores, nearest_distance, nearest_distance_full, query_blocks,
+)
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, read_image, write_image
@@ -372,13 +374,62 @@ def test_nearest_distance_with_ties_is_the_brute_force_distance_exactly(rng):
     assert torch.equal(nearest_distance(q, bank), nearest_distance_full(q, bank))
 
 
+def clustered(rng: np.random.Generator, n: int, dim: int = 48, centres: int = 6) -> torch.Tensor:
+    """``n`` rows (n, dim) around a few centres, most of their spread on 8 dims (as patch
+    features: a few principal axes carry most of it)."""
+    c = rng.normal(size=(centres, dim)) * np.r_[np.full(8, 4.0), np.full(dim - 8, 0.5)]
+    x = c[rng.integers(centres, size=n)] + rng.normal(size=(n, dim)) * np.r_[np.full(8, 1.0), np.full(dim - 8, 0.2)]
+    return torch.from_numpy(np.abs(x).astype(np.float32))
+
+
+@pytest.mark.parametrize("n_query", [1, 127, 128, 300, 700])
+def test_pruned_nearest_distance_is_the_full_search_and_compares_a_part_of_the_bank(rng, monkeypatch, n_query):
+    from anomalyncd.detect import ops
+
+    bank = clustered(rng, 800)
+    q = clustered(rng, n_query).T.contiguous().T  # column-major, as PatchCore's
+    kept = []
+    original = ops.candidates
+    monkeypatch.setattr(ops, "candidates", lambda *a: kept.append(len(r := original(*a))) or r)
+    index = bank_index(bank, 8)
+    assert torch.equal(nearest_distance(q, bank, index=index), nearest_distance_full(q, bank))
+    if n_query < ops.QUERY_BLOCK:  # fewer queries than a block: not pruned (see nearest_distance)
+        assert kept == []
+    else:
+        assert len(kept) == len(query_blocks(n_query, ops.QUERY_BLOCK)) and max(kept) < len(bank)
+
+
+def test_pruned_nearest_distance_with_ties_is_the_brute_force_distance_exactly(rng):
+    """Small integers (exact products, exact ties: repeated bank rows, queries midway between
+    two rows, queries on bank rows) through the pruned search."""
+    bank = torch.from_numpy(rng.integers(0, 4, size=(300, 24)).astype(np.float32))
+    bank = torch.cat([bank, bank[:100]])
+    q = torch.from_numpy(rng.integers(0, 4, size=(400, 24)).astype(np.float32))
+    q[:40] = (bank[:40] + bank[40:80]) / 2
+    q[40:60] = bank[200:220]
+    want = torch.cdist(q.double(), bank.double()).min(1).values.float()
+    got = nearest_distance(q, bank, index=bank_index(bank, 4))
+    assert torch.equal(got, want) and torch.equal(got, nearest_distance_full(q, bank))
+    assert torch.equal(got[40:60], torch.zeros(20))
+
+
+def test_no_pruning_index_where_the_bounds_would_cost_as_much_as_the_search():
+    assert bank_index(torch.ones(50, 300), 159) is None
+    assert bank_index(torch.rand(50, 318), 159) is not None
+
+
 def test_ordered_map_keeps_the_order_of_the_items():
     from anomalyncd.detect.parallel import ordered_map
 
     assert list(ordered_map(lambda i: i * i, range(50), workers=3, ahead=1)) == [i * i for i in range(50)]
 
 
-def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng):
+@pytest.mark.parametrize("pruned", [False, True])
+def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng, monkeypatch, pruned):
+    from anomalyncd.detect import ops, patchcore
+
+    if pruned:  # the search pruned by lower bounds (ops.bank_index), here on 16 of the 192 dims
+        monkeypatch.setattr(patchcore, "bank_index", lambda bank: ops.bank_index(bank, 16))
     normal = [surface(rng) for _ in range(5)]
     test = [with_spot(surface(rng)) for _ in range(3)]
     before = torch.get_num_threads()
