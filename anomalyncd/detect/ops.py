@@ -82,7 +82,7 @@ class BankIndex(NamedTuple):
 
 def bank_index(bank: torch.Tensor, dims: int = PRUNE_DIMS) -> BankIndex | None:
     """The :class:`BankIndex` of ``bank`` (M, D) on its ``dims`` first principal axes; None
-    for D < 2 dims (the bounds would cost about as much as the search they prune)."""
+    when D < 2 * dims (the bounds would cost about as much as the search they prune)."""
     if bank.shape[1] < 2 * dims:
         return None
     mean = bank.double().mean(dim=0)
@@ -148,10 +148,11 @@ def candidates(
     to some row of ``query`` (B, D); ``coords`` (B, k + 1) its :func:`bound_coords`, ``slack``
     (B,) the rounding allowance minus ``|coords|^2``, ``out`` a (B, M) buffer.
 
-    A row is dropped when its lower bound (the coordinates' distance, ``index``) exceeds, for
-    every query, the distance to the query's nearest row by the bound plus the allowance for
-    float32 rounding (of the bound and of the scores, ``PRUNE_SLACK (|q| + max |b|)^2``, far
-    above either). At least two rows are kept (one column: another product kernel, other bits).
+    A row is dropped when, for every query of the block, its lower bound (the distance of the
+    coordinates, ``index``) exceeds the query's upper bound (its true distance to the row of
+    smallest bound) plus the allowance for float32 rounding of the bounds and of the scores
+    (``PRUNE_SLACK (|q| + max |b|)^2``, far above either). At least two rows are kept (a product
+    with one column takes another kernel, with other bits).
     """
     bound = torch.addmm(index.coords_sq, coords, index.coords.T, alpha=-2, out=out)  # lower bound^2 - |coords|^2
     upper = (query - bank[bound.min(dim=1).indices]).square_().sum(dim=1)
