@@ -12,7 +12,9 @@ from anomalyncd.detect import DETECTORS, create_detector, load_detector, save_de
 from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
-from anomalyncd.detect.ops import greedy_coreset, image_scores, nearest_distance
+from anomalyncd.detect.ops import (
+    bank_index, greedy_coreset, image_scores, nearest_distance, nearest_distance_full, query_blocks,
+)
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
 from anomalyncd.io import InputError, read_image, write_image
@@ -341,13 +343,93 @@ def test_nearest_distance_finds_the_nearest_row_exactly(rng):
     assert torch.equal(nearest_distance(bank[:7], bank), torch.zeros(7))  # a bank row is at 0
 
 
+def test_query_blocks_cover_the_queries_with_at_least_a_full_block_each():
+    for n in (0, 1, 127, 128, 129, 255, 256, 300, 1568):
+        blocks = query_blocks(n, 128)
+        assert [i for s in blocks for i in range(s.start, s.stop)] == list(range(n))
+        assert len(blocks) == 1 or all(s.stop - s.start >= 128 for s in blocks)
+        assert all(s.stop - s.start < 256 for s in blocks) or len(blocks) == 1
+
+
+@pytest.mark.parametrize("n_query", [1, 15, 127, 128, 255, 256, 300, 700])
+def test_nearest_distance_in_query_blocks_is_the_one_product_search(rng, n_query):
+    """The same bits as one product of every query (the kernel before the blocks), on
+    queries laid out as PatchCore's (a permuted feature grid)."""
+    bank = torch.from_numpy(np.abs(rng.normal(size=(600, 40))).astype(np.float32))
+    grid = torch.from_numpy(rng.normal(size=(1, 40, 1, n_query)).astype(np.float32)) + bank[:n_query % 600].mean(0)[None, :, None, None]
+    q = grid.permute(0, 2, 3, 1).reshape(-1, 40)
+    assert torch.equal(nearest_distance(q, bank), nearest_distance_full(q, bank))
+    assert torch.equal(nearest_distance(q.contiguous(), bank), nearest_distance_full(q.contiguous(), bank))
+
+
+def test_nearest_distance_with_ties_is_the_brute_force_distance_exactly(rng):
+    """Small integers: every product is exact, so are the ties (bank rows repeated, queries
+    equidistant from several rows), and the distance is the float64 brute force's, rounded."""
+    bank = torch.from_numpy(rng.integers(-3, 4, size=(90, 6)).astype(np.float32))
+    bank = torch.cat([bank, bank[:30]])  # exact duplicates
+    q = torch.from_numpy(rng.integers(-3, 4, size=(400, 6)).astype(np.float32))
+    q[:20] = (bank[:20] + bank[20:40]) / 2  # midway between two rows
+    want = torch.cdist(q.double(), bank.double()).min(1).values.float()
+    assert torch.equal(nearest_distance(q, bank), want)
+    assert torch.equal(nearest_distance(q, bank), nearest_distance_full(q, bank))
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int = 48, centres: int = 6) -> torch.Tensor:
+    """``n`` rows (n, dim) around a few centres, most of their spread on 8 dims (as patch
+    features: a few principal axes carry most of it)."""
+    c = rng.normal(size=(centres, dim)) * np.r_[np.full(8, 4.0), np.full(dim - 8, 0.5)]
+    x = c[rng.integers(centres, size=n)] + rng.normal(size=(n, dim)) * np.r_[np.full(8, 1.0), np.full(dim - 8, 0.2)]
+    return torch.from_numpy(np.abs(x).astype(np.float32))
+
+
+@pytest.mark.parametrize("n_query", [1, 127, 128, 300, 700])
+def test_pruned_nearest_distance_is_the_full_search_and_compares_a_part_of_the_bank(rng, monkeypatch, n_query):
+    from anomalyncd.detect import ops
+
+    bank = clustered(rng, 800)
+    q = clustered(rng, n_query).T.contiguous().T  # column-major, as PatchCore's
+    kept = []
+    original = ops.candidates
+    monkeypatch.setattr(ops, "candidates", lambda *a: kept.append(len(r := original(*a))) or r)
+    index = bank_index(bank, 8)
+    assert torch.equal(nearest_distance(q, bank, index=index), nearest_distance_full(q, bank))
+    if n_query < ops.QUERY_BLOCK:  # fewer queries than a block: not pruned (see nearest_distance)
+        assert kept == []
+    else:
+        assert len(kept) == len(query_blocks(n_query, ops.QUERY_BLOCK)) and max(kept) < len(bank)
+
+
+def test_pruned_nearest_distance_with_ties_is_the_brute_force_distance_exactly(rng):
+    """Small integers (exact products, exact ties: repeated bank rows, queries midway between
+    two rows, queries on bank rows) through the pruned search."""
+    bank = torch.from_numpy(rng.integers(0, 4, size=(300, 24)).astype(np.float32))
+    bank = torch.cat([bank, bank[:100]])
+    q = torch.from_numpy(rng.integers(0, 4, size=(400, 24)).astype(np.float32))
+    q[:40] = (bank[:40] + bank[40:80]) / 2
+    q[40:60] = bank[200:220]
+    want = torch.cdist(q.double(), bank.double()).min(1).values.float()
+    got = nearest_distance(q, bank, index=bank_index(bank, 4))
+    assert torch.equal(got, want) and torch.equal(got, nearest_distance_full(q, bank))
+    assert torch.equal(got[40:60], torch.zeros(20))
+
+
+def test_no_pruning_index_where_the_bounds_would_cost_as_much_as_the_search():
+    assert bank_index(torch.ones(50, 300), 159) is None
+    assert bank_index(torch.rand(50, 318), 159) is not None
+
+
 def test_ordered_map_keeps_the_order_of_the_items():
     from anomalyncd.detect.parallel import ordered_map
 
     assert list(ordered_map(lambda i: i * i, range(50), workers=3, ahead=1)) == [i * i for i in range(50)]
 
 
-def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng):
+@pytest.mark.parametrize("pruned", [False, True])
+def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng, monkeypatch, pruned):
+    from anomalyncd.detect import ops, patchcore
+
+    if pruned:  # the search pruned by lower bounds (ops.bank_index), here on 16 of the 192 dims
+        monkeypatch.setattr(patchcore, "bank_index", lambda bank: ops.bank_index(bank, 16))
     normal = [surface(rng) for _ in range(5)]
     test = [with_spot(surface(rng)) for _ in range(3)]
     before = torch.get_num_threads()

@@ -214,6 +214,26 @@ def test_predictions_are_reproduced_after_params_yaml_was_edited_following_the_r
         params.write_text(kept)
 
 
+@pytest.mark.slow
+def test_predict_rows_are_those_of_the_one_product_search(finished_run, monkeypatch):
+    """The detector's blocked and pruned nearest-neighbour search gives the rows (and image
+    scores) of the search before it, one product of all queries (blocks of 32 cut the demo's
+    64-patch grids in two; its bank of 472 dims is pruned)."""
+    from anomalyncd.detect import ops, patchcore
+    from anomalyncd.predict import Predictor
+
+    run = load_run(finished_run)
+    images = find_images([str(d) for d in _defect_folders(finished_run)])
+    p = Predictor(run, "cpu", workers=2)
+    assert p.detector.index is not None
+    monkeypatch.setattr(ops, "QUERY_BLOCK", 32)
+    blocked = p.classify(images)
+    monkeypatch.setattr(patchcore, "nearest_distance", lambda q, bank, bank_sq, index: ops.nearest_distance_full(q, bank))
+    full = p.classify(images)
+    assert np.array_equal(blocked.image_scores, full.image_scores)
+    assert p.merge([blocked]) == p.merge([full])
+
+
 def _rows(out: Path) -> list[dict]:
     with open(out, newline="") as fh:
         return list(csv.DictReader(fh))

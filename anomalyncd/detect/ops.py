@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -47,34 +47,125 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(i + size, n))
 
 
-def nearest_distance(query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+#: Queries per matrix product of :func:`nearest_distance`: a block of 128 to 255 rows of
+#: scores (5-10 MB for a bank of 10,000) is reused from the cache by the argmin, where one
+#: product of every query wrote them all to memory and read them back.
+QUERY_BLOCK = 128
+#: Principal axes of a :class:`BankIndex`: of Lite0's 472 dims, 159 and the norm of the rest
+#: leave ~9 % of the demo run's 10,000-patch bank to compare in full per block of MTD queries
+#: (127: ~20 %, slower; 191: ~4 %, no faster).
+PRUNE_DIMS = 159
+#: Rounding allowance of the pruning, relative to ``(|q| + max |b|)^2`` (float32's ~1e-5 of
+#: a 472-term dot product, 100 times over).
+PRUNE_SLACK = 1e-3
+
+
+def query_blocks(n: int, rows: int) -> list[slice]:
+    """Slices of ``rows`` rows covering ``range(n)``, the remainder joined to the last one
+    (every block has at least ``rows`` rows, or there is one block of all ``n``)."""
+    starts = list(range(0, max(1, n - rows + 1), rows))
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
+class BankIndex(NamedTuple):
+    """A bank's rows ``b`` (M, D) as (M, k + 1) coordinates ``[P'(b - mean), |rest|]``: their
+    first ``k`` principal coordinates and the norm of what is left. The distance of two such
+    coordinate rows is a lower bound of the distance of the rows they stand for (Pythagoras on
+    the principal part, the triangle inequality on the rest)."""
+
+    mean: torch.Tensor  # (D,)
+    basis: torch.Tensor  # (D, k), orthonormal columns P
+    coords: torch.Tensor  # (M, k + 1)
+    coords_sq: torch.Tensor  # (M,) squared norms of coords
+    max_norm: float  # the largest |b|
+
+
+def bank_index(bank: torch.Tensor, dims: int = PRUNE_DIMS) -> BankIndex | None:
+    """The :class:`BankIndex` of ``bank`` (M, D) on its ``dims`` first principal axes; None
+    when D < 2 * dims (the bounds would cost about as much as the search they prune)."""
+    if bank.shape[1] < 2 * dims:
+        return None
+    mean = bank.double().mean(dim=0)
+    x = bank.double() - mean
+    basis = torch.linalg.eigh(x.T @ x).eigenvectors[:, -dims:].to(bank.dtype)  # eigenvalues ascending
+    index = BankIndex(mean.to(bank.dtype), basis, bank.new_zeros(0, 0), bank.new_zeros(0), float(bank.norm(dim=1).max()))
+    coords = bound_coords(bank, index)
+    return index._replace(coords=coords, coords_sq=(coords * coords).sum(dim=1))
+
+
+def bound_coords(x: torch.Tensor, index: BankIndex) -> torch.Tensor:
+    """Rows ``x`` (N, D) -> their (N, k + 1) coordinates in ``index``'s terms."""
+    centred = x - index.mean
+    principal = centred @ index.basis
+    rest = (centred - principal @ index.basis.T).norm(dim=1, keepdim=True)
+    return torch.cat([principal, rest], dim=1)
+
+
+def nearest_distance(
+    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None
+) -> torch.Tensor:
     """Euclidean distance of each row of ``query`` (Q, D) to its nearest row of ``bank`` (M, D).
 
-    Exact search by one matrix product per chunk of queries (at most ``CHUNK_ELEMENTS``
-    distances at once): the nearest row is the argmin of ``|b|^2 - 2 q.b`` (first index on a
+    Exact search by matrix products, one block of queries at a time (:func:`query_blocks` of
+    ``QUERY_BLOCK``): the nearest row is the argmin of ``|b|^2 - 2 q.b`` (first index on a
     tie), and its distance is then taken directly as ``|q - b|``, without the cancellation of
     the expanded form. ``bank_sq`` (M,): the bank's squared row norms, if already known.
-    Returns (Q,).
+    With ``index`` (:func:`bank_index`) and at least ``QUERY_BLOCK`` queries, only the bank
+    rows that can be the argmin of some query of the block are compared in full
+    (:func:`candidates`): the same argmin, as the product over those rows gives the same
+    float32 scores as over the whole bank (MKL here, for blocks of 8 queries or more and at
+    least 2 bank rows, not for fewer; tests/test_detect.py). Returns (Q,).
     """
     if len(bank) == 0:
         raise ValueError("nearest_distance: empty bank")
+    if len(query) == 0:
+        return query.new_zeros(0)
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
-    step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
-    out = []
-    for s in batches(len(query), step):
-        q = query[s]
-        nearest = torch.addmm(bank_sq, q, bank.T, alpha=-2).argmin(dim=1)
-        out.append((q - bank[nearest]).square_().sum(dim=1).sqrt_())
-    return torch.cat(out) if out else query.new_zeros(0)
+    blocks = query_blocks(len(query), QUERY_BLOCK)
+    rows = max(s.stop - s.start for s in blocks)
+    nearest = torch.empty(len(query), dtype=torch.long, device=query.device)
+    if index is None or len(query) < QUERY_BLOCK:
+        scores = query.new_empty(rows, len(bank))
+        for s in blocks:
+            block = torch.addmm(bank_sq, query[s], bank.T, alpha=-2, out=scores[: s.stop - s.start])
+            nearest[s] = block.min(dim=1).indices
+    else:
+        coords = bound_coords(query, index)
+        slack = PRUNE_SLACK * (query.norm(dim=1) + index.max_norm).square_() - (coords * coords).sum(dim=1)  # (Q,)
+        bounds = query.new_empty(rows, len(bank))
+        for s in blocks:
+            keep = candidates(query[s], bank, coords[s], slack[s], index, bounds[: s.stop - s.start])
+            scores = torch.addmm(bank_sq[keep], query[s], bank.index_select(0, keep).T, alpha=-2)
+            nearest[s] = keep[scores.min(dim=1).indices]
+    return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
 
 
-def nearest_distance_cdist(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """The previous kernel of :func:`nearest_distance` (``torch.cdist`` then the row minimum),
-    kept as the reference the tests and ``benchmarks/bench_detect.py`` compare with."""
-    step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
-    out = [torch.cdist(query[s], bank).amin(dim=1) for s in batches(len(query), step)]
-    return torch.cat(out) if out else query.new_zeros(0)
+def candidates(
+    query: torch.Tensor, bank: torch.Tensor, coords: torch.Tensor, slack: torch.Tensor, index: BankIndex, out: torch.Tensor
+) -> torch.Tensor:
+    """Sorted indices of the bank rows that may be the nearest (by ``|b|^2 - 2 q.b`` in float32)
+    to some row of ``query`` (B, D); ``coords`` (B, k + 1) its :func:`bound_coords`, ``slack``
+    (B,) the rounding allowance minus ``|coords|^2``, ``out`` a (B, M) buffer.
+
+    A row is dropped when, for every query of the block, its lower bound (the distance of the
+    coordinates, ``index``) exceeds the query's upper bound (its true distance to the row of
+    smallest bound) plus the allowance for float32 rounding of the bounds and of the scores
+    (``PRUNE_SLACK (|q| + max |b|)^2``, far above either). At least two rows are kept (a product
+    with one column takes another kernel, with other bits).
+    """
+    bound = torch.addmm(index.coords_sq, coords, index.coords.T, alpha=-2, out=out)  # lower bound^2 - |coords|^2
+    upper = (query - bank[bound.min(dim=1).indices]).square_().sum(dim=1)
+    keep = bound.sub_((upper + slack)[:, None]).amin(dim=0).le_(0).nonzero()[:, 0]
+    return keep if len(keep) > 1 else torch.arange(len(bank), device=bank.device)
+
+
+def nearest_distance_full(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """:func:`nearest_distance` by one matrix product of every query (the kernel before the
+    query blocks, the same results): the reference its tests and
+    ``benchmarks/bench_search.py`` compare with. Returns (Q,)."""
+    nearest = torch.addmm((bank * bank).sum(dim=1), query, bank.T, alpha=-2).argmin(dim=1)
+    return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
 
 
 def project(features: torch.Tensor, dim: int, generator: torch.Generator, workers: int = 1) -> torch.Tensor:

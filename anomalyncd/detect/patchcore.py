@@ -8,8 +8,9 @@ very different scale weigh alike; the standard deviation has a floor of ``STD_FL
 mean one); a pretrained network's features are compared as they are (standardising them
 measured worse on MTD). The memory bank of ``bank_size`` patches is chosen by greedy coreset
 selection among a random sample of the training patches; a test patch scores its distance to
-the nearest bank entry; the grid is upsampled to the map and smoothed with a Gaussian of
-``smooth_sigma`` px of the working image.
+the nearest bank entry (an exact search, pruned by lower bounds for banks of many dims:
+:func:`.ops.nearest_distance`, :func:`.ops.bank_index`); the grid is upsampled to the map and
+smoothed with a Gaussian of ``smooth_sigma`` px of the working image.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..io import InputError
 from .backbone import BackboneDetector, patch_features
 from .base import register
 from .features import FILTERBANK
-from .ops import batches, greedy_coreset, nearest_distance, to_batch, upsample_maps
+from .ops import BankIndex, bank_index, batches, greedy_coreset, nearest_distance, to_batch, upsample_maps
 from .parallel import ordered_map, pool_size, single_threaded
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PatchCore(BackboneDetector):
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
         self.bank_sq: torch.Tensor | None = None  # (bank_size,) squared norms of the bank
+        self.index: BankIndex | None = None  # lower bounds that prune the search (ops.bank_index)
 
     def batches(self, n: int) -> list[slice]:
         """Batches of images: ``batch_size`` at a time, or one at a time with ``keep_aspect``
@@ -69,7 +71,7 @@ class PatchCore(BackboneDetector):
             f = self.patch_grid(images[s])
             b, d, h, w = f.shape
             q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
-            grid = nearest_distance(q, self.bank, self.bank_sq).view(b, h, w)
+            grid = nearest_distance(q, self.bank, self.bank_sq, self.index).view(b, h, w)
             return upsample_maps(grid, size, self.params.smooth_sigma * size / self.spec.image_size).cpu().numpy()
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
@@ -117,6 +119,7 @@ class PatchCore(BackboneDetector):
         idx = greedy_coreset(patches, n_keep, seed=self.params.seed, workers=workers)
         self.bank = patches[idx].contiguous()
         self.bank_sq = (self.bank * self.bank).sum(dim=1)
+        self.index = bank_index(self.bank)
         log.info("patchcore: memory bank %d of %d candidate patches, %d dims", len(self.bank), len(patches), patches.shape[1])
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -139,6 +142,7 @@ class PatchCore(BackboneDetector):
         self.std = state["std"].to(self.device)
         with single_threaded():
             self.bank_sq = (self.bank * self.bank).sum(dim=1)
+            self.index = bank_index(self.bank)
 
 
 def _progress(batches_done: Iterator[list[torch.Tensor]], n: int, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
