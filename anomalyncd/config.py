@@ -274,7 +274,7 @@ class CalibrateParams:
     nearest class against this quantile of the run's own images' distances)."""
 
     normal_quantile: float = 0.9
-    unknown_quantile: float = 0.99
+    unknown_quantile: float = 0.95
 
     def __post_init__(self) -> None:
         require(

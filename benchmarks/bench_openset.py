@@ -14,8 +14,10 @@ the map store: ``predict`` makes the same ones from the saved detector (the same
 same maps; ``tests/test_detect_stage.py`` and ``tests/test_predict.py`` check it).
 
 (b) **Open set, leave one type out**: for each defect type, a dataset without it (MVTec layout,
-symbolic links) and with a share of every other type's test images held back; the pipeline
-(``prepare`` to ``calibrate``, ``train.num_classes`` = the known types) runs on it, then
+symbolic links) and with 30 % of every other type's test images held back, in whole groups
+of photographs of one part (:func:`tile_groups`: MTD shows each tile under up to six lightings;
+a held-back image whose twin is in the run would be "known" by its twin, not by its type); the
+pipeline (``prepare`` to ``calibrate``, ``train.num_classes`` = the known types) runs on it, then
 ``predict`` (library call, ``normal_gate=False``: every image here is a defect) classifies the
 left-out type's images and as many held-back known-type images. Printed per hold-out and seed:
 AUROC of the unknown score (and of ``1 - confidence``, the max-softmax baseline, for
@@ -33,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,16 +142,39 @@ def mtd_source(mtd: Path) -> tuple[dict[str, list[tuple[Path, Path]]], list[Path
     return types, train
 
 
+def tile_groups(items: list) -> list[list[int]]:
+    """Indices of ``items`` ((image, mask) pairs) grouped by physical part. MTD photographs each
+    tile under up to six lightings (``exp1_num_20390.jpg`` ... ``exp6_num_20496.jpg``: rising
+    ``exp``, nearby frame ``num``); those near-duplicates must fall on one side of a split, or a
+    held-back image has its twin in the run. Other names: one group per image."""
+    parsed = [re.fullmatch(r"exp(\d+)_num_(\d+)", img.stem) for img, _ in items]
+    if not all(parsed):
+        return [[i] for i in range(len(items))]
+    order = sorted(range(len(items)), key=lambda i: int(parsed[i][2]))
+    groups: list[list[int]] = []
+    prev = None
+    for i in order:
+        e, n = int(parsed[i][1]), int(parsed[i][2])
+        if prev is None or e <= prev[0] or n - prev[1] > 500:
+            groups.append([])
+        groups[-1].append(i)
+        prev = (e, n)
+    return groups
+
+
 def loto_split(types: dict[str, list], held_type: str, seed: int) -> tuple[dict[str, list], list, list]:
-    """(types the run sees, the new type's images, as many held-back known-type images)."""
+    """(types the run sees, the new type's images, as many held-back known-type images). The
+    held-back share of each known type is taken in whole :func:`tile_groups`."""
     rng = np.random.default_rng(seed)
     known = [t for t in types if t != held_type]
-    per_type = max(1, math.ceil(KNOWN_SHARE * min(len(types[t]) for t in known)))
     run, held_known = {}, []
     for t in known:
-        order = rng.permutation(len(types[t]))
-        held_known += [(t, types[t][i]) for i in sorted(order[:per_type])]
-        run[t] = [types[t][i] for i in sorted(order[per_type:])]
+        groups = tile_groups(types[t])
+        order = rng.permutation(len(groups))
+        n_held = max(1, math.ceil(KNOWN_SHARE * len(groups)))
+        held = sorted(i for g in order[:n_held] for i in groups[g])
+        held_known += [(t, types[t][i]) for i in held]
+        run[t] = [types[t][i] for i in range(len(types[t])) if i not in set(held)]
     new = [(held_type, x) for x in types[held_type]]
     n = min(len(new), len(held_known))
     pick = np.sort(rng.permutation(len(held_known))[:n])
@@ -243,7 +269,7 @@ def bench_openset(work: Path, data: str, mtd: Path, seeds: list[int], holdouts: 
 
     q = load_params("calibrate", ROOT / "params.yaml").unknown_quantile
     print(f"(b) open set, leave one type out, {data}: types {list(types)}; calibrate.unknown_quantile {q}; "
-          f"{KNOWN_SHARE:.0%} of each known type held back")
+          f"{KNOWN_SHARE:.0%} of each known type's parts held back")
     print("    held-out  seed  run imgs  new/known  AUROC  (max-softmax)  new flagged  known flagged  threshold  seconds")
     results = []
     for held_type in holdouts or list(types):

@@ -29,6 +29,7 @@ def main(
     unknown_quantile: float = typer.Option(
         None, help="unknown-type threshold: this quantile of the run's own images' distances (default: the run's calibrate.unknown_quantile)"),
     normal_gate: bool = typer.Option(True, "--normal-gate/--no-normal-gate", help="--no-normal-gate: class every image as a defect"),
+    report: Path = typer.Option(None, "--report", help="also write a browsable page to this folder (<folder>/index.html): the unknown-type images first, then each class"),
 ) -> None:
     """Classify new defect images with a finished run, without retraining."""
     from anomalyncd.calibrate import UNKNOWN
@@ -38,6 +39,10 @@ def main(
     from anomalyncd.predict import find_images, load_run, predict_images
 
     out = output_file(out, "predictions.csv", "--out")
+    if report is not None:
+        from anomalyncd.predict_report import check_report_folder
+
+        check_report_folder(report)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     resolve_device(device, "--device")
@@ -46,6 +51,12 @@ def main(
     pred = predict_images(r, images, maps, device, batch_size, normal_quantile=normal_quantile,
                           unknown_quantile=unknown_quantile, normal_gate=normal_gate)
     write_table(out, pred.rows)
+    cal = pred.calibration
+    if report is not None:
+        from anomalyncd.predict_report import Thresholds, write_predict_report
+
+        t = Thresholds() if cal is None else Thresholds(cal.normal_threshold, cal.normal_quantile, cal.unknown_threshold, cal.unknown_quantile)
+        write_predict_report(report, pred.rows, t, run=str(run_dir.resolve()), failed=pred.failed)
     found = [row for row in pred.rows if row["status"] == STATUS[True]]
     counts = Counter(row["name"] or f"cluster {row['cluster']}" for row in found)
     n = Counter(row["status"] for row in pred.rows)
@@ -53,8 +64,8 @@ def main(
     typer.echo(
         f"predict: {len(pred.rows)} images -> {out}; per class: {dict(sorted(counts.items()))}; "
         f"unknown type: {unknown}; normal: {n[NORMAL]}; no anomaly found: {n[STATUS[False]]}"
+        + (f"; page: {report / 'index.html'}" if report is not None else "")
     )
-    cal = pred.calibration
     if cal is not None:
         t_n, t_u = cal.normal_threshold, cal.unknown_threshold
         typer.echo(

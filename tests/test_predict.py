@@ -165,8 +165,10 @@ def test_predict_scores_images_as_the_run_did_and_says_which_thresholds_it_appli
     assert cal["normal"]["holdout_images"] == 2 and cal["normal"]["threshold"] is not None  # 20 % of 8 normal images
     out = tmp_path / "preds.csv"
     test_dir = finished_run / "data" / "demo" / "tile" / "test"
-    log = _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), str(test_dir), "--out", str(out)],
-               finished_run)
+    page = tmp_path / "page"
+    log = _run([sys.executable, "-m", "stages.cli", "predict", "--run", str(finished_run), str(test_dir), "--out", str(out),
+                "--report", str(page)], finished_run)
+    assert f"page: {page / 'index.html'}" in log and "all images" in (page / "index.html").read_text()
     assert f"normal if image_score <= {cal['normal']['threshold']:.4g} (quantile 0.9 of 2 held-back normal images)" in log
     rows = {r["id"]: r for r in _rows(out)}
     for id_, score in zip(ms.ids, ms.scores):  # tile/test/crack/000 -> test/crack/000
