@@ -156,14 +156,18 @@ def test_predict_options_are_checked_before_any_work_and_out_may_name_a_folder(t
     (here it does not exist, so getting past the options means meeting that error)."""
     from stages.predict import main
 
-    def predict(out="predictions.csv", batch_size=None, device="auto"):
-        main([tmp_path], run_dir=tmp_path / "no-run", out=Path(out), maps=None, device=device, batch_size=batch_size)
+    def predict(out="predictions.csv", batch_size=None, device="auto", report=None):
+        main([tmp_path], run_dir=tmp_path / "no-run", out=Path(out), maps=None, device=device, batch_size=batch_size,
+             report=report)
 
     results = tmp_path / "results"
     results.mkdir()
     (results / "precious.txt").write_text("keep me")
     with pytest.raises(InputError, match="no-run: run directory not found"):
         predict(out=results)
+    assert (results / "precious.txt").read_text() == "keep me"
+    with pytest.raises(InputError, match=r"--report .*results: holds other files \(precious.txt\)"):
+        predict(report=results)  # the page would replace the folder: refused, the file kept
     assert (results / "precious.txt").read_text() == "keep me"
     (tmp_path / "a_file").write_text("")
     with pytest.raises(InputError, match=r"a_file/p.csv: cannot write there \(.*a_file: not a folder\); choose another --out"):
