@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
-from .calibrate import KNOWN, UNKNOWN
+from .calibrate import UNKNOWN, Calibration
 from .catalog import REJECTED
 from .io import InputError, atomic_path, read_image, write_image
 from .merge import NORMAL, STATUS
@@ -33,16 +32,6 @@ from .report import STRIP_SIZE, _e, _breakable, _page, _table, defect_thumbnail,
 PER_GALLERY = 48
 #: what a page folder holds: a folder holding anything else is never replaced
 PAGE_FILES = {"index.html", "img", "full"}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The decisions' thresholds as predict used them (None: the decision was off)."""
-
-    normal: float | None = None
-    normal_quantile: float | None = None
-    unknown: float | None = None
-    unknown_quantile: float | None = None
 
 
 def check_report_folder(path: str | os.PathLike, option: str = "--report") -> Path:
@@ -66,6 +55,11 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int] | None]:
     if not text:
         return []
     return [tuple(int(v) for v in part.split()) if part.strip() else None for part in text.split(";")]  # type: ignore[misc]
+
+
+def parse_clusters(text: str) -> list[int]:
+    """A row's ``crop_clusters`` cell (cluster ids joined by ``;``) as a list of ints."""
+    return [int(c) for c in str(text or "").split(";") if c.strip()]
 
 
 def row_label(row: dict) -> str:
@@ -112,38 +106,41 @@ def summary_rows(rows: Sequence[dict]) -> list[list[object]]:
     return out + [["all images", len(rows)]]
 
 
-def caption(row: dict, t: Thresholds) -> str:
-    """The facts under a thumbnail: the decision and the scores it was made on."""
+def caption(row: dict, cal: Calibration | None) -> str:
+    """The facts under a thumbnail: the decision and the scores it was made on (against the
+    thresholds of ``cal``, the calibration predict applied; None: no thresholds)."""
+    t_normal = None if cal is None else cal.normal_threshold
+    t_unknown = None if cal is None else cal.unknown_threshold
     parts = []
     if row["status"] == STATUS[True]:
-        nearest = row.get("name") or f"cluster {row['cluster']}"
+        nearest = row_label(row)
         if row.get("open_set") == UNKNOWN:
             parts.append(f"nearest class: {nearest}")
         else:
             parts.append(f"{nearest}, confidence {float(row['confidence']):.2f}" if row.get("confidence") else nearest)
         if row.get("unknown_score"):
-            limit = f" (limit {t.unknown:.3g})" if t.unknown is not None else ""
+            limit = f" (limit {t_unknown:.3g})" if t_unknown is not None else ""
             parts.append(f"unknown score {float(row['unknown_score']):.3g}{limit}")
     if row.get("image_score"):
-        limit = f" (limit {t.normal:.3g})" if t.normal is not None else ""
+        limit = f" (limit {t_normal:.3g})" if t_normal is not None else ""
         parts.append(f"image score {float(row['image_score']):.3g}{limit}")
     return "; ".join(parts)
 
 
-def write_predict_report(out_dir: str | os.PathLike, rows: Sequence[dict], thresholds: Thresholds,
+def write_predict_report(out_dir: str | os.PathLike, rows: Sequence[dict], cal: Calibration | None,
                          run: str = "", failed: Sequence[str] = ()) -> None:
-    """Write ``out_dir/index.html`` and its thumbnails (the folder replaced atomically)."""
-    classes = sorted({int(c) for r in rows for c in str(r.get("crop_clusters") or "").split(";") if c.strip().lstrip("-").isdigit()} | {0})
-    colors = palette(max(classes) + 1)
+    """Write ``out_dir/index.html`` and its thumbnails (the folder replaced atomically); ``cal``:
+    the calibration predict applied (:attr:`anomalyncd.predict.Predictions.calibration`)."""
+    colors = palette(1 + max((c for r in rows for c in parse_clusters(r.get("crop_clusters"))), default=0))
     with atomic_path(out_dir) as tmp:
         (tmp / "img").mkdir(parents=True)
         (tmp / "full").mkdir()
-        body = [f"<h1>Predictions{' with ' + _e(run) if run else ''}</h1>", _summary(rows, thresholds, failed)]
+        body = [f"<h1>Predictions{' with ' + _e(run) if run else ''}</h1>", _summary(rows, cal, failed)]
         n = 0
         for title, text, members in gallery_order(rows):
             figs = []
             for row in members[:PER_GALLERY]:
-                figs.append(_thumb(tmp, n, row, thresholds, colors))
+                figs.append(_thumb(tmp, n, row, cal, colors))
                 n += 1
             more = (f"<p>{len(members) - PER_GALLERY} more in the CSV.</p>" if len(members) > PER_GALLERY else "")
             anchor = " id='unknown'" if title == "Unknown type" else ""
@@ -152,21 +149,21 @@ def write_predict_report(out_dir: str | os.PathLike, rows: Sequence[dict], thres
         (tmp / "index.html").write_text(_page("Predictions", "\n".join(body)), encoding="utf-8")
 
 
-def _summary(rows: Sequence[dict], t: Thresholds, failed: Sequence[str]) -> str:
+def _summary(rows: Sequence[dict], cal: Calibration | None, failed: Sequence[str]) -> str:
     lines = []
-    if t.normal is not None:
-        lines.append(f"An image is a defect when its image score is above {t.normal:.4g} (quantile "
-                     f"{t.normal_quantile:g} of the run's held-back normal images' scores).")
+    if cal is not None and cal.normal_threshold is not None:
+        lines.append(f"An image is a defect when its image score is above {cal.normal_threshold:.4g} (quantile "
+                     f"{cal.normal_quantile:g} of the run's held-back normal images' scores).")
     else:
         lines.append("No normal/defect threshold: every image went on to the defect classifier.")
-    if t.unknown is not None:
-        lines.append(f"A defect is of an unknown type when its unknown score is above {t.unknown:.4g} (quantile "
-                     f"{t.unknown_quantile:g} of the run's own defect images' scores).")
+    if cal is not None and cal.unknown_threshold is not None:
+        lines.append(f"A defect is of an unknown type when its unknown score is above {cal.unknown_threshold:.4g} (quantile "
+                     f"{cal.unknown_quantile:g} of the run's own defect images' scores).")
     fails = ("<p class='warn'>Not classified (unreadable): " + ", ".join(_e(f) for f in failed) + "</p>") if failed else ""
     return (_table(["decision", "images"], summary_rows(rows)) + "".join(f"<p>{_e(x)}</p>" for x in lines) + fails)
 
 
-def _thumb(out: Path, idx: int, row: dict, t: Thresholds, colors: list[tuple[int, int, int]]) -> str:
+def _thumb(out: Path, idx: int, row: dict, cal: Calibration | None, colors: list[tuple[int, int, int]]) -> str:
     """One gallery entry: the image cut around its first defect box (the whole image without
     one), linked to the full image with every crop's box and class."""
     rgb = read_image(row["image"])
@@ -175,7 +172,7 @@ def _thumb(out: Path, idx: int, row: dict, t: Thresholds, colors: list[tuple[int
     first = next((b for b in defects if b is not None), None)
     rel, full = f"img/{idx:05d}.png", f"full/{idx:05d}.jpg"
     write_image(out / rel, defect_thumbnail(rgb, first) if first is not None else fit_square(rgb, STRIP_SIZE))
-    clusters = [int(c) for c in str(row.get("crop_clusters") or "").split(";") if c.strip()]
+    clusters = parse_clusters(row.get("crop_clusters"))
     shown = [d if d is not None else c for d, c in zip(defects, crops)]
     keep = [i for i, b in enumerate(shown) if b is not None]
     boxes = np.array([shown[i] for i in keep], np.int64).reshape(-1, 4)
@@ -183,4 +180,4 @@ def _thumb(out: Path, idx: int, row: dict, t: Thresholds, colors: list[tuple[int
     cols = [colors[clusters[i] % len(colors)] if i < len(clusters) and clusters[i] >= 0 else (128, 128, 128) for i in keep]
     cv2.imwrite(str(out / full), np.ascontiguousarray(draw_boxes(rgb, boxes, labels, cols)[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return (f"<figure class='ex'><a href='{full}'><img src='{rel}' width='{STRIP_SIZE}' height='{STRIP_SIZE}' alt='{_e(row['id'])}'></a>"
-            f"<figcaption>{_breakable(row['id'])}<br>{_e(caption(row, t))}</figcaption></figure>")
+            f"<figcaption>{_breakable(row['id'])}<br>{_e(caption(row, cal))}</figcaption></figure>")

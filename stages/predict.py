@@ -37,6 +37,7 @@ def main(
     from anomalyncd.device import resolve_device
     from anomalyncd.io import InputError, output_file
     from anomalyncd.predict import find_images, load_run, predict_images
+    from anomalyncd.predict_report import row_label
 
     out = output_file(out, "predictions.csv", "--out")
     if report is not None:
@@ -53,12 +54,11 @@ def main(
     write_table(out, pred.rows)
     cal = pred.calibration
     if report is not None:
-        from anomalyncd.predict_report import Thresholds, write_predict_report
+        from anomalyncd.predict_report import write_predict_report
 
-        t = Thresholds() if cal is None else Thresholds(cal.normal_threshold, cal.normal_quantile, cal.unknown_threshold, cal.unknown_quantile)
-        write_predict_report(report, pred.rows, t, run=str(run_dir.resolve()), failed=pred.failed)
+        write_predict_report(report, pred.rows, cal, run=str(run_dir.resolve()), failed=pred.failed)
     found = [row for row in pred.rows if row["status"] == STATUS[True]]
-    counts = Counter(row["name"] or f"cluster {row['cluster']}" for row in found)
+    counts = Counter(row_label(row) for row in found)
     n = Counter(row["status"] for row in pred.rows)
     unknown = sum(row["open_set"] == UNKNOWN for row in found)
     typer.echo(

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from anomalyncd.io import InputError, write_image
-from anomalyncd.predict_report import Thresholds, check_report_folder, gallery_order, parse_boxes, summary_rows, write_predict_report
+from anomalyncd.calibrate import Calibration
+from anomalyncd.predict_report import check_report_folder, gallery_order, parse_boxes, summary_rows, write_predict_report
 
 
 def _row(tmp: Path, id_: str, status: str = "anomaly found", name: str = "crack", open_set: str = "known type",
@@ -60,7 +61,9 @@ def test_box_cells_are_parsed_with_empty_boxes_kept_in_place():
 
 def test_the_page_shows_the_unknown_types_with_nearest_class_and_scores_and_links_every_thumbnail(rows, tmp_path):
     out = tmp_path / "page"
-    write_predict_report(out, rows, Thresholds(0.25, 0.9, 0.6, 0.99), run="my-run", failed=["x.png: unreadable"])
+    # one score per distribution: the thresholds are those scores at any quantile
+    cal = Calibration(0.01, np.array([0.25]), np.zeros((1, 2)), np.array([0.6]), normal_quantile=0.9, unknown_quantile=0.99)
+    write_predict_report(out, rows, cal, run="my-run", failed=["x.png: unreadable"])
     page = (out / "index.html").read_text()
     unknown = page[page.index("id='unknown'"):page.index("<h2>crack")]
     assert "Unknown type (2)" in unknown and unknown.index(">d<") < unknown.index(">c<")
@@ -74,8 +77,8 @@ def test_the_page_shows_the_unknown_types_with_nearest_class_and_scores_and_link
 def test_the_page_folder_must_be_new_or_a_previous_page(rows, tmp_path):
     page = tmp_path / "page"
     assert check_report_folder(page) == page
-    write_predict_report(page, rows[:2], Thresholds())
-    write_predict_report(check_report_folder(page), rows, Thresholds())  # a previous page is replaced
+    write_predict_report(page, rows[:2], None)
+    write_predict_report(check_report_folder(page), rows, None)  # a previous page is replaced
     assert len(list((page / "img").iterdir())) == len(rows)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "predictions.csv").write_text("id\n")
