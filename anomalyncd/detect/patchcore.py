@@ -56,7 +56,7 @@ class PatchCore(BackboneDetector):
     def patch_grid(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Patch features ``(B, D, h, w)`` of a batch of RGB uint8 images."""
         x = to_batch(images, self.spec.image_size, self.device, self.params.keep_aspect)
-        return patch_features(self.backbone(x), self.stride)
+        return patch_features(self.backbone(x), self.stride, self.grid_layer)
 
     def _batch_patches(self, images: Sequence[np.ndarray], s: slice) -> list[torch.Tensor]:
         """Patches ``(h * w, D)`` of each image of the batch ``s`` of ``images`` (read here)."""
