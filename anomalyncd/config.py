@@ -111,6 +111,7 @@ class DetectParams:
     image_size: int = 448  # images are resized to image_size x image_size (keep_aspect: shorter side)
     keep_aspect: bool = True  # patchcore: keep each image's aspect ratio (shorter side = image_size)
     grid_layer: int = 1  # the layers' features meet on this one's grid (an index into layers; 0: the finest)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # patchcore: features of the image at image_size x each scale, on the first one's grid, concatenated
     batch_size: int = 16
     bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
@@ -131,6 +132,8 @@ class DetectParams:
             batch_size=(self.batch_size >= 1, "at least 1"),
             layers=(len(self.layers) >= 1, "a non-empty list"),
             grid_layer=(0 <= self.grid_layer < max(len(self.layers), 1), f"an index into detect.layers, in [0, {len(self.layers) - 1}]"),
+            scales=(len(self.scales) >= 1 and all(isinstance(v, (int, float)) and 0 < v <= 4 and self.image_size * v >= MIN_SIDE for v in self.scales),
+                    f"a non-empty list of numbers in (0, 4], each giving at least {MIN_SIDE} px of detect.image_size"),
             bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
             train_images=(self.train_images >= 0, ">= 0 (0: all)"),
             smooth_sigma=(self.smooth_sigma >= 0, ">= 0 (0: no smoothing)"),

@@ -159,16 +159,34 @@ def test_patchcore_on_the_second_layers_grid_maps_at_the_map_size(rng):
     assert det.predict([with_spot(surface(rng, 64))]).shape == (1, 32, 32)
 
 
-def test_a_detector_saved_before_grid_layer_loads_on_the_first_layers_grid(rng, tmp_path):
-    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], grid_layer=0, image_size=64))
+def test_patchcore_concatenates_the_features_of_each_scale_on_the_first_scales_grid(rng):
+    one = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0]))
+    two = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0, 0.5]))
+    img = [surface(rng, 64)]
+    f1, f2 = one.patch_grid(img), two.patch_grid(img)
+    assert f2.shape[1] == 2 * f1.shape[1] and f2.shape[-2:] == f1.shape[-2:]
+    torch.testing.assert_close(f2[:, : f1.shape[1]], f1)  # the first scale's features unchanged
+    two.fit([surface(rng, 64) for _ in range(4)])
+    assert two.bank.shape[1] == f2.shape[1]
+    assert two.predict([with_spot(surface(rng, 64))]).shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("scales", [[], [0.0], [1.0, -0.5], [0.1]])  # [0.1]: 3 px of the 32-px images
+def test_scales_must_be_positive_and_leave_enough_pixels(scales):
+    with pytest.raises(InputError, match="detect.scales"):
+        params(scales=scales)
+
+
+def test_a_detector_saved_before_grid_layer_and_scales_loads_as_one_scale_on_the_first_layers_grid(rng, tmp_path):
+    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], grid_layer=0, image_size=64, scales=[1.0]))
     det.fit([surface(rng, 64) for _ in range(4)])
     det.norm_min, det.norm_max = 0.0, 1.0
     save_detector(det, tmp_path / "d.pt")
     blob = load_torch(tmp_path / "d.pt", "")
-    del blob["params"]["grid_layer"]  # a file written before the knob existed
+    del blob["params"]["grid_layer"], blob["params"]["scales"]  # a file written before the knobs existed
     save_torch(blob, tmp_path / "old.pt")
     old = load_detector(tmp_path / "old.pt")
-    assert old.params.grid_layer == 0
+    assert old.params.grid_layer == 0 and old.params.scales == [1.0]
     test = [with_spot(surface(rng, 64))]
     np.testing.assert_array_equal(old.predict(test), det.predict(test))
 
