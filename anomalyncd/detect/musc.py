@@ -119,6 +119,10 @@ class MuSc(BackboneDetector):
             layers = self.backbone(to_batch(images[s], self.spec.image_size, self.device))
             if self.stride > 1:
                 layers = [F.avg_pool2d(f, self.stride) for f in layers]
+            # layers finer than detect.grid_layer's are pooled onto its grid, where the patches
+            # are scored; coarser ones are upsampled there when scored (:meth:`_score`)
+            size = layers[self.grid_layer].shape[-2:]
+            layers = [F.adaptive_avg_pool2d(f, size) if f.shape[-1] > size[-1] else f for f in layers]
             chunks.append(layers)
         return [torch.cat(per_layer) for per_layer in zip(*chunks)]
 

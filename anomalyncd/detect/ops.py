@@ -42,6 +42,11 @@ def aspect_size(shape: tuple[int, int], size: int) -> tuple[int, int]:
     return (size, long) if h <= w else (long, size)
 
 
+def scaled_size(size: int, scale: float) -> int:
+    """``size`` times ``scale``, rounded, at least 1 (the side a multi-scale pass works at)."""
+    return max(1, int(round(size * scale)))
+
+
 def batches(n: int, size: int) -> Iterator[slice]:
     for i in range(0, n, size):
         yield slice(i, min(i + size, n))

@@ -27,7 +27,7 @@ from ..io import InputError
 from .backbone import BackboneDetector, patch_features
 from .base import register
 from .features import FILTERBANK
-from .ops import BankIndex, bank_index, batches, greedy_coreset, nearest_distance, to_batch, upsample_maps
+from .ops import BankIndex, bank_index, batches, greedy_coreset, nearest_distance, scaled_size, to_batch, upsample_maps
 from .parallel import ordered_map, pool_size, single_threaded
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,15 @@ class PatchCore(BackboneDetector):
         return list(batches(n, 1 if self.params.keep_aspect else self.params.batch_size))
 
     def patch_grid(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Patch features ``(B, D, h, w)`` of a batch of RGB uint8 images."""
-        x = to_batch(images, self.spec.image_size, self.device, self.params.keep_aspect)
-        return patch_features(self.backbone(x), self.stride)
+        """Patch features ``(B, D, h, w)`` of a batch of RGB uint8 images: the backbone's
+        features of the images resized to ``image_size`` times each of ``detect.scales``, those
+        of every scale on the grid of the first (layer ``grid_layer`` at the first scale),
+        concatenated."""
+        out: list[torch.Tensor] = []
+        for scale in self.params.scales:
+            x = to_batch(images, scaled_size(self.spec.image_size, scale), self.device, self.params.keep_aspect)
+            out.append(patch_features(self.backbone(x), self.stride, self.grid_layer, out[0].shape[-2:] if out else None))
+        return torch.cat(out, dim=1)
 
     def _batch_patches(self, images: Sequence[np.ndarray], s: slice) -> list[torch.Tensor]:
         """Patches ``(h * w, D)`` of each image of the batch ``s`` of ``images`` (read here)."""
