@@ -2,7 +2,8 @@
 patch features.
 
 Patch features: every backbone layer is averaged over its 3x3 neighbourhood, brought onto the
-grid of the first layer and concatenated. Filter-bank features are also standardised per
+grid of layer ``grid_layer`` and concatenated (with several ``scales``, the features of each
+resized image on the first one's grid, concatenated too). Filter-bank features are also standardised per
 channel with the mean and standard deviation of the training patches (so that responses of
 very different scale weigh alike; the standard deviation has a floor of ``STD_FLOOR`` times the
 mean one); a pretrained network's features are compared as they are (standardising them
