@@ -25,7 +25,10 @@ and ``mebin`` done), prints:
 yet), ``--set mebin.KEY=VALUE`` does so with those params changed, to judge a MEBin lever on
 the same chain; ``--remap-sigma S`` first maps the images again with the run's fitted detector
 (``models/detector.pt``, a ``patchcore`` or ``padim`` run) smoothed with ``detect.smooth_sigma``
-S, normalised over the set as ``detect`` does. The run's folder is only read.
+S, normalised over the set as ``detect`` does; ``--maps FILE.npy`` takes the raw maps
+``(N, S, S)`` of the run's images (in the order of its maps store) from another detector or
+setting, normalised over the set the same way, to judge any map on the same chain. The run's
+folder is only read.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_regions --run /tmp/mtdgt
     OMP_NUM_THREADS=1 python -m benchmarks.bench_regions --run /tmp/mtd --set mebin.core=0
@@ -79,7 +82,7 @@ def run_params(params_file: Path, overrides: list[str]) -> dict:
     def read(name: str):
         return from_dict(SECTIONS[name], data.get(name) or {}, where=f"{params_file}: {name}")
 
-    return {name: resolve(name, read(name), read) for name in ("dataset", "mebin", "train", "merge", "evaluate")}
+    return {name: resolve(name, read(name), read) for name in ("dataset", "detect", "mebin", "train", "merge", "evaluate")}
 
 
 def crops_of_run(ms, records: dict, p, rerun: bool, progress: bool) -> CropSet:
@@ -101,6 +104,22 @@ def remap(ms: MapSet, records: dict, sigma: float, progress: bool) -> MapSet:
     lo, hi = float(maps.min()), float(maps.max())
     attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, "smooth_sigma": float(sigma)}
     return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, det.params.score_top), ms.image_sizes, attrs)
+
+
+def maps_from_file(ms: MapSet, path: Path, score_top: float) -> MapSet:
+    """The run's maps replaced by the raw maps float (N, S, S) in ``path`` (``.npy``, the run's
+    image order), normalised over the set as ``detect`` does."""
+    try:
+        maps = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read these maps ({e}); give a .npy file of float maps (N, S, S)") from e
+    n = len(ms.ids)
+    if maps.ndim != 3 or len(maps) != n or maps.shape[1] != maps.shape[2] or not np.isfinite(maps).all():
+        raise InputError(f"{path}: expected finite square maps (N, S, S) for the run's {n} images, got {maps.dtype} {maps.shape}")
+    maps = maps.astype(np.float32)
+    lo, hi = float(maps.min()), float(maps.max())
+    attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, "maps_file": str(path)}
+    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, score_top), ms.image_sizes, attrs)
 
 
 def baseline(cs: CropSet, params: dict, records: dict, rerun: bool, device: str, k: int = 0) -> tuple[dict, str]:
@@ -128,35 +147,41 @@ def baseline(cs: CropSet, params: dict, records: dict, rerun: bool, device: str,
 
 
 def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "cpu", k: int = 0, progress: bool = True,
-          remap_sigma: float | None = None) -> dict:
+          remap_sigma: float | None = None, maps_file: Path | None = None) -> dict:
     """Every figure of the chain for the run folder ``run`` (see the module docstring), MEBin
-    rerun in memory when ``rerun``, ``overrides`` (``mebin.KEY=VALUE``) or ``remap_sigma`` (the
-    maps made again with that smoothing) are given."""
+    rerun in memory when ``rerun``, ``overrides`` (``mebin.KEY=VALUE``), ``remap_sigma`` (the
+    maps made again with that smoothing) or ``maps_file`` (other raw maps of the run's images)
+    are given."""
+    maps_file = Path(maps_file).resolve() if maps_file is not None else None
     os.chdir(run)  # the manifest's and the stores' paths are relative to the project root
     # mebin.core: auto follows the smoothing of the maps it binarizes
     remapped = [f"detect.smooth_sigma={remap_sigma}"] if remap_sigma is not None else []
     params = run_params(Path("params.yaml"), overrides + remapped)
     p_mebin = params["mebin"]
-    rerun = rerun or bool(overrides) or remap_sigma is not None
+    rerun = rerun or bool(overrides) or remap_sigma is not None or maps_file is not None
     if not rerun and not paths.CROPS.exists():
         raise InputError(f"{run / paths.CROPS}: not found; wait for the run's mebin stage, or pass --rerun-mebin")
     records = Manifest.read(paths.MANIFEST).by_id()
     ms = read_maps(paths.MAPS)
+    if remap_sigma is not None and maps_file is not None:
+        raise InputError("--remap-sigma and --maps both replace the run's maps: give one")
     if remap_sigma is not None:
         ms = remap(ms, records, remap_sigma, progress)
+    if maps_file is not None:
+        ms = maps_from_file(ms, maps_file, params["detect"].score_top)
     if not any(records[i].mask for i in ms.ids):
         raise InputError(f"{run / paths.MANIFEST}: no image to classify has a mask; the chain needs ground truth")
     cs = crops_of_run(ms, records, p_mebin, rerun, progress)
     if cs.ids != ms.ids:
         raise InputError(f"{run / paths.CROPS}: images differ from {run / paths.MAPS}; rerun mebin (dvc repro)")
     out: dict = {"run": str(run), "images": len(ms.ids), "crops": len(cs.crops), "mebin_rerun": rerun, "overrides": overrides,
-                 "remap_sigma": remap_sigma}
+                 "remap_sigma": remap_sigma, "maps_file": str(maps_file) if maps_file else None}
 
     sizes = [tuple(int(v) for v in s) for s in ms.image_sizes]
     truth = [read_mask(records[i].mask, s) if records[i].mask else np.zeros(s, bool) for i, s in zip(ms.ids, sizes)]
     small = resize_masks(truth, ms.maps.shape[-1])
     out["detect"] = {"pixel_auroc": pixel_auroc(ms.maps, small), "aupro": aupro(ms.maps, small)}
-    if (paths.METRICS / "detect.json").exists() and remap_sigma is None:  # the stage's figures are of its own maps
+    if (paths.METRICS / "detect.json").exists() and remap_sigma is None and maps_file is None:  # the stage's own maps
         d = json.loads((paths.METRICS / "detect.json").read_text())
         out["detect"]["stage"] = {k: d.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "normal_images_for_metrics")}
 
@@ -197,6 +222,7 @@ def report(out: dict) -> str:
     d, m, c, cov, b = out["detect"], out["mebin_mask"], out["crop_mask"], out["crops_cover"], out["baseline"]["image"]
     lines = [f"run {out['run']}: {out['images']} images, {out['crops']} crops"
              + (f", maps made again with smooth_sigma {out['remap_sigma']:g}" if out.get("remap_sigma") is not None else "")
+             + (f", maps from {out['maps_file']}" if out.get("maps_file") else "")
              + (f", MEBin rerun here{' with ' + ' '.join(out['overrides']) if out['overrides'] else ''}" if out["mebin_rerun"] else "")
              + f"; mebin {out['mebin_params']}"]
     stage = d.get("stage")
@@ -223,6 +249,8 @@ def main() -> None:
     ap.add_argument("--rerun-mebin", action="store_true", help="rerun MEBin in memory on the run's maps")
     ap.add_argument("--remap-sigma", type=float, default=None, metavar="S",
                     help="map the images again with the run's detector smoothed with sigma S (implies --rerun-mebin)")
+    ap.add_argument("--maps", type=Path, default=None, metavar="FILE.npy",
+                    help="raw maps (N, S, S) of the run's images, in its maps store's order, instead of its own (implies --rerun-mebin)")
     ap.add_argument("--device", default="cpu", help="for the frozen features, when computed here")
     ap.add_argument("--k", type=int, default=0,
                     help="clusters of the baseline when its features are computed here (0: the run's train.num_classes)")
@@ -236,7 +264,7 @@ def main() -> None:
     json_path = args.json.resolve() if args.json else None
     try:
         out = chain(args.run.resolve(), args.overrides, args.rerun_mebin, args.device, args.k, progress=sys.stderr.isatty(),
-                    remap_sigma=args.remap_sigma)
+                    remap_sigma=args.remap_sigma, maps_file=args.maps)
     except InputError as e:
         raise SystemExit(f"error: {e}") from e
     print(report(out))

@@ -96,3 +96,31 @@ def test_remap_sigma_maps_the_images_again_with_the_runs_detector_and_that_smoot
     assert out["remap_sigma"] == 0.0 and out["mebin_rerun"] and out["images"] == 6
     assert out["mebin_params"]["core"] == 0.0  # core: auto is 0 on unsmoothed maps (0.6 at the run's sigma 4)
     assert "smooth_sigma 0" in report(out)
+
+
+def test_maps_from_a_file_replace_the_runs_maps_on_the_same_chain(run_dir, tmp_path):
+    from anomalyncd.store import read_maps
+
+    own = chain(run_dir, [], rerun=True, progress=False)
+    maps = read_maps(run_dir / paths.MAPS).maps
+    np.save(tmp_path / "same.npy", maps)
+    same = chain(run_dir, [], maps_file=tmp_path / "same.npy", progress=False)
+    assert same["mebin_rerun"] and same["maps_file"].endswith("same.npy") and "maps from" in report(same)
+    for link in ("detect", "mebin_mask", "crop_mask", "crops_cover"):
+        assert same[link] == own[link]
+    np.save(tmp_path / "flipped.npy", maps[:, ::-1, ::-1].copy())  # every region on the wrong side
+    flipped = chain(run_dir, [], maps_file=tmp_path / "flipped.npy", progress=False)
+    assert flipped["detect"]["pixel_auroc"] < own["detect"]["pixel_auroc"]
+    assert flipped["mebin_mask"]["iou"] < own["mebin_mask"]["iou"]
+
+
+def test_maps_from_a_file_of_another_shape_or_with_remap_sigma_are_refused(run_dir, tmp_path):
+    np.save(tmp_path / "five.npy", np.zeros((5, MAP, MAP), np.float32))
+    with pytest.raises(InputError, match=r"five.npy: expected finite square maps \(N, S, S\) for the run's 6 images"):
+        chain(run_dir, [], maps_file=tmp_path / "five.npy", progress=False)
+    (tmp_path / "bad.npy").write_text("not a numpy file")
+    with pytest.raises(InputError, match="bad.npy: cannot read these maps"):
+        chain(run_dir, [], maps_file=tmp_path / "bad.npy", progress=False)
+    np.save(tmp_path / "ok.npy", np.zeros((6, MAP, MAP), np.float32))
+    with pytest.raises(InputError, match="give one"):
+        chain(run_dir, [], remap_sigma=2.0, maps_file=tmp_path / "ok.npy", progress=False)
