@@ -100,10 +100,17 @@ def remap(ms: MapSet, records: dict, sigma: float, progress: bool) -> MapSet:
         raise InputError(f"{paths.DETECTOR}: a {det.method} detector has no smoothing to change; drop --remap-sigma")
     det.params.smooth_sigma = float(sigma)
     ids = ms.ids if not progress else tqdm(ms.ids, desc=f"maps, sigma {sigma:g}", unit="img")
-    maps = np.concatenate([det.predict([read_image(records[i].image)]) for i in ids]).astype(np.float32)
+    maps = np.concatenate([det.predict([read_image(records[i].image)]) for i in ids])
+    return replaced_maps(ms, maps, det.params.score_top, smooth_sigma=float(sigma))
+
+
+def replaced_maps(ms: MapSet, maps: np.ndarray, score_top: float, **attrs) -> MapSet:
+    """``ms`` with its raw maps replaced by ``maps`` (N, S, S), which are normalised over the
+    set to ``maps_u8`` and scored as ``detect`` does; ``attrs`` say where they came from."""
+    maps = maps.astype(np.float32)
     lo, hi = float(maps.min()), float(maps.max())
-    attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, "smooth_sigma": float(sigma)}
-    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, det.params.score_top), ms.image_sizes, attrs)
+    attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, **attrs}
+    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, score_top), ms.image_sizes, attrs)
 
 
 def maps_from_file(ms: MapSet, path: Path, score_top: float) -> MapSet:
@@ -116,10 +123,7 @@ def maps_from_file(ms: MapSet, path: Path, score_top: float) -> MapSet:
     n = len(ms.ids)
     if maps.ndim != 3 or len(maps) != n or maps.shape[1] != maps.shape[2] or not np.isfinite(maps).all():
         raise InputError(f"{path}: expected finite square maps (N, S, S) for the run's {n} images, got {maps.dtype} {maps.shape}")
-    maps = maps.astype(np.float32)
-    lo, hi = float(maps.min()), float(maps.max())
-    attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, "maps_file": str(path)}
-    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, score_top), ms.image_sizes, attrs)
+    return replaced_maps(ms, maps, score_top, maps_file=str(path))
 
 
 def baseline(cs: CropSet, params: dict, records: dict, rerun: bool, device: str, k: int = 0) -> tuple[dict, str]:
