@@ -121,7 +121,8 @@ def maps_from_file(ms: MapSet, path: Path, score_top: float) -> MapSet:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read these maps ({e}); give a .npy file of float maps (N, S, S)") from e
     n = len(ms.ids)
-    if maps.ndim != 3 or len(maps) != n or maps.shape[1] != maps.shape[2] or not np.isfinite(maps).all():
+    if (not np.issubdtype(maps.dtype, np.number) or maps.ndim != 3 or len(maps) != n or maps.shape[1] != maps.shape[2]
+            or not np.isfinite(maps).all()):
         raise InputError(f"{path}: expected finite square maps (N, S, S) for the run's {n} images, got {maps.dtype} {maps.shape}")
     return replaced_maps(ms, maps, score_top, maps_file=str(path))
 

@@ -118,6 +118,9 @@ def test_maps_from_a_file_of_another_shape_or_with_remap_sigma_are_refused(run_d
     np.save(tmp_path / "five.npy", np.zeros((5, MAP, MAP), np.float32))
     with pytest.raises(InputError, match=r"five.npy: expected finite square maps \(N, S, S\) for the run's 6 images"):
         chain(run_dir, [], maps_file=tmp_path / "five.npy", progress=False)
+    np.save(tmp_path / "text.npy", np.full((6, MAP, MAP), "x"))
+    with pytest.raises(InputError, match="text.npy: expected finite square maps"):
+        chain(run_dir, [], maps_file=tmp_path / "text.npy", progress=False)
     (tmp_path / "bad.npy").write_text("not a numpy file")
     with pytest.raises(InputError, match="bad.npy: cannot read these maps"):
         chain(run_dir, [], maps_file=tmp_path / "bad.npy", progress=False)
