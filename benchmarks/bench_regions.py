@@ -157,6 +157,8 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
     rerun in memory when ``rerun``, ``overrides`` (``mebin.KEY=VALUE``), ``remap_sigma`` (the
     maps made again with that smoothing) or ``maps_file`` (other raw maps of the run's images)
     are given."""
+    if remap_sigma is not None and maps_file is not None:
+        raise InputError("--remap-sigma and --maps both replace the run's maps: give one")
     maps_file = Path(maps_file).resolve() if maps_file is not None else None
     os.chdir(run)  # the manifest's and the stores' paths are relative to the project root
     # mebin.core: auto follows the smoothing of the maps it binarizes
@@ -168,8 +170,6 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
         raise InputError(f"{run / paths.CROPS}: not found; wait for the run's mebin stage, or pass --rerun-mebin")
     records = Manifest.read(paths.MANIFEST).by_id()
     ms = read_maps(paths.MAPS)
-    if remap_sigma is not None and maps_file is not None:
-        raise InputError("--remap-sigma and --maps both replace the run's maps: give one")
     if remap_sigma is not None:
         ms = remap(ms, records, remap_sigma, progress)
     if maps_file is not None:
