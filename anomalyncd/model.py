@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bnfold import folded
 from .config import train_crop_pct
 from .grids import common_grid
 from .io import InputError, load_torch, save_torch
@@ -297,6 +298,19 @@ def _block_of(module_name: str) -> int | None:
     return int(parts[1]) if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
+def cnn_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, 3, S, S) in the channels-last memory layout: oneDNN's convolutions
+    run 1.7x faster on it on CPU (Lite0 crops, one or two threads; outputs equal up to float
+    rounding, about 1e-6 of their range), and so does cuDNN's. Every pass of a crop CNN (train,
+    infer, predict, the K estimate) goes through here, so all see the same numbers."""
+    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _forget_folded(module: nn.Module, _keys) -> None:
+    """After new weights are loaded, the trunk's folded copy of the old ones is stale."""
+    module.__dict__.pop("_folded", None)
+
+
 class MaskGuidedCNN(nn.Module):
     """Mask-guided pooling of a frozen CNN: ``forward(images, masks) -> features (B, D)``.
 
@@ -326,6 +340,7 @@ class MaskGuidedCNN(nn.Module):
         self.attention = nn.Linear(self.embed_dim, 1)
         nn.init.zeros_(self.attention.weight)
         nn.init.zeros_(self.attention.bias)
+        self.register_load_state_dict_post_hook(_forget_folded)
 
     has_frozen_trunk = True
     needs_calibration = True  # the channel standardisation comes from the training crops
@@ -339,8 +354,23 @@ class MaskGuidedCNN(nn.Module):
     @torch.no_grad()
     def trunk(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen part: tokens (B, N, D) on the layers' common grid (:func:`~anomalyncd.grids.common_grid`)
-        and the mask's coverage of each grid cell (B, N)."""
-        return self._tokens(common_grid(self.backbone((images - self.in_mean) / self.in_std)), masks)
+        and the mask's coverage of each grid cell (B, N). The CNN sees its input channels-last
+        (:func:`cnn_input`) and runs with its batch norms folded (:meth:`frozen_backbone`)."""
+        x = cnn_input(images, self.in_mean, self.in_std)
+        return self._tokens(common_grid(self.frozen_backbone(x)(x)), masks)
+
+    def frozen_backbone(self, x: torch.Tensor) -> nn.Module:
+        """The backbone with its batch norms folded into its convolutions, for the trunk's
+        frozen passes (:func:`~anomalyncd.bnfold.folded`, checked on the first image of ``x``,
+        the normalised input (B, 3, S, S)): a copy outside the state dict, built on first use
+        and again after weights are loaded or the model moves to another device or dtype."""
+        w = next(self.backbone.parameters())
+        key = (w.device, w.dtype)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            example = x[:1] if len(x) else torch.zeros((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+            self.__dict__["_folded"] = cached = (key, folded(self.backbone, example))
+        return cached[1]
 
     @staticmethod
     def _tokens(maps: list[torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,8 +456,9 @@ class MaskGuidedCNNTunedStage(MaskGuidedCNN):
     def trunk(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen part: the frozen layers' tokens (B, N, D_frozen) on the common grid and the
         mask's coverage of each grid cell (B, N)."""
-        bb = self.backbone
-        x, maps = bb.bn1(bb.conv_stem((images - self.in_mean) / self.in_std)), []
+        x = cnn_input(images, self.in_mean, self.in_std)
+        bb = self.frozen_backbone(x)
+        x, maps = bb.bn1(bb.conv_stem(x)), []
         for i in range(self.tune_from):
             x = bb.blocks[i](x)
             if i in self.layer_blocks:

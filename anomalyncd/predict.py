@@ -216,7 +216,6 @@ class Predictor:
     ) -> None:
         from .device import resolve_device
         from .detect import load_detector
-        from .inference import for_inference
         from .model import load_model
 
         self.run = run
@@ -232,7 +231,6 @@ class Predictor:
             self.detector = load_detector(run.detector, device=None if device == "auto" else device)
         self.device = resolve_device(device)
         self.net, info = load_model(run.model, self.device)
-        for_inference(self.net)
         self.head = int(info["head"])
         self.batch_size = batch_size or InferParams().batch_size
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))

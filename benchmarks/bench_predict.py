@@ -18,9 +18,8 @@ Two parts:
    printed (the machine's load drifts: compare within one invocation).
 2. In this process, with this code: loading the run and its models, the warm single-image
    latency (median over ``--single`` images), and the N images' time per step (reading images,
-   detector, MEBin, classifier, merge) from :attr:`anomalyncd.predict.Predictor.timings`; and
-   the classifier step on 64 of the run's crops with the model as loaded before and after
-   :func:`anomalyncd.inference.for_inference` (the channels-last layout).
+   detector, MEBin, classifier, merge) from :attr:`anomalyncd.predict.Predictor.timings`.
+   (``benchmarks/bench_crop_cnn.py`` times the classifier's CNN in both memory layouts.)
 """
 
 from __future__ import annotations
@@ -119,33 +118,6 @@ def inprocess_part(run_dir: Path, images: list[Path], single: int) -> dict:
             "steps": dict(pred.timings), "n": len(rows), "crops": sum(len(p.areas) for p in parts)}
 
 
-def classifier_layouts(run_dir: Path, n: int = 64, repeat: int = 3) -> tuple[float, float, float]:
-    """The classifier step before and after :func:`anomalyncd.inference.for_inference`: seconds
-    for ``n`` of the run's crops in the default and the channels-last layout (best of
-    ``repeat``, interleaved), and the largest difference of their logits."""
-    import numpy as np
-
-    from anomalyncd import paths
-    from anomalyncd.inference import crop_outputs, for_inference
-    from anomalyncd.model import load_model
-    from anomalyncd.store import read_crops
-
-    cs = read_crops(run_dir / paths.CROPS, lazy=True)
-    idx = np.arange(n) % len(cs.crops)
-    crops, masks = np.asarray(cs.crops[: len(cs.crops)])[idx], np.asarray(cs.crop_masks[: len(cs.crops)])[idx]
-    plain, _ = load_model(run_dir / paths.MODEL)
-    fast = for_inference(load_model(run_dir / paths.MODEL)[0])
-    times: dict[str, list[float]] = {"plain": [], "fast": []}
-    outs = {}
-    for _ in range(repeat):
-        for name, net in (("plain", plain), ("fast", fast)):
-            t = time.perf_counter()
-            outs[name] = crop_outputs(net, crops, masks)
-            times[name].append(time.perf_counter() - t)
-    diff = float(np.abs(outs["plain"].logits - outs["fast"].logits).max())
-    return min(times["plain"]), min(times["fast"]), diff
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT, help="a finished project (default: this one)")
@@ -170,9 +142,6 @@ def main() -> None:
         print(f"{n} images ({ip['crops']} crops): {ip['total']:.2f} s = {ip['total'] / n * 1000:.1f} ms/image")
         for step, sec in ip["steps"].items():
             print(f"  {step:<10} {sec:7.2f} s  {sec / n * 1000:6.1f} ms/image")
-        old, new, diff = classifier_layouts(run)
-        print(f"classifier on 64 of the run's crops: default layout {old:.2f} s, channels-last {new:.2f} s "
-              f"({old / new:.2f}x), logits differ by <= {diff:.1e}")
         if cli is None:
             return
         print(f"\ncommand (python -m stages.predict, best of {args.repeat}):")
