@@ -9,7 +9,7 @@ the outputs are equal up to float rounding.
 Only a convolution directly followed, among its parent's children, by the batch norm of its
 output (a :class:`torch.nn.BatchNorm2d`, or timm's ``BatchNormAct2d``, whose activation stays)
 is folded: the layout of timm's CNNs (EfficientNet, MobileNet, ResNet). :func:`folded` checks
-the result on a random input and keeps the network as it was when they differ.
+the result on one input and keeps the network as it was when the outputs differ.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class _AfterNorm(nn.Module):
 
 def _replacement(bn: nn.Module) -> nn.Module | None:
     """The module that takes a folded batch norm's place, None for a kind not known here."""
-    if type(bn) in (nn.BatchNorm2d,):
+    if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
     if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
         return _AfterNorm(bn)

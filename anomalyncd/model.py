@@ -300,8 +300,8 @@ def _block_of(module_name: str) -> int | None:
 
 def cnn_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Normalised images (B, 3, S, S) in the channels-last memory layout: oneDNN's convolutions
-    run 1.7x faster on it on CPU (Lite0 crops, one or two threads; outputs equal up to float
-    rounding, about 1e-6 of their range), and so does cuDNN's. Every pass of a crop CNN (train,
+    run 1.6-1.8x faster on it on CPU (Lite0 crops, one or two threads; outputs equal up to
+    float rounding, about 1e-6 of their range). Every pass of a crop CNN (train,
     infer, predict, the K estimate) goes through here, so all see the same numbers."""
     return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
 
