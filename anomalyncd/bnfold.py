@@ -45,25 +45,35 @@ def _replacement(bn: nn.Module) -> nn.Module | None:
     return None
 
 
+def _foldable(net: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(parent, convolution's name, batch norm's name) of every batch norm in ``net`` that
+    directly follows the convolution of its input and is of a kind :func:`_replacement` knows."""
+    out = []
+    for parent in net.modules():
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and _replacement(bn) is not None
+                and bn.running_mean is not None
+                and bn.num_features == conv.out_channels
+            ):
+                out.append((parent, a, b))
+    return out
+
+
 @torch.no_grad()
 def fold_batchnorm(net: nn.Module) -> int:
     """Fold, in place, every batch norm that directly follows the convolution of its input in
     ``net`` (eval-mode statistics). Returns the number folded."""
-    n = 0
-    for parent in list(net.modules()):
-        names = list(parent._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = parent._modules[a], parent._modules[b]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-                continue
-            rep = _replacement(bn)
-            if rep is None or bn.running_mean is None or bn.num_features != conv.out_channels:
-                continue
-            w, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-            conv.weight, conv.bias = w, bias
-            parent._modules[b] = rep
-            n += 1
-    return n
+    pairs = _foldable(net)
+    for parent, a, b in pairs:
+        conv, bn = parent._modules[a], parent._modules[b]
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        parent._modules[b] = _replacement(bn)
+    return len(pairs)
 
 
 @torch.no_grad()
@@ -71,9 +81,10 @@ def folded(net: nn.Module, example: torch.Tensor) -> nn.Module:
     """A frozen copy of ``net`` (eval mode, no gradients) with its batch norms folded, or
     ``net`` itself when nothing folds or the copy's outputs on ``example`` (B, 3, H, W) differ
     from ``net``'s by more than :data:`TOLERANCE` of their range."""
-    out = copy.deepcopy(net).eval().requires_grad_(False)
-    if not fold_batchnorm(out):
+    if not _foldable(net):  # a ViT, the filter bank: no copy
         return net
+    out = copy.deepcopy(net).eval().requires_grad_(False)
+    fold_batchnorm(out)
     was_training = net.training
     ref, got = net.eval()(example), out(example)
     net.train(was_training)

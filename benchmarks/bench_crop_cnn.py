@@ -29,7 +29,7 @@ from anomalyncd.augment import eval_views
 from anomalyncd.bnfold import folded
 from anomalyncd.config import TrainParams
 from anomalyncd.grids import common_grid
-from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone
+from anomalyncd.model import MGViTClassifier, ModelConfig, cnn_input, create_backbone
 
 
 def crops_of(run: Path | None, n: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -62,10 +62,9 @@ def main() -> None:
     enc = net.encoder
     crops, masks, source = crops_of(args.run, args.crops)
     x, _ = eval_views(crops, masks, cfg.image_size, cfg.crop_pct)
-    x = (torch.from_numpy(x) - enc.in_mean) / enc.in_std
-    cl = x.contiguous(memory_format=torch.channels_last)
+    cl = cnn_input(torch.from_numpy(x), enc.in_mean, enc.in_std)
     fast = folded(enc.backbone, cl[:1])
-    ways = {"contiguous": (enc.backbone, x.contiguous()), "channels-last": (enc.backbone, cl), "channels-last + folded": (fast, cl)}
+    ways = {"contiguous": (enc.backbone, cl.contiguous()), "channels-last": (enc.backbone, cl), "channels-last + folded": (fast, cl)}
     print(f"{cfg.model} trunk, {cfg.image_size} px, {args.crops} evaluation views of {source}")
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -73,9 +72,9 @@ def main() -> None:
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for _ in range(args.repeat):
-                for name, (net, inp) in ways.items():
+                for name, (cnn, inp) in ways.items():
                     t = time.perf_counter()
-                    out[name] = torch.cat(common_grid(net(inp)), 1)
+                    out[name] = torch.cat(common_grid(cnn(inp)), 1)
                     best[name] = min(best.get(name, np.inf), time.perf_counter() - t)
         ref = out["contiguous"]
         cells = []
