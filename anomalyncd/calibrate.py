@@ -1,7 +1,7 @@
 """Calibration of ``anomalyncd predict``'s two decisions, and the decisions themselves.
 
 1. **Normal or defect.** An image is anomalous when the detector's image score (the mean of its
-   map's ``detect.score_top`` highest pixels) is above the ``normal_quantile`` of the scores of
+   map's top means at ``detect.score_tops``, :mod:`anomalyncd.image_score`) is above the ``normal_quantile`` of the scores of
    the normal training images ``detect`` held back from the fit (``detect.holdout``,
    :mod:`anomalyncd.detect.holdout`): about ``1 - normal_quantile`` of new normal images are
    flagged. Detectors that fit on no normal images (``musc``, ``external``, ``ground_truth``)
@@ -84,13 +84,13 @@ class Calibration:
     """What predict's decisions need from a run (``models/calibration.json``).
 
     normal_scores: float (H,) the held-back normal images' image scores (empty: the decision is
-    off, :attr:`note` says why); score_top: how the run's image score is made
-    (``detect.score_top``); prototypes: float (K, D) unit rows (NaN for a class without crops);
+    off, :attr:`note` says why); image_score: how the run's image score is made (the maps
+    store's ``image_score`` attrs: its top fractions and their normal reference); prototypes: float (K, D) unit rows (NaN for a class without crops);
     known_scores: float (N,) the run's own anomalous images' unknown scores; the two quantiles
     (``calibrate`` params, or predict's overrides).
     """
 
-    score_top: float
+    image_score: dict
     normal_scores: np.ndarray
     prototypes: np.ndarray
     known_scores: np.ndarray
@@ -129,7 +129,7 @@ class Calibration:
             "normal": {
                 "quantile": self.normal_quantile,
                 "threshold": self.normal_threshold,
-                "score_top": self.score_top,
+                "image_score": self.image_score,
                 "holdout_images": len(self.normal_scores),
                 "note": self.note,
                 "scores": [float(s) for s in self.normal_scores],
@@ -154,7 +154,7 @@ class Calibration:
             protos = u["prototypes"]
             dim = next((len(r) for r in protos if r is not None), 0)
             return cls(
-                score_top=float(n["score_top"]),
+                image_score=dict(n.get("image_score") or {}),
                 normal_scores=np.asarray(n["scores"], np.float64).reshape(-1),
                 prototypes=np.array([[math.nan] * dim if r is None else r for r in protos], np.float64).reshape(len(protos), dim),
                 known_scores=np.asarray(u["scores"], np.float64).reshape(-1),
@@ -177,7 +177,7 @@ def no_normal_calibration(method: str, holdout: float) -> str:
 
 def calibrate(
     holdout_scores: np.ndarray,
-    score_top: float,
+    image_score: dict,
     features: np.ndarray,
     areas: np.ndarray,
     crop_labels: np.ndarray,
@@ -202,7 +202,7 @@ def calibrate(
     else:  # no anomaly region in the whole run: nothing to compare with
         known = np.zeros(0)
     return Calibration(
-        score_top=float(score_top),
+        image_score=dict(image_score),
         normal_scores=np.sort(np.asarray(holdout_scores, np.float64).reshape(-1)),
         prototypes=protos,
         known_scores=known,

@@ -118,7 +118,9 @@ class DetectParams:
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
     smooth_sigma: float = 24.0  # patchcore, padim: Gaussian smoothing of the map, px of the resized image
-    score_top: float = 0.01  # image score: mean of this fraction of the map's highest pixels (0: the maximum)
+    # image score: the mean of each fraction of the map's highest pixels (0: the maximum), standardised
+    # on the held-back normal images; the largest (anomalyncd.image_score)
+    score_tops: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 0.3])
     holdout: float = 0.2  # patchcore, padim: share of the normal training images held back from the fit and scored (the normal/defect calibration)
 
     def __post_init__(self) -> None:
@@ -137,7 +139,8 @@ class DetectParams:
             bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
             train_images=(self.train_images >= 0, ">= 0 (0: all)"),
             smooth_sigma=(self.smooth_sigma >= 0, ">= 0 (0: no smoothing)"),
-            score_top=(0 <= self.score_top < 1, "in [0, 1) (0: the map maximum)"),
+            score_tops=(len(self.score_tops) >= 1 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.score_tops),
+                        "a non-empty list of fractions in [0, 1] (0: the map maximum)"),
             holdout=(0 <= self.holdout <= 0.5, "in [0, 0.5] (0: no calibration of the normal/defect decision)"),
         )
 

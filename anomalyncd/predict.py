@@ -37,6 +37,7 @@ from . import paths
 from .calibrate import KNOWN, UNKNOWN, Calibration, crop_distances, image_unknown_scores
 from .config import DetectParams, InferParams, MebinParams, from_dict
 from .datasets import IMAGE_EXTENSIONS
+from .image_score import ImageScore
 from .io import InputError, InputWarning, read_image, read_json
 from .merge import NORMAL, STATUS, Merger, merge_tables, novel_probabilities
 from .store import StoreReader, crop_ids_of
@@ -59,7 +60,7 @@ class Run:
     mebin: MebinParams
     merger: Merger
     names: dict[int, str] = field(default_factory=dict)
-    score_top: float = DetectParams().score_top  # the run's image score (detect.score_top)
+    image_score: ImageScore = field(default_factory=lambda: ImageScore(tuple(DetectParams().score_tops)))  # the run's image score
     calibration: Calibration | None = None  # None: a run from before the calibrate stage
 
     @property
@@ -106,7 +107,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
         merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
         names=catalog_names(merge_attrs, root / paths.MERGED) or class_names(root / paths.EVALUATE_DETAIL),
-        score_top=float((map_attrs.get("params") or {}).get("score_top", DetectParams().score_top)),
+        image_score=ImageScore.from_attrs(map_attrs),
         calibration=load_calibration(root / paths.CALIBRATION),
     )
 
@@ -248,7 +249,6 @@ class Predictor:
         import torch
 
         from .detect import normalise_u8
-        from .detect.ops import image_scores
         from .detect.parallel import single_threaded
         from .inference import crop_outputs, novel_probabilities as head_probabilities
         from .mebin import mebin_image
@@ -288,7 +288,7 @@ class Predictor:
 
         crops = clock("mebin", self._map, crop, list(zip(loaded, raw)))
         out.kept = [item for item, _, _ in loaded]
-        out.image_scores = image_scores(np.stack(raw), run.score_top).astype(np.float64)
+        out.image_scores = run.image_score(np.stack(raw)).astype(np.float64)
         out.counts = np.array([len(c) for c in crops], np.int64)
         out.boxes = np.concatenate([c.boxes for c in crops]).reshape(-1, 4)
         out.regions = np.concatenate([c.regions for c in crops]).reshape(-1, 4)

@@ -35,7 +35,8 @@ from anomalyncd.config import DatasetParams, DetectParams, from_dict, load_param
 from anomalyncd.datasets import build_manifest, read_dataset  # noqa: E402
 from anomalyncd.detect import DetectContext, LazyImages, create_detector  # noqa: E402
 from anomalyncd.detect.metrics import detection_metrics, resize_masks  # noqa: E402
-from anomalyncd.detect.ops import image_scores  # noqa: E402
+from anomalyncd.detect.holdout import split_holdout  # noqa: E402
+from anomalyncd.image_score import ImageScore, top_means  # noqa: E402
 from anomalyncd.io import read_mask  # noqa: E402
 
 MTD = ROOT.parent / "shared" / "datasets" / "mtd"
@@ -56,16 +57,22 @@ def detect_params(overrides: list[str]) -> DetectParams:
 
 
 def _run(p: DetectParams, train, records, root: str, queue) -> None:
-    """Fit and map in this process; report seconds, peak RSS and the maps."""
+    """Fit and map in this process, holding back ``detect.holdout`` of ``train`` as the stage
+    does; report seconds, peak RSS, the maps and the image score the stage would make."""
     start = time.perf_counter()
     det = create_detector(p, DetectContext(dataset_root=root))
+    held = []
     if det.needs_training_images:
-        det.fit(LazyImages([r.image for r in train]))
+        fit_idx, held_idx = split_holdout(len(train), p.holdout, p.seed)
+        held = [train[i] for i in held_idx]
+        det.fit(LazyImages([train[i].image for i in fit_idx]))
     fitted = time.perf_counter()
     maps = det.map_records(records)
     done = time.perf_counter()
+    reference = top_means(det.map_records(held), p.score_tops) if held else np.zeros((0, len(p.score_tops)))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"fit_s": fitted - start, "map_s": done - fitted, "peak_mb": peak_mb, "weights": det.weights, "maps": maps})
+    queue.put({"fit_s": fitted - start, "map_s": done - fitted, "peak_mb": peak_mb, "weights": det.weights, "maps": maps,
+               "fit_images": len(train) - len(held), "score": ImageScore.fit(p.score_tops, reference)})
 
 
 def run_isolated(p: DetectParams, train, records, root: str) -> dict:
@@ -105,7 +112,7 @@ def quality(args) -> None:
     masks = resize_masks([read_mask(x.mask) if x.mask else np.zeros((x.height, x.width), bool) for x in records],
                          p.map_size)
     labels = np.array([not x.is_normal for x in records])
-    scores = image_scores(maps, p.score_top)  # as the detect stage scores images
+    scores = r["score"](maps)  # as the detect stage scores images
     m = detection_metrics(maps, scores, masks, labels)
     per_type = {}
     for t in sorted({x.defect_type for x in records} - {"good"}):
@@ -115,7 +122,7 @@ def quality(args) -> None:
     out = {
         "method": p.method, "backbone": p.backbone, "layers": p.layers, "weights": r["weights"],
         "image_size": p.image_size, "map_size": p.map_size, "train_images": p.train_images,
-        "bank_size": p.bank_size, "test_images": len(records),
+        "bank_size": p.bank_size, "fit_images": r["fit_images"], "test_images": len(records),
         **{k: round(v, 4) for k, v in m.items()}, "pixel_auroc_per_type": per_type,
         "fit_s": round(r["fit_s"], 1), "map_s": round(r["map_s"], 1), "peak_mb": round(r["peak_mb"]),
     }

@@ -55,7 +55,7 @@ from anomalyncd.datasets import Manifest
 from anomalyncd.detect import load_detector
 from anomalyncd.detect.base import normalise_u8
 from anomalyncd.detect.metrics import aupro, pixel_auroc, resize_masks
-from anomalyncd.detect.ops import image_scores
+from anomalyncd.image_score import ImageScore
 from anomalyncd.io import InputError, read_image, read_mask
 from anomalyncd.merge import NO_ANOMALY, Merger
 from anomalyncd.regions import paste_crop_masks, region_scores, summarize, without_stable_interval
@@ -101,19 +101,19 @@ def remap(ms: MapSet, records: dict, sigma: float, progress: bool) -> MapSet:
     det.params.smooth_sigma = float(sigma)
     ids = ms.ids if not progress else tqdm(ms.ids, desc=f"maps, sigma {sigma:g}", unit="img")
     maps = np.concatenate([det.predict([read_image(records[i].image)]) for i in ids])
-    return replaced_maps(ms, maps, det.params.score_top, smooth_sigma=float(sigma))
+    return replaced_maps(ms, maps, smooth_sigma=float(sigma))
 
 
-def replaced_maps(ms: MapSet, maps: np.ndarray, score_top: float, **attrs) -> MapSet:
+def replaced_maps(ms: MapSet, maps: np.ndarray, **attrs) -> MapSet:
     """``ms`` with its raw maps replaced by ``maps`` (N, S, S), which are normalised over the
-    set to ``maps_u8`` and scored as ``detect`` does; ``attrs`` say where they came from."""
+    set to ``maps_u8`` and scored with the run's image score; ``attrs`` say where they came from."""
     maps = maps.astype(np.float32)
     lo, hi = float(maps.min()), float(maps.max())
     attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, **attrs}
-    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), image_scores(maps, score_top), ms.image_sizes, attrs)
+    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), ImageScore.from_attrs(ms.attrs)(maps), ms.image_sizes, attrs)
 
 
-def maps_from_file(ms: MapSet, path: Path, score_top: float) -> MapSet:
+def maps_from_file(ms: MapSet, path: Path) -> MapSet:
     """The run's maps replaced by the raw maps float (N, S, S) in ``path`` (``.npy``, the run's
     image order), normalised over the set as ``detect`` does."""
     try:
@@ -124,7 +124,7 @@ def maps_from_file(ms: MapSet, path: Path, score_top: float) -> MapSet:
     if (not np.issubdtype(maps.dtype, np.number) or maps.ndim != 3 or len(maps) != n or maps.shape[1] != maps.shape[2]
             or not np.isfinite(maps).all()):
         raise InputError(f"{path}: expected finite square maps (N, S, S) for the run's {n} images, got {maps.dtype} {maps.shape}")
-    return replaced_maps(ms, maps, score_top, maps_file=str(path))
+    return replaced_maps(ms, maps, maps_file=str(path))
 
 
 def baseline(cs: CropSet, params: dict, records: dict, rerun: bool, device: str, k: int = 0) -> tuple[dict, str]:
@@ -173,7 +173,7 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
     if remap_sigma is not None:
         ms = remap(ms, records, remap_sigma, progress)
     if maps_file is not None:
-        ms = maps_from_file(ms, maps_file, params["detect"].score_top)
+        ms = maps_from_file(ms, maps_file)
     if not any(records[i].mask for i in ms.ids):
         raise InputError(f"{run / paths.MANIFEST}: no image to classify has a mask; the chain needs ground truth")
     cs = crops_of_run(ms, records, p_mebin, rerun, progress)

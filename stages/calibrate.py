@@ -15,6 +15,7 @@ import typer
 from anomalyncd import paths
 from anomalyncd.calibrate import calibrate, no_normal_calibration
 from anomalyncd.config import load_params
+from anomalyncd.image_score import ImageScore
 from anomalyncd.io import InputError, write_json
 from anomalyncd.stage import reads, run
 from anomalyncd.store import StoreReader, read_crops, read_merged, read_probs
@@ -40,7 +41,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     held = np.asarray(attrs["holdout_scores"], np.float64)
     cal = calibrate(
         holdout_scores=held,
-        score_top=float(det.get("score_top", 0.0)),
+        image_score=ImageScore.from_attrs(attrs).to_attrs(),
         features=np.asarray(ps.features[:], np.float32),
         areas=np.asarray(cs.areas),
         crop_labels=ms.crop_clusters,

@@ -1,7 +1,7 @@
 """detect: one anomaly map per image to classify, from the detector named by detect.method.
 
-Writes the maps store (raw maps, 0..255 maps over the global min-max of the set, image scores
-= mean of each map's ``detect.score_top`` highest pixels), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
+Writes the maps store (raw maps, 0..255 maps over the global min-max of the set, image scores:
+``anomalyncd.image_score`` over ``detect.score_tops``), the fitted detector (``models/detector.pt``, for ``anomalyncd predict``) and,
 where the dataset has ground truth, image AUROC, pixel AUROC and AUPRO with a PNG grid.
 
 Metrics need normal images too: the normal test images that are not classified
@@ -9,8 +9,9 @@ Metrics need normal images too: the normal test images that are not classified
 the store. For ``musc`` they join the set of images that score each other.
 
 ``patchcore`` and ``padim`` fit on the normal training images less a share ``detect.holdout``
-held back (drawn with ``detect.seed``): those are scored after the fit, and their image scores
-stored in the maps store's attrs (``holdout_scores``), for the ``calibrate`` stage's
+held back (drawn with ``detect.seed``): those are mapped after the fit; they are the image
+score's reference (its per-area median and spread, attrs ``image_score``), and their own scores
+(each on the others) are stored in the maps store's attrs (``holdout_scores``), for the ``calibrate`` stage's
 normal/defect threshold. They are in no fit and no metric.
 
 Maps are made a chunk of images at a time into a part store and gathered into the maps store
@@ -31,8 +32,8 @@ from anomalyncd.datasets import Manifest, Record
 from anomalyncd.detect import DetectContext, LazyImages, create_detector, normalise_u8, save_detector, stream
 from anomalyncd.detect.holdout import split_holdout
 from anomalyncd.detect.metrics import detection_metrics, image_auroc, resize_masks
-from anomalyncd.detect.ops import image_scores
 from anomalyncd.detect.plot import detection_grid, pick_examples
+from anomalyncd.image_score import ImageScore, top_means
 from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
 from anomalyncd.stage import reads, run
 
@@ -65,12 +66,12 @@ def no_normal_images(method: str, layout: str) -> str:
     )
 
 
-def holdout_scores(det, held: list[Record], score_top: float) -> np.ndarray:
-    """float32 (H,): the image scores of the held-back normal images ``held`` (mapped a chunk at
-    a time, as the images to classify)."""
+def holdout_top_means(det, held: list[Record], tops: list[float]) -> np.ndarray:
+    """float64 (H, S): the top means of the held-back normal images' maps (mapped a chunk at a
+    time, as the images to classify), the image score's reference."""
     step = stream.chunk_size(det, len(held))
-    out = [image_scores(det.map_records(held[a : a + step]), score_top) for a in range(0, len(held), step)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+    out = [top_means(det.map_records(held[a : a + step]), tops) for a in range(0, len(held), step)]
+    return np.concatenate(out) if out else np.zeros((0, len(tops)), np.float64)
 
 
 def _masks(records: list[Record]) -> list[np.ndarray]:
@@ -133,21 +134,24 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if rank != 0:
         shard.finish()
         return
+    reference = holdout_top_means(det, held, p.score_tops)
+    score = ImageScore.fit(p.score_tops, reference)
     attrs = {
         "method": p.method,
         "backbone": p.backbone,
         "weights": det.weights,
         "pretrained": bool(det.pretrained),
         "params": p,
-        "holdout_scores": holdout_scores(det, held, p.score_top).tolist(),
+        "image_score": score.to_attrs(),
+        "holdout_scores": score.reference_scores(reference).astype(np.float32).tolist(),
     }
     try:
         with shard.Parts(shard.part_paths(paths.MAPS, world), stream.PART_KIND) as parts:
-            lo, hi = stream.gather_maps(parts, paths.MAPS, todo, attrs, p.score_top)
+            lo, hi = stream.gather_maps(parts, paths.MAPS, todo, attrs, score)
             seconds = time.perf_counter() - start
             det.norm_min, det.norm_max = lo, hi
             save_detector(det, paths.DETECTOR)
-            metrics = _metrics_and_grid(manifest, todo, extra, parts, p, det, lo, hi)
+            metrics = _metrics_and_grid(manifest, todo, extra, parts, p, det, lo, hi, score)
             metrics["holdout_images"] = len(held)
     finally:
         shard.remove_parts(paths.MAPS)
@@ -158,7 +162,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     typer.echo(f"detect: {len(todo)} maps ({p.method}) -> {paths.MAPS}" + (f"; {shown}" if shown else ""))
 
 
-def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float) -> dict:
+def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float, score: ImageScore) -> dict:
     """Write plots/detect_grid.png; return the metrics (pixel metrics over at most
     ``METRIC_IMAGES`` of the evaluated images, image AUROC over all)."""
     metrics = {
@@ -170,7 +174,7 @@ def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float
         "normal_images_for_metrics": len(extra),
     }
     evaluated = todo + extra
-    all_scores = stream.map_scores(parts, p.score_top)
+    all_scores = stream.map_scores(parts, score)
     if manifest.has_ground_truth and any(r.mask for r in evaluated):
         labels = np.array([not r.is_normal for r in evaluated])
         sample = stream.metric_sample(len(evaluated), METRIC_IMAGES)

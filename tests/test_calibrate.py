@@ -51,7 +51,7 @@ def test_a_far_away_cluster_is_an_unknown_type_and_new_crops_of_known_classes_ar
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (4, 32))  # 3 known classes and a new one
     run_f, run_y = _clusters(rng, centres[:3], 60, 0.25)
-    cal = calibrate(np.zeros(0), 0.01, run_f, np.ones(len(run_f)), run_y, np.ones(len(run_f)),
+    cal = calibrate(np.zeros(0), {}, run_f, np.ones(len(run_f)), run_y, np.ones(len(run_f)),
                     np.arange(len(run_f)), np.ones(len(run_f), bool), 3, 0.95, 0.95)
     assert cal.normal_threshold is None and cal.unknown_threshold is not None
     new_known, _ = _clusters(rng, centres[:3], 100, 0.25)
@@ -81,7 +81,7 @@ def test_an_image_scores_the_merge_weighted_mean_of_its_crops_and_none_without_a
 
 
 def test_the_calibration_file_round_trips_and_quantiles_can_be_overridden(tmp_path):
-    cal = Calibration(0.01, np.array([1.0, 2.0, 3.0]), np.array([[1.0, 0.0], [np.nan, np.nan]]), np.array([0.1, 0.3]),
+    cal = Calibration({}, np.array([1.0, 2.0, 3.0]), np.array([[1.0, 0.0], [np.nan, np.nan]]), np.array([0.1, 0.3]),
                       0.5, 0.5, method="patchcore")
     back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())), "x")
     assert back.normal_threshold == cal.normal_threshold == 2.0 and back.unknown_threshold == pytest.approx(0.2)
@@ -147,7 +147,8 @@ def _calibrated_run(tmp_path, monkeypatch, method: str, holdout_scores: list[flo
 def test_the_calibrate_stage_stores_both_thresholds_and_what_they_are_quantiles_of(tmp_path, monkeypatch):
     saved = _calibrated_run(tmp_path, monkeypatch, "patchcore", [4.0, 1.0, 3.0, 2.0])
     assert saved["normal"]["threshold"] == 2.5 and saved["normal"]["holdout_images"] == 4
-    assert saved["normal"]["scores"] == [1.0, 2.0, 3.0, 4.0] and saved["normal"]["score_top"] == 0.02
+    assert saved["normal"]["scores"] == [1.0, 2.0, 3.0, 4.0]
+    assert saved["normal"]["image_score"] == {"tops": [0.02], "centre": None, "scale": None}  # the maps store's
     unknown = saved["unknown"]
     assert unknown["images"] == 6 and unknown["threshold"] == pytest.approx(np.quantile(unknown["scores"], 0.9))
     cal = Calibration.from_dict(saved, "calibration.json")

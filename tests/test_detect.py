@@ -13,7 +13,7 @@ from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import (
-    bank_index, greedy_coreset, image_scores, nearest_distance, nearest_distance_full, query_blocks,
+    bank_index, greedy_coreset, nearest_distance, nearest_distance_full, query_blocks,
 )
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
@@ -199,15 +199,6 @@ def test_patchcore_compares_network_features_as_they_are_and_standardises_the_fi
     bank = create_detector(params(method="patchcore"))
     bank.fit(train)
     assert not torch.all(bank.std == 1)
-
-
-def test_image_score_is_the_mean_of_the_top_pixels_or_the_maximum():
-    maps = np.zeros((2, 10, 10), np.float32)
-    maps[0, 0, 0] = 10.0  # one hot pixel: noise
-    maps[1, :2, :] = 2.0  # a region of 20 pixels
-    np.testing.assert_allclose(image_scores(maps, 0.0), [10.0, 2.0])
-    np.testing.assert_allclose(image_scores(maps, 0.1), [1.0, 2.0])  # 10 pixels each
-    assert image_scores(maps, 0.001).tolist() == [10.0, 2.0]  # at least one pixel
 
 
 def test_patchcore_without_training_images_is_an_error():

@@ -14,6 +14,7 @@ from anomalyncd import paths
 from anomalyncd.config import DatasetParams
 from anomalyncd.datasets import build_manifest, read_dataset
 from anomalyncd.detect import load_detector, stream
+from anomalyncd.image_score import ImageScore, top_means
 from anomalyncd.io import InputError, read_image
 from anomalyncd.store import read_maps
 from stages.detect import main
@@ -48,8 +49,9 @@ def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
     assert ms.attrs["method"] == method and ms.attrs["pretrained"] is False
     assert ms.attrs["norm_min"] == pytest.approx(float(ms.maps.min()))
     assert ms.attrs["norm_max"] == pytest.approx(float(ms.maps.max()))
-    top = np.sort(ms.maps.reshape(n, -1), axis=1)[:, -10:]  # score_top 0.01 of 32 x 32 pixels
-    np.testing.assert_allclose(ms.scores, top.mean(1), rtol=1e-5)
+    # one held-back image is no reference: the image score is the mean of the top means
+    assert ms.attrs["image_score"] == {"tops": [0.001, 0.01, 0.1, 0.3], "centre": None, "scale": None}
+    np.testing.assert_allclose(ms.scores, top_means(ms.maps, [0.001, 0.01, 0.1, 0.3]).mean(1), rtol=1e-5)
     assert metrics["normal_images_for_metrics"] == 2 and metrics["pretrained"] is False
     assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1 and 0 <= metrics["image_auroc"] <= 1
     assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
@@ -185,7 +187,6 @@ def test_default_backbone_uses_the_packaged_imagenet_weights_and_says_so(project
 def test_held_back_normal_images_are_not_fitted_on_and_their_scores_are_stored(project, monkeypatch):
     """predict's normal/defect threshold is taken on normal images the detector has not seen."""
     from anomalyncd.datasets import Manifest
-    from anomalyncd.detect.ops import image_scores
     from anomalyncd.detect.patchcore import PatchCore
 
     fitted: list[str] = []
@@ -194,11 +195,19 @@ def test_held_back_normal_images_are_not_fitted_on_and_their_scores_are_stored(p
     metrics = run_stage(project, method="patchcore", holdout=0.5)
     train = [r.image for r in Manifest.read(paths.MANIFEST).train_normal()]
     held = [p for p in train if p not in fitted]
-    scores = read_maps(paths.MAPS).attrs["holdout_scores"]
+    ms = read_maps(paths.MAPS)
+    scores = ms.attrs["holdout_scores"]
     assert len(held) == len(scores) == metrics["holdout_images"] == 3 and len(fitted) == 3
     assert set(fitted) | set(held) == set(train)
     det = load_detector(paths.DETECTOR)
-    np.testing.assert_allclose(image_scores(det.predict([read_image(p) for p in held]), 0.01), scores, rtol=1e-5)
+    # they are the image score's reference (its median and spread), each scored on the others
+    held_maps = det.predict([read_image(p) for p in held])
+    score = ImageScore.fit([0.001, 0.01, 0.1, 0.3], top_means(held_maps, [0.001, 0.01, 0.1, 0.3]))
+    stored = ImageScore.from_attrs(ms.attrs)
+    assert score.standardised and stored.tops == score.tops
+    np.testing.assert_allclose(stored.centre + stored.scale, score.centre + score.scale, rtol=1e-5)
+    np.testing.assert_allclose(score.reference_scores(top_means(held_maps, score.tops)), scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score(ms.maps), ms.scores, rtol=1e-5, atol=1e-6)
     # the detection metrics stay on the test images: the held-back ones are in no metric
     assert metrics["images"] == 12 and metrics["normal_images_for_metrics"] == 2
 

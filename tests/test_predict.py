@@ -375,17 +375,18 @@ def _with_calibration(small_run, dest: Path, normal_scores, known_scores) -> tup
     p = Predictor(load_run(dest), "cpu", maps=True, workers=1)
     c = p.classify(images, find_maps(maps_dir, [i for i, _ in images]))
     protos = class_prototypes(c.features[c.areas > 0], c.probs[c.areas > 0].argmax(1), c.probs.shape[1])
-    cal = Calibration(0.01, np.asarray(normal_scores, float), protos, np.asarray(known_scores, float), 0.5, 0.5)
+    cal = Calibration({}, np.asarray(normal_scores, float), protos, np.asarray(known_scores, float), 0.5, 0.5)
     write_json(dest / paths.CALIBRATION, cal.to_dict())
     return dest, load_run(dest)
 
 
 def test_images_not_above_the_normal_threshold_are_normal_with_their_score(small_run, tmp_path):
-    from anomalyncd.detect.ops import image_scores
+    from anomalyncd.image_score import ImageScore
+    from anomalyncd.store import read_maps
 
     _, images, maps_dir = small_run
     ids = [i for i, _ in images]
-    scores = image_scores(np.stack([np.load(f) for f in find_maps(maps_dir, ids)]), 0.01)
+    scores = ImageScore.from_attrs(read_maps(small_run[0] / paths.MAPS).attrs)(np.stack([np.load(f) for f in find_maps(maps_dir, ids)]))
     t = float(np.median(scores))
     _, run = _with_calibration(small_run, tmp_path / "run", [t], [0.0])
     rows = predict_images_quiet(run, images, maps_dir)

@@ -62,7 +62,7 @@ def test_box_cells_are_parsed_with_empty_boxes_kept_in_place():
 def test_the_page_shows_the_unknown_types_with_nearest_class_and_scores_and_links_every_thumbnail(rows, tmp_path):
     out = tmp_path / "page"
     # one score per distribution: the thresholds are those scores at any quantile
-    cal = Calibration(0.01, np.array([0.25]), np.zeros((1, 2)), np.array([0.6]), normal_quantile=0.9, unknown_quantile=0.99)
+    cal = Calibration({}, np.array([0.25]), np.zeros((1, 2)), np.array([0.6]), normal_quantile=0.9, unknown_quantile=0.99)
     write_predict_report(out, rows, cal, run="my-run", failed=["x.png: unreadable"])
     page = (out / "index.html").read_text()
     unknown = page[page.index("id='unknown'"):page.index("<h2>crack")]

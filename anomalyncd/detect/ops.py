@@ -279,17 +279,3 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     mode = "reflect" if r < min(x.shape[-2:]) else "replicate"
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
-
-
-def image_scores(maps: np.ndarray, top: float) -> np.ndarray:
-    """Image anomaly scores ``(N,)`` of maps ``(N, H, W)``: the mean of each map's ``top``
-    fraction of highest pixels (at least one), or its maximum for ``top = 0``.
-
-    A mean over the top pixels is steadier than the single highest one, which a speck of
-    noise on a normal image can set.
-    """
-    flat = np.asarray(maps, dtype=np.float32).reshape(len(maps), -1)
-    k = max(1, int(round(top * flat.shape[1])))
-    if k == 1:
-        return flat.max(axis=1)
-    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1, dtype=np.float64).astype(np.float32)

@@ -17,7 +17,7 @@ from ..io import InputError
 from ..shard import Parts
 from ..store import StoreWriter
 from .base import Detector, normalise_u8
-from .ops import image_scores
+from ..image_score import ImageScore
 
 #: Images mapped per call of the detector (rounded up to a multiple of its batch size).
 IMAGES_PER_CHUNK = 64
@@ -70,11 +70,10 @@ def value_range(parts: Parts, n: int) -> tuple[float, float]:
 
 
 def gather_maps(
-    parts: Parts, path: str | os.PathLike, todo: Sequence[Record], attrs: dict, score_top: float
+    parts: Parts, path: str | os.PathLike, todo: Sequence[Record], attrs: dict, score: ImageScore
 ) -> tuple[float, float]:
     """Write the maps store ``path`` from the first ``len(todo)`` maps of ``parts``: maps,
-    maps_u8 over their global ``(lo, hi)``, image scores (:func:`image_scores` of
-    ``score_top``) and image sizes. ``attrs`` gets ``norm_min``/``norm_max`` after
+    maps_u8 over their global ``(lo, hi)``, image scores (``score``) and image sizes. ``attrs`` gets ``norm_min``/``norm_max`` after
     ``pretrained``. Returns ``(lo, hi)``."""
     n = len(todo)
     lo, hi = value_range(parts, n)
@@ -90,14 +89,14 @@ def gather_maps(
         for m in parts.chunks("maps", n):
             w.append("maps", m, np.float32)
             w.append("maps_u8", normalise_u8(m, lo, hi), np.uint8)
-            w.append("scores", image_scores(m, score_top), np.float32)
+            w.append("scores", score(m), np.float32)
         w.append("image_sizes", np.array([[r.height, r.width] for r in todo], np.int32).reshape(-1, 2))
     return lo, hi
 
 
-def map_scores(parts: Parts, score_top: float) -> np.ndarray:
-    """float32 (N,): the image score of every map of ``parts`` (:func:`image_scores`)."""
-    out = [image_scores(m, score_top) for m in parts.chunks("maps")]
+def map_scores(parts: Parts, score: ImageScore) -> np.ndarray:
+    """float32 (N,): the image score of every map of ``parts``."""
+    out = [score(m) for m in parts.chunks("maps")]
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
