@@ -1,8 +1,9 @@
 """Calibration of ``anomalyncd predict``'s two decisions, and the decisions themselves.
 
-1. **Normal or defect.** An image is anomalous when the detector's image score (the mean of its
-   map's top means at ``detect.score_tops``, :mod:`anomalyncd.image_score`) is above the ``normal_quantile`` of the scores of
-   the normal training images ``detect`` held back from the fit (``detect.holdout``,
+1. **Normal or defect.** An image is anomalous when the detector's image score (its map's top
+   means at ``detect.score_tops``, standardised on the held-back normal images, the largest:
+   :mod:`anomalyncd.image_score`) is above the ``normal_quantile`` of the scores of the normal
+   training images ``detect`` held back from the fit (``detect.holdout``,
    :mod:`anomalyncd.detect.holdout`): about ``1 - normal_quantile`` of new normal images are
    flagged. Detectors that fit on no normal images (``musc``, ``external``, ``ground_truth``)
    leave no held-back scores: the decision is then off (every image goes on to MEBin, as before)
@@ -85,7 +86,8 @@ class Calibration:
 
     normal_scores: float (H,) the held-back normal images' image scores (empty: the decision is
     off, :attr:`note` says why); image_score: how the run's image score is made (the maps
-    store's ``image_score`` attrs: its top fractions and their normal reference); prototypes: float (K, D) unit rows (NaN for a class without crops);
+    store's ``image_score`` attrs: its top fractions and their normal reference); prototypes:
+    float (K, D) unit rows (NaN for a class without crops);
     known_scores: float (N,) the run's own anomalous images' unknown scores; the two quantiles
     (``calibrate`` params, or predict's overrides).
     """

@@ -463,6 +463,12 @@ def resolve_core(core: float | str, detect: "DetectParams") -> float:
     return SMOOTHED_MAP_CORE if detect.method in SMOOTHING_DETECTORS and detect.smooth_sigma > 0 else 0.0
 
 
+# keys that a params file from an earlier version may still hold: (section class, key) -> the fix
+REPLACED = {
+    ("DetectParams", "score_top"): "replace it by score_tops, a list of fractions (default [0.001, 0.01, 0.1, 0.3])",
+}
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, checking key names and simple types."""
     if not isinstance(data, dict):
@@ -471,7 +477,9 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+        fixes = [f"{k}: {REPLACED[(cls.__name__, k)]}" for k in unknown if (cls.__name__, k) in REPLACED]
+        hint = f" ({'; '.join(fixes)})" if fixes else ""
+        raise InputError(f"{where}: unknown key(s) {unknown}{hint}; known keys: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 

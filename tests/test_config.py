@@ -17,6 +17,13 @@ def test_unknown_key_is_an_error_that_lists_known_keys():
         from_dict(MebinParams, {"sample_rat": 8})
 
 
+def test_a_key_of_an_earlier_version_says_what_replaced_it():
+    from anomalyncd.config import DetectParams
+
+    with pytest.raises(InputError, match=r"unknown key\(s\) \['score_top'\] \(score_top: replace it by score_tops"):
+        from_dict(DetectParams, {"score_top": 0.01}, where="params.yaml: detect")
+
+
 def test_wrong_type_is_an_error_naming_the_key():
     with pytest.raises(InputError, match=r"mebin\.padding.*number"):
         from_dict(MebinParams, {"padding": "yes"}, where="mebin")
