@@ -41,6 +41,14 @@ STATUS = {True: "anomaly found", False: "no anomaly found"}
 NORMAL = "normal"
 
 
+def row_label(row: dict) -> str:
+    """What a row of the predictions table was classed as, in a word: its class name, else its
+    status."""
+    if row["status"] != STATUS[True]:
+        return row["status"]
+    return row.get("name") or f"cluster {row['cluster']}"
+
+
 def image_status(anomaly: bool, label: int, no_anomaly: int = NO_ANOMALY) -> str:
     """An image's status: :data:`NORMAL` when MEBin found a region but the image is classed as
     the normal class (``no_anomaly >= 0``: the run has one), else :data:`STATUS` of ``anomaly``."""

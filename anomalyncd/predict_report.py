@@ -25,7 +25,7 @@ import numpy as np
 from .calibrate import UNKNOWN, Calibration
 from .catalog import REJECTED
 from .io import InputError, atomic_path, read_image, write_image
-from .merge import NORMAL, STATUS
+from .merge import NORMAL, STATUS, row_label
 from .report import STRIP_SIZE, _e, _breakable, _page, _table, defect_thumbnail, draw_boxes, fit_square, palette
 
 #: thumbnails per gallery (the CSV has every image)
@@ -60,13 +60,6 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int] | None]:
 def parse_clusters(text: str) -> list[int]:
     """A row's ``crop_clusters`` cell (cluster ids joined by ``;``) as a list of ints."""
     return [int(c) for c in str(text or "").split(";") if c.strip()]
-
-
-def row_label(row: dict) -> str:
-    """What an image row was classed as, in a word: its class name, else its status."""
-    if row["status"] != STATUS[True]:
-        return row["status"]
-    return row.get("name") or f"cluster {row['cluster']}"
 
 
 def gallery_order(rows: Sequence[dict]) -> list[tuple[str, str, list[dict]]]:

@@ -33,11 +33,10 @@ def main(
 ) -> None:
     """Classify new defect images with a finished run, without retraining."""
     from anomalyncd.calibrate import UNKNOWN
-    from anomalyncd.merge import NORMAL, STATUS, write_table
+    from anomalyncd.merge import NORMAL, STATUS, row_label, write_table
     from anomalyncd.device import resolve_device
     from anomalyncd.io import InputError, output_file
     from anomalyncd.predict import find_images, load_run, predict_images
-    from anomalyncd.predict_report import row_label
 
     out = output_file(out, "predictions.csv", "--out")
     if report is not None:

@@ -184,6 +184,7 @@ def test_a_detector_saved_before_grid_layer_and_scales_loads_as_one_scale_on_the
     save_detector(det, tmp_path / "d.pt")
     blob = load_torch(tmp_path / "d.pt", "")
     del blob["params"]["grid_layer"], blob["params"]["scales"]  # a file written before the knobs existed
+    blob["params"]["score_top"] = 0.01  # and while the image score had a single top fraction
     save_torch(blob, tmp_path / "old.pt")
     old = load_detector(tmp_path / "old.pt")
     assert old.params.grid_layer == 0 and old.params.scales == [1.0]

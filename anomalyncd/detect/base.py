@@ -137,7 +137,7 @@ def load_detector(path: str | os.PathLike, device: str | None = None) -> Detecto
 
     ``device`` overrides the saved ``detect.device`` (e.g. ``"cpu"``).
     """
-    from ..config import from_dict
+    from ..config import REPLACED, from_dict
 
     path = Path(path)
     if not path.is_file():
@@ -145,8 +145,10 @@ def load_detector(path: str | os.PathLike, device: str | None = None) -> Detecto
     fix = "rerun the detect stage (dvc repro detect)"
     blob = load_torch(path, fix)
     try:
-        # files written before detect.grid_layer and detect.scales: one scale, the first layer's grid
-        params = from_dict(DetectParams, {"grid_layer": 0, "scales": [1.0], **blob["params"]}, where=f"{path}: params")
+        # files written before detect.grid_layer and detect.scales: one scale, the first layer's grid;
+        # keys a later version replaced (detect.score_top) never changed the detector: dropped
+        saved = {k: v for k, v in blob["params"].items() if ("DetectParams", k) not in REPLACED}
+        params = from_dict(DetectParams, {"grid_layer": 0, "scales": [1.0], **saved}, where=f"{path}: params")
         if device is not None:
             params.device = device
         det = create_detector(params, DetectContext(**blob.get("context", {})))
