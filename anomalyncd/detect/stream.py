@@ -13,11 +13,11 @@ from typing import Sequence
 import numpy as np
 
 from ..datasets import Record
+from ..image_score import ImageScore
 from ..io import InputError
 from ..shard import Parts
 from ..store import StoreWriter
 from .base import Detector, normalise_u8
-from ..image_score import ImageScore
 
 #: Images mapped per call of the detector (rounded up to a multiple of its batch size).
 IMAGES_PER_CHUNK = 64
@@ -73,8 +73,8 @@ def gather_maps(
     parts: Parts, path: str | os.PathLike, todo: Sequence[Record], attrs: dict, score: ImageScore
 ) -> tuple[float, float]:
     """Write the maps store ``path`` from the first ``len(todo)`` maps of ``parts``: maps,
-    maps_u8 over their global ``(lo, hi)``, image scores (``score``) and image sizes. ``attrs`` gets ``norm_min``/``norm_max`` after
-    ``pretrained``. Returns ``(lo, hi)``."""
+    maps_u8 over their global ``(lo, hi)``, image scores (``score``) and image sizes. ``attrs``
+    gets ``norm_min``/``norm_max`` after ``pretrained``. Returns ``(lo, hi)``."""
     n = len(todo)
     lo, hi = value_range(parts, n)
     head = dict(attrs)
