@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .io import InputError
+
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 
 
@@ -104,15 +106,20 @@ class ImageScore:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "ImageScore":
+    def from_attrs(cls, attrs: dict, where: str = "maps store") -> "ImageScore":
         """From a maps store's attrs: ``image_score`` as :meth:`to_attrs` wrote it, or, for a
-        store from before it, the single ``params.score_top`` it was scored with."""
+        store from before it, the single ``params.score_top`` it was scored with. Attrs that are
+        not such a score: an :class:`~anomalyncd.io.InputError` naming ``where``."""
         d = attrs.get("image_score")
-        if d is None:
-            return cls((float((attrs.get("params") or {}).get("score_top", 0.01)),))
-        centre, scale = d.get("centre"), d.get("scale")
-        return cls(
-            tuple(float(t) for t in d["tops"]),
-            None if centre is None else tuple(float(v) for v in centre),
-            None if scale is None else tuple(float(v) for v in scale),
-        )
+        try:
+            if d is None:
+                return cls((float((attrs.get("params") or {}).get("score_top", 0.01)),))
+            tops = tuple(float(t) for t in d["tops"])
+            centre, scale = (None if d.get(k) is None else tuple(float(v) for v in d[k]) for k in ("centre", "scale"))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where}: damaged image_score attrs ({type(e).__name__}: {e}); rerun detect (dvc repro detect)") from e
+        if not tops or (centre is None) != (scale is None) or (
+            centre is not None and (len(centre) != len(tops) or len(scale) != len(tops) or min(scale) <= 0)
+        ):
+            raise InputError(f"{where}: damaged image_score attrs {d}; rerun detect (dvc repro detect)")
+        return cls(tops, centre, scale)

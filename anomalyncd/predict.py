@@ -107,7 +107,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
         merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
         names=catalog_names(merge_attrs, root / paths.MERGED) or class_names(root / paths.EVALUATE_DETAIL),
-        image_score=ImageScore.from_attrs(map_attrs),
+        image_score=ImageScore.from_attrs(map_attrs, str(root / paths.MAPS)),
         calibration=load_calibration(root / paths.CALIBRATION),
     )
 

@@ -41,7 +41,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     held = np.asarray(attrs["holdout_scores"], np.float64)
     cal = calibrate(
         holdout_scores=held,
-        image_score=ImageScore.from_attrs(attrs).to_attrs(),
+        image_score=ImageScore.from_attrs(attrs, str(paths.MAPS)).to_attrs(),
         features=np.asarray(ps.features[:], np.float32),
         areas=np.asarray(cs.areas),
         crop_labels=ms.crop_clusters,

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from anomalyncd.image_score import ImageScore, top_means
+from anomalyncd.io import InputError
 
 TOPS = (0.001, 0.01, 0.1, 0.3)
 
@@ -89,3 +90,16 @@ def test_the_score_is_stored_with_the_maps_and_read_back_and_old_stores_keep_the
     np.testing.assert_array_equal(again(maps), score(maps))
     old = ImageScore.from_attrs({"params": {"score_top": 0.02}})  # a store from before score_tops
     np.testing.assert_allclose(old(maps), top_means(maps, [0.02])[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"tops": []},
+    {"tops": [0.01, 0.1], "centre": [1.0, 2.0], "scale": None},
+    {"tops": [0.01, 0.1], "centre": [1.0], "scale": [1.0]},
+    {"tops": [0.01], "centre": [1.0], "scale": [0.0]},
+    {"centre": None},
+    "0.01",
+])
+def test_damaged_score_attrs_are_an_error_naming_the_store(attrs):
+    with pytest.raises(InputError, match=r"maps\.zarr\.zip: damaged image_score attrs.*rerun detect"):
+        ImageScore.from_attrs({"image_score": attrs}, "data/detect/maps.zarr.zip")
