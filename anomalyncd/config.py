@@ -111,7 +111,9 @@ class DetectParams:
     image_size: int = 448  # images are resized to image_size x image_size (keep_aspect: shorter side)
     keep_aspect: bool = True  # patchcore: keep each image's aspect ratio (shorter side = image_size)
     grid_layer: int = 1  # the layers' features meet on this one's grid (an index into layers; 0: the finest)
-    scales: list[float] = field(default_factory=lambda: [1.0])  # patchcore: features of the image at image_size x each scale, on the first one's grid, concatenated
+    # patchcore: features of the image at image_size x each scale, on the first one's grid, concatenated;
+    # the image score's map uses every scale, the region map the first (anomalyncd.detect.patchcore)
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5])
     batch_size: int = 16
     bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)

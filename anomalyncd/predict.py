@@ -275,11 +275,11 @@ class Predictor:
             return out
         if self.detector is not None:
             try:
-                raw = list(clock("detector", self.detector.predict, [img for _, img, _ in loaded]))
+                raw, scored = clock("detector", self.detector.predict_scored, [img for _, img, _ in loaded])
             except InputError as e:
                 raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
         else:
-            raw = [m for _, _, m in loaded]
+            raw = scored = np.stack([m for _, _, m in loaded])
 
         def crop(job):
             (_, img, _), m = job
@@ -288,7 +288,7 @@ class Predictor:
 
         crops = clock("mebin", self._map, crop, list(zip(loaded, raw)))
         out.kept = [item for item, _, _ in loaded]
-        out.image_scores = run.image_score(np.stack(raw)).astype(np.float64)
+        out.image_scores = run.image_score(scored).astype(np.float64)
         out.counts = np.array([len(c) for c in crops], np.int64)
         out.boxes = np.concatenate([c.boxes for c in crops]).reshape(-1, 4)
         out.regions = np.concatenate([c.regions for c in crops]).reshape(-1, 4)

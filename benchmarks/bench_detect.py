@@ -67,11 +67,11 @@ def _run(p: DetectParams, train, records, root: str, queue) -> None:
         held = [train[i] for i in held_idx]
         det.fit(LazyImages([train[i].image for i in fit_idx]))
     fitted = time.perf_counter()
-    maps = det.map_records(records)
+    maps, scored = det.map_records_scored(records)
     done = time.perf_counter()
-    reference = top_means(det.map_records(held), p.score_tops) if held else np.zeros((0, len(p.score_tops)))
+    reference = top_means(det.map_records_scored(held)[1], p.score_tops) if held else np.zeros((0, len(p.score_tops)))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"fit_s": fitted - start, "map_s": done - fitted, "peak_mb": peak_mb, "weights": det.weights, "maps": maps,
+    queue.put({"fit_s": fitted - start, "map_s": done - fitted, "peak_mb": peak_mb, "weights": det.weights, "maps": maps, "scored": scored,
                "fit_images": len(train) - len(held), "score": ImageScore.fit(p.score_tops, reference)})
 
 
@@ -112,7 +112,7 @@ def quality(args) -> None:
     masks = resize_masks([read_mask(x.mask) if x.mask else np.zeros((x.height, x.width), bool) for x in records],
                          p.map_size)
     labels = np.array([not x.is_normal for x in records])
-    scores = r["score"](maps)  # as the detect stage scores images
+    scores = r["score"](r["scored"])  # as the detect stage scores images (from its score maps)
     m = detection_metrics(maps, scores, masks, labels)
     per_type = {}
     for t in sorted({x.defect_type for x in records} - {"good"}):

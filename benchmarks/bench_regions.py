@@ -100,17 +100,20 @@ def remap(ms: MapSet, records: dict, sigma: float, progress: bool) -> MapSet:
         raise InputError(f"{paths.DETECTOR}: a {det.method} detector has no smoothing to change; drop --remap-sigma")
     det.params.smooth_sigma = float(sigma)
     ids = ms.ids if not progress else tqdm(ms.ids, desc=f"maps, sigma {sigma:g}", unit="img")
-    maps = np.concatenate([det.predict([read_image(records[i].image)]) for i in ids])
-    return replaced_maps(ms, maps, smooth_sigma=float(sigma))
+    pairs = [det.predict_scored([read_image(records[i].image)]) for i in ids]
+    maps, scored = (np.concatenate(m) for m in zip(*pairs))
+    return replaced_maps(ms, maps, scored, smooth_sigma=float(sigma))
 
 
-def replaced_maps(ms: MapSet, maps: np.ndarray, **attrs) -> MapSet:
+def replaced_maps(ms: MapSet, maps: np.ndarray, scored: np.ndarray | None = None, **attrs) -> MapSet:
     """``ms`` with its raw maps replaced by ``maps`` (N, S, S), which are normalised over the
-    set to ``maps_u8`` and scored with the run's image score; ``attrs`` say where they came from."""
+    set to ``maps_u8``, and scored with the run's image score (on ``scored``, the detector's
+    score maps, where given); ``attrs`` say where they came from."""
     maps = maps.astype(np.float32)
     lo, hi = float(maps.min()), float(maps.max())
     attrs = {**ms.attrs, "norm_min": lo, "norm_max": hi, **attrs}
-    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), ImageScore.from_attrs(ms.attrs)(maps), ms.image_sizes, attrs)
+    scores = ImageScore.from_attrs(ms.attrs)(maps if scored is None else scored)
+    return MapSet(list(ms.ids), maps, normalise_u8(maps, lo, hi), scores, ms.image_sizes, attrs)
 
 
 def maps_from_file(ms: MapSet, path: Path) -> MapSet:

@@ -70,7 +70,7 @@ def holdout_top_means(det, held: list[Record], tops: list[float]) -> np.ndarray:
     """float64 (H, S): the top means of the held-back normal images' maps (mapped a chunk at a
     time, as the images to classify), the image score's reference."""
     step = stream.chunk_size(det, len(held))
-    out = [top_means(det.map_records(held[a : a + step]), tops) for a in range(0, len(held), step)]
+    out = [top_means(det.map_records_scored(held[a : a + step])[1], tops) for a in range(0, len(held), step)]
     return np.concatenate(out) if out else np.zeros((0, len(tops)), np.float64)
 
 
@@ -129,7 +129,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     )
     if world > 1:
         typer.echo(shard.describe("detect", rank, world, mine, "images"), err=True)
-    stream.map_part(det, evaluated[mine.start : mine.stop], shard.part_path(paths.MAPS, rank, world))
+    stream.map_part(det, evaluated[mine.start : mine.stop], shard.part_path(paths.MAPS, rank, world), p.score_tops)
     shard.barrier()
     if rank != 0:
         shard.finish()

@@ -13,7 +13,7 @@ from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import (
-    bank_index, greedy_coreset, nearest_distance, nearest_distance_full, query_blocks,
+    bank_index, greedy_coreset, nearest_distance, nearest_distance_full, query_blocks, upsample_maps,
 )
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
@@ -169,6 +169,45 @@ def test_patchcore_concatenates_the_features_of_each_scale_on_the_first_scales_g
     two.fit([surface(rng, 64) for _ in range(4)])
     assert two.bank.shape[1] == f2.shape[1]
     assert two.predict([with_spot(surface(rng, 64))]).shape == (1, 32, 32)
+
+
+def test_with_two_scales_the_score_map_uses_both_and_the_region_map_the_first_of_the_same_bank(rng):
+    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0, 0.5]))
+    det.fit([surface(rng, 64) for _ in range(6)])
+    img = [with_spot(surface(rng, 64))]
+    maps, scored = det.predict_scored(img)
+    np.testing.assert_array_equal(det.predict(img), maps)
+    # each is the nearest-neighbour distance over its features, upsampled and smoothed alike
+    f = det.patch_grid(img)
+    q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    d1 = f.shape[1] // 2
+    sigma = det.params.smooth_sigma * det.params.map_size / 64
+    for got, dist in ((maps, nearest_distance_full(q[:, :d1], det.bank[:, :d1])), (scored, nearest_distance_full(q, det.bank))):
+        want = upsample_maps(dist.view(1, *f.shape[-2:]), det.params.map_size, sigma).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # both stay aligned with the image: the spot (px 8..14 of 64, map px 4..7 of 32) is each map's peak
+    for m in (maps[0], scored[0]):
+        assert np.unravel_index(m.argmax(), m.shape) in {(y, x) for y in range(3, 9) for x in range(3, 9)}
+
+
+def test_with_two_scales_the_region_maps_are_those_of_the_one_scale_detector(rng):
+    kw = dict(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, bank_size=50)
+    one, two = (create_detector(params(**kw, scales=s)) for s in ([1.0], [1.0, 0.5]))
+    one.backbone.load_state_dict(two.backbone.state_dict())
+    train, test = [surface(rng, 64) for _ in range(6)], [with_spot(surface(rng, 64)), surface(rng, 64)]
+    one.fit(train)
+    two.fit(train)
+    # the coreset is chosen on the first scale's features: the same entries
+    torch.testing.assert_close(two.bank[:, : one.bank.shape[1]], one.bank, rtol=0, atol=0)
+    np.testing.assert_array_equal(two.predict(test), one.predict(test))
+    assert not np.allclose(two.predict_scored(test)[1], one.predict(test))
+
+
+def test_with_one_scale_the_score_map_is_the_region_map(rng):
+    det = create_detector(params(method="patchcore", scales=[1.0]))
+    det.fit([surface(rng) for _ in range(4)])
+    maps, scored = det.predict_scored([with_spot(surface(rng))])
+    assert np.shares_memory(scored, maps) and np.array_equal(scored, maps) and det.region_bank is None
 
 
 @pytest.mark.parametrize("scales", [[], [0.0], [1.0, -0.5], [0.1]])  # [0.1]: 3 px of the 32-px images

@@ -12,7 +12,7 @@ import yaml
 
 from anomalyncd import paths
 from anomalyncd.config import DatasetParams
-from anomalyncd.datasets import build_manifest, read_dataset
+from anomalyncd.datasets import Manifest, build_manifest, read_dataset
 from anomalyncd.detect import load_detector, stream
 from anomalyncd.image_score import ImageScore, top_means
 from anomalyncd.io import InputError, read_image
@@ -49,9 +49,16 @@ def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
     assert ms.attrs["method"] == method and ms.attrs["pretrained"] is False
     assert ms.attrs["norm_min"] == pytest.approx(float(ms.maps.min()))
     assert ms.attrs["norm_max"] == pytest.approx(float(ms.maps.max()))
-    # one held-back image is no reference: the image score is the mean of the top means
+    # one held-back image is no reference: the image score is the mean of the top means of the
+    # maps it is drawn from (patchcore with two scales: its score maps, not the region maps)
     assert ms.attrs["image_score"] == {"tops": [0.001, 0.01, 0.1, 0.3], "centre": None, "scale": None}
-    np.testing.assert_allclose(ms.scores, top_means(ms.maps, [0.001, 0.01, 0.1, 0.3]).mean(1), rtol=1e-5)
+    scored = ms.maps
+    if method == "patchcore":
+        images = [read_image(r.image) for r in Manifest.read(paths.MANIFEST).to_classify(False)]
+        maps, scored = load_detector(paths.DETECTOR).predict_scored(images)
+        np.testing.assert_allclose(maps, ms.maps, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(scored, maps)
+    np.testing.assert_allclose(ms.scores, top_means(scored, [0.001, 0.01, 0.1, 0.3]).mean(1), rtol=1e-5)
     assert metrics["normal_images_for_metrics"] == 2 and metrics["pretrained"] is False
     assert 0 <= metrics["pixel_auroc"] <= 1 and 0 <= metrics["aupro"] <= 1 and 0 <= metrics["image_auroc"] <= 1
     assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
@@ -186,7 +193,6 @@ def test_default_backbone_uses_the_packaged_imagenet_weights_and_says_so(project
 
 def test_held_back_normal_images_are_not_fitted_on_and_their_scores_are_stored(project, monkeypatch):
     """predict's normal/defect threshold is taken on normal images the detector has not seen."""
-    from anomalyncd.datasets import Manifest
     from anomalyncd.detect.patchcore import PatchCore
 
     fitted: list[str] = []
@@ -201,13 +207,14 @@ def test_held_back_normal_images_are_not_fitted_on_and_their_scores_are_stored(p
     assert set(fitted) | set(held) == set(train)
     det = load_detector(paths.DETECTOR)
     # they are the image score's reference (its median and spread), each scored on the others
-    held_maps = det.predict([read_image(p) for p in held])
+    held_maps = det.predict_scored([read_image(p) for p in held])[1]
     score = ImageScore.fit([0.001, 0.01, 0.1, 0.3], top_means(held_maps, [0.001, 0.01, 0.1, 0.3]))
     stored = ImageScore.from_attrs(ms.attrs)
     assert score.standardised and stored.tops == score.tops
     np.testing.assert_allclose(stored.centre + stored.scale, score.centre + score.scale, rtol=1e-5)
     np.testing.assert_allclose(score.reference_scores(top_means(held_maps, score.tops)), scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(score(ms.maps), ms.scores, rtol=1e-5, atol=1e-6)
+    images = [read_image(r.image) for r in Manifest.read(paths.MANIFEST).to_classify(False)]
+    np.testing.assert_allclose(score(det.predict_scored(images)[1]), ms.scores, rtol=1e-5, atol=1e-5)
     # the detection metrics stay on the test images: the held-back ones are in no metric
     assert metrics["images"] == 12 and metrics["normal_images_for_metrics"] == 2
 

@@ -82,6 +82,14 @@ class Detector(ABC):
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Raw anomaly maps float32 ``(N, map_size, map_size)``."""
 
+    def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The maps of :meth:`predict` and the maps the image score is drawn from, both float32
+        ``(N, map_size, map_size)`` and aligned with the images. Default: the same maps; a
+        detector whose best localisation and best image score come from different features
+        (PatchCore with several ``scales``) returns two."""
+        maps = self.predict(images)
+        return maps, maps
+
     def check_records(self, records: Sequence[Record]) -> None:
         """Raise ``InputError`` if this detector cannot map the set ``records`` (checked on the
         whole set, before it is mapped a chunk at a time). Default: any images will do."""
@@ -89,6 +97,14 @@ class Detector(ABC):
     def map_records(self, records: Sequence[Record]) -> np.ndarray:
         """Maps of manifest records (default: read their images and :meth:`predict`)."""
         return self.predict(LazyImages([r.image for r in records]))
+
+    def map_records_scored(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_scored` of manifest records (a detector that overrides
+        :meth:`map_records`: its maps twice)."""
+        if type(self).map_records is not Detector.map_records:
+            maps = self.map_records(records)
+            return maps, maps
+        return self.predict_scored(LazyImages([r.image for r in records]))
 
     def state_dict(self) -> dict[str, Any]:
         """Fitted state beyond ``params`` (tensors and plain values)."""

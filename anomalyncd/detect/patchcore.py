@@ -12,6 +12,13 @@ selection among a random sample of the training patches; a test patch scores its
 the nearest bank entry (an exact search, pruned by lower bounds for banks of many dims:
 :func:`.ops.nearest_distance`, :func:`.ops.bank_index`); the grid is upsampled to the map and
 smoothed with a Gaussian of ``smooth_sigma`` px of the working image.
+
+With several ``scales`` the two jobs of a map get different features: the map that draws the
+regions is the distance over the first scale's features alone (the finer cells: tighter
+regions), the image score's map the distance over every scale's features (a coarser scale sees
+a large, faint region in one cell: image AUROC up). One bank serves both: the coreset is chosen
+on the first scale's features, so the region maps are those of a one-scale detector, and each
+entry keeps its features at the other scales; both maps come from one forward pass.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class PatchCore(BackboneDetector):
         self.std: torch.Tensor | None = None
         self.bank_sq: torch.Tensor | None = None  # (bank_size,) squared norms of the bank
         self.index: BankIndex | None = None  # lower bounds that prune the search (ops.bank_index)
+        # the first scale's columns of the bank, for the region map (None with one scale)
+        self.region_bank: tuple[torch.Tensor, torch.Tensor, BankIndex | None] | None = None
 
     def batches(self, n: int) -> list[slice]:
         """Batches of images: ``batch_size`` at a time, or one at a time with ``keep_aspect``
@@ -71,15 +80,21 @@ class PatchCore(BackboneDetector):
             f = self.patch_grid(images[s])
             return list(f.permute(0, 2, 3, 1).reshape(len(f), -1, f.shape[1]))
 
-    def _batch_maps(self, images: Sequence[np.ndarray], s: slice) -> np.ndarray:
-        """Maps ``(B, map_size, map_size)`` of the batch ``s`` of ``images`` (read here)."""
+    def _batch_maps(self, images: Sequence[np.ndarray], s: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Region maps and score maps ``(B, map_size, map_size)`` of the batch ``s`` of
+        ``images`` (read here); the same array twice with one scale."""
         size = self.params.map_size
+        sigma = self.params.smooth_sigma * size / self.spec.image_size
         with torch.inference_mode():
             f = self.patch_grid(images[s])
             b, d, h, w = f.shape
             q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
-            grid = nearest_distance(q, self.bank, self.bank_sq, self.index).view(b, h, w)
-            return upsample_maps(grid, size, self.params.smooth_sigma * size / self.spec.image_size).cpu().numpy()
+            scored = upsample_maps(nearest_distance(q, self.bank, self.bank_sq, self.index).view(b, h, w), size, sigma).cpu().numpy()
+            if self.region_bank is None:
+                return scored, scored
+            bank, bank_sq, index = self.region_bank
+            grid = nearest_distance(q[:, : bank.shape[1]].contiguous(), bank, bank_sq, index).view(b, h, w)
+            return upsample_maps(grid, size, sigma).cpu().numpy(), scored
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
         """Build the memory bank ``(bank_size, D)`` from normal RGB uint8 images.
@@ -123,33 +138,46 @@ class PatchCore(BackboneDetector):
             self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
             patches = (patches - self.mean) / self.std
         n_keep = min(bank_size, len(patches)) if bank_size else len(patches)
-        idx = greedy_coreset(patches, n_keep, seed=self.params.seed, workers=workers)
-        self.bank = patches[idx].contiguous()
-        self.bank_sq = (self.bank * self.bank).sum(dim=1)
-        self.index = bank_index(self.bank)
+        # the coreset covers the first scale's features, which draw the regions: the bank (and
+        # so the region maps) of one scale, each entry keeping its features at the other scales
+        first = patches[:, : patches.shape[1] // len(self.params.scales)].contiguous()
+        idx = greedy_coreset(first, n_keep, seed=self.params.seed, workers=workers)
+        self._set_bank(patches[idx].contiguous())
         log.info("patchcore: memory bank %d of %d candidate patches, %d dims", len(self.bank), len(patches), patches.shape[1])
 
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        """The bank ``(M, D)`` with its squared norms and search indexes (each scale's features
+        have the same ``D / len(scales)`` dims; the first scale's are the first)."""
+        self.bank = bank
+        self.bank_sq = (bank * bank).sum(dim=1)
+        self.index = bank_index(bank)
+        self.region_bank = None
+        if len(self.params.scales) > 1:
+            first = bank[:, : bank.shape[1] // len(self.params.scales)].contiguous()
+            self.region_bank = (first, (first * first).sum(dim=1), bank_index(first))
+
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self.predict_scored(images)[0]
+
+    def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
         size = self.params.map_size
-        out = np.zeros((len(images), size, size), dtype=np.float32)
+        out = np.zeros((1 if self.region_bank is None else 2, len(images), size, size), dtype=np.float32)
         parts = self.batches(len(images))
         done = ordered_map(lambda s: self._batch_maps(images, s), parts, pool_size(self.device))
-        for s, maps in zip(parts, tqdm(done, total=len(parts), desc="detect: patchcore maps", unit="batch")):
-            out[s] = maps
-        return out
+        for s, (maps, scored) in zip(parts, tqdm(done, total=len(parts), desc="detect: patchcore maps", unit="batch")):
+            out[0, s], out[-1, s] = maps, scored
+        return out[0], out[-1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank.cpu(), "mean": self.mean.cpu(), "std": self.std.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.bank = state["bank"].to(self.device)
         self.mean = state["mean"].to(self.device)
         self.std = state["std"].to(self.device)
         with single_threaded():
-            self.bank_sq = (self.bank * self.bank).sum(dim=1)
-            self.index = bank_index(self.bank)
+            self._set_bank(state["bank"].to(self.device))
 
 
 def _progress(batches_done: Iterator[list[torch.Tensor]], n: int, batch_size: int, desc: str) -> Iterator[torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..datasets import Record
-from ..image_score import ImageScore
+from ..image_score import ImageScore, top_means
 from ..io import InputError
 from ..shard import Parts
 from ..store import StoreWriter
@@ -33,13 +33,15 @@ def chunk_size(det: Detector, n: int) -> int:
 
 
 def nonfinite_ids(maps: np.ndarray, records: Sequence[Record]) -> list[str]:
-    """Ids of the ``records`` whose map (N, S, S) holds NaN or inf."""
+    """Ids of the ``records`` whose maps (N, ...) hold NaN or inf."""
     ok = np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
     return [r.id for r, good in zip(records, ok) if not good]
 
 
-def map_part(det: Detector, records: Sequence[Record], path: str | os.PathLike) -> None:
-    """Map ``records`` a chunk at a time into the part store ``path``: ``maps`` float32 (n, S, S).
+def map_part(det: Detector, records: Sequence[Record], path: str | os.PathLike, tops: Sequence[float]) -> None:
+    """Map ``records`` a chunk at a time into the part store ``path``: ``maps`` float32 (n, S, S)
+    and ``top_means`` float64 (n, len(tops)) of the maps the image score is drawn from
+    (:meth:`~.base.Detector.map_records_scored`; :func:`~anomalyncd.image_score.top_means`).
 
     A NaN or infinite map is an ``InputError`` counting them all, raised once every image is
     mapped; the part is then not written.
@@ -49,11 +51,13 @@ def map_part(det: Detector, records: Sequence[Record], path: str | os.PathLike) 
     bad: list[str] = []
     with StoreWriter(path, PART_KIND) as w:
         w.declare("maps", (size, size), np.float32)
+        w.declare("top_means", (len(tops),), np.float64)
         for a in range(0, len(records), step):
             chunk = records[a : a + step]
-            maps = np.asarray(det.map_records(chunk), dtype=np.float32)
-            bad += nonfinite_ids(maps, chunk)
+            maps, scored = (np.asarray(m, dtype=np.float32) for m in det.map_records_scored(chunk))
+            bad += nonfinite_ids(np.stack([maps, scored], axis=1), chunk)
             w.append("maps", maps)
+            w.append("top_means", top_means(scored, tops))
         if bad:
             raise InputError(
                 f"params.yaml: detect.method {det.method} made NaN or infinite maps for {len(bad)} image(s), "
@@ -73,8 +77,9 @@ def gather_maps(
     parts: Parts, path: str | os.PathLike, todo: Sequence[Record], attrs: dict, score: ImageScore
 ) -> tuple[float, float]:
     """Write the maps store ``path`` from the first ``len(todo)`` maps of ``parts``: maps,
-    maps_u8 over their global ``(lo, hi)``, image scores (``score``) and image sizes. ``attrs``
-    gets ``norm_min``/``norm_max`` after ``pretrained``. Returns ``(lo, hi)``."""
+    maps_u8 over their global ``(lo, hi)``, image scores (``score`` of the parts' top means)
+    and image sizes. ``attrs`` gets ``norm_min``/``norm_max`` after ``pretrained``. Returns
+    ``(lo, hi)``."""
     n = len(todo)
     lo, hi = value_range(parts, n)
     head = dict(attrs)
@@ -89,14 +94,15 @@ def gather_maps(
         for m in parts.chunks("maps", n):
             w.append("maps", m, np.float32)
             w.append("maps_u8", normalise_u8(m, lo, hi), np.uint8)
-            w.append("scores", score(m), np.float32)
+        for t in parts.chunks("top_means", n):
+            w.append("scores", score.of_top_means(t), np.float32)
         w.append("image_sizes", np.array([[r.height, r.width] for r in todo], np.int32).reshape(-1, 2))
     return lo, hi
 
 
 def map_scores(parts: Parts, score: ImageScore) -> np.ndarray:
-    """float32 (N,): the image score of every map of ``parts``."""
-    out = [score(m) for m in parts.chunks("maps")]
+    """float32 (N,): the image score of every image of ``parts``."""
+    out = [score.of_top_means(t) for t in parts.chunks("top_means")]
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
