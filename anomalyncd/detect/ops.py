@@ -109,22 +109,31 @@ def bound_coords(x: torch.Tensor, index: BankIndex) -> torch.Tensor:
 def nearest_distance(
     query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None
 ) -> torch.Tensor:
-    """Euclidean distance of each row of ``query`` (Q, D) to its nearest row of ``bank`` (M, D).
+    """Euclidean distance of each row of ``query`` (Q, D) to its nearest row of ``bank`` (M, D)
+    (:func:`nearest_index`), taken directly as ``|q - b|``, without the cancellation of the
+    expanded form. Returns (Q,)."""
+    nearest = nearest_index(query, bank, bank_sq, index)
+    return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
+
+
+def nearest_index(
+    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None
+) -> torch.Tensor:
+    """Index int64 (Q,) of the nearest row of ``bank`` (M, D) to each row of ``query`` (Q, D).
 
     Exact search by matrix products, one block of queries at a time (:func:`query_blocks` of
     ``QUERY_BLOCK``): the nearest row is the argmin of ``|b|^2 - 2 q.b`` (first index on a
-    tie), and its distance is then taken directly as ``|q - b|``, without the cancellation of
-    the expanded form. ``bank_sq`` (M,): the bank's squared row norms, if already known.
+    tie). ``bank_sq`` (M,): the bank's squared row norms, if already known.
     With ``index`` (:func:`bank_index`) and at least ``QUERY_BLOCK`` queries, only the bank
     rows that can be the argmin of some query of the block are compared in full
     (:func:`candidates`): the same argmin, as the product over those rows gives the same
     float32 scores as over the whole bank (MKL here, for blocks of 8 queries or more and at
-    least 2 bank rows, not for fewer; tests/test_detect.py). Returns (Q,).
+    least 2 bank rows, not for fewer; tests/test_detect.py).
     """
     if len(bank) == 0:
         raise ValueError("nearest_distance: empty bank")
     if len(query) == 0:
-        return query.new_zeros(0)
+        return torch.zeros(0, dtype=torch.long, device=query.device)
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
     blocks = query_blocks(len(query), QUERY_BLOCK)
@@ -143,7 +152,7 @@ def nearest_distance(
             keep = candidates(query[s], bank, coords[s], slack[s], index, bounds[: s.stop - s.start])
             scores = torch.addmm(bank_sq[keep], query[s], bank.index_select(0, keep).T, alpha=-2)
             nearest[s] = keep[scores.min(dim=1).indices]
-    return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
+    return nearest
 
 
 def candidates(

@@ -35,7 +35,7 @@ from ..io import InputError
 from .backbone import BackboneDetector, patch_features
 from .base import register
 from .features import FILTERBANK
-from .ops import BankIndex, bank_index, batches, greedy_coreset, nearest_distance, scaled_size, to_batch, upsample_maps
+from .ops import BankIndex, bank_index, batches, greedy_coreset, nearest_distance, nearest_index, scaled_size, to_batch, upsample_maps
 from .parallel import ordered_map, pool_size, single_threaded
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,20 @@ class PatchCore(BackboneDetector):
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict_scored(images)[0]
+
+    def residuals(self, image: np.ndarray) -> np.ndarray:
+        """float32 ``(h, w, D)`` for one RGB uint8 image: each patch's features (the first
+        scale's, which draw the region map) minus those of its nearest bank entry, on the
+        patch grid (:mod:`anomalyncd.residual`)."""
+        if self.bank is None:
+            raise RuntimeError("PatchCore.residuals before fit")
+        bank, bank_sq, index = self.region_bank or (self.bank, self.bank_sq, self.index)
+        with torch.inference_mode():
+            f = self.patch_grid([image])
+            _, d, h, w = f.shape
+            q = ((f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std)[:, : bank.shape[1]].contiguous()
+            r = q - bank[nearest_index(q, bank, bank_sq, index)]
+            return r.view(h, w, -1).cpu().numpy()
 
     def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if self.bank is None:

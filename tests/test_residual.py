@@ -1,0 +1,65 @@
+"""Region descriptors from the detector's residuals (anomalyncd.residual)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from anomalyncd.config import DetectParams
+from anomalyncd.detect import create_detector
+from anomalyncd.detect.ops import bank_index, nearest_distance, nearest_index
+from anomalyncd.residual import pool_regions
+
+
+def test_a_region_is_the_mean_of_the_cells_its_mask_covers_scaled_to_unit_length():
+    grid = np.zeros((4, 4, 2), np.float32)
+    grid[:2, :2] = [3.0, 0.0]  # the top-left quarter departs along the first axis
+    grid[2:, 2:] = [0.0, 5.0]  # the bottom-right one along the second
+    mask = np.zeros((40, 40), bool)
+    mask[:20, :20] = mask[20:, 20:] = True
+    out = pool_regions(grid, mask, np.array([[0, 0, 20, 20], [20, 20, 40, 40]]))
+    np.testing.assert_allclose(out, [[1.0, 0.0], [0.0, 1.0]], atol=1e-6)
+
+
+def test_a_region_without_its_mask_pools_its_box_and_no_box_pools_the_whole_mask():
+    grid = np.zeros((4, 4, 2), np.float32)
+    grid[:2, :2] = [1.0, 0.0]
+    grid[2:, 2:] = [0.0, 1.0]
+    mask = np.zeros((40, 40), bool)
+    mask[20:, 20:] = True
+    out = pool_regions(grid, mask, np.array([[0, 0, 20, 20], [0, 0, 0, 0]]))
+    np.testing.assert_allclose(out, [[1.0, 0.0], [0.0, 1.0]], atol=1e-6)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1)
+
+
+def test_the_strength_of_a_departure_does_not_change_its_descriptor():
+    rng = np.random.default_rng(0)
+    grid = rng.normal(size=(6, 6, 8)).astype(np.float32)
+    mask = np.zeros((60, 60), bool)
+    mask[10:40, 20:50] = True
+    box = np.array([[20, 10, 50, 40]])
+    np.testing.assert_allclose(pool_regions(3 * grid, mask, box), pool_regions(grid, mask, box), atol=1e-6)
+
+
+def test_nearest_index_is_the_row_nearest_distance_measures(rng):
+    bank = torch.from_numpy(rng.normal(size=(300, 400)).astype(np.float32))
+    query = torch.from_numpy(rng.normal(size=(200, 400)).astype(np.float32))
+    idx = nearest_index(query, bank, index=bank_index(bank))
+    torch.testing.assert_close(torch.cdist(query.double(), bank.double()).argmin(1), idx)
+    torch.testing.assert_close((query - bank[idx]).norm(dim=1), nearest_distance(query, bank, index=bank_index(bank)))
+
+
+def test_patchcore_residuals_are_each_patch_minus_its_nearest_bank_entry_on_the_region_maps_grid(rng):
+    from .test_detect import surface, with_spot
+
+    det = create_detector(DetectParams(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, map_size=32,
+                                       device="cpu", pretrained=False, bank_size=50, scales=[1.0, 0.5]))
+    det.fit([surface(rng, 64) for _ in range(6)])
+    img = with_spot(surface(rng, 64))
+    r = det.residuals(img)
+    f = det.patch_grid([img])
+    d1 = f.shape[1] // 2
+    assert r.shape == (*f.shape[-2:], d1)
+    # the residual's length is the region map's grid distance
+    q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[:, :d1]
+    np.testing.assert_allclose(np.linalg.norm(r.reshape(-1, d1), axis=1), nearest_distance(q, det.bank[:, :d1]).numpy(), rtol=1e-4, atol=1e-4)
