@@ -162,6 +162,9 @@ class MebinParams:
     crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
     workers: int = 0  # 0: one per CPU core
     seed: int = 0
+    # each crop's residual descriptor from a patchcore detector (anomalyncd.residual), which the
+    # classifier's heads read beside its own feature; none with another detect.method
+    residuals: bool = True
 
     def __post_init__(self) -> None:
         require(

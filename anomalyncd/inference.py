@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .augment import eval_views
 from .device import resolve_device
+from .io import InputError
 from .losses import STUDENT_TEMP
 from .model import MGViTClassifier, load_model
 from .store import ProbSet, StoreWriter
@@ -40,24 +41,35 @@ class CropOutputs:
 
 @torch.no_grad()
 def crop_outputs(
-    net: MGViTClassifier, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu", batch_size: int = 64
+    net: MGViTClassifier,
+    crops: np.ndarray,
+    crop_masks: np.ndarray,
+    device: str = "cpu",
+    batch_size: int = 64,
+    side: np.ndarray | None = None,
 ) -> CropOutputs:
     """Features, logits and baseline features of every crop under the evaluation transform.
 
-    crops uint8 (M, C, C, 3); crop_masks (M, C, C) in {0, 1}. The trunk runs once per crop.
+    crops uint8 (M, C, C, 3); crop_masks (M, C, C) in {0, 1}; side float32 (M, S): the crops'
+    descriptors, for a model that fuses them (``cfg.side_dim``). The trunk runs once per crop.
     """
     net.eval()
+    if net.cfg.side_dim and (side is None or np.shape(side) != (len(crops), net.cfg.side_dim)):
+        got = None if side is None else np.shape(side)
+        raise InputError(f"the model fuses {net.cfg.side_dim}-dim residual descriptors per crop; got {got} for {len(crops)} crops; rerun mebin (dvc repro)")
     feats, logits, base = [], [], []
     for s in tqdm(range(0, len(crops), batch_size), desc="infer", leave=False):
         x, mk = eval_views(crops[s : s + batch_size], crop_masks[s : s + batch_size], net.cfg.image_size, net.cfg.crop_pct)
         tokens, pmask = net.encoder.trunk(torch.from_numpy(x).to(device), torch.from_numpy(mk).to(device))
-        f, _, lg = net(tokens, pmask, cached=True)
+        sd = torch.from_numpy(np.asarray(side[s : s + batch_size], np.float32)).to(device) if net.cfg.side_dim else None
+        f, _, lg = net(tokens, pmask, cached=True, side=sd)
         feats.append(f.cpu())
         logits.append(lg.transpose(0, 1).cpu())
         base.append(net.encoder.pooled_trunk(tokens, pmask).cpu())
     if not feats:
         empty = np.zeros((0, net.encoder.embed_dim), np.float32)
-        return CropOutputs(empty, np.zeros((0, net.cfg.n_head, net.cfg.num_outputs), np.float32), empty)
+        fused = np.zeros((0, net.encoder.embed_dim + net.cfg.side_dim), np.float32)
+        return CropOutputs(fused, np.zeros((0, net.cfg.n_head, net.cfg.num_outputs), np.float32), empty)
     return CropOutputs(*(torch.cat(t).float().numpy() for t in (feats, logits, base)))
 
 
@@ -67,6 +79,7 @@ def predict_crops(
     crop_masks: np.ndarray,
     device: str = "cpu",
     batch_size: int = 64,
+    side: np.ndarray | None = None,
 ) -> ProbSet:
     """Class probabilities of every crop and head from the model saved at ``checkpoint_path``.
 
@@ -76,7 +89,7 @@ def predict_crops(
     """
     device = resolve_device(device)
     net, info = load_model(checkpoint_path, device)
-    out = crop_outputs(net, crops, crop_masks, device, batch_size)
+    out = crop_outputs(net, crops, crop_masks, device, batch_size, side)
     probs = novel_probabilities(torch.from_numpy(out.logits), net.cfg.num_labeled).numpy()
     return ProbSet(
         probs=probs.astype(np.float32),
@@ -113,11 +126,13 @@ def write_probs_part(
     path: str | os.PathLike,
     device: str = "cpu",
     batch_size: int = 64,
+    side: np.ndarray | None = None,
 ) -> tuple[int, dict]:
     """The outputs of crops ``rows`` into the part store ``path``, a chunk at a time: probs and
     logits (m, n_head, K), features (m, D), baseline_features (m, D0) as in :func:`predict_crops`.
 
-    crops uint8 (M, C, C, 3) and crop_masks (M, C, C): arrays or the store's lazy rows; ``rows``
+    crops uint8 (M, C, C, 3) and crop_masks (M, C, C): arrays or the store's lazy rows; side
+    float32 (M, S): the crops' residual descriptors (for a model that fuses them); ``rows``
     starts on a batch boundary, so every batch is the one a single process forms. Returns the
     selected head and the store's attrs.
     """
@@ -126,7 +141,8 @@ def write_probs_part(
     with StoreWriter(path, PART_KIND) as w:
         for a in range(rows.start, max(rows.stop, rows.start + 1), step):  # once at least: the arrays exist
             b = min(a + step, rows.stop)
-            out = crop_outputs(net, np.asarray(crops[a:b]), np.asarray(crop_masks[a:b]), device, batch_size)
+            out = crop_outputs(net, np.asarray(crops[a:b]), np.asarray(crop_masks[a:b]), device, batch_size,
+                               None if side is None else side[a:b])
             probs = novel_probabilities(torch.from_numpy(out.logits), net.cfg.num_labeled).numpy()
             for name, arr in [("probs", probs), ("logits", out.logits), ("features", out.features),
                               ("baseline_features", out.baseline)]:

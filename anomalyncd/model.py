@@ -73,9 +73,12 @@ class ModelConfig:
     proj_hidden: int = 2048
     proj_dim: int = 256
     tune_last_stage: bool = False  # CNN: the backbone's blocks after the common grid's layer train
+    side_dim: int = 0  # per-crop descriptors fused with the encoder's feature (the crops' residual descriptors)
 
     @classmethod
-    def from_params(cls, p, num_unlabeled: int, num_labeled: int = 0, has_normal: bool = False) -> "ModelConfig":
+    def from_params(
+        cls, p, num_unlabeled: int, num_labeled: int = 0, has_normal: bool = False, side_dim: int = 0
+    ) -> "ModelConfig":
         """The architecture the ``train`` params ``p`` (:class:`~anomalyncd.config.TrainParams`) ask for."""
         return cls(
             model=p.model,
@@ -89,6 +92,7 @@ class ModelConfig:
             has_normal=has_normal,
             layers=list(p.layers),
             tune_last_stage=p.tune_last_stage,
+            side_dim=side_dim,
         )
 
     @property
@@ -522,11 +526,22 @@ class ClusterHead(nn.Module):
         return self.projector(features), self.logits(features)
 
 
+def fuse(features: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+    """The encoder's features (B, D) with per-crop descriptors ``side`` (B, S) beside them:
+    ``[features / |features|, side]`` (the descriptors are unit length, so both halves weigh
+    alike); the features as they are without descriptors (S = 0 or None)."""
+    if side is None or side.shape[1] == 0:
+        return features
+    return torch.cat([F.normalize(features, dim=-1), side.to(features)], dim=1)
+
+
 class MGViTClassifier(nn.Module):
     """Mask-guided encoder (:class:`MGViT` or :class:`MaskGuidedCNN`) + ClusterHead, built
-    from a :class:`ModelConfig`.
+    from a :class:`ModelConfig`; with ``cfg.side_dim`` the heads read the encoder's feature
+    fused with a per-crop descriptor (:func:`fuse`).
 
-    forward(images, masks) -> (features (B, D), projections (B, proj_dim), logits (n_head, B, K)).
+    forward(images, masks, side=None) -> (features (B, D + side_dim), projections (B, proj_dim),
+    logits (n_head, B, K)).
     """
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None):
@@ -534,12 +549,17 @@ class MGViTClassifier(nn.Module):
         self.cfg = cfg
         backbone = backbone if backbone is not None else create_backbone(cfg.model, cfg.image_size, layers=cfg.layers)
         self.encoder = create_encoder(cfg, backbone)
-        self.head = ClusterHead(self.encoder.embed_dim, cfg.num_outputs, cfg.n_head, cfg.proj_hidden, cfg.proj_dim)
+        self.head = ClusterHead(self.encoder.embed_dim + cfg.side_dim, cfg.num_outputs, cfg.n_head, cfg.proj_hidden, cfg.proj_dim)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor, cached: bool = False):
+    def forward(self, x: torch.Tensor, masks: torch.Tensor, cached: bool = False, side: torch.Tensor | None = None):
         """``cached=False``: x images (B, 3, S, S) in [0, 1], masks (B, S, S). ``cached=True``:
-        x trunk tokens (B, N, D) and masks patch masks (B, P) from the encoder's ``trunk``."""
+        x trunk tokens (B, N, D) and masks patch masks (B, P) from the encoder's ``trunk``.
+        ``side`` (B, side_dim): the crops' descriptors (required when ``cfg.side_dim``)."""
+        if self.cfg.side_dim and (side is None or side.shape != (len(x), self.cfg.side_dim)):
+            got = None if side is None else tuple(side.shape)
+            raise ValueError(f"the model fuses {self.cfg.side_dim}-dim crop descriptors; got {got} for {len(x)} crops")
         feats = self.encoder.head_blocks(x, masks) if cached else self.encoder(x, masks)
+        feats = fuse(feats, side if self.cfg.side_dim else None)
         proj, logits = self.head(feats)
         return feats, proj, logits
 

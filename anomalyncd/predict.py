@@ -232,6 +232,11 @@ class Predictor:
             self.detector = load_detector(run.detector, device=None if device == "auto" else device)
         self.device = resolve_device(device)
         self.net, info = load_model(run.model, self.device)
+        if self.net.cfg.side_dim and self.detector is None:
+            # the classifier reads each crop's residual descriptor, which only the run's detector gives
+            self.detector = load_detector(run.detector, device=None if device == "auto" else device) if run.detector.exists() else None
+        if self.net.cfg.side_dim and not hasattr(self.detector, "residuals"):
+            raise InputError(f"{run.model}: the classifier reads the crops' residual descriptors, and {run.detector} cannot make them; rerun the run's detect stage")
         self.head = int(info["head"])
         self.batch_size = batch_size or InferParams().batch_size
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
@@ -284,9 +289,20 @@ class Predictor:
         def crop(job):
             (_, img, _), m = job
             # the run's global map range, as the detect stage normalised the run's own maps
-            return mebin_image(normalise_u8(m, run.norm_min, run.norm_max), img, run.lo, run.hi, run.mebin)[1]
+            return mebin_image(normalise_u8(m, run.norm_min, run.norm_max), img, run.lo, run.hi, run.mebin)
 
-        crops = clock("mebin", self._map, crop, list(zip(loaded, raw)))
+        results = clock("mebin", self._map, crop, list(zip(loaded, raw)))
+        crops = [c for _, c in results]
+        side = None
+        if self.net.cfg.side_dim:
+            from .residual import pool_regions
+
+            def describe(job):
+                (_, img, _), (res, c) = job
+                return pool_regions(self.detector.residuals(img), res.mask, c.regions) if len(c.regions) else np.zeros((0, self.net.cfg.side_dim), np.float32)
+
+            with single_threaded():
+                side = np.concatenate(clock("residuals", self._map, describe, list(zip(loaded, results))))
         out.kept = [item for item, _, _ in loaded]
         out.image_scores = run.image_score(scored).astype(np.float64)
         out.counts = np.array([len(c) for c in crops], np.int64)
@@ -299,7 +315,7 @@ class Predictor:
         # each other at every kernel (one crop: 1.2-1.5 s on 2 threads, 35 ms on 1, load ~7)
         with single_threaded():
             o = clock("classifier", crop_outputs, self.net, np.concatenate([c.crops for c in crops]),
-                      np.concatenate([c.crop_masks for c in crops]), self.device, self.batch_size)
+                      np.concatenate([c.crop_masks for c in crops]), self.device, self.batch_size, side)
         probs = head_probabilities(torch.from_numpy(o.logits), self.net.cfg.num_labeled).numpy().astype(np.float32)
         out.probs = novel_probabilities(probs, self.head, self.net.cfg.num_labeled)
         out.features = o.features

@@ -60,8 +60,9 @@ class CropSet:
     image_index int32 (M,), boxes int32 (M, 4) as (x0, y0, x1, y1) in image pixels (x1, y1
     exclusive; the context crop, which may reach outside the image), regions int32 (M, 4) the
     defect's own box inside the image (zeros: no region; :class:`anomalyncd.mebin.Crops`),
-    areas int64 (M,) anomaly pixels in the box, scores float32 (M,) in [0, 1].
-    attrs: lo, hi (the MEBin search range), crop_size, params.
+    areas int64 (M,) anomaly pixels in the box, scores float32 (M,) in [0, 1], residuals float32
+    (M, D) the regions' residual descriptors (:mod:`anomalyncd.residual`; D = 0: none, a store
+    without them). attrs: lo, hi (the MEBin search range), crop_size, params.
     """
 
     ids: list[str]
@@ -78,10 +79,13 @@ class CropSet:
     areas: np.ndarray
     scores: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
+    residuals: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.residuals is None:
+            self.residuals = np.zeros((len(self.crops), 0), np.float32)
         _check_rows(self, len(self.ids), "image_sizes", "thresholds", "est_counts", "count_seqs", "masks")
-        _check_rows(self, len(self.crops), "crop_masks", "image_index", "boxes", "regions", "areas", "scores")
+        _check_rows(self, len(self.crops), "crop_masks", "image_index", "boxes", "regions", "areas", "scores", "residuals")
 
     @property
     def crop_ids(self) -> list[str]:
@@ -481,6 +485,8 @@ def write_crops(path: str | os.PathLike, cs: CropSet) -> None:
         "areas": cs.areas.astype(np.int64),
         "scores": cs.scores.astype(np.float32),
     }
+    if cs.residuals.shape[1]:
+        arrays["residuals"] = cs.residuals.astype(np.float32)
     arrays.update({f"masks/{i}": m.astype(np.uint8) for i, m in enumerate(cs.masks)})
     write_group(path, "crops", arrays, {"ids": list(cs.ids), **cs.attrs})
 
@@ -507,7 +513,7 @@ CROP_PIXELS = ("crops", "crop_masks")
 
 
 def _check_crop_arrays(path: str | os.PathLike, names: Iterable[str]) -> None:
-    missing = sorted({f.name for f in fields(CropSet)} - {"ids", "masks", "attrs"} - set(names))
+    missing = sorted({f.name for f in fields(CropSet)} - {"ids", "masks", "attrs", "residuals"} - set(names))
     if missing:
         raise InputError(f"{path}: written by an older mebin, no {missing}; rerun mebin (dvc repro)")
 

@@ -52,7 +52,7 @@ from .baseline import kmeans_clusters
 from .config import TrainParams
 from .device import resolve_device
 from .io import InputError, load_torch, save_torch
-from .model import MGViTClassifier
+from .model import MGViTClassifier, fuse
 
 CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from every real epoch
 
@@ -60,16 +60,21 @@ CACHE_EPOCH = 2**31 - 1  # the random stream of cached views, distinct from ever
 @dataclass
 class TrainData:
     """Crops to train on. crops uint8 (M, C, C, 3); masks uint8 (M, C, C) in {0, 1};
-    scores float32 (M,) crop anomaly scores; labels int64 (M,) base class, -1 for unlabelled."""
+    scores float32 (M,) crop anomaly scores; labels int64 (M,) base class, -1 for unlabelled;
+    side float32 (M, S): per-crop descriptors the heads read beside the encoder's feature
+    (the crops' residual descriptors; S = 0: none)."""
 
     crops: np.ndarray
     masks: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    side: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         m = len(self.crops)
-        for name in ("masks", "scores", "labels"):
+        if self.side is None:
+            self.side = np.zeros((m, 0), np.float32)
+        for name in ("masks", "scores", "labels", "side"):
             if len(getattr(self, name)) != m:
                 raise ValueError(f"{name} has {len(getattr(self, name))} rows, expected {m}")
 
@@ -249,7 +254,11 @@ def head_assignments(net: MGViTClassifier, data: TrainData, device: str, batch_s
     tokens, pmask = eval_trunk(net, data, device, batch_size)
     unl = torch.from_numpy(data.labels < 0).to(tokens.device)
     tokens, pmask = tokens[unl], pmask[unl]
-    out = [net(tokens[s : s + batch_size], pmask[s : s + batch_size], cached=True)[2] for s in range(0, len(tokens), batch_size)]
+    side = torch.from_numpy(data.side[data.labels < 0]).to(device)
+    out = [
+        net(tokens[s : s + batch_size], pmask[s : s + batch_size], cached=True, side=side[s : s + batch_size])[2]
+        for s in range(0, len(tokens), batch_size)
+    ]
     if not out:
         return np.zeros((net.cfg.n_head, 0), np.int64)
     return torch.cat(out, dim=1)[..., net.cfg.num_labeled :].argmax(-1).cpu().numpy()
@@ -278,7 +287,8 @@ def prepare_model(
     if head_init == "random":
         return None
     unl = torch.from_numpy(data.labels < 0)
-    raw = net.encoder.head_blocks(tokens[unl], pmask[unl]).cpu().numpy().astype(np.float64)
+    side = torch.from_numpy(data.side[unl.numpy()]).to(device) if net.cfg.side_dim else None
+    raw = fuse(net.encoder.head_blocks(tokens[unl], pmask[unl]), side).cpu().numpy().astype(np.float64)
     feats = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
     cfg = net.cfg
     k = cfg.num_unlabeled
@@ -438,6 +448,7 @@ def train(
         cache_seconds = time.perf_counter() - tc
 
     labels_all = torch.from_numpy(data.labels.astype(np.int64))
+    side_all = torch.from_numpy(data.side.astype(np.float32)) if net.cfg.side_dim else None
     scores_all = torch.from_numpy(data.scores.astype(np.float32))
     cfgm = net.cfg
     supervised = data.has_labels
@@ -470,7 +481,8 @@ def train(
         count = torch.zeros(())
         for idx, x, m in tqdm(loader, total=len(local), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=rank != 0):
             idx = idx.long()
-            _, proj, logits = model(x.to(device), m.to(device), cached=cache is not None)
+            side = None if side_all is None else side_all[idx].repeat(2, 1).to(device)  # the batch is view-major
+            _, proj, logits = model(x.to(device), m.to(device), cached=cache is not None, side=side)
             total, parts = batch_loss(
                 proj,
                 logits,

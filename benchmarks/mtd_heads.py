@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2], help="comma-separated")
     ap.add_argument("--num-classes", type=int, default=5)
     ap.add_argument("--memo-dir", type=Path, default=None, help="keep the trunk outputs in files here (reused by later runs on the same crops)")
+    ap.add_argument("--residuals", type=Path, default=None,
+                    help="an .npz of the crops' residual descriptors (benchmarks/bench_residual.py --cache): the heads read them beside the encoder's feature")
     ap.add_argument("variants", nargs="*", default=["base"])
     a = ap.parse_args()
 
@@ -87,7 +89,8 @@ def main() -> None:
     cs = read_crops(a.project / "data/mebin/crops.zarr.zip")
     records = Manifest.read(a.project / "data/prepared/manifest.csv").by_id()
     truth = [records[i].defect_type for i in cs.ids]
-    data = TrainData(cs.crops, cs.crop_masks, cs.scores, -np.ones(len(cs.crops), np.int64))
+    side = np.load(a.residuals)["residual"].astype(np.float32) if a.residuals else np.zeros((len(cs.crops), 0), np.float32)
+    data = TrainData(cs.crops, cs.crop_masks, cs.scores, -np.ones(len(cs.crops), np.int64), side)
     k = a.num_classes
 
     def image_scores(crop_probs: np.ndarray) -> np.ndarray:
@@ -108,7 +111,7 @@ def main() -> None:
             p = dataclasses.replace(base, seed=seed, head_select="consensus", **parse_variant(text))
             torch.manual_seed(seed)
             # a copy: fine-tuned blocks (grad_from_block) train the backbone's weights in place
-            net = MGViTClassifier(ModelConfig.from_params(p, num_unlabeled=k), copy.deepcopy(backbone))
+            net = MGViTClassifier(ModelConfig.from_params(p, num_unlabeled=k, side_dim=side.shape[1]), copy.deepcopy(backbone))
             if getattr(net.encoder, "tuned", False):
                 # the frozen layers' tokens come first in the whole trunk's: one memo serves both
                 frozen_dim = net.encoder.frozen_channels
@@ -118,7 +121,7 @@ def main() -> None:
                 net.encoder.trunk = memo.wrap(net.encoder.trunk)
             res = train(net, data, p)
             seconds.append(res.seconds - res.cache_seconds)
-            out = crop_outputs(net, cs.crops, cs.crop_masks)
+            out = crop_outputs(net, cs.crops, cs.crop_masks, side=side)
             probs = novel_probabilities(torch.from_numpy(out.logits), 0).numpy()
             by_loss = select_head([res.history[-1][f"cluster_head{h}"] for h in range(p.n_head)])
             rows["consensus"].append(image_scores(probs[:, res.head]))

@@ -31,7 +31,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if world > 1:
         typer.echo(shard.describe("infer", rank, world, rows, "crops"), err=True)
     head, attrs = write_probs_part(
-        paths.MODEL, cs.crops, cs.crop_masks, rows, shard.part_path(paths.PROBS, rank, world), device, p.batch_size
+        paths.MODEL, cs.crops, cs.crop_masks, rows, shard.part_path(paths.PROBS, rank, world), device, p.batch_size, cs.residuals
     )
     shard.barrier()
     if rank != 0:

@@ -176,12 +176,37 @@ def streamed_search_range(ms: MapSet) -> tuple[int, int]:
     return mebin.search_range(np.concatenate(peaks).astype(np.uint8)[:, None, None])
 
 
+def residual_describer(p: MebinParams):
+    """``(describe, dim)``: a function of ``(record, mask (H, W), regions (k, 4))`` giving the
+    regions' residual descriptors ``(k, dim)`` with the run's detector (``models/detector.pt``),
+    or ``(None, 0)`` when ``mebin.residuals`` is off or the detector has no memory bank."""
+    if not p.residuals or not paths.DETECTOR.exists():
+        return None, 0
+    from anomalyncd.detect import load_detector
+    from anomalyncd.residual import pool_regions
+
+    det = load_detector(paths.DETECTOR, "cpu")
+    if not hasattr(det, "residuals"):
+        typer.echo(f"mebin: no residual descriptors (detect.method {det.method} has no memory bank)", err=True)
+        return None, 0
+
+    def describe(record: Record, mask: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        if not len(regions):
+            return np.zeros((0, dim), np.float32)
+        return pool_regions(det.residuals(read_image(record.image)), mask, regions)
+
+    dim = det.bank.shape[1] // len(det.params.scales)
+    return describe, dim
+
+
 def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, hi: int, rows: range, path: Path,
                workers: int, progress: bool = True) -> None:
     """MEBin over the images ``rows`` of ``ms`` into the part store ``path``, a chunk of
     ``IMAGES_PER_CHUNK`` images at a time: the crops store's arrays (``image_index`` and the
-    ``masks/<i>`` names counting over the whole set) and, in attrs, the images' ground-truth
-    coverage, mask fractions and how many images fell back to their own range (for the metrics)."""
+    ``masks/<i>`` names counting over the whole set; ``residuals`` with :func:`residual_describer`)
+    and, in attrs, the images' ground-truth coverage, mask fractions and how many images fell
+    back to their own range (for the metrics)."""
+    describe, dim = residual_describer(p)
     coverage, fractions, own = mebin.GtCoverage(), [], 0
     bar = tqdm(total=len(rows), desc="mebin", unit="img", disable=not progress)
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (lo, hi, p)) if workers > 1 else None
@@ -194,6 +219,8 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                                        ("image_index", (), np.int32), ("boxes", (4,), np.int32), ("regions", (4,), np.int32),
                                        ("areas", (), np.int64), ("scores", (), np.float32)]:
                 w.declare(name, shape, dtype)
+            if describe is not None:
+                w.declare("residuals", (dim,), np.float32)
             _share(lo, hi, p)
             for a in range(rows.start, rows.stop, IMAGES_PER_CHUNK):
                 maps_u8 = np.asarray(ms.maps_u8[a : min(a + IMAGES_PER_CHUNK, rows.stop)])
@@ -208,6 +235,8 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                     for name in ("crops", "crop_masks", "boxes", "regions", "areas", "scores"):
                         w.append(name, getattr(crops, name))
                     w.append("image_index", np.full(len(crops), i))
+                    if describe is not None:
+                        w.append("residuals", describe(records[ms.ids[i]], result.mask, crops.regions))
                     w.put(f"masks/{i}", result.mask.astype(np.uint8))
                     coverage += gt
                     fractions.append(float(result.mask.mean()))

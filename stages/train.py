@@ -132,7 +132,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     if len(cs.crops) < 2:
         raise InputError(f"{paths.CROPS}: {len(cs.crops)} crop(s); training needs at least 2 (check detect/mebin)")
     labels = -np.ones(len(cs.crops), np.int64)
-    crops, masks, scores = cs.crops, cs.crop_masks, cs.scores
+    crops, masks, scores, side = cs.crops, cs.crop_masks, cs.scores, cs.residuals
     base_names: list[str] = []
     if p.base_dir:  # read before num_classes: auto writes its metrics
         bc, bm, bl, base_names = read_base_set(p.base_dir, cs.crops.shape[1])
@@ -141,9 +141,13 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         crops, masks = np.concatenate([crops, bc]), np.concatenate([masks, bm])
         scores = np.concatenate([scores, np.ones(len(bc), np.float32)])
         labels = np.concatenate([labels, bl])
-    data = TrainData(crops, masks, scores, labels)
+        # a labelled base crop has no detector map, so no residual descriptor: zeros beside its feature
+        side = np.concatenate([side, np.zeros((len(bc), side.shape[1]), np.float32)])
+    data = TrainData(crops, masks, scores, labels, side)
     has_normal = bool(ds.include_normal)
-    cfg = ModelConfig.from_params(p, num_unlabeled=k + int(has_normal), num_labeled=len(base_names), has_normal=has_normal)
+    cfg = ModelConfig.from_params(
+        p, num_unlabeled=k + int(has_normal), num_labeled=len(base_names), has_normal=has_normal, side_dim=side.shape[1]
+    )
     torch.manual_seed(p.seed)
     backbone = create_backbone(p.model, p.image_size, p.pretrained, p.checkpoint, p.layers)
     if rank == 0:

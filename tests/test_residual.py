@@ -63,3 +63,39 @@ def test_patchcore_residuals_are_each_patch_minus_its_nearest_bank_entry_on_the_
     # the residual's length is the region map's grid distance
     q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[:, :d1]
     np.testing.assert_allclose(np.linalg.norm(r.reshape(-1, d1), axis=1), nearest_distance(q, det.bank[:, :d1]).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_a_patchcore_run(tmp_path, tiny_demo, monkeypatch):
+    import yaml
+
+    from anomalyncd import paths
+    from anomalyncd.config import DatasetParams
+    from anomalyncd.datasets import Manifest, build_manifest, read_dataset
+    from anomalyncd.detect import load_detector
+    from anomalyncd.io import read_image
+    from anomalyncd.store import read_crops
+    from stages.detect import main as detect
+    from stages.mebin import main as mebin
+
+    monkeypatch.chdir(tmp_path)
+    build_manifest(read_dataset(DatasetParams(layout="mvtec", root=str(tiny_demo))), progress=False).write(paths.MANIFEST)
+    tiny = {"map_size": 32, "image_size": 32, "device": "cpu", "backbone": "filterbank", "layers": [1, 2, 4],
+            "pretrained": False, "bank_size": 200}
+    for method, residuals, dim in (("patchcore", True, None), ("patchcore", False, 0), ("ground_truth", True, 0)):
+        params = {"dataset": {"layout": "mvtec", "root": str(tiny_demo)}, "detect": {**tiny, "method": method},
+                  "mebin": {"residuals": residuals, "workers": 1}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        detect(params=tmp_path / "params.yaml")
+        mebin(params=tmp_path / "params.yaml")
+        cs = read_crops(paths.CROPS)
+        if dim is not None:  # off, or a detector without a memory bank: none
+            assert cs.residuals.shape == (len(cs.crops), 0)
+            continue
+        det = load_detector(paths.DETECTOR)
+        assert cs.residuals.shape == (len(cs.crops), det.bank.shape[1] // 2)
+        np.testing.assert_allclose(np.linalg.norm(cs.residuals, axis=1), 1.0, rtol=1e-5)
+        records = Manifest.read(paths.MANIFEST).by_id()
+        i = int(cs.image_index[0])
+        rows = np.flatnonzero(cs.image_index == i)
+        want = pool_regions(det.residuals(read_image(records[cs.ids[i]].image)), cs.masks[i], cs.regions[rows])
+        np.testing.assert_allclose(cs.residuals[rows], want, rtol=1e-5, atol=1e-6)

@@ -498,3 +498,32 @@ def test_train_checks_its_base_dir_before_it_estimates_k_and_writes_its_metrics(
     with pytest.raises(InputError, match=r"train.base_dir 'no/such/folder' is not a folder"):
         train_stage.main(params=Path("params.yaml"))
     assert not paths.NUM_CLASSES_METRICS.exists() and not paths.NUM_CLASSES_PLOT.exists() and not paths.MODEL.exists()
+
+
+def test_heads_that_read_residual_descriptors_group_crops_by_them_when_the_crops_look_alike():
+    # 18 crops of the same random texture: only their descriptors tell three groups apart
+    data = tiny_data(m=18)
+    data.crops[:] = data.crops[0]
+    side = np.zeros((18, 4), np.float32)
+    side[np.arange(18), np.arange(18) % 3] = 1.0
+    data = TrainData(data.crops, data.masks, data.scores, data.labels, side)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.9, mask_layers=1, grad_from_block=11,
+                      n_head=2, num_unlabeled=3, proj_hidden=32, proj_dim=16, side_dim=4)
+    net = MGViTClassifier(cfg)
+    res = train(net, data, TrainParams(epochs=1, **FAST))
+    groups = np.arange(18) % 3
+    assert normalized_mutual_info_score(groups, head_assignments(net, data, "cpu")[res.head]) == 1.0
+
+
+def test_a_model_that_fuses_descriptors_refuses_crops_without_them():
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.9, mask_layers=1, grad_from_block=11,
+                      n_head=1, num_unlabeled=2, proj_hidden=32, proj_dim=16, side_dim=4)
+    net = MGViTClassifier(cfg).eval()
+    x, m = torch.rand(2, 3, 32, 32), torch.ones(2, 32, 32)
+    feats, _, logits = net(x, m, side=torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    assert feats.shape == (2, net.encoder.embed_dim + 4) and logits.shape == (1, 2, 2)
+    torch.testing.assert_close(feats[:, -4:], torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    with pytest.raises(ValueError, match="4-dim crop descriptors"):
+        net(x, m)
