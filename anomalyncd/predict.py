@@ -226,6 +226,7 @@ class Predictor:
             if not normal_gate:
                 self.calibration = replace(self.calibration, normal_scores=np.zeros(0), note="--no-normal-gate")
         self.detector = None
+        self.maps_given = maps
         if not maps:
             if not run.detector.exists():
                 raise InputError(f"{run.detector}: no fitted detector in this run; pass --maps with its anomaly maps")
@@ -278,9 +279,14 @@ class Predictor:
                 loaded.append(r)
         if not loaded:
             return out
-        if self.detector is not None:
+        grids = None
+        if not self.maps_given:
             try:
-                raw, scored = clock("detector", self.detector.predict_scored, [img for _, img, _ in loaded])
+                images = [img for _, img, _ in loaded]
+                if self.net.cfg.side_dim:  # the crops' residual descriptors come from the same pass
+                    raw, scored, grids = clock("detector", self.detector.predict_described, images)
+                else:
+                    raw, scored = clock("detector", self.detector.predict_scored, images)
             except InputError as e:
                 raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
         else:
@@ -297,12 +303,15 @@ class Predictor:
         if self.net.cfg.side_dim:
             from .residual import pool_regions
 
-            def describe(job):
-                (_, img, _), (res, c) = job
-                return pool_regions(self.detector.residuals(img), res.mask, c.regions) if len(c.regions) else np.zeros((0, self.net.cfg.side_dim), np.float32)
+            if grids is None:  # maps given: the detector's pass for the descriptors alone
+                with single_threaded():
+                    grids = clock("detector", self._map, self.detector.residuals, [img for _, img, _ in loaded])
 
-            with single_threaded():
-                side = np.concatenate(clock("residuals", self._map, describe, list(zip(loaded, results))))
+            def describe(job):
+                grid, (res, c) = job
+                return pool_regions(grid, res.mask, c.regions) if len(c.regions) else np.zeros((0, self.net.cfg.side_dim), np.float32)
+
+            side = np.concatenate(clock("residuals", self._map, describe, list(zip(grids, results))))
         out.kept = [item for item, _, _ in loaded]
         out.image_scores = run.image_score(scored).astype(np.float64)
         out.counts = np.array([len(c) for c in crops], np.int64)

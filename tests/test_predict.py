@@ -196,6 +196,31 @@ def test_predicting_from_given_maps_reproduces_the_runs_predictions(finished_run
 
 
 @pytest.mark.slow
+def test_given_maps_draw_the_regions_though_the_detector_makes_the_crops_descriptors(finished_run, tmp_path):
+    from anomalyncd.model import load_model
+
+    assert load_model(finished_run / paths.MODEL)[0].cfg.side_dim > 0  # the run's classifier reads them
+    from anomalyncd.store import read_maps
+
+    attrs = read_maps(finished_run / "data" / "detect" / "maps.zarr.zip").attrs
+    folder = _defect_folders(finished_run)[0]
+    maps_dir = tmp_path / "maps"
+    (maps_dir / folder.name).mkdir(parents=True)
+    for f in sorted(folder.glob("*.png")):  # one blob in the bottom-right corner of every map
+        m = np.full((64, 64), attrs["norm_min"], np.float32)
+        m[44:60, 44:60] = attrs["norm_max"]
+        np.save(maps_dir / folder.name / f"{f.stem}.npy", m)
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--run", str(finished_run), str(folder), "--maps", str(maps_dir), "--out", str(out), "--no-normal-gate"]
+    _run([sys.executable, "-m", "stages.cli", *args], finished_run)
+    rows = _rows(out)
+    assert rows and all(r["n_crops"] == "1" and r["cluster"] != "" for r in rows)
+    for r in rows:  # the region is the given blob, whatever the detector would have found
+        x0, y0, x1, y1 = map(int, r["boxes"].split())
+        assert 40 <= x0 and 40 <= y0 and x1 <= 64 and y1 <= 64, r["boxes"]
+
+
+@pytest.mark.slow
 def test_predictions_are_reproduced_after_params_yaml_was_edited_following_the_run(finished_run, tmp_path):
     params = finished_run / "params.yaml"
     kept = params.read_text()
