@@ -80,9 +80,9 @@ class PatchCore(BackboneDetector):
             f = self.patch_grid(images[s])
             return list(f.permute(0, 2, 3, 1).reshape(len(f), -1, f.shape[1]))
 
-    def _batch_maps(self, images: Sequence[np.ndarray], s: slice, residuals: bool = False) -> tuple:
+    def _batch_maps(self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False) -> tuple:
         """Region maps and score maps ``(B, map_size, map_size)`` of the batch ``s`` of
-        ``images`` (read here), the same array twice with one scale; with ``residuals`` also
+        ``images`` (read here), the same array twice with one scale; ``with_grids``: also
         the batch's residual grids ``(B, h, w, D)`` (:meth:`residuals`, from the same pass)."""
         size = self.params.map_size
         sigma = self.params.smooth_sigma * size / self.spec.image_size
@@ -91,13 +91,13 @@ class PatchCore(BackboneDetector):
             b, d, h, w = f.shape
             q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
             scored = upsample_maps(nearest_distance(q, self.bank, self.bank_sq, self.index).view(b, h, w), size, sigma).cpu().numpy()
-            if self.region_bank is None and not residuals:
+            if self.region_bank is None and not with_grids:
                 return scored, scored
             bank, bank_sq, index = self.region_bank or (self.bank, self.bank_sq, self.index)
             q = q[:, : bank.shape[1]].contiguous()
             r = q - bank[nearest_index(q, bank, bank_sq, index)]
             maps = scored if self.region_bank is None else upsample_maps(r.square().sum(dim=1).sqrt_().view(b, h, w), size, sigma).cpu().numpy()
-            return (maps, scored, r.view(b, h, w, -1).cpu().numpy()) if residuals else (maps, scored)
+            return (maps, scored, r.view(b, h, w, -1).cpu().numpy()) if with_grids else (maps, scored)
 
     def fit(self, images: Sequence[np.ndarray]) -> None:
         """Build the memory bank ``(bank_size, D)`` from normal RGB uint8 images.
@@ -181,7 +181,7 @@ class PatchCore(BackboneDetector):
         one pass per image."""
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
-        out = list(ordered_map(lambda i: self._batch_maps(images, slice(i, i + 1), residuals=True), range(len(images)), pool_size(self.device)))
+        out = list(ordered_map(lambda i: self._batch_maps(images, slice(i, i + 1), with_grids=True), range(len(images)), pool_size(self.device)))
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), [o[2][0] for o in out]
 
     def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
