@@ -39,7 +39,7 @@ def descriptors(run: Path, detector: Path) -> np.ndarray:
     det = load_detector(detector, "cpu")
     if not hasattr(det, "residuals"):
         raise SystemExit(f"{detector}: a {det.method} detector has no memory bank; give a patchcore detector with --detector")
-    out = np.zeros((len(cs.crops), det.bank.shape[1] // len(det.params.scales)), np.float32)
+    out = np.zeros((len(cs.crops), det.residual_dim), np.float32)
     with single_threaded():
         for i, iid in enumerate(tqdm(cs.ids, desc="residuals", unit="img")):
             rows = np.flatnonzero(cs.image_index == i)

@@ -195,7 +195,7 @@ def residual_describer(p: MebinParams):
             return np.zeros((0, dim), np.float32)
         return pool_regions(det.residuals(read_image(record.image)), mask, regions)
 
-    dim = det.bank.shape[1] // len(det.params.scales)
+    dim = det.residual_dim
     return describe, dim
 
 

@@ -60,6 +60,9 @@ def test_patchcore_residuals_are_each_patch_minus_its_nearest_bank_entry_on_the_
     f = det.patch_grid([img])
     d1 = f.shape[1] // 2
     assert r.shape == (*f.shape[-2:], d1)
+    # the pass that maps the image gives the same grid, bit for bit
+    np.testing.assert_array_equal(det.predict_described([img])[2][0], r)
+    np.testing.assert_array_equal(det.predict_described([img])[0], det.predict([img]))
     # the residual's length is the region map's grid distance
     q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[:, :d1]
     np.testing.assert_allclose(np.linalg.norm(r.reshape(-1, d1), axis=1), nearest_distance(q, det.bank[:, :d1]).numpy(), rtol=1e-4, atol=1e-4)

@@ -63,13 +63,13 @@ class PatchCore(BackboneDetector):
         (images of different shapes give feature grids of different shapes)."""
         return list(batches(n, 1 if self.params.keep_aspect else self.params.batch_size))
 
-    def patch_grid(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def patch_grid(self, images: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> torch.Tensor:
         """Patch features ``(B, D, h, w)`` of a batch of RGB uint8 images: the backbone's
-        features of the images resized to ``image_size`` times each of ``detect.scales``, those
-        of every scale on the grid of the first (layer ``grid_layer`` at the first scale),
-        concatenated."""
+        features of the images resized to ``image_size`` times each of ``scales`` (default:
+        ``detect.scales``), those of every scale on the grid of the first (layer ``grid_layer``
+        at the first scale), concatenated."""
         out: list[torch.Tensor] = []
-        for scale in self.params.scales:
+        for scale in self.params.scales if scales is None else scales:
             x = to_batch(images, scaled_size(self.spec.image_size, scale), self.device, self.params.keep_aspect)
             out.append(patch_features(self.backbone(x), self.stride, self.grid_layer, out[0].shape[-2:] if out else None))
         return torch.cat(out, dim=1)
@@ -80,22 +80,32 @@ class PatchCore(BackboneDetector):
             f = self.patch_grid(images[s])
             return list(f.permute(0, 2, 3, 1).reshape(len(f), -1, f.shape[1]))
 
+    def _queries(self, images: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The standardised patch features ``(B * h * w, D)`` of ``images`` (:meth:`patch_grid`
+        at ``scales``) and their grid ``(B, h, w)``."""
+        f = self.patch_grid(images, scales)
+        b, d, h, w = f.shape
+        return (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean[:d]) / self.std[:d], (b, h, w)
+
+    def _residuals(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries ``(P, D)`` -> their first scale's features minus those of the nearest entry of
+        the region map's bank ``(P, D1)``: the residuals, whose lengths are the region map's grid."""
+        bank, bank_sq, index = self.region_bank or (self.bank, self.bank_sq, self.index)
+        q = q[:, : bank.shape[1]].contiguous()
+        return q - bank[nearest_index(q, bank, bank_sq, index)]
+
     def _batch_maps(self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False) -> tuple:
         """Region maps and score maps ``(B, map_size, map_size)`` of the batch ``s`` of
         ``images`` (read here), the same array twice with one scale; ``with_grids``: also
-        the batch's residual grids ``(B, h, w, D)`` (:meth:`residuals`, from the same pass)."""
+        the batch's residual grids ``(B, h, w, D1)`` (:meth:`residuals`, from the same pass)."""
         size = self.params.map_size
         sigma = self.params.smooth_sigma * size / self.spec.image_size
         with torch.inference_mode():
-            f = self.patch_grid(images[s])
-            b, d, h, w = f.shape
-            q = (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std
+            q, (b, h, w) = self._queries(images[s])
             scored = upsample_maps(nearest_distance(q, self.bank, self.bank_sq, self.index).view(b, h, w), size, sigma).cpu().numpy()
             if self.region_bank is None and not with_grids:
                 return scored, scored
-            bank, bank_sq, index = self.region_bank or (self.bank, self.bank_sq, self.index)
-            q = q[:, : bank.shape[1]].contiguous()
-            r = q - bank[nearest_index(q, bank, bank_sq, index)]
+            r = self._residuals(q)
             maps = scored if self.region_bank is None else upsample_maps(r.square().sum(dim=1).sqrt_().view(b, h, w), size, sigma).cpu().numpy()
             return (maps, scored, r.view(b, h, w, -1).cpu().numpy()) if with_grids else (maps, scored)
 
@@ -143,20 +153,29 @@ class PatchCore(BackboneDetector):
         n_keep = min(bank_size, len(patches)) if bank_size else len(patches)
         # the coreset covers the first scale's features, which draw the regions: the bank (and
         # so the region maps) of one scale, each entry keeping its features at the other scales
-        first = patches[:, : patches.shape[1] // len(self.params.scales)].contiguous()
+        first = patches[:, : self._first_dims(patches)].contiguous()
         idx = greedy_coreset(first, n_keep, seed=self.params.seed, workers=workers)
         self._set_bank(patches[idx].contiguous())
         log.info("patchcore: memory bank %d of %d candidate patches, %d dims", len(self.bank), len(patches), patches.shape[1])
 
+    def _first_dims(self, features: torch.Tensor) -> int:
+        """How many of the columns of ``features`` (N, D) are the first scale's: every scale's
+        features have the same ``D / len(scales)`` dims, the first scale's first."""
+        return features.shape[1] // len(self.params.scales)
+
+    @property
+    def residual_dim(self) -> int:
+        """Dims of a :meth:`residuals` grid's cells: the first scale's features."""
+        return self._first_dims(self.bank)
+
     def _set_bank(self, bank: torch.Tensor) -> None:
-        """The bank ``(M, D)`` with its squared norms and search indexes (each scale's features
-        have the same ``D / len(scales)`` dims; the first scale's are the first)."""
+        """The bank ``(M, D)`` with its squared norms and search indexes."""
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)
         self.index = bank_index(bank)
         self.region_bank = None
         if len(self.params.scales) > 1:
-            first = bank[:, : bank.shape[1] // len(self.params.scales)].contiguous()
+            first = bank[:, : self._first_dims(bank)].contiguous()
             self.region_bank = (first, (first * first).sum(dim=1), bank_index(first))
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -168,13 +187,10 @@ class PatchCore(BackboneDetector):
         patch grid (:mod:`anomalyncd.residual`)."""
         if self.bank is None:
             raise RuntimeError("PatchCore.residuals before fit")
-        bank, bank_sq, index = self.region_bank or (self.bank, self.bank_sq, self.index)
         with torch.inference_mode():
-            f = self.patch_grid([image])
-            _, d, h, w = f.shape
-            q = ((f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean) / self.std)[:, : bank.shape[1]].contiguous()
-            r = q - bank[nearest_index(q, bank, bank_sq, index)]
-            return r.view(h, w, -1).cpu().numpy()
+            # the first scale's features alone: the same values as in the pass over every scale
+            q, (_, h, w) = self._queries([image], self.params.scales[:1])
+            return self._residuals(q).view(h, w, -1).cpu().numpy()
 
     def predict_described(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """:meth:`predict_scored` and each image's :meth:`residuals` grid (the same values), from
