@@ -172,7 +172,7 @@ class Calibration:
 def no_normal_calibration(method: str, holdout: float) -> str:
     """Why a run has no normal/defect threshold, in a line predict prints."""
     if method in ("musc", "external", "ground_truth"):
-        return (f"detect.method {method} fits on no normal images, so none were held back to calibrate on; "
+        return (f"detect.method {method} scores images without a model of normal ones, so none were held back to calibrate on; "
                 "every image goes on to the defect classifier")
     return f"detect.holdout is {holdout:g}: no normal images were held back; every image goes on to the defect classifier"
 

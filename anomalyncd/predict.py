@@ -236,7 +236,7 @@ class Predictor:
         if self.net.cfg.side_dim and self.detector is None:
             # the classifier reads each crop's residual descriptor, which only the run's detector gives
             self.detector = load_detector(run.detector, device=None if device == "auto" else device) if run.detector.exists() else None
-        if self.net.cfg.side_dim and not hasattr(self.detector, "residuals"):
+        if self.net.cfg.side_dim and (self.detector is None or self.detector.residual_dim != self.net.cfg.side_dim):
             raise InputError(f"{run.model}: the classifier reads the crops' residual descriptors, and {run.detector} cannot make them; rerun the run's detect stage")
         self.head = int(info["head"])
         self.batch_size = batch_size or InferParams().batch_size

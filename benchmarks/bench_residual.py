@@ -37,7 +37,7 @@ def descriptors(run: Path, detector: Path) -> np.ndarray:
     cs = read_crops(run / paths.CROPS)
     records = Manifest.read(run / paths.MANIFEST).by_id()
     det = load_detector(detector, "cpu")
-    if not hasattr(det, "residuals"):
+    if not det.residual_dim:
         raise SystemExit(f"{detector}: a {det.method} detector has no memory bank; give a patchcore detector with --detector")
     out = np.zeros((len(cs.crops), det.residual_dim), np.float32)
     with single_threaded():

@@ -109,14 +109,16 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 
     shard.clear_parts(paths.MAPS, rank)
     start = time.perf_counter()
-    if det.needs_training_images and not manifest.train_normal():
+    train = manifest.train_normal()
+    if det.needs_training_images and not train:
         raise InputError(no_normal_images(p.method, ds.layout))
     held: list[Record] = []
+    fit_idx = np.arange(len(train))  # maps made elsewhere: a memory bank of all of them, for descriptors alone
     if det.needs_training_images:
         # normal images held back from the fit: predict's normal/defect threshold is taken on them
-        train = manifest.train_normal()
         fit_idx, held_idx = split_holdout(len(train), p.holdout, p.seed)
         held = [train[i] for i in held_idx]
+    if len(fit_idx):
         if rank == 0:  # fitted once, so that every rank maps with the same state
             det.fit(LazyImages([train[i].image for i in fit_idx]))
         if world > 1:

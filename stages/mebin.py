@@ -186,8 +186,8 @@ def residual_describer(p: MebinParams):
     from anomalyncd.residual import pool_regions
 
     det = load_detector(paths.DETECTOR, "cpu")
-    if not hasattr(det, "residuals"):
-        typer.echo(f"mebin: no residual descriptors (detect.method {det.method} has no memory bank)", err=True)
+    if not det.residual_dim:
+        typer.echo(f"mebin: no residual descriptors (the {det.method} detector has no memory bank of normal patches)", err=True)
         return None, 0
 
     def describe(record: Record, mask: np.ndarray, regions: np.ndarray) -> np.ndarray:

@@ -157,7 +157,7 @@ def test_the_calibrate_stage_stores_both_thresholds_and_what_they_are_quantiles_
 
 def test_without_held_back_normal_images_the_normal_decision_is_off_and_says_why(tmp_path, monkeypatch):
     saved = _calibrated_run(tmp_path, monkeypatch, "ground_truth", [])
-    assert saved["normal"]["threshold"] is None and "ground_truth fits on no normal images" in saved["normal"]["note"]
+    assert saved["normal"]["threshold"] is None and "ground_truth scores images without a model of normal ones" in saved["normal"]["note"]
     assert saved["unknown"]["threshold"] is not None
 
 

@@ -64,8 +64,10 @@ def test_each_builtin_method_writes_maps_metrics_and_grid(project, method):
     assert cv2.imread(str(paths.PLOTS / "detect_grid.png")) is not None
     assert (project / paths.DETECTOR).is_file()
     # patchcore and padim hold back 1 of the 6 normal training images (detect.holdout 0.2) and
-    # score it; musc and ground_truth fit on none, so there is nothing to hold back
+    # score it; musc and ground_truth score images without them, so there is nothing to hold back
     assert len(ms.attrs["holdout_scores"]) == metrics["holdout_images"] == (1 if method in ("patchcore", "padim") else 0)
+    # maps made elsewhere keep a memory bank of all 6 normal training images for the regions' descriptors
+    assert (load_detector(paths.DETECTOR).residual_dim > 0) == (method in ("patchcore", "ground_truth"))
 
 
 def test_ground_truth_maps_score_perfectly(project):

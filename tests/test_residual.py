@@ -7,6 +7,7 @@ import torch
 
 from anomalyncd.config import DetectParams
 from anomalyncd.detect import create_detector
+from anomalyncd.detect.patchcore import PatchCore
 from anomalyncd.detect.ops import bank_index, nearest_distance, nearest_index
 from anomalyncd.residual import pool_regions
 
@@ -68,7 +69,7 @@ def test_patchcore_residuals_are_each_patch_minus_its_nearest_bank_entry_on_the_
     np.testing.assert_allclose(np.linalg.norm(r.reshape(-1, d1), axis=1), nearest_distance(q, det.bank[:, :d1]).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_a_patchcore_run(tmp_path, tiny_demo, monkeypatch):
+def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_the_runs_memory_bank(tmp_path, tiny_demo, monkeypatch):
     import yaml
 
     from anomalyncd import paths
@@ -84,7 +85,8 @@ def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_a_patchcore_
     build_manifest(read_dataset(DatasetParams(layout="mvtec", root=str(tiny_demo))), progress=False).write(paths.MANIFEST)
     tiny = {"map_size": 32, "image_size": 32, "device": "cpu", "backbone": "filterbank", "layers": [1, 2, 4],
             "pretrained": False, "bank_size": 200}
-    for method, residuals, dim in (("patchcore", True, None), ("patchcore", False, 0), ("ground_truth", True, 0)):
+    for method, residuals, dim in (("patchcore", True, None), ("patchcore", False, 0), ("ground_truth", True, None),
+                                   ("musc", True, 0)):
         params = {"dataset": {"layout": "mvtec", "root": str(tiny_demo)}, "detect": {**tiny, "method": method},
                   "mebin": {"residuals": residuals, "workers": 1}}
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -95,7 +97,11 @@ def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_a_patchcore_
             assert cs.residuals.shape == (len(cs.crops), 0)
             continue
         det = load_detector(paths.DETECTOR)
-        assert cs.residuals.shape == (len(cs.crops), det.bank.shape[1] // 2)
+        if method == "ground_truth":  # the masks draw the regions; a bank of every normal training image describes them
+            bank = PatchCore(det.params)
+            bank.fit([read_image(r.image) for r in Manifest.read(paths.MANIFEST).train_normal()])
+            np.testing.assert_array_equal(det.describer.bank.numpy(), bank.bank.numpy())
+        assert cs.residuals.shape == (len(cs.crops), det.residual_dim) and det.residual_dim > 0
         np.testing.assert_allclose(np.linalg.norm(cs.residuals, axis=1), 1.0, rtol=1e-5)
         records = Manifest.read(paths.MANIFEST).by_id()
         i = int(cs.image_index[0])

@@ -90,6 +90,18 @@ class Detector(ABC):
         maps = self.predict(images)
         return maps, maps
 
+    @property
+    def residual_dim(self) -> int:
+        """Dims of a :meth:`residuals` grid's cells; 0: this detector gives none (no memory bank
+        of normal patches)."""
+        return 0
+
+    def residuals(self, image: np.ndarray) -> np.ndarray:
+        """float32 ``(h, w, residual_dim)`` for one RGB uint8 image: each patch's features minus
+        those of its nearest normal patch (:mod:`anomalyncd.residual`); only detectors with a
+        memory bank give them."""
+        raise InputError(f"detect.method {self.method}: no memory bank of normal patches, so no residual descriptors")
+
     def check_records(self, records: Sequence[Record]) -> None:
         """Raise ``InputError`` if this detector cannot map the set ``records`` (checked on the
         whole set, before it is mapped a chunk at a time). Default: any images will do."""

@@ -29,7 +29,8 @@ import numpy as np
 
 from ..datasets import Record
 from ..io import InputError, InputWarning, decode_image
-from .base import Detector, register
+from .base import register
+from .described import DescribedMaps
 
 MAP_EXTENSIONS = (".png", ".tif", ".tiff", ".npy")
 SHOW_MISSING = 5
@@ -135,7 +136,7 @@ def check_one_image_per_map(records: Sequence[Record], files: Sequence[Path]) ->
 
 
 @register("external")
-class External(Detector):
+class External(DescribedMaps):
     """Reads maps from ``detect.external_dir``; it cannot map new images."""
 
     weights = "external maps"

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..datasets import Record
 from ..io import InputError, read_mask
-from .base import Detector, register
+from .base import register
+from .described import DescribedMaps
 
 BLUR_FRACTION = 0.01
 
@@ -28,7 +29,7 @@ def mask_map(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 @register("ground_truth")
-class GroundTruth(Detector):
+class GroundTruth(DescribedMaps):
     weights = "ground-truth masks"
 
     def check_records(self, records: Sequence[Record]) -> None:
