@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=5)
     ap.add_argument("--memo-dir", type=Path, default=None, help="keep the trunk outputs in files here (reused by later runs on the same crops)")
     ap.add_argument("--residuals", type=Path, default=None,
-                    help="an .npz of the crops' residual descriptors (benchmarks/bench_residual.py --cache): the heads read them beside the encoder's feature")
+                    help="an .npz of the crops' residual descriptors (benchmarks/bench_residual.py --cache) instead of those in the crops store: the heads read them beside the encoder's feature")
     ap.add_argument("variants", nargs="*", default=["base"])
     a = ap.parse_args()
 
@@ -89,7 +89,7 @@ def main() -> None:
     cs = read_crops(a.project / "data/mebin/crops.zarr.zip")
     records = Manifest.read(a.project / "data/prepared/manifest.csv").by_id()
     truth = [records[i].defect_type for i in cs.ids]
-    side = np.load(a.residuals)["residual"].astype(np.float32) if a.residuals else np.zeros((len(cs.crops), 0), np.float32)
+    side = np.load(a.residuals)["residual"].astype(np.float32) if a.residuals else cs.residuals  # the run's own, if mebin stored any
     data = TrainData(cs.crops, cs.crop_masks, cs.scores, -np.ones(len(cs.crops), np.int64), side)
     k = a.num_classes
 

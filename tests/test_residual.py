@@ -108,3 +108,31 @@ def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_the_runs_mem
         rows = np.flatnonzero(cs.image_index == i)
         want = pool_regions(det.residuals(read_image(records[cs.ids[i]].image)), cs.masks[i], cs.regions[rows])
         np.testing.assert_allclose(cs.residuals[rows], want, rtol=1e-5, atol=1e-6)
+
+
+def test_maps_made_elsewhere_are_described_by_a_bank_fitted_beside_them_and_saved_with_them(tmp_path):
+    import pytest
+
+    from anomalyncd.detect import load_detector, save_detector
+    from anomalyncd.io import InputError
+
+    p = DetectParams(method="external", image_size=32, device="cpu", backbone="filterbank", layers=[1, 2, 4], pretrained=False,
+                     bank_size=50, scales=[1.0])
+    rng = np.random.default_rng(0)
+    normal = [rng.integers(100, 140, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    image = normal[0].copy()
+    image[8:16, 8:16] = 255
+    bare = create_detector(p)
+    assert bare.residual_dim == 0  # no normal images: no descriptors, and asking for them says why
+    with pytest.raises(InputError, match="no memory bank"):
+        bare.residuals(image)
+    det = create_detector(p)
+    det.fit(normal)
+    alone = PatchCore(p)
+    alone.fit(normal)
+    assert det.residual_dim == alone.residual_dim > 0
+    np.testing.assert_array_equal(det.residuals(image), alone.residuals(image))
+    save_detector(det, tmp_path / "detector.pt")
+    np.testing.assert_array_equal(load_detector(tmp_path / "detector.pt").residuals(image), alone.residuals(image))
+    save_detector(bare, tmp_path / "bare.pt")
+    assert load_detector(tmp_path / "bare.pt").residual_dim == 0
