@@ -517,7 +517,7 @@ def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng, mon
     from anomalyncd.detect import ops, patchcore
 
     if pruned:  # the search pruned by lower bounds (ops.bank_index), here on 16 of the 192 dims
-        monkeypatch.setattr(patchcore, "bank_index", lambda bank: ops.bank_index(bank, 16))
+        monkeypatch.setattr(patchcore, "bank_index", lambda bank, basis=None: ops.bank_index(bank, 16, basis))
     normal = [surface(rng) for _ in range(5)]
     test = [with_spot(surface(rng)) for _ in range(3)]
     before = torch.get_num_threads()
@@ -531,3 +531,23 @@ def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng, mon
     finally:
         torch.set_num_threads(before)
     assert out[0] == out[1] == out[2]
+
+
+def test_a_saved_patchcore_loads_its_search_indexes_without_finding_their_axes_again(rng, monkeypatch, tmp_path):
+    from anomalyncd.detect import ops, patchcore
+
+    monkeypatch.setattr(patchcore, "bank_index", lambda bank, basis=None: ops.bank_index(bank, 4, basis))
+    det = create_detector(params(method="patchcore", backbone="filterbank", layers=[1, 2, 4], pretrained=False, bank_size=100,
+                                 scales=[1.0, 0.5]))
+    det.fit([surface(rng) for _ in range(4)])
+    test = [with_spot(surface(rng)) for _ in range(2)]
+    save_detector(det, tmp_path / "detector.pt")
+
+    def no_eigh(*_):
+        raise AssertionError("the axes were found again")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    loaded = load_detector(tmp_path / "detector.pt")
+    assert torch.equal(loaded.index.basis, det.index.basis) and torch.equal(loaded.region_bank[2].basis, det.region_bank[2].basis)
+    for a, b in zip(loaded.predict_scored(test), det.predict_scored(test)):
+        np.testing.assert_array_equal(a, b)

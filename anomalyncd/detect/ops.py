@@ -85,14 +85,20 @@ class BankIndex(NamedTuple):
     max_norm: float  # the largest |b|
 
 
-def bank_index(bank: torch.Tensor, dims: int = PRUNE_DIMS) -> BankIndex | None:
+def bank_index(bank: torch.Tensor, dims: int = PRUNE_DIMS, basis: torch.Tensor | None = None) -> BankIndex | None:
     """The :class:`BankIndex` of ``bank`` (M, D) on its ``dims`` first principal axes; None
-    when D < 2 * dims (the bounds would cost about as much as the search they prune)."""
+    when D < 2 * dims (the bounds would cost about as much as the search they prune).
+    ``basis`` (D, dims): those axes, as an earlier index of the same bank found them (saved
+    with a detector: the eigendecomposition is most of the index's cost, a second of start-up)."""
     if bank.shape[1] < 2 * dims:
         return None
     mean = bank.double().mean(dim=0)
-    x = bank.double() - mean
-    basis = torch.linalg.eigh(x.T @ x).eigenvectors[:, -dims:].to(bank.dtype)  # eigenvalues ascending
+    if basis is None:
+        x = bank.double() - mean
+        basis = torch.linalg.eigh(x.T @ x).eigenvectors[:, -dims:]  # eigenvalues ascending
+    elif tuple(basis.shape) != (bank.shape[1], dims):
+        raise ValueError(f"bank_index: a basis of shape {tuple(basis.shape)} for a bank of {bank.shape[1]} dims and {dims} axes")
+    basis = basis.to(bank)
     index = BankIndex(mean.to(bank.dtype), basis, bank.new_zeros(0, 0), bank.new_zeros(0), float(bank.norm(dim=1).max()))
     coords = bound_coords(bank, index)
     return index._replace(coords=coords, coords_sq=(coords * coords).sum(dim=1))

@@ -168,15 +168,23 @@ class PatchCore(BackboneDetector):
         """Dims of a :meth:`residuals` grid's cells: the first scale's features."""
         return self._first_dims(self.bank)
 
-    def _set_bank(self, bank: torch.Tensor) -> None:
-        """The bank ``(M, D)`` with its squared norms and search indexes."""
+    def _set_bank(self, bank: torch.Tensor, bases: dict[str, torch.Tensor] | None = None) -> None:
+        """The bank ``(M, D)`` with its squared norms and search indexes (``bases``: their
+        principal axes as :meth:`_index_bases` saved them, else found anew)."""
+        bases = bases or {}
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)
-        self.index = bank_index(bank)
+        self.index = bank_index(bank, basis=bases.get("bank"))
         self.region_bank = None
         if len(self.params.scales) > 1:
             first = bank[:, : self._first_dims(bank)].contiguous()
-            self.region_bank = (first, (first * first).sum(dim=1), bank_index(first))
+            self.region_bank = (first, (first * first).sum(dim=1), bank_index(first, basis=bases.get("region")))
+
+    def _index_bases(self) -> dict[str, torch.Tensor]:
+        """The principal axes of the search indexes, saved so that loading skips their
+        eigendecomposition."""
+        indexes = {"bank": self.index, "region": None if self.region_bank is None else self.region_bank[2]}
+        return {k: v.basis.cpu() for k, v in indexes.items() if v is not None}
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict_scored(images)[0]
@@ -212,13 +220,14 @@ class PatchCore(BackboneDetector):
         return out[0], out[-1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bank": self.bank.cpu(), "mean": self.mean.cpu(), "std": self.std.cpu()}
+        return {"bank": self.bank.cpu(), "mean": self.mean.cpu(), "std": self.std.cpu(), "index_bases": self._index_bases()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean = state["mean"].to(self.device)
         self.std = state["std"].to(self.device)
         with single_threaded():
-            self._set_bank(state["bank"].to(self.device))
+            # files from before index_bases: the axes found anew (the same search either way)
+            self._set_bank(state["bank"].to(self.device), state.get("index_bases"))
 
 
 def _progress(batches_done: Iterator[list[torch.Tensor]], n: int, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
