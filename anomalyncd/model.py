@@ -526,19 +526,35 @@ class ClusterHead(nn.Module):
         return self.projector(features), self.logits(features)
 
 
-def fuse(features: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+EQUAL_WEIGHT = math.pi / 4  # the fusion angle at which the two halves weigh alike (where training starts)
+
+
+def fuse(features: torch.Tensor, side: torch.Tensor | None, angle: torch.Tensor | None = None) -> torch.Tensor:
     """The encoder's features (B, D) with per-crop descriptors ``side`` (B, S) beside them:
-    ``[features / |features|, side]`` (the descriptors are unit length, so both halves weigh
-    alike); the features as they are without descriptors (S = 0 or None)."""
+    ``[w_f * features / |features|, w_s * side]`` (the descriptors are unit length), the weights
+    ``cos(angle) / cos(pi/4)`` and ``sin(angle) / sin(pi/4)``: both exactly 1 at ``angle`` pi/4
+    or None, where the halves weigh alike; a smaller angle leans on the appearance, a larger one
+    on the descriptors. The features as they are without descriptors (S = 0 or None)."""
     if side is None or side.shape[1] == 0:
         return features
-    return torch.cat([F.normalize(features, dim=-1), side.to(features)], dim=1)
+    f, s = F.normalize(features, dim=-1), side.to(features)
+    if angle is None:
+        return torch.cat([f, s], dim=1)
+    a0 = torch.tensor(EQUAL_WEIGHT, dtype=angle.dtype, device=angle.device)
+    return torch.cat([f * (torch.cos(angle) / torch.cos(a0)), s * (torch.sin(angle) / torch.sin(a0))], dim=1)
+
+
+def appearance_weight(angle: torch.Tensor | None) -> float | None:
+    """The appearance half's share of a fused feature's squared length, ``cos^2(angle)`` (0.5 at
+    the start); None without descriptors."""
+    return None if angle is None else float(torch.cos(angle.detach()) ** 2)
 
 
 class MGViTClassifier(nn.Module):
     """Mask-guided encoder (:class:`MGViT` or :class:`MaskGuidedCNN`) + ClusterHead, built
     from a :class:`ModelConfig`; with ``cfg.side_dim`` the heads read the encoder's feature
-    fused with a per-crop descriptor (:func:`fuse`).
+    fused with a per-crop descriptor (:func:`fuse`), at a weight that training learns
+    (``fuse_angle``, a scalar parameter that starts where both weigh alike).
 
     forward(images, masks, side=None) -> (features (B, D + side_dim), projections (B, proj_dim),
     logits (n_head, B, K)).
@@ -550,6 +566,10 @@ class MGViTClassifier(nn.Module):
         backbone = backbone if backbone is not None else create_backbone(cfg.model, cfg.image_size, layers=cfg.layers)
         self.encoder = create_encoder(cfg, backbone)
         self.head = ClusterHead(self.encoder.embed_dim + cfg.side_dim, cfg.num_outputs, cfg.n_head, cfg.proj_hidden, cfg.proj_dim)
+        if cfg.side_dim:
+            self.fuse_angle = nn.Parameter(torch.tensor(EQUAL_WEIGHT))
+        else:
+            self.register_parameter("fuse_angle", None)
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor, cached: bool = False, side: torch.Tensor | None = None):
         """``cached=False``: x images (B, 3, S, S) in [0, 1], masks (B, S, S). ``cached=True``:
@@ -559,7 +579,7 @@ class MGViTClassifier(nn.Module):
             got = None if side is None else tuple(side.shape)
             raise ValueError(f"the model fuses {self.cfg.side_dim}-dim crop descriptors; got {got} for {len(x)} crops")
         feats = self.encoder.head_blocks(x, masks) if cached else self.encoder(x, masks)
-        feats = fuse(feats, side if self.cfg.side_dim else None)
+        feats = fuse(feats, side if self.cfg.side_dim else None, self.fuse_angle)
         proj, logits = self.head(feats)
         return feats, proj, logits
 
@@ -590,7 +610,10 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
     try:
         cfg = ModelConfig(**payload["config"])
         net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, layers=cfg.layers))
-        net.load_state_dict(payload.pop("state_dict"))
+        state = payload.pop("state_dict")
+        if cfg.side_dim and "fuse_angle" not in state:  # written before the weight was learned: equal weights
+            state["fuse_angle"] = torch.tensor(EQUAL_WEIGHT)
+        net.load_state_dict(state)
         int(payload["head"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise InputError(f"{path}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); {fix}") from e

@@ -288,7 +288,7 @@ def prepare_model(
         return None
     unl = torch.from_numpy(data.labels < 0)
     side = torch.from_numpy(data.side[unl.numpy()]).to(device) if net.cfg.side_dim else None
-    raw = fuse(net.encoder.head_blocks(tokens[unl], pmask[unl]), side).cpu().numpy().astype(np.float64)
+    raw = fuse(net.encoder.head_blocks(tokens[unl], pmask[unl]), side, net.fuse_angle).cpu().numpy().astype(np.float64)
     feats = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
     cfg = net.cfg
     k = cfg.num_unlabeled

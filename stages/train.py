@@ -29,7 +29,7 @@ from anomalyncd import auto_k, paths
 from anomalyncd.config import TrainParams, load_params
 from anomalyncd.datasets import IMAGE_EXTENSIONS
 from anomalyncd.io import InputError, read_image, read_mask, write_json
-from anomalyncd.model import MGViTClassifier, ModelConfig, create_backbone, save_model
+from anomalyncd.model import MGViTClassifier, ModelConfig, appearance_weight, create_backbone, save_model
 from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, read_crops
 from anomalyncd.training import TrainData, dist_env, init_distributed, train
@@ -180,6 +180,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
                 "pretrained": bool(p.pretrained or p.checkpoint),
                 "weights": backbone.weights,
                 "processes": world,
+                "appearance_weight": appearance_weight(net.fuse_angle),
             },
         )
         # timings vary from run to run: a log, not a DVC-tracked metric

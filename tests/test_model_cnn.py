@@ -6,10 +6,13 @@ import torch
 
 from anomalyncd.config import TrainParams
 from anomalyncd.model import (
+    EQUAL_WEIGHT,
     MaskGuidedCNN,
     MGViTClassifier,
     ModelConfig,
+    appearance_weight,
     create_backbone,
+    fuse,
     load_model,
     masked_attention_pool,
     save_model,
@@ -255,3 +258,59 @@ def test_the_trunk_folds_the_batch_norms_of_the_weights_loaded_last():
     assert not torch.allclose(before, expected)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
     assert a.state_dict().keys() == b.state_dict().keys()  # the copy is not part of the saved model
+
+
+def side_data(m: int = 12, s: int = 5) -> TrainData:
+    """tiny_data with a unit descriptor per crop beside it."""
+    d = tiny_data(m)
+    side = np.random.default_rng(1).normal(size=(m, s)).astype(np.float32)
+    return TrainData(d.crops, d.masks, d.scores, d.labels, side / np.linalg.norm(side, axis=1, keepdims=True))
+
+
+def test_the_fusion_starts_with_both_halves_weighing_alike_exactly():
+    f, s = torch.randn(4, 6), torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    alike = torch.cat([torch.nn.functional.normalize(f, dim=-1), s], dim=1)
+    assert torch.equal(fuse(f, s, torch.tensor(EQUAL_WEIGHT)), alike)
+    assert torch.equal(fuse(f, s), alike)
+    assert fuse(f, None, torch.tensor(0.3)) is f and fuse(f, s[:, :0], torch.tensor(0.3)) is f
+    leaning = fuse(f, s, torch.tensor(0.3))  # below pi/4: the appearance half weighs more
+    assert (leaning[:, :6].norm(dim=1) > leaning[:, 6:].norm(dim=1)).all()
+    assert appearance_weight(torch.tensor(EQUAL_WEIGHT)) == pytest.approx(0.5) and appearance_weight(None) is None
+
+
+def test_training_learns_the_weight_of_the_descriptors_and_the_model_file_keeps_it(tmp_path):
+    net = tiny_cnn(side_dim=5)
+    assert tiny_cnn().fuse_angle is None  # no descriptors: nothing to weigh
+    train(net, side_data(), TrainParams(**FAST))
+    assert net.fuse_angle.item() != pytest.approx(EQUAL_WEIGHT, abs=1e-6)
+    save_model(tmp_path / "m.pt", net.eval(), head=0)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.fuse_angle.item() == net.fuse_angle.item()
+
+
+def test_a_model_file_from_before_the_learned_weight_loads_with_equal_weights(tmp_path):
+    net = tiny_cnn(side_dim=5).eval()
+    save_model(tmp_path / "m.pt", net, head=0)
+    from anomalyncd.io import load_torch, save_torch
+
+    payload = load_torch(tmp_path / "m.pt", "")
+    del payload["state_dict"]["fuse_angle"]
+    save_torch(payload, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert old.fuse_angle.item() == pytest.approx(EQUAL_WEIGHT)
+    x, m, s = torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64), torch.eye(5)[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(old(x, m, side=s)[2], net(x, m, side=s)[2])
+
+
+def test_a_resumed_run_with_descriptors_reaches_the_same_weights_and_fusion_angle(tmp_path):
+    cfg = TrainParams(**FAST)
+    full = tiny_cnn(side_dim=5)
+    train(full, side_data(), cfg, checkpoint=tmp_path / "a.pt", fingerprint="x")
+    part = tiny_cnn(side_dim=5)
+    train(part, side_data(), cfg, checkpoint=tmp_path / "b.pt", fingerprint="x", stop_after=1)
+    resumed = tiny_cnn(side_dim=5)
+    assert train(resumed, side_data(), cfg, checkpoint=tmp_path / "b.pt", resume=True, fingerprint="x").resumed_from == 1
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(v, resumed.state_dict()[k], rtol=0, atol=0, msg=k)
+    assert resumed.fuse_angle.item() == full.fuse_angle.item() != EQUAL_WEIGHT
