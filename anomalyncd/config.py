@@ -190,10 +190,10 @@ class TrainParams:
     layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # CNN: feature maps pooled (timm out_indices)
     image_size: int = 224
     crop_pct: float | Literal["auto"] = "auto"  # share of the resized crop the centre crop keeps; auto: train.model's timm config
-    num_classes: int | Literal["auto"] = 4  # defect classes to discover (+1 normal slot with dataset.include_normal)
+    num_classes: int | Literal["auto"] = "auto"  # defect classes to discover (+1 normal slot with dataset.include_normal)
     auto_max: int = 10  # num_classes auto: the largest number of classes considered
-    auto_method: Literal["bic", "silhouette", "eigengap", "stability", "null_stability"] = "stability"  # anomalyncd.num_classes
-    auto_features: Literal["filterbank", "mgvit"] = "mgvit"  # what the estimate clusters (anomalyncd.auto_k)
+    auto_method: Literal["bic", "silhouette", "eigengap", "stability", "null_stability", "consensus"] = "consensus"  # anomalyncd.num_classes
+    auto_features: Literal["fused", "filterbank", "mgvit"] = "fused"  # what the estimate clusters (anomalyncd.auto_k)
     head_init: Literal["kmeans", "random"] = "kmeans"  # novel outputs start at k-means centroids of the untrained features
     mask_layers: int = 0  # ViT: mask guidance in the last N blocks; CNN: adapter blocks before the masked pooling
     grad_from_block: int = 11  # ViT: blocks before this one are frozen

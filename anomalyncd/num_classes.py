@@ -18,7 +18,7 @@ Estimators (``method``):
   answer.
 - ``silhouette``: mean cosine silhouette of k-means with K clusters. Undefined for K = 1; a
   best silhouette below ``min_silhouette`` means "no cluster structure" and answers 1.
-- ``stability`` (the pipeline's default): agreement (ARI) of k-means fitted on two random halves of the data, over
+- ``stability``: agreement (ARI) of k-means fitted on two random halves of the data, over
   resamplings (Ben-Hur et al., 2002; Lange et al., 2004). Undefined for K = 1 (a single
   cluster is trivially stable), answered like ``silhouette``.
 - ``null_stability``: the same agreement minus the agreement on structureless data of the same
@@ -27,6 +27,14 @@ Estimators (``method``):
   Plain stability favours K = 2 on any elongated cloud, since two halves cut it the same way;
   the reference removes that. K = 1 scores 0 (no excess over no structure) and wins unless
   some K's excess is significant against the references' spread (5 % over all K tested).
+- ``consensus``: each of the two above does the part it is good at. ``null_stability`` decides
+  *whether* there is cluster structure (its reference is made for the question "one cluster or
+  more", as the gap statistic's is); if there is, ``eigengap`` decides *how many*, over K >= 2.
+  The eigengap's own K = 1 answer is left out there: a large first gap says that the graph is
+  not split into near-components, which one broad cluster with a few diffuse ones also gives,
+  and null stability's K > 1 answers lean to the largest K that splits stably rather than to
+  the separation. The confidence is the share of random 80 % subsets of the crops on which the
+  estimate's eigengap is at least the runner-up's.
 
 Features are L2-normalised (the classifier heads are cosine classifiers) and reduced with PCA
 before any estimator runs; see :func:`prepare_features`.
@@ -34,7 +42,9 @@ before any estimator runs; see :func:`prepare_features`.
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +55,9 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
-METHODS = ("bic", "silhouette", "eigengap", "stability", "null_stability")
+METHODS = ("bic", "silhouette", "eigengap", "stability", "null_stability", "consensus")
 
 
 @dataclass
@@ -199,18 +210,20 @@ def silhouette_scores(x: np.ndarray, k_max: int, seed: int = 0, sample_size: int
     return out
 
 
-def split_agreements(x: np.ndarray, k_max: int, splits: list[np.ndarray], seed: int = 0) -> np.ndarray:
+def split_agreements(x: np.ndarray, k_max: int, splits: list[np.ndarray], seed: int = 0, ks: list[int] | None = None) -> np.ndarray:
     """ARI between k-means fitted on the two halves of each split, compared on all points.
 
     x: float (M, d) prepared features; splits: permutations of ``range(M)``, each cut in two
     halves. Returns float (len(splits), k_max); column K-1 holds K's agreements, K = 1 is
-    ``nan`` (and any K larger than a half).
+    ``nan`` (and any K larger than a half). ``ks``: only these Ks (the others ``nan``).
     """
     m = len(x)
     out = np.full((len(splits), k_max), np.nan)
     for b, perm in enumerate(splits):
         half_a, half_b = perm[: m // 2], perm[m // 2 :]
         for k in range(2, min(k_max, len(half_a), len(half_b)) + 1):
+            if ks is not None and k not in ks:
+                continue
             la = _kmeans(x[half_a], k, seed + b, n_init=2).predict(x)
             lb = _kmeans(x[half_b], k, seed + b, n_init=2).predict(x)
             out[b, k - 1] = adjusted_rand_score(la, lb)
@@ -279,11 +292,11 @@ def null_stability_scores(
     k_max = _k_max(k_max, m)
     rng = np.random.default_rng(seed)
     splits = [rng.permutation(m) for _ in range(n_resamples)]
-    data = split_agreements(prepare_features(x, n_components), k_max, splits, seed)
-    refs = np.stack([
-        split_agreements(prepare_features(null_reference(x, rng), n_components), k_max, splits, seed)
-        for _ in range(n_references)
-    ])  # (n_references, n_resamples, k_max)
+    sets = [x] + [null_reference(x, rng) for _ in range(n_references)]  # drawn in order: the same whatever the threads
+    # k-means releases the GIL: the sets' agreements in parallel, one thread each
+    with ThreadPoolExecutor(min(len(sets), os.cpu_count() or 1)) as pool:
+        agreements = list(pool.map(lambda s: split_agreements(prepare_features(s, n_components), k_max, splits, seed), sets))
+    data, refs = agreements[0], np.stack(agreements[1:])  # refs: (n_references, n_resamples, k_max)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # K = 1 and Ks above a half: all nan
         ref_means = np.nanmean(refs, axis=1)
@@ -293,6 +306,43 @@ def null_stability_scores(
         excess = np.nanmean(split_excess, axis=0)
     excess[0], null_sd[0], split_excess[:, 0] = 0.0, 0.0, 0.0
     return NullStability(excess, null_sd, split_excess)
+
+
+def has_structure(
+    features: np.ndarray,
+    k_max: int,
+    *,
+    n_resamples: int = 10,
+    n_references: int = 10,
+    n_components: int = 32,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> bool:
+    """Whether ``null_stability`` answers K > 1: the same splits, references and test as
+    :func:`null_stability_scores` and :func:`pick_null_stability`, taken K by K from K = 2 and
+    stopped at the first K whose excess is significant (where there is structure, a fraction of
+    the k-means fits). features: float (M, D) raw features."""
+    x = _check_features(features)
+    m = len(x)
+    k_max = _k_max(k_max, m)
+    rng = np.random.default_rng(seed)
+    splits = [rng.permutation(m) for _ in range(n_resamples)]
+    sets = [x] + [null_reference(x, rng) for _ in range(n_references)]  # drawn as null_stability_scores draws them
+    null_z = significance_z(n_references, k_max - 1, alpha)
+    with ThreadPoolExecutor(min(len(sets), os.cpu_count() or 1)) as pool:
+        prepared = list(pool.map(lambda s: prepare_features(s, n_components), sets))
+        for k in range(2, k_max + 1):
+            a = np.stack(list(pool.map(lambda z: split_agreements(z, k_max, splits, seed, ks=[k])[:, k - 1], prepared)))
+            if np.isnan(a[0]).all():  # K above half the crops: no larger K can be fitted either
+                break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ref_means = np.nanmean(a[1:], axis=1)
+                null_sd = np.nanstd(ref_means, ddof=1) if n_references > 1 else 0.0
+                excess = np.nanmean(a[0] - np.nanmean(ref_means))
+            if excess > 0 and excess > null_z * np.nan_to_num(null_sd, nan=np.inf):
+                return True
+    return False
 
 
 def significance_z(n_references: int, n_candidates: int, alpha: float = 0.05) -> float:
@@ -344,7 +394,15 @@ def estimate_num_classes(
     min_stability: below these best scores, ``silhouette`` and ``stability`` answer K = 1.
     alpha, n_references: ``null_stability``'s chance of answering K > 1 on structureless data
     (:func:`significance_z`) and its number of reference sets. Deterministic for a given seed.
+
+    The estimators fit thousands of k-means on a few hundred rows, where a BLAS or OpenMP
+    thread pool costs more than it saves: they run on one thread (about 7x faster on two cores).
     """
+    with threadpool_limits(1):
+        return _estimate(features, k_max, method, seed, n_components, min_silhouette, min_stability, alpha, n_references)
+
+
+def _estimate(features, k_max, method, seed, n_components, min_silhouette, min_stability, alpha, n_references) -> KEstimate:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     x = _check_features(features)
@@ -358,6 +416,9 @@ def estimate_num_classes(
         ns = null_stability_scores(x, k_max, n_references=n_references, n_components=n_components, seed=seed)
         k, runner_up, confidence = pick_null_stability(ns, significance_z(n_references, k_max - 1, alpha))
         return KEstimate(k, candidates, ns.excess.tolist(), method, runner_up, confidence)
+    if method == "consensus":
+        structure = has_structure(x, k_max, n_references=n_references, n_components=n_components, seed=seed, alpha=alpha)
+        return consensus_estimate(z, k_max, structure, seed)
     if method == "bic":
         scores = bic_scores(z, k_max, seed=seed)
         k = int(np.argmax(scores)) + 1
@@ -378,6 +439,37 @@ def estimate_num_classes(
         second = best_other_k(np.where(np.arange(k_max) == 0, min_stability, scores), k)
         return KEstimate(k, candidates, scores.tolist(), method, second, paired_confidence(per_split, k, second))
     return KEstimate(k, candidates, scores.tolist(), method, best_other_k(scores, k))
+
+
+def consensus_estimate(z: np.ndarray, k_max: int, structure: bool, seed: int, n_subsets: int = 10, share: float = 0.8) -> KEstimate:
+    """The ``consensus`` estimate from prepared features ``z`` (M, d) and the structure test's
+    answer: without structure K = 1 (runner-up: the K >= 2 of the largest eigengap); with it the
+    K >= 2 of the largest eigengap (K = 1's score ``nan``: not a candidate), the runner-up the
+    next K >= 2. Confidence: the share of ``n_subsets`` seeded random subsets of ``share`` of the
+    rows on which the estimate's eigengap is at least the runner-up's (with K = 1: the share on
+    which no K >= 2 has a gap above the first one)."""
+    candidates = list(range(1, k_max + 1))
+    gaps = eigengap_scores(z, k_max)
+    if k_max < 2:
+        return KEstimate(1, candidates, gaps.tolist(), "consensus")
+    best = int(np.argmax(gaps[1:])) + 2
+    if structure:
+        scores = gaps.copy()
+        scores[0] = np.nan
+        k, runner_up = best, best_other_k(scores, best)
+    else:
+        scores, k, runner_up = gaps, 1, best
+    rng = np.random.default_rng(seed)
+    m = len(z)
+    wins = []
+    for _ in range(n_subsets):
+        rows = np.sort(rng.choice(m, size=max(3, int(round(share * m))), replace=False))
+        g = eigengap_scores(z[rows], k_max)
+        if len(g) < max(k, runner_up or 1):
+            continue
+        wins.append(g[0] >= g[1:].max() if k == 1 else runner_up is None or g[k - 1] >= g[runner_up - 1])
+    confidence = float(np.mean(wins)) if wins else None
+    return KEstimate(k, candidates, scores.tolist(), "consensus", runner_up, confidence)
 
 
 def paired_confidence(per_split: np.ndarray, k: int, runner_up: int | None) -> float:

@@ -49,7 +49,8 @@ def resolve_num_classes(params: TrainParams, crops: CropSet, device: str) -> int
     run (``metrics/num_classes.json``, ``plots/num_classes.json``), see :mod:`anomalyncd.auto_k`.
     """
     return auto_k.resolve_num_classes(
-        params, crops.crops, crops.crop_masks, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device, typer.echo
+        params, crops.crops, crops.crop_masks, paths.NUM_CLASSES_METRICS, paths.NUM_CLASSES_PLOT, device, typer.echo,
+        crops.residuals,
     )
 
 
@@ -136,7 +137,9 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     base_names: list[str] = []
     if p.base_dir:  # read before num_classes: auto writes its metrics
         bc, bm, bl, base_names = read_base_set(p.base_dir, cs.crops.shape[1])
+    tk = time.perf_counter()
     k = resolve_num_classes(p, cs, device)
+    k_seconds = time.perf_counter() - tk
     if p.base_dir:
         crops, masks = np.concatenate([crops, bc]), np.concatenate([masks, bm])
         scores = np.concatenate([scores, np.ones(len(bc), np.float32)])
@@ -184,7 +187,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
             },
         )
         # timings vary from run to run: a log, not a DVC-tracked metric
-        timings = {"seconds": time.time() - t0, "cache_seconds": result.cache_seconds}
+        timings = {"seconds": time.time() - t0, "cache_seconds": result.cache_seconds, "num_classes_seconds": k_seconds}
         write_json(paths.LOGS / "train.json", {k: round(v, 2) for k, v in timings.items()})
         typer.echo(
             f"train: {len(cs.crops)} crops, {len(result.history)} epochs on {device} x{world}, "

@@ -19,7 +19,7 @@ TINY = {
     "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 4},
     "detect": {"map_size": 64, "image_size": 64},
     "mebin": {"crop_size": 36},
-    "train": {"image_size": 32, "epochs": 1, "batch_size": 16},
+    "train": {"image_size": 32, "epochs": 1, "batch_size": 16, "num_classes": 4},  # 16 crops: too few to estimate K
 }
 
 

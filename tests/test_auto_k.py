@@ -24,8 +24,9 @@ def tiny_params(**kw) -> TrainParams:
     return TrainParams(**{**base, **kw})
 
 
-def test_by_default_the_estimate_clusters_the_classifiers_own_features_by_stability():
-    assert (TrainParams().auto_features, TrainParams().auto_method) == ("mgvit", "stability")
+def test_by_default_the_number_of_classes_is_estimated_on_the_fused_features_by_consensus():
+    p = TrainParams()
+    assert (p.num_classes, p.auto_features, p.auto_method) == ("auto", "fused", "consensus")
 
 
 def two_kinds_of_crops(n: int = 12, size: int = 37) -> tuple[np.ndarray, np.ndarray]:
@@ -217,3 +218,24 @@ def test_an_estimate_below_its_bound_gives_no_warning(tmp_path):
         warnings.simplefilter("error", InputWarning)
         k, _, _ = resolve(tmp_path, tiny_params(num_classes="auto", auto_max=4))
     assert k == 2
+
+
+def test_fused_features_put_the_region_and_its_descriptor_at_equal_weight():
+    rng = np.random.default_rng(0)
+    f, d = rng.normal(size=(5, 8)) * 30, rng.normal(size=(5, 3)) * 0.01
+    x = auto_k.fused_features(f, d)
+    assert x.shape == (5, 11)
+    np.testing.assert_allclose(np.linalg.norm(x[:, :8], axis=1), 1)  # each part unit length, whatever its scale
+    np.testing.assert_allclose(np.linalg.norm(x[:, 8:], axis=1), 1)
+    np.testing.assert_allclose(auto_k.fused_features(f, np.zeros((5, 0))), f / np.linalg.norm(f, axis=1, keepdims=True))
+
+
+def test_fused_estimate_reads_the_crops_descriptors(tmp_path):
+    crops, masks = two_kinds_of_crops()
+    desc = np.repeat(np.eye(2)[np.arange(12) % 2], 3, axis=1).astype(np.float32)  # (12, 6): the two kinds
+    p = tiny_params(num_classes="auto", auto_features="fused", auto_method="eigengap")
+    x = auto_k.estimation_features(p, crops, masks, descriptors=desc)
+    assert x.shape == (12, auto_k.region_features(p, crops[:1], masks[:1]).shape[1] + 6)
+    np.testing.assert_allclose(x[:, -6:], desc / np.sqrt(3))
+    k = auto_k.resolve_num_classes(p, crops, masks, tmp_path / "m.json", tmp_path / "p.json", descriptors=desc)
+    assert json.loads((tmp_path / "m.json").read_text())["features"] == "fused" and k >= 1

