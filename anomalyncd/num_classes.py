@@ -271,6 +271,17 @@ class NullStability:
     split_excess: np.ndarray
 
 
+def _null_design(features: np.ndarray, k_max: int, n_resamples: int, n_references: int, seed: int):
+    """What null stability compares: the clamped ``k_max``, ``n_resamples`` permutations of the
+    rows, and the sets ``[features, reference_1, ...]`` (float (M, D) each), all drawn in this
+    order from ``seed`` (so the same whatever runs them, in whatever threads)."""
+    x = _check_features(features)
+    k_max = _k_max(k_max, len(x))
+    rng = np.random.default_rng(seed)
+    splits = [rng.permutation(len(x)) for _ in range(n_resamples)]
+    return k_max, splits, [x] + [null_reference(x, rng) for _ in range(n_references)]
+
+
 def null_stability_scores(
     features: np.ndarray,
     k_max: int,
@@ -287,12 +298,7 @@ def null_stability_scores(
     the PCA's own fit to noise is in both). The data and every reference are cut by the same
     ``n_resamples`` splits. K = 1 scores 0: no more agreement than no structure gives.
     """
-    x = _check_features(features)
-    m = len(x)
-    k_max = _k_max(k_max, m)
-    rng = np.random.default_rng(seed)
-    splits = [rng.permutation(m) for _ in range(n_resamples)]
-    sets = [x] + [null_reference(x, rng) for _ in range(n_references)]  # drawn in order: the same whatever the threads
+    k_max, splits, sets = _null_design(features, k_max, n_resamples, n_references, seed)
     # k-means releases the GIL: the sets' agreements in parallel, one thread each
     with ThreadPoolExecutor(min(len(sets), os.cpu_count() or 1)) as pool:
         agreements = list(pool.map(lambda s: split_agreements(prepare_features(s, n_components), k_max, splits, seed), sets))
@@ -322,12 +328,7 @@ def has_structure(
     :func:`null_stability_scores` and :func:`pick_null_stability`, taken K by K from K = 2 and
     stopped at the first K whose excess is significant (where there is structure, a fraction of
     the k-means fits). features: float (M, D) raw features."""
-    x = _check_features(features)
-    m = len(x)
-    k_max = _k_max(k_max, m)
-    rng = np.random.default_rng(seed)
-    splits = [rng.permutation(m) for _ in range(n_resamples)]
-    sets = [x] + [null_reference(x, rng) for _ in range(n_references)]  # drawn as null_stability_scores draws them
+    k_max, splits, sets = _null_design(features, k_max, n_resamples, n_references, seed)
     null_z = significance_z(n_references, k_max - 1, alpha)
     with ThreadPoolExecutor(min(len(sets), os.cpu_count() or 1)) as pool:
         prepared = list(pool.map(lambda s: prepare_features(s, n_components), sets))
