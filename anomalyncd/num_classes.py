@@ -302,16 +302,29 @@ def null_stability_scores(
     # k-means releases the GIL: the sets' agreements in parallel, one thread each
     with ThreadPoolExecutor(min(len(sets), os.cpu_count() or 1)) as pool:
         agreements = list(pool.map(lambda s: split_agreements(prepare_features(s, n_components), k_max, splits, seed), sets))
-    data, refs = agreements[0], np.stack(agreements[1:])  # refs: (n_references, n_resamples, k_max)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # K = 1 and Ks above a half: all nan
-        ref_means = np.nanmean(refs, axis=1)
-        null_mean = np.nanmean(ref_means, axis=0)
-        null_sd = np.nanstd(ref_means, axis=0, ddof=1) if n_references > 1 else np.zeros(k_max)
-        split_excess = data - null_mean
-        excess = np.nanmean(split_excess, axis=0)
+    excess, null_sd, split_excess = _excess_over_null(agreements[0], np.stack(agreements[1:]))
     excess[0], null_sd[0], split_excess[:, 0] = 0.0, 0.0, 0.0
     return NullStability(excess, null_sd, split_excess)
+
+
+def _excess_over_null(data: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The data's split agreements (B, ...) against the references' (R, B, ...): the mean
+    excess over the references' mean agreement (...), the spread of the references' mean
+    agreements (...; 0 with one reference) and each split's excess (B, ...). ``nan`` (K = 1,
+    Ks above a half) stays ``nan``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns
+        ref_means = np.nanmean(refs, axis=1)
+        null_sd = np.nanstd(ref_means, axis=0, ddof=1) if len(refs) > 1 else np.zeros(ref_means.shape[1:])
+        split_excess = data - np.nanmean(ref_means, axis=0)
+        return np.nanmean(split_excess, axis=0), null_sd, split_excess
+
+
+def _significant(excess: np.ndarray, null_sd: np.ndarray, null_z: float) -> np.ndarray:
+    """bool, elementwise: an excess above 0 and above ``null_z`` times the references' spread
+    (``nan`` excess or spread: not significant)."""
+    excess = np.nan_to_num(excess, nan=-np.inf)
+    return (excess > null_z * np.nan_to_num(null_sd, nan=np.inf)) & (excess > 0)
 
 
 def has_structure(
@@ -336,12 +349,8 @@ def has_structure(
             a = np.stack(list(pool.map(lambda z: split_agreements(z, k_max, splits, seed, ks=[k])[:, k - 1], prepared)))
             if np.isnan(a[0]).all():  # K above half the crops: no larger K can be fitted either
                 break
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                ref_means = np.nanmean(a[1:], axis=1)
-                null_sd = np.nanstd(ref_means, ddof=1) if n_references > 1 else 0.0
-                excess = np.nanmean(a[0] - np.nanmean(ref_means))
-            if excess > 0 and excess > null_z * np.nan_to_num(null_sd, nan=np.inf):
+            excess, null_sd, _ = _excess_over_null(a[0], a[1:])
+            if _significant(excess, null_sd, null_z):
                 return True
     return False
 
@@ -362,7 +371,7 @@ def pick_null_stability(ns: NullStability, null_z: float) -> tuple[int, int | No
     :func:`paired_confidence` of the splits' excess.
     """
     excess = np.nan_to_num(ns.excess, nan=-np.inf)
-    sig = (excess > null_z * np.nan_to_num(ns.null_sd, nan=np.inf)) & (excess > 0)
+    sig = _significant(ns.excess, ns.null_sd, null_z)
     sig[0] = True
     score = np.where(sig, excess, -np.inf)
     score[0] = 0.0
