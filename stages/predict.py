@@ -23,7 +23,7 @@ def main(
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: one row per image (an existing folder: <folder>/predictions.csv)"),
     maps: Path = typer.Option(None, "--maps", help="folder of raw anomaly maps (<image id>.npy or .png) instead of the run's detector"),
     device: str = typer.Option("auto", help="cpu, cuda or auto (cuda when available)"),
-    batch_size: int = typer.Option(None, help="crops per batch (default: infer's default batch size)"),
+    batch_size: int = typer.Option(None, help="crops per batch (default: 8 on the CPU, infer's batch size on a GPU)"),
     normal_quantile: float = typer.Option(
         None, help="normal/defect threshold: this quantile of the held-back normal images' scores (default: the run's calibrate.normal_quantile)"),
     unknown_quantile: float = typer.Option(
@@ -36,8 +36,10 @@ def main(
     from anomalyncd.merge import NORMAL, STATUS, row_label, write_table
     from anomalyncd.device import resolve_device
     from anomalyncd.io import InputError, output_file
+    from anomalyncd.memory import share_one_arena
     from anomalyncd.predict import find_images, load_run, predict_images
 
+    share_one_arena()  # before the detector's and MEBin's threads start: they reuse each other's freed memory
     out = output_file(out, "predictions.csv", "--out")
     if report is not None:
         from anomalyncd.predict_report import check_report_folder

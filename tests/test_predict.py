@@ -382,6 +382,14 @@ def test_predictions_do_not_depend_on_chunks_or_threads(small_run, monkeypatch):
     assert set(p.timings) == {"read", "mebin", "classifier"}
 
 
+def test_on_the_cpu_crops_are_classified_in_small_batches_unless_told(small_run):
+    from anomalyncd.predict import CPU_BATCH, Predictor, load_run
+
+    run = load_run(small_run[0])
+    assert Predictor(run, "cpu", maps=True).batch_size == CPU_BATCH == 8  # the same time per crop, 1/8 the memory of infer's 64
+    assert Predictor(run, "cpu", batch_size=3, maps=True).batch_size == 3
+
+
 # -- normal or defect, then known or unknown type ---------------------------------------------
 
 
