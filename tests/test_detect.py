@@ -13,7 +13,7 @@ from anomalyncd.detect.features import BackboneSpec, build_backbone
 from anomalyncd.filterbank import FilterBank
 from anomalyncd.detect.musc import mean_of_smallest, mutual_scores, split_subsets
 from anomalyncd.detect.ops import (
-    bank_index, greedy_coreset, nearest_distance, nearest_distance_full, query_blocks, upsample_maps,
+    bank_index, greedy_coreset, nearest_distance, nearest_distance_full, nearest_index, query_blocks, upsample_maps,
 )
 from anomalyncd.detect.backbone import patch_features
 from anomalyncd.detect.padim import gaussian_stats, mahalanobis
@@ -494,6 +494,17 @@ def test_pruned_nearest_distance_is_the_full_search_and_compares_a_part_of_the_b
         assert len(kept) == len(query_blocks(n_query, ops.QUERY_BLOCK)) and max(kept) < len(bank)
 
 
+@pytest.mark.parametrize("n_query", [1, 255, 300, 1100])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_the_search_on_several_workers_finds_the_same_rows(rng, n_query, workers):
+    """Whole query blocks to each worker: the same indices as one worker, pruned or not."""
+    bank = clustered(rng, 800)
+    q = clustered(rng, n_query).T.contiguous().T
+    index = bank_index(bank, 8)
+    for idx in (None, index):
+        assert torch.equal(nearest_index(q, bank, index=idx, workers=workers), nearest_index(q, bank, index=idx))
+
+
 def test_pruned_nearest_distance_with_ties_is_the_brute_force_distance_exactly(rng):
     """Small integers (exact products, exact ties: repeated bank rows, queries midway between
     two rows, queries on bank rows) through the pruned search."""
@@ -537,6 +548,33 @@ def test_patchcore_bank_and_maps_are_bit_identical_for_any_thread_count(rng, mon
     finally:
         torch.set_num_threads(before)
     assert out[0] == out[1] == out[2]
+
+
+def test_one_image_on_every_core_gets_the_maps_it_gets_among_others(rng, monkeypatch):
+    """predict's one image: its scales' backbone passes and its search side by side on two
+    threads give the bits of the one-thread pass each image of a folder gets."""
+    from anomalyncd.detect import ops, patchcore
+
+    monkeypatch.setattr(patchcore, "bank_index", lambda bank, basis=None: ops.bank_index(bank, 4, basis))
+    monkeypatch.setattr(ops, "QUERY_BLOCK", 16)  # several blocks of queries in a small image
+    det = create_detector(params(method="patchcore", backbone="filterbank", layers=[1, 2, 4], pretrained=False, bank_size=100,
+                                 scales=[1.0, 0.5]))
+    det.fit([surface(rng) for _ in range(4)])
+    test = [with_spot(surface(rng)) for _ in range(2)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        among = det.predict_described(test)
+        alone = [det.predict_described(test[i : i + 1]) for i in range(2)]
+        scored = [det.predict_scored(test[i : i + 1]) for i in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    for i in range(2):
+        np.testing.assert_array_equal(alone[i][0][0], among[0][i])
+        np.testing.assert_array_equal(alone[i][1][0], among[1][i])
+        np.testing.assert_array_equal(alone[i][2][0], among[2][i])
+        np.testing.assert_array_equal(scored[i][0][0], among[0][i])
+        np.testing.assert_array_equal(scored[i][1][0], among[1][i])
 
 
 def test_a_saved_patchcore_loads_its_search_indexes_without_finding_their_axes_again(rng, monkeypatch, tmp_path):

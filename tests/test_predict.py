@@ -255,7 +255,7 @@ def test_predict_rows_are_those_of_the_one_product_search(finished_run, monkeypa
     assert p.detector.index is not None
     monkeypatch.setattr(ops, "QUERY_BLOCK", 32)
     blocked = p.classify(images)
-    monkeypatch.setattr(patchcore, "nearest_distance", lambda q, bank, bank_sq, index: ops.nearest_distance_full(q, bank))
+    monkeypatch.setattr(patchcore, "nearest_distance", lambda q, bank, bank_sq, index, workers=1: ops.nearest_distance_full(q, bank))
     full = p.classify(images)
     assert np.array_equal(blocked.image_scores, full.image_scores)
     assert p.merge([blocked]) == p.merge([full])

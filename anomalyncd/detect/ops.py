@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .parallel import blocked, row_blocks, single_threaded
+from .parallel import blocked, ordered_map, row_blocks, single_threaded
 
 # Elements of one chunk of a distance matrix: bounds memory (about 256 MB of float32).
 CHUNK_ELEMENTS = 1 << 26
@@ -113,17 +113,19 @@ def bound_coords(x: torch.Tensor, index: BankIndex) -> torch.Tensor:
 
 
 def nearest_distance(
-    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None
+    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None,
+    workers: int = 1,
 ) -> torch.Tensor:
     """Euclidean distance of each row of ``query`` (Q, D) to its nearest row of ``bank`` (M, D)
     (:func:`nearest_index`), taken directly as ``|q - b|``, without the cancellation of the
     expanded form. Returns (Q,)."""
-    nearest = nearest_index(query, bank, bank_sq, index)
+    nearest = nearest_index(query, bank, bank_sq, index, workers)
     return (query - bank[nearest]).square_().sum(dim=1).sqrt_()
 
 
 def nearest_index(
-    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None
+    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, index: BankIndex | None = None,
+    workers: int = 1,
 ) -> torch.Tensor:
     """Index int64 (Q,) of the nearest row of ``bank`` (M, D) to each row of ``query`` (Q, D).
 
@@ -135,6 +137,9 @@ def nearest_index(
     (:func:`candidates`): the same argmin, as the product over those rows gives the same
     float32 scores as over the whole bank (MKL here, for blocks of 8 queries or more and at
     least 2 bank rows, not for fewer; tests/test_detect.py).
+    ``workers`` > 1 (from a thread that is not itself a worker of :func:`.parallel.ordered_map`):
+    whole blocks go to that many single-threaded workers, each block the same rows as in one
+    call, so the same indices (one image's queries on two cores: ``anomalyncd predict``).
     """
     if len(bank) == 0:
         raise ValueError("nearest_distance: empty bank")
@@ -143,6 +148,14 @@ def nearest_index(
     if bank_sq is None:
         bank_sq = (bank * bank).sum(dim=1)
     blocks = query_blocks(len(query), QUERY_BLOCK)
+    if workers > 1 and len(blocks) > 1:
+        starts = [b.start for b in blocks[:: math.ceil(len(blocks) / workers)]] + [len(query)]
+
+        def part(s: slice) -> torch.Tensor:
+            with torch.inference_mode():
+                return nearest_index(query[s], bank, bank_sq, index)
+
+        return torch.cat(list(ordered_map(part, [slice(a, b) for a, b in zip(starts, starts[1:])], workers)))
     rows = max(s.stop - s.start for s in blocks)
     nearest = torch.empty(len(query), dtype=torch.long, device=query.device)
     if index is None or len(query) < QUERY_BLOCK:

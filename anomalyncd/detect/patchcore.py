@@ -63,15 +63,21 @@ class PatchCore(BackboneDetector):
         (images of different shapes give feature grids of different shapes)."""
         return list(batches(n, 1 if self.params.keep_aspect else self.params.batch_size))
 
-    def patch_grid(self, images: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> torch.Tensor:
+    def patch_grid(self, images: Sequence[np.ndarray], scales: Sequence[float] | None = None, workers: int = 1) -> torch.Tensor:
         """Patch features ``(B, D, h, w)`` of a batch of RGB uint8 images: the backbone's
         features of the images resized to ``image_size`` times each of ``scales`` (default:
         ``detect.scales``), those of every scale on the grid of the first (layer ``grid_layer``
-        at the first scale), concatenated."""
+        at the first scale), concatenated. ``workers`` > 1: the scales' backbone passes side by
+        side, each single-threaded (the same features)."""
+        scales = self.params.scales if scales is None else scales
+
+        def trunk(scale: float) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                return self.backbone(to_batch(images, scaled_size(self.spec.image_size, scale), self.device, self.params.keep_aspect))
+
         out: list[torch.Tensor] = []
-        for scale in self.params.scales if scales is None else scales:
-            x = to_batch(images, scaled_size(self.spec.image_size, scale), self.device, self.params.keep_aspect)
-            out.append(patch_features(self.backbone(x), self.stride, self.grid_layer, out[0].shape[-2:] if out else None))
+        for layers in ordered_map(trunk, scales, workers) if workers > 1 and len(scales) > 1 else map(trunk, scales):
+            out.append(patch_features(layers, self.stride, self.grid_layer, out[0].shape[-2:] if out else None))
         return torch.cat(out, dim=1)
 
     def _batch_patches(self, images: Sequence[np.ndarray], s: slice) -> list[torch.Tensor]:
@@ -80,32 +86,34 @@ class PatchCore(BackboneDetector):
             f = self.patch_grid(images[s])
             return list(f.permute(0, 2, 3, 1).reshape(len(f), -1, f.shape[1]))
 
-    def _queries(self, images: Sequence[np.ndarray], scales: Sequence[float] | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def _queries(self, images: Sequence[np.ndarray], scales: Sequence[float] | None = None, workers: int = 1) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """The standardised patch features ``(B * h * w, D)`` of ``images`` (:meth:`patch_grid`
         at ``scales``) and their grid ``(B, h, w)``."""
-        f = self.patch_grid(images, scales)
+        f = self.patch_grid(images, scales, workers)
         b, d, h, w = f.shape
         return (f.permute(0, 2, 3, 1).reshape(-1, d) - self.mean[:d]) / self.std[:d], (b, h, w)
 
-    def _residuals(self, q: torch.Tensor) -> torch.Tensor:
+    def _residuals(self, q: torch.Tensor, workers: int = 1) -> torch.Tensor:
         """Queries ``(P, D)`` -> their first scale's features minus those of the nearest entry of
         the region map's bank ``(P, D1)``: the residuals, whose lengths are the region map's grid."""
         bank, bank_sq, index = self.region_bank or (self.bank, self.bank_sq, self.index)
         q = q[:, : bank.shape[1]].contiguous()
-        return q - bank[nearest_index(q, bank, bank_sq, index)]
+        return q - bank[nearest_index(q, bank, bank_sq, index, workers)]
 
-    def _batch_maps(self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False) -> tuple:
+    def _batch_maps(self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False, workers: int = 1) -> tuple:
         """Region maps and score maps ``(B, map_size, map_size)`` of the batch ``s`` of
         ``images`` (read here), the same array twice with one scale; ``with_grids``: also
-        the batch's residual grids ``(B, h, w, D1)`` (:meth:`residuals`, from the same pass)."""
+        the batch's residual grids ``(B, h, w, D1)`` (:meth:`residuals`, from the same pass).
+        ``workers``: threads for this one batch (the same maps for any number): more than one
+        only when it is the only batch, not from a worker of a pool over batches."""
         size = self.params.map_size
         sigma = self.params.smooth_sigma * size / self.spec.image_size
         with torch.inference_mode():
-            q, (b, h, w) = self._queries(images[s])
-            scored = upsample_maps(nearest_distance(q, self.bank, self.bank_sq, self.index).view(b, h, w), size, sigma).cpu().numpy()
+            q, (b, h, w) = self._queries(images[s], workers=workers)
+            scored = upsample_maps(nearest_distance(q, self.bank, self.bank_sq, self.index, workers).view(b, h, w), size, sigma).cpu().numpy()
             if self.region_bank is None and not with_grids:
                 return scored, scored
-            r = self._residuals(q)
+            r = self._residuals(q, workers)
             maps = scored if self.region_bank is None else upsample_maps(r.square().sum(dim=1).sqrt_().view(b, h, w), size, sigma).cpu().numpy()
             return (maps, scored, r.view(b, h, w, -1).cpu().numpy()) if with_grids else (maps, scored)
 
@@ -205,7 +213,12 @@ class PatchCore(BackboneDetector):
         one pass per image."""
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
-        out = list(ordered_map(lambda i: self._batch_maps(images, slice(i, i + 1), with_grids=True), range(len(images)), pool_size(self.device)))
+        workers = pool_size(self.device)
+        if len(images) == 1:  # one image (predict, online): its scales and its search on every core
+            with single_threaded():
+                out = [self._batch_maps(images, slice(0, 1), with_grids=True, workers=workers)]
+        else:
+            out = list(ordered_map(lambda i: self._batch_maps(images, slice(i, i + 1), with_grids=True), range(len(images)), workers))
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), [o[2][0] for o in out]
 
     def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +226,12 @@ class PatchCore(BackboneDetector):
             raise RuntimeError("PatchCore.predict before fit")
         size = self.params.map_size
         out = np.zeros((1 if self.region_bank is None else 2, len(images), size, size), dtype=np.float32)
-        parts = self.batches(len(images))
-        done = ordered_map(lambda s: self._batch_maps(images, s), parts, pool_size(self.device))
+        parts, workers = self.batches(len(images)), pool_size(self.device)
+        if len(parts) == 1:  # one batch: its scales and its search on every core
+            with single_threaded():
+                done = iter([self._batch_maps(images, parts[0], workers=workers)])
+        else:
+            done = ordered_map(lambda s: self._batch_maps(images, s), parts, workers)
         for s, (maps, scored) in zip(parts, tqdm(done, total=len(parts), desc="detect: patchcore maps", unit="batch")):
             out[0, s], out[-1, s] = maps, scored
         return out[0], out[-1]
