@@ -218,8 +218,6 @@ class Predictor:
         unknown_quantile: float | None = None,
         normal_gate: bool = True,
     ) -> None:
-        import torch
-
         from .device import resolve_device
         from .detect import load_detector
         from .model import load_model
@@ -244,7 +242,7 @@ class Predictor:
         if self.net.cfg.side_dim and (self.detector is None or self.detector.residual_dim != self.net.cfg.side_dim):
             raise InputError(f"{run.model}: the classifier reads the crops' residual descriptors, and {run.detector} cannot make them; rerun the run's detect stage")
         self.head = int(info["head"])
-        self.batch_size = batch_size or (CPU_BATCH if torch.device(self.device).type == "cpu" else InferParams().batch_size)
+        self.batch_size = batch_size or (CPU_BATCH if self.device == "cpu" else InferParams().batch_size)
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.timings: dict[str, float] = defaultdict(float)  # seconds per step, summed over calls
 

@@ -208,17 +208,23 @@ class PatchCore(BackboneDetector):
             q, (_, h, w) = self._queries([image], self.params.scales[:1])
             return self._residuals(q).view(h, w, -1).cpu().numpy()
 
+    def _units_maps(self, images: Sequence[np.ndarray], units: list[slice], with_grids: bool = False) -> Iterator[tuple]:
+        """:meth:`_batch_maps` of each unit (a slice of ``images``), in order: the units side by
+        side on the pool, one thread each, or a lone unit (predict's one image) with its scales
+        and its search on every core; the same maps either way."""
+        workers = pool_size(self.device)
+        if len(units) == 1:
+            with single_threaded():
+                yield self._batch_maps(images, units[0], with_grids, workers)
+        else:
+            yield from ordered_map(lambda s: self._batch_maps(images, s, with_grids), units, workers)
+
     def predict_described(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """:meth:`predict_scored` and each image's :meth:`residuals` grid (the same values), from
         one pass per image."""
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
-        workers = pool_size(self.device)
-        if len(images) == 1:  # one image (predict, online): its scales and its search on every core
-            with single_threaded():
-                out = [self._batch_maps(images, slice(0, 1), with_grids=True, workers=workers)]
-        else:
-            out = list(ordered_map(lambda i: self._batch_maps(images, slice(i, i + 1), with_grids=True), range(len(images)), workers))
+        out = list(self._units_maps(images, [slice(i, i + 1) for i in range(len(images))], with_grids=True))
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), [o[2][0] for o in out]
 
     def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -226,13 +232,8 @@ class PatchCore(BackboneDetector):
             raise RuntimeError("PatchCore.predict before fit")
         size = self.params.map_size
         out = np.zeros((1 if self.region_bank is None else 2, len(images), size, size), dtype=np.float32)
-        parts, workers = self.batches(len(images)), pool_size(self.device)
-        if len(parts) == 1:  # one batch: its scales and its search on every core
-            with single_threaded():
-                done = iter([self._batch_maps(images, parts[0], workers=workers)])
-        else:
-            done = ordered_map(lambda s: self._batch_maps(images, s), parts, workers)
-        for s, (maps, scored) in zip(parts, tqdm(done, total=len(parts), desc="detect: patchcore maps", unit="batch")):
+        parts = self.batches(len(images))
+        for s, (maps, scored) in zip(parts, tqdm(self._units_maps(images, parts), total=len(parts), desc="detect: patchcore maps", unit="batch")):
             out[0, s], out[-1, s] = maps, scored
         return out[0], out[-1]
 
