@@ -282,12 +282,20 @@ class Predictor:
                 loaded.append(r)
         if not loaded:
             return out
+        # An image the normal gate calls normal gets no class and no boxes whatever its regions
+        # (:meth:`_decide`): its region search, MEBin, descriptors and classifier are skipped.
+        t_normal = None if self.calibration is None else self.calibration.normal_threshold
+
+        def anomalous(score: float) -> bool:
+            return t_normal is None or score > t_normal
+
         grids = None
         if not self.maps_given:
             try:
                 images = [img for _, img, _ in loaded]
                 if self.net.cfg.side_dim:  # the crops' residual descriptors come from the same pass
-                    raw, scored, grids = clock("detector", self.detector.predict_described, images)
+                    raw, scored, grids = clock("detector", self.detector.predict_described, images,
+                                               lambda m: anomalous(float(run.image_score(m)[0])))
                 else:
                     raw, scored = clock("detector", self.detector.predict_scored, images)
             except InputError as e:
@@ -295,12 +303,17 @@ class Predictor:
         else:
             raw = scored = np.stack([m for _, _, m in loaded])
 
-        def crop(job):
-            (_, img, _), m = job
+        out.kept = [item for item, _, _ in loaded]
+        out.sizes = np.array([img.shape[:2] for _, img, _ in loaded], np.int64).reshape(-1, 2)
+        out.image_scores = run.image_score(scored).astype(np.float64)
+        todo = [i for i, s in enumerate(out.image_scores) if anomalous(float(s))]
+
+        def crop(i):
+            img, m = loaded[i][1], raw[i]
             # the run's global map range, as the detect stage normalised the run's own maps
             return mebin_image(normalise_u8(m, run.norm_min, run.norm_max), img, run.lo, run.hi, run.mebin)
 
-        results = clock("mebin", self._map, crop, list(zip(loaded, raw)))
+        results = clock("mebin", self._map, crop, todo)
         crops = [c for _, c in results]
         side = None
         if self.net.cfg.side_dim:
@@ -308,26 +321,24 @@ class Predictor:
 
             if grids is None:  # maps given: the detector's pass for the descriptors alone
                 with single_threaded():
-                    grids = clock("detector", self._map, self.detector.residuals, [img for _, img, _ in loaded])
+                    grids = dict(zip(todo, clock("detector", self._map, self.detector.residuals, [loaded[i][1] for i in todo])))
 
             def describe(job):
                 grid, (res, c) = job
                 return pool_regions(grid, res.mask, c.regions) if len(c.regions) else np.zeros((0, self.net.cfg.side_dim), np.float32)
 
-            side = np.concatenate(clock("residuals", self._map, describe, list(zip(grids, results))))
-        out.kept = [item for item, _, _ in loaded]
-        out.image_scores = run.image_score(scored).astype(np.float64)
-        out.counts = np.array([len(c) for c in crops], np.int64)
-        out.boxes = np.concatenate([c.boxes for c in crops]).reshape(-1, 4)
-        out.regions = np.concatenate([c.regions for c in crops]).reshape(-1, 4)
-        out.sizes = np.array([img.shape[:2] for _, img, _ in loaded], np.int64).reshape(-1, 2)
-        out.areas = np.concatenate([c.areas for c in crops])
-        out.scores = np.concatenate([c.scores for c in crops])
+            side = _rows(clock("residuals", self._map, describe, [(grids[i], r) for i, r in zip(todo, results)]), (self.net.cfg.side_dim,), np.float32)
+        out.counts = np.zeros(len(loaded), np.int64)
+        out.counts[todo] = [len(c) for c in crops]
+        out.boxes = _rows([c.boxes for c in crops], (4,), np.int32).reshape(-1, 4)
+        out.regions = _rows([c.regions for c in crops], (4,), np.int32).reshape(-1, 4)
+        out.areas = _rows([c.areas for c in crops], (), np.int64)
+        out.scores = _rows([c.scores for c in crops], (), np.float32)
         # one thread: the same logits as two here, and on a shared CPU two OpenMP threads wait on
         # each other at every kernel (one crop: 1.2-1.5 s on 2 threads, 35 ms on 1, load ~7)
         with single_threaded():
-            o = clock("classifier", crop_outputs, self.net, np.concatenate([c.crops for c in crops]),
-                      np.concatenate([c.crop_masks for c in crops]), self.device, self.batch_size, side)
+            o = clock("classifier", crop_outputs, self.net, _rows([c.crops for c in crops], (0, 0, 3), np.uint8),
+                      _rows([c.crop_masks for c in crops], (0, 0), np.uint8), self.device, self.batch_size, side)
         probs = head_probabilities(torch.from_numpy(o.logits), self.net.cfg.num_labeled).numpy().astype(np.float32)
         out.probs = novel_probabilities(probs, self.head, self.net.cfg.num_labeled)
         out.features = o.features
@@ -377,6 +388,12 @@ class Predictor:
         out = {"id": r["id"], "image": r["image"], "cluster": r["cluster"], "name": self.run.names.get(int(r["cluster"]), "")}
         out.update(status=r["status"], open_set=open_set, image_score=_num(score), unknown_score=_num(unknown) if found else "")
         return out | {c: v for c, v in r.items() if c not in out}
+
+
+def _rows(parts: list[np.ndarray], tail: tuple[int, ...], dtype) -> np.ndarray:
+    """``parts`` joined along their first axis; ``(0, *tail)`` of ``dtype`` when there are none
+    (a chunk whose every image the normal gate passed)."""
+    return np.concatenate(parts) if parts else np.zeros((0, *tail), dtype)
 
 
 def _num(x: float) -> str:

@@ -2,11 +2,15 @@
 
     python -m benchmarks.bench_predict                         # this project's run, 200 MTD images
     python -m benchmarks.bench_predict --run ../mtd-run --n 200 --ref /tmp/main-copy
+    python -m benchmarks.bench_predict --run ../mtd-run --n 200 --normal-share 0.9   # a line's mix
 
 ``--run``: a finished project (default: this one, the demo run after ``dvc repro``). Images: N
 MTD defect images (``--mtd``, default ``/work/shared/datasets/mtd`` or ``$ANOMALYNCD_MTD``),
 taken evenly over the ``MT_*/Imgs`` folders, when the dataset is there; else the run's own
-demo test images (repeated up to N).
+demo test images (repeated up to N). ``--normal-share F``: that share of the N images
+defect-free instead (``MT_Free`` outside its training list, or the demo's ``good`` test
+images), as on a line, where
+``predict`` spends MEBin and the classifier only on the images its normal gate lets through.
 
 Two parts:
 
@@ -37,18 +41,31 @@ ROOT = Path(__file__).resolve().parents[1]
 MTD = Path(os.environ.get("ANOMALYNCD_MTD", "/work/shared/datasets/mtd"))
 
 
-def pick_images(run: Path, mtd: Path, n: int) -> tuple[str, list[Path]]:
-    """N image files: MTD defect images evenly over its folders if present, else the run's
-    demo test images (cycled up to N, each under its own name)."""
-    folders = sorted(d / "Imgs" for d in mtd.glob("MT_*") if d.name != "MT_Free") if mtd.is_dir() else []
-    if folders:
-        files = sorted(f for d in folders for f in d.glob("*.jpg"))
-        step = max(1, len(files) // n)
-        return f"MTD ({mtd})", files[::step][:n]
-    files = sorted(f for f in (run / "data" / "demo").rglob("test/*/*.png") if f.parent.name != "good")
-    if not files:
+def pick_images(run: Path, mtd: Path, n: int, normal_share: float = 0.0) -> tuple[str, list[Path]]:
+    """N image files, ``round(normal_share * n)`` of them defect-free: MTD images evenly over
+    its folders if present, else the run's demo test images (cycled, each under its own name)."""
+    n_free = round(normal_share * n)
+    if (mtd / "MT_Free").is_dir():
+        defect = sorted(f for d in mtd.glob("MT_*") if d.name != "MT_Free" for f in (d / "Imgs").glob("*.jpg"))
+        listed = mtd / "mtd_train_filenames.txt"  # the detector's normal training images: not new to it
+        train = set(listed.read_text().split()) if listed.is_file() else set()
+        free = sorted(f for f in (mtd / "MT_Free" / "Imgs").glob("*.jpg") if f.name not in train)
+        source = f"MTD ({mtd})"
+    else:
+        tests = sorted((run / "data" / "demo").rglob("test/*/*.png"))
+        defect = [f for f in tests if f.parent.name != "good"]
+        free = [f for f in tests if f.parent.name == "good"]
+        source = f"the demo run's test images ({run})"
+    if not defect or (n_free and not free):
         sys.exit(f"{run}: no demo test images and no MTD at {mtd}; pass --mtd")
-    return f"the demo run's test images ({run})", [files[i % len(files)] for i in range(n)]
+    return source, _evenly(defect, n - n_free) + _evenly(free, n_free)
+
+
+def _evenly(files: list[Path], k: int) -> list[Path]:
+    """``k`` of ``files`` evenly spaced (cycled when there are fewer)."""
+    if k <= len(files):
+        return files[:: max(1, len(files) // k)][:k] if k else []
+    return [files[i % len(files)] for i in range(k)]
 
 
 def link_images(files: list[Path], dest: Path) -> list[Path]:
@@ -115,7 +132,8 @@ def inprocess_part(run_dir: Path, images: list[Path], single: int) -> dict:
     pred.timings["merge"] += time.perf_counter() - t0
     total = time.perf_counter() - t
     return {"load_run": t_run, "load_models": t_models, "single": statistics.median(lat), "total": total,
-            "steps": dict(pred.timings), "n": len(rows), "crops": sum(len(p.areas) for p in parts)}
+            "steps": dict(pred.timings), "n": len(rows), "crops": sum(len(p.areas) for p in parts),
+            "normal": sum(r["status"] == "normal" for r in rows)}
 
 
 def main() -> None:
@@ -126,11 +144,14 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=10, help="images timed one at a time")
     ap.add_argument("--repeat", type=int, default=1, help="command runs per version (best kept)")
     ap.add_argument("--ref", type=Path, default=None, help="another version's code to compare with")
+    ap.add_argument("--normal-share", type=float, default=0.0, help="share of defect-free images among the N")
     ap.add_argument("--no-cli", action="store_true", help="skip part 1")
     args = ap.parse_args()
     run = args.run.resolve()
-    source, files = pick_images(run, args.mtd, args.n)
-    print(f"run: {run}; {len(files)} images from {source}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    if not 0 <= args.normal_share <= 1:
+        sys.exit(f"--normal-share must be in [0, 1], got {args.normal_share}")
+    source, files = pick_images(run, args.mtd, args.n, args.normal_share)
+    print(f"run: {run}; {len(files)} images from {source} ({args.normal_share:.0%} defect-free); torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
     with tempfile.TemporaryDirectory() as d:
         images = link_images(files, Path(d) / "images")
         # the commands first: a child's peak RSS counts its parent's at the fork, kept small here
@@ -139,7 +160,7 @@ def main() -> None:
         n = len(images)
         print(f"\nin process (this code): load run {ip['load_run']:.2f} s, detector + classifier {ip['load_models']:.2f} s; "
               f"warm single image {ip['single'] * 1000:.0f} ms (median of {args.single})")
-        print(f"{n} images ({ip['crops']} crops): {ip['total']:.2f} s = {ip['total'] / n * 1000:.1f} ms/image")
+        print(f"{n} images ({ip['normal']} called normal, {ip['crops']} crops): {ip['total']:.2f} s = {ip['total'] / n * 1000:.1f} ms/image")
         for step, sec in ip["steps"].items():
             print(f"  {step:<10} {sec:7.2f} s  {sec / n * 1000:6.1f} ms/image")
         if cli is None:

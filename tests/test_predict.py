@@ -457,3 +457,25 @@ def predict_images_quiet(run, images, maps_dir, **kw) -> list[dict]:
     from anomalyncd.predict import predict_images
 
     return predict_images(run, images, maps_dir, "cpu", workers=1, progress=False, **kw).rows
+
+
+def test_images_the_normal_gate_passes_go_to_no_classifier_and_the_others_rows_do_not_change(small_run, tmp_path):
+    from anomalyncd.image_score import ImageScore
+    from anomalyncd.predict import Predictor
+    from anomalyncd.store import read_maps
+
+    _, images, maps_dir = small_run
+    ids = [i for i, _ in images]
+    files = find_maps(maps_dir, ids)
+    scores = ImageScore.from_attrs(read_maps(small_run[0] / paths.MAPS).attrs)(np.stack([np.load(f) for f in files]))
+    t = float(np.median(scores))
+    _, run = _with_calibration(small_run, tmp_path / "run", [t], [0.0])
+    c = Predictor(run, "cpu", maps=True, workers=1).classify(images, files)
+    assert not c.counts[scores <= t].any() and c.counts[scores > t].any()  # crops of the anomalous images only
+    assert len(c.areas) == len(c.probs) == len(c.features) == c.counts.sum()
+    gated = predict_images_quiet(run, images, maps_dir)
+    every = predict_images_quiet(run, images, maps_dir, normal_gate=False)
+    _same_rows([r for r, s in zip(every, scores) if s > t], [r for r, s in zip(gated, scores) if s > t])
+    # a chunk whose every image is normal: no crops at all
+    _, quiet = _with_calibration(small_run, tmp_path / "quiet", [float(scores.max())], [0.0])
+    assert {r["status"] for r in predict_images_quiet(quiet, images, maps_dir)} == {"normal"}

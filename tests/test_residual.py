@@ -69,6 +69,26 @@ def test_patchcore_residuals_are_each_patch_minus_its_nearest_bank_entry_on_the_
     np.testing.assert_allclose(np.linalg.norm(r.reshape(-1, d1), axis=1), nearest_distance(q, det.bank[:, :d1]).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_an_image_whose_score_map_needs_no_regions_skips_its_region_search_and_keeps_its_score_map(rng):
+    from .test_detect import surface, with_spot
+
+    det = create_detector(DetectParams(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, map_size=32,
+                                       device="cpu", pretrained=False, bank_size=50, scales=[1.0, 0.5]))
+    det.fit([surface(rng, 64) for _ in range(6)])
+    images = [with_spot(surface(rng, 64)), surface(rng, 64), with_spot(surface(rng, 64))]
+    maps, scored, grids = det.predict_described(images)
+    asked = []
+    # the second image declined (the images are mapped side by side: asked in any order)
+    wanted = lambda m: asked.append(m) or not np.array_equal(m[0], scored[1])  # noqa: E731
+    g_maps, g_scored, g_grids = det.predict_described(images, wanted)
+    assert len(asked) == 3 and all(a.shape == (1, 32, 32) for a in asked)
+    np.testing.assert_array_equal(g_scored, scored)  # every score map, as before
+    for i in (0, 2):  # the wanted images: their regions and grids bit for bit
+        np.testing.assert_array_equal(g_maps[i], maps[i])
+        np.testing.assert_array_equal(g_grids[i], grids[i])
+    assert g_grids[1] is None and not g_maps[1].any()
+
+
 def test_the_mebin_stage_stores_each_crops_residual_descriptor_from_the_runs_memory_bank(tmp_path, tiny_demo, monkeypatch):
     import yaml
 

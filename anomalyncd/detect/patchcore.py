@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -100,17 +100,23 @@ class PatchCore(BackboneDetector):
         q = q[:, : bank.shape[1]].contiguous()
         return q - bank[nearest_index(q, bank, bank_sq, index, workers)]
 
-    def _batch_maps(self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False, workers: int = 1) -> tuple:
+    def _batch_maps(
+        self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False, workers: int = 1, wanted: Callable | None = None
+    ) -> tuple:
         """Region maps and score maps ``(B, map_size, map_size)`` of the batch ``s`` of
         ``images`` (read here), the same array twice with one scale; ``with_grids``: also
         the batch's residual grids ``(B, h, w, D1)`` (:meth:`residuals`, from the same pass).
         ``workers``: threads for this one batch (the same maps for any number): more than one
-        only when it is the only batch, not from a worker of a pool over batches."""
+        only when it is the only batch, not from a worker of a pool over batches.
+        ``wanted(score maps) -> bool``: False skips the region search (zero region maps, no
+        grids), for the images whose score already says they need no regions."""
         size = self.params.map_size
         sigma = self.params.smooth_sigma * size / self.spec.image_size
         with torch.inference_mode():
             q, (b, h, w) = self._queries(images[s], workers=workers)
             scored = upsample_maps(nearest_distance(q, self.bank, self.bank_sq, self.index, workers).view(b, h, w), size, sigma).cpu().numpy()
+            if wanted is not None and not wanted(scored):
+                return (np.zeros_like(scored), scored) + ((None,) if with_grids else ())
             if self.region_bank is None and not with_grids:
                 return scored, scored
             r = self._residuals(q, workers)
@@ -208,24 +214,30 @@ class PatchCore(BackboneDetector):
             q, (_, h, w) = self._queries([image], self.params.scales[:1])
             return self._residuals(q).view(h, w, -1).cpu().numpy()
 
-    def _units_maps(self, images: Sequence[np.ndarray], units: list[slice], with_grids: bool = False) -> Iterator[tuple]:
+    def _units_maps(
+        self, images: Sequence[np.ndarray], units: list[slice], with_grids: bool = False, wanted: Callable | None = None
+    ) -> Iterator[tuple]:
         """:meth:`_batch_maps` of each unit (a slice of ``images``), in order: the units side by
         side on the pool, one thread each, or a lone unit (predict's one image) with its scales
         and its search on every core; the same maps either way."""
         workers = pool_size(self.device)
         if len(units) == 1:
             with single_threaded():
-                yield self._batch_maps(images, units[0], with_grids, workers)
+                yield self._batch_maps(images, units[0], with_grids, workers, wanted)
         else:
-            yield from ordered_map(lambda s: self._batch_maps(images, s, with_grids), units, workers)
+            yield from ordered_map(lambda s: self._batch_maps(images, s, with_grids, wanted=wanted), units, workers)
 
-    def predict_described(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def predict_described(
+        self, images: Sequence[np.ndarray], wanted: Callable[[np.ndarray], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
         """:meth:`predict_scored` and each image's :meth:`residuals` grid (the same values), from
-        one pass per image."""
+        one pass per image. ``wanted``: called with each image's score map ``(1, S, S)``; where it
+        says False the image's region search is skipped: its region map is zeros and its grid
+        None (``anomalyncd predict``'s images that its normal gate passes: they get no regions)."""
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
-        out = list(self._units_maps(images, [slice(i, i + 1) for i in range(len(images))], with_grids=True))
-        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), [o[2][0] for o in out]
+        out = list(self._units_maps(images, [slice(i, i + 1) for i in range(len(images))], True, wanted))
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), [None if o[2] is None else o[2][0] for o in out]
 
     def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if self.bank is None:
