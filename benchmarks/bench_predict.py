@@ -43,28 +43,32 @@ MTD = Path(os.environ.get("ANOMALYNCD_MTD", "/work/shared/datasets/mtd"))
 
 def pick_images(run: Path, mtd: Path, n: int, normal_share: float = 0.0) -> tuple[str, list[Path]]:
     """N image files, ``round(normal_share * n)`` of them defect-free: MTD images evenly over
-    its folders if present, else the run's demo test images (cycled, each under its own name)."""
+    its folders if present, else the run's demo test images (cycled from the first, each under
+    its own name)."""
     n_free = round(normal_share * n)
     if (mtd / "MT_Free").is_dir():
         defect = sorted(f for d in mtd.glob("MT_*") if d.name != "MT_Free" for f in (d / "Imgs").glob("*.jpg"))
         listed = mtd / "mtd_train_filenames.txt"  # the detector's normal training images: not new to it
         train = set(listed.read_text().split()) if listed.is_file() else set()
         free = sorted(f for f in (mtd / "MT_Free" / "Imgs").glob("*.jpg") if f.name not in train)
-        source = f"MTD ({mtd})"
-    else:
-        tests = sorted((run / "data" / "demo").rglob("test/*/*.png"))
-        defect = [f for f in tests if f.parent.name != "good"]
-        free = [f for f in tests if f.parent.name == "good"]
-        source = f"the demo run's test images ({run})"
-    if not defect or (n_free and not free):
+        return f"MTD ({mtd})", _evenly(defect, n - n_free) + _evenly(free, n_free)
+    tests = sorted((run / "data" / "demo").rglob("test/*/*.png"))
+    defect = [f for f in tests if f.parent.name != "good"]
+    free = [f for f in tests if f.parent.name == "good"]
+    if not defect:
         sys.exit(f"{run}: no demo test images and no MTD at {mtd}; pass --mtd")
-    return source, _evenly(defect, n - n_free) + _evenly(free, n_free)
+    if n_free and not free:
+        sys.exit(f"{run}: no defect-free demo test images (test/good) for --normal-share {normal_share}")
+    return f"the demo run's test images ({run})", _cycled(defect, n - n_free) + _cycled(free, n_free)
 
 
 def _evenly(files: list[Path], k: int) -> list[Path]:
-    """``k`` of ``files`` evenly spaced (cycled when there are fewer)."""
-    if k <= len(files):
-        return files[:: max(1, len(files) // k)][:k] if k else []
+    """``k`` of ``files`` evenly spaced (fewer when there are fewer)."""
+    return files[:: max(1, len(files) // k)][:k] if k else []
+
+
+def _cycled(files: list[Path], k: int) -> list[Path]:
+    """The first ``k`` of ``files`` repeated as often as needed."""
     return [files[i % len(files)] for i in range(k)]
 
 
