@@ -410,16 +410,34 @@ def test_patchcore_keeping_the_aspect_maps_images_of_any_shape_and_finds_the_spo
     assert spot_contrast(maps[:1]) > 0
 
 
-def test_greedy_coreset_is_the_same_for_any_number_of_workers(monkeypatch):
+@pytest.mark.parametrize("candidates, pending", [(4096, 256), (64, 16), (8, 4)])
+def test_greedy_coreset_is_the_same_for_any_number_of_workers(monkeypatch, candidates, pending):
     from anomalyncd.detect import ops, parallel
     from anomalyncd.detect.ops import greedy_coreset_full
 
-    # blocks of 4,096 rows instead of parallel.BLOCK_ROWS: several blocks, shared by the workers
+    # blocks of 4,096 rows instead of parallel.BLOCK_ROWS: several blocks, shared by the workers;
+    # few candidates and few waiting centres: many passes over every point, both kinds of pass
     monkeypatch.setattr(ops, "row_blocks", lambda n: parallel.row_blocks(n, 4096))
+    monkeypatch.setattr(ops, "COVER_CANDIDATES", candidates)
+    monkeypatch.setattr(ops, "COVER_PENDING", pending)
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(20000, 12)).astype(np.float32))
-    ref = greedy_coreset_full(x, 40, seed=3)
+    ref = greedy_coreset_full(x, 200, seed=3)
     for workers in (1, 2, 3):
-        assert torch.equal(greedy_coreset(x, 40, seed=3, progress=False, workers=workers), ref)
+        assert torch.equal(greedy_coreset(x, 200, seed=3, progress=False, workers=workers), ref)
+
+
+@pytest.mark.parametrize("candidates, pending", [(4096, 256), (8, 4)])
+def test_greedy_coreset_breaks_ties_by_the_lowest_index_as_the_pass_over_every_point_does(monkeypatch, candidates, pending):
+    from anomalyncd.detect import ops
+    from anomalyncd.detect.ops import greedy_coreset_full
+
+    monkeypatch.setattr(ops, "COVER_CANDIDATES", candidates)
+    monkeypatch.setattr(ops, "COVER_PENDING", pending)
+    # integer points, many of them equal: exact distances, many equally far points
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 4, size=(5000, 3)).astype(np.float32))
+    got = greedy_coreset(x, 64, seed=1, progress=False, workers=2)
+    assert torch.equal(got, greedy_coreset_full(x, 64, seed=1))
+    assert len({tuple(row) for row in x[got].tolist()}) == 64  # each of the 4^3 distinct points once
 
 
 def test_nearest_distance_finds_the_nearest_row_exactly(rng):

@@ -209,6 +209,16 @@ def project(features: torch.Tensor, dim: int, generator: torch.Generator, worker
     return blocked(lambda x: x @ proj, features, workers)
 
 
+#: Candidates of :func:`greedy_coreset` kept between two passes over every point: the points
+#: farthest from the centres at the last pass, whose distances to the newer centres are taken
+#: as the centres come.
+COVER_CANDIDATES = 2048
+#: Centres that :func:`greedy_coreset` applies to every point in one pass, at most (a pass
+#: holds two ``BLOCK_ROWS`` x this float32 blocks per worker: 32 MB). These two measured
+#: fastest on the MTD fit (1,024-8,192 and 32-256 tried; the same indices for all).
+COVER_PENDING = 64
+
+
 def greedy_coreset(
     features: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128, progress: bool = True, workers: int = 1
 ) -> torch.Tensor:
@@ -219,11 +229,20 @@ def greedy_coreset(
     are taken after a seeded random projection to ``proj_dim`` dimensions when D is larger,
     as in the PatchCore paper.
 
-    Every step updates the M squared distances block of rows by block of rows
-    (``parallel.BLOCK_ROWS``, a fixed cut), each block by one single-threaded product, the
-    blocks shared by ``workers`` threads; the farthest point is the first maximum of the
-    blocks' maxima in row order. The same indices for any ``workers``, and as
-    :func:`greedy_coreset_full`.
+    The farthest point is found lazily, the point a pass over every point per centre
+    (:func:`greedy_coreset_full`) finds: each point's distance to the centres of the last pass
+    is an upper bound of its distance to all of them, so the ``COVER_CANDIDATES`` points of the
+    largest bounds, their distances to the newer centres taken one centre at a time, hold the
+    farthest point whenever its distance exceeds every other point's bound. When it does not
+    (or ``COVER_PENDING`` centres wait), one pass applies the waiting centres to every point by
+    a matrix product: a memory-bound product per centre over all M points becomes one
+    compute-bound product per pass, 12x faster on the MTD fit's 200,000 candidates. Its
+    distances are rounded otherwise than the one-centre products', so two almost equally far
+    points may be taken in the other order (the MTD fit: the same 10,000 points, 89 pairs of
+    consecutive ones swapped; the detect stage's maps byte for byte the same; docs/detect.md).
+    The passes cut the points in fixed blocks of rows (``parallel.BLOCK_ROWS``), each block one
+    single-threaded product, the blocks shared by ``workers`` threads: the same indices for any
+    ``workers``.
     """
     m = len(features)
     if n >= m:
@@ -233,35 +252,59 @@ def greedy_coreset(
     start = int(torch.randint(m, (1,), generator=g))
     blocks = row_blocks(m)
     workers = max(1, min(workers, len(blocks)))
+    n_cand = min(COVER_CANDIDATES, m - 1)
     with single_threaded():
         sq = (x * x).sum(dim=1)  # (M,)
-        dist = torch.full((m,), math.inf, dtype=x.dtype, device=x.device)  # squared, (M,)
-        top = [(0.0, 0)] * len(blocks)  # per block: its largest distance and its row
+        bound = torch.full((m,), math.inf, dtype=x.dtype, device=x.device)  # squared distance to the applied centres
+        chosen = torch.empty(n, dtype=torch.long, device=x.device)
+        pending: list[int] = []  # centres not yet applied to ``bound``
 
-        def update(group: list[int], c: torch.Tensor, sq_c: torch.Tensor) -> None:
+        def apply(group: list[int], c: torch.Tensor) -> None:
             for b in group:
                 s = blocks[b]
-                new = (sq[s] + sq_c).sub_(x[s] @ c, alpha=2).clamp_min_(0)
-                d = torch.minimum(dist[s], new, out=dist[s])
-                j = int(torch.argmax(d))
-                top[b] = (float(d[j]), s.start + j)
+                d = torch.addmm(sq[s, None] + sq[c], x[s], x[c].T, alpha=-2).clamp_min_(0)
+                torch.minimum(bound[s], d.amin(dim=1), out=bound[s])
 
-        groups = [list(range(w, len(blocks), workers)) for w in range(workers)]
-        chosen = torch.empty(n, dtype=torch.long, device=x.device)
         pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
+        groups = [list(range(w, len(blocks), workers)) for w in range(workers)]
+
+        def flush() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+            """Apply the waiting centres to every point; the candidates (the points of the
+            largest bounds, by index), their rows of ``x`` and of ``sq``, their distances, and
+            the largest bound left out."""
+            if pending:
+                c = torch.tensor(pending, dtype=torch.long, device=x.device)
+                futures = [pool.submit(apply, grp, c) for grp in groups[1:]] if pool else []
+                apply(groups[0], c)
+                for f in futures:
+                    f.result()
+                pending.clear()
+            top = torch.topk(bound, n_cand + 1)
+            cand, out_bound = top.indices[:n_cand], float(top.values[n_cand])
+            order = torch.argsort(cand)
+            cand = cand[order]
+            return cand, x[cand], sq[cand], top.values[:n_cand][order].clone(), out_bound
+
         try:
-            i = start
+            i, cand = start, None
             for k in tqdm(range(n), desc="detect: coreset", unit="pt", disable=not progress, mininterval=1.0):
                 chosen[k] = i
                 if k == n - 1:
                     break
-                c, sq_c = x[i], sq[i]
-                futures = [pool.submit(update, grp, c, sq_c) for grp in groups[1:]] if pool else []
-                update(groups[0], c, sq_c)
-                for f in futures:
-                    f.result()
-                # the largest distance; among equal ones the first block, i.e. the first row
-                i = top[max(range(len(blocks)), key=lambda b: (top[b][0], -b))][1]
+                pending.append(i)
+                if cand is None or len(pending) >= COVER_PENDING:
+                    cand, x_cand, sq_cand, dist, out_bound = flush()
+                else:
+                    new = (sq_cand + sq[i]).sub_(x_cand @ x[i], alpha=2).clamp_min_(0)
+                    torch.minimum(dist, new, out=dist)
+                j = int(torch.argmax(dist))  # the first of equal maxima: the lowest index
+                if not float(dist[j]) > out_bound:
+                    cand, x_cand, sq_cand, dist, out_bound = flush()
+                    j = int(torch.argmax(dist))
+                    if not float(dist[j]) > out_bound:  # ties beyond the candidates
+                        i = int(torch.argmax(bound))
+                        continue
+                i = int(cand[j])
         finally:
             if pool:
                 pool.shutdown()
@@ -269,8 +312,9 @@ def greedy_coreset(
 
 
 def greedy_coreset_full(features: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
-    """:func:`greedy_coreset` in one piece (all M distances by one product per step, one
-    thread): the reference its tests compare with."""
+    """:func:`greedy_coreset` as its definition runs it: all M distances updated by one
+    product per centre, one thread; the reference its tests and ``benchmarks/bench_coreset.py``
+    compare with."""
     m = len(features)
     if n >= m:
         return torch.arange(m, device=features.device)
