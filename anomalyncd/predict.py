@@ -228,6 +228,8 @@ class Predictor:
             self.calibration = run.calibration.with_quantiles(normal_quantile, unknown_quantile)
             if not normal_gate:
                 self.calibration = replace(self.calibration, normal_scores=np.zeros(0), note="--no-normal-gate")
+        # the normal gate's threshold (None: every image goes on to the defect classifier)
+        self.t_normal = None if self.calibration is None else self.calibration.normal_threshold
         self.detector = None
         self.maps_given = maps
         if not maps:
@@ -284,18 +286,13 @@ class Predictor:
             return out
         # An image the normal gate calls normal gets no class and no boxes whatever its regions
         # (:meth:`_decide`): its region search, MEBin, descriptors and classifier are skipped.
-        t_normal = None if self.calibration is None else self.calibration.normal_threshold
-
-        def anomalous(score: float) -> bool:
-            return t_normal is None or score > t_normal
-
         grids = None
         if not self.maps_given:
             try:
                 images = [img for _, img, _ in loaded]
                 if self.net.cfg.side_dim:  # the crops' residual descriptors come from the same pass
                     raw, scored, grids = clock("detector", self.detector.predict_described, images,
-                                               lambda m: anomalous(float(run.image_score(m)[0])))
+                                               lambda m: not self._normal(float(run.image_score(m)[0])))
                 else:
                     raw, scored = clock("detector", self.detector.predict_scored, images)
             except InputError as e:
@@ -306,7 +303,7 @@ class Predictor:
         out.kept = [item for item, _, _ in loaded]
         out.sizes = np.array([img.shape[:2] for _, img, _ in loaded], np.int64).reshape(-1, 2)
         out.image_scores = run.image_score(scored).astype(np.float64)
-        todo = [i for i, s in enumerate(out.image_scores) if anomalous(float(s))]
+        todo = [i for i, s in enumerate(out.image_scores) if not self._normal(float(s))]
 
         def crop(i):
             img, m = loaded[i][1], raw[i]
@@ -372,15 +369,19 @@ class Predictor:
             unknown = image_unknown_scores(dist, merged.weights, image_index, merged.anomaly)
         return [self._decide(r, s, u) for r, s, u in zip(rows, scores, unknown)]
 
+    def _normal(self, score: float) -> bool:
+        """The normal gate: an image score not above the run's normal threshold (never without
+        one). :meth:`classify` skips such images' regions, :meth:`_decide` reports them normal."""
+        return self.t_normal is not None and score <= self.t_normal
+
     def _decide(self, r: dict, score: float, unknown: float) -> dict:
         """One merged row with predict's decisions and columns: ``name`` after ``cluster``, and
         ``open_set`` (known type / unknown type), ``image_score`` and ``unknown_score`` after
         ``status``. An image not above the normal threshold is ``normal``: no class, no boxes."""
         cal, no_anomaly = self.calibration, self.run.merger.no_anomaly
-        t_normal = None if cal is None else cal.normal_threshold
         t_unknown = None if cal is None else cal.unknown_threshold
         r = {c: v for c, v in r.items() if c != "category"}
-        if t_normal is not None and score <= t_normal:
+        if self._normal(score):
             r.update(cluster=no_anomaly, status=NORMAL, confidence="", n_crops=0, boxes="", crop_boxes="", crop_clusters="")
             r.update({c: "" for c in r if c.startswith("prob_")})
         found = r["status"] == STATUS[True]

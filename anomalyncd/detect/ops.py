@@ -259,10 +259,10 @@ def greedy_coreset(
         chosen = torch.empty(n, dtype=torch.long, device=x.device)
         pending: list[int] = []  # centres not yet applied to ``bound``
 
-        def apply(group: list[int], c: torch.Tensor) -> None:
+        def apply(group: list[int], x_c: torch.Tensor, sq_c: torch.Tensor) -> None:
             for b in group:
                 s = blocks[b]
-                d = torch.addmm(sq[s, None] + sq[c], x[s], x[c].T, alpha=-2).clamp_min_(0)
+                d = torch.addmm(sq[s, None] + sq_c, x[s], x_c.T, alpha=-2).clamp_min_(0)
                 torch.minimum(bound[s], d.amin(dim=1), out=bound[s])
 
         pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
@@ -274,8 +274,9 @@ def greedy_coreset(
             the largest bound left out."""
             if pending:
                 c = torch.tensor(pending, dtype=torch.long, device=x.device)
-                futures = [pool.submit(apply, grp, c) for grp in groups[1:]] if pool else []
-                apply(groups[0], c)
+                x_c, sq_c = x[c], sq[c]
+                futures = [pool.submit(apply, grp, x_c, sq_c) for grp in groups[1:]] if pool else []
+                apply(groups[0], x_c, sq_c)
                 for f in futures:
                     f.result()
                 pending.clear()
