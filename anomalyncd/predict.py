@@ -290,11 +290,14 @@ class Predictor:
         if not self.maps_given:
             try:
                 images = [img for _, img, _ in loaded]
+
+                def wanted(scored: np.ndarray) -> bool:  # a batch's score maps: does any image need regions
+                    return not all(self._normal(float(s)) for s in run.image_score(scored))
+
                 if self.net.cfg.side_dim:  # the crops' residual descriptors come from the same pass
-                    raw, scored, grids = clock("detector", self.detector.predict_described, images,
-                                               lambda m: not self._normal(float(run.image_score(m)[0])))
+                    raw, scored, grids = clock("detector", self.detector.predict_described, images, wanted)
                 else:
-                    raw, scored = clock("detector", self.detector.predict_scored, images)
+                    raw, scored = clock("detector", self.detector.predict_scored, images, wanted)
             except InputError as e:
                 raise InputError(f"{e}; or pass ready anomaly maps with --maps <folder>") from e
         else:

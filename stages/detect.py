@@ -67,10 +67,11 @@ def no_normal_images(method: str, layout: str) -> str:
 
 
 def holdout_top_means(det, held: list[Record], tops: list[float]) -> np.ndarray:
-    """float64 (H, S): the top means of the held-back normal images' maps (mapped a chunk at a
-    time, as the images to classify), the image score's reference."""
+    """float64 (H, S): the top means of the held-back normal images' score maps (mapped a chunk
+    at a time, as the images to classify; their region maps are not needed), the image score's
+    reference."""
     step = stream.chunk_size(det, len(held))
-    out = [top_means(det.map_records_scored(held[a : a + step])[1], tops) for a in range(0, len(held), step)]
+    out = [top_means(det.map_records_scored(held[a : a + step], lambda _: False)[1], tops) for a in range(0, len(held), step)]
     return np.concatenate(out) if out else np.zeros((0, len(tops)), np.float64)
 
 

@@ -1,10 +1,13 @@
-"""benchmarks/bench_openset.py: the leave-one-type-out split keeps photographs of one part together."""
+"""benchmarks/bench_openset.py: the leave-one-type-out split keeps photographs of one part together;
+the normal/defect threshold redrawn over other held-back images."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.bench_openset import loto_split, tile_groups
+import numpy as np
+
+from benchmarks.bench_openset import loto_split, redrawn_calibration, tile_groups
 
 
 def _items(names: list[str]) -> list[tuple[Path, Path]]:
@@ -31,3 +34,13 @@ def test_no_held_back_known_image_has_a_twin_in_the_run():
     for t, (img, _) in known:
         group = next(g for g in tile_groups(types[t]) if img in [types[t][i][0] for i in g])
         assert not {types[t][i][0] for i in group} & {i for i, _ in run[t]}
+
+
+def test_redrawn_thresholds_flag_about_the_promised_share_of_normal_images():
+    rng = np.random.default_rng(0)
+    held, free = rng.normal(size=150), rng.normal(size=200)
+    defects = rng.normal(3.0, 1.0, size=300)
+    tp, fp = redrawn_calibration(held, free, defects, 0.9, draws=300)
+    assert tp.shape == fp.shape == (300,) and len(np.unique(fp)) > 5  # each draw its own threshold
+    assert abs(fp.mean() - 0.1) < 0.02  # the quantile's promise, on average over draws
+    assert abs(tp.mean() - np.mean(defects > 1.28)) < 0.02  # N(3, 1) above N(0, 1)'s 0.9 quantile, 1.28

@@ -203,6 +203,20 @@ def test_with_two_scales_the_region_maps_are_those_of_the_one_scale_detector(rng
     assert not np.allclose(two.predict_scored(test)[1], one.predict(test))
 
 
+def test_a_batch_not_wanted_gets_its_score_maps_and_zero_region_maps(rng):
+    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0, 0.5]))
+    det.fit([surface(rng, 64) for _ in range(6)])
+    test = [with_spot(surface(rng, 64)), surface(rng, 64)]
+    maps, scored = det.predict_scored(test)
+    seen = []
+    skipped, same = det.predict_scored(test, wanted=lambda m: seen.append(m.shape) or False)
+    assert seen == [(1, 32, 32)] * 2  # asked once per batch (one image each: keep_aspect)
+    np.testing.assert_array_equal(same, scored)
+    assert not skipped.any() and maps.any()
+    kept = det.predict_scored(test, wanted=lambda m: True)
+    np.testing.assert_array_equal(kept[0], maps)
+
+
 def test_with_one_scale_the_score_map_is_the_region_map(rng):
     det = create_detector(params(method="patchcore", scales=[1.0]))
     det.fit([surface(rng) for _ in range(4)])

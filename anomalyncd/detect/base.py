@@ -82,11 +82,15 @@ class Detector(ABC):
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Raw anomaly maps float32 ``(N, map_size, map_size)``."""
 
-    def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_scored(
+        self, images: Sequence[np.ndarray], wanted: Callable[[np.ndarray], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The maps of :meth:`predict` and the maps the image score is drawn from, both float32
         ``(N, map_size, map_size)`` and aligned with the images. Default: the same maps; a
         detector whose best localisation and best image score come from different features
-        (PatchCore with several ``scales``) returns two."""
+        (PatchCore with several ``scales``) returns two, and there ``wanted(a batch's score maps
+        (B, S, S)) -> False`` skips that batch's region maps (left zeros): images that are only
+        scored, or that their score already calls normal."""
         maps = self.predict(images)
         return maps, maps
 
@@ -110,13 +114,15 @@ class Detector(ABC):
         """Maps of manifest records (default: read their images and :meth:`predict`)."""
         return self.predict(LazyImages([r.image for r in records]))
 
-    def map_records_scored(self, records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray]:
+    def map_records_scored(
+        self, records: Sequence[Record], wanted: Callable[[np.ndarray], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`predict_scored` of manifest records (a detector that overrides
         :meth:`map_records`: its maps twice)."""
         if type(self).map_records is not Detector.map_records:
             maps = self.map_records(records)
             return maps, maps
-        return self.predict_scored(LazyImages([r.image for r in records]))
+        return self.predict_scored(LazyImages([r.image for r in records]), wanted)
 
     def state_dict(self) -> dict[str, Any]:
         """Fitted state beyond ``params`` (tensors and plain values)."""

@@ -239,13 +239,16 @@ class PatchCore(BackboneDetector):
         out = list(self._units_maps(images, [slice(i, i + 1) for i in range(len(images))], True, wanted))
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]), [None if o[2] is None else o[2][0] for o in out]
 
-    def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_scored(
+        self, images: Sequence[np.ndarray], wanted: Callable[[np.ndarray], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.bank is None:
             raise RuntimeError("PatchCore.predict before fit")
         size = self.params.map_size
         out = np.zeros((1 if self.region_bank is None else 2, len(images), size, size), dtype=np.float32)
         parts = self.batches(len(images))
-        for s, (maps, scored) in zip(parts, tqdm(self._units_maps(images, parts), total=len(parts), desc="detect: patchcore maps", unit="batch")):
+        units = self._units_maps(images, parts, wanted=wanted)
+        for s, (maps, scored) in zip(parts, tqdm(units, total=len(parts), desc="detect: patchcore maps", unit="batch")):
             out[0, s], out[-1, s] = maps, scored
         return out[0], out[-1]
 
