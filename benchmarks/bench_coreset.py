@@ -66,7 +66,7 @@ def run(code: Path, data: Path, n: int, kind: str, tag: str) -> float:
 
 
 def main() -> None:
-    from bench_detect import MTD
+    from bench_detect import MTD, extract_code
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", help="git ref of the other code (default: ops.greedy_coreset_full of this code)")
@@ -91,7 +91,7 @@ def main() -> None:
         other = Path(tmp) / "ref"
         if args.ref:
             other.mkdir()
-            subprocess.run(f"git -C {ROOT} archive {args.ref} anomalyncd | tar -x -C {other}", shell=True, check=True)
+            extract_code(args.ref, other)
         print(f"{what}, {n} centres, {torch.get_num_threads()} workers", flush=True)
         t_new = run(ROOT, data, n, "lazy", "new")
         name = args.ref or "greedy_coreset_full"

@@ -20,6 +20,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -40,6 +41,15 @@ from anomalyncd.image_score import ImageScore, top_means  # noqa: E402
 from anomalyncd.io import read_mask  # noqa: E402
 
 MTD = ROOT.parent / "shared" / "datasets" / "mtd"
+
+
+def extract_code(ref: str, dest: Path) -> None:
+    """This repository's ``anomalyncd`` package as of git ``ref``, written under ``dest`` (for
+    benchmarks that run another version's code beside this one's)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "anomalyncd"], capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"--ref {ref}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
 
 
 def mtd_manifest(root: Path):

@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_detect import extract_code  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, hashlib
@@ -56,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = {"train": args.train, "test": args.test, "set": args.set}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(f"git -C {ROOT} archive {args.ref} anomalyncd | tar -x -C {tmp}", shell=True, check=True)
+        extract_code(args.ref, Path(tmp))
         versions = {"old": Path(tmp), "new": ROOT}
         rows: dict[tuple[str, int], list[dict]] = {}
         for _ in range(args.rounds):
