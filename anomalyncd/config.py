@@ -213,7 +213,7 @@ class TrainParams:
     repeat_times: int = 1  # each teacher-temperature step is held this many epochs
     memax_weight: float = 2.0  # the paper: 4
     memax_prior: Literal["uniform", "init"] = "uniform"  # me-max target: equal class sizes (the paper), or each head's initial k-means class sizes
-    anomaly_thred: float = 0.5  # pseudo-label correction: w = max(0, anomaly_thred - crop score)
+    anomaly_thred: float = 0.0  # pseudo-label correction: w = max(0, anomaly_thred - crop score); 0: off
     sup_weight: float = 0.3  # only with base_dir
     base_dir: str = ""  # optional labelled base set: <base_dir>/<class>/<name>.png + <name>_mask.png
     trunk_cache_views: int = 4  # 0: off (exact); V >= 2: precompute V views through the frozen blocks

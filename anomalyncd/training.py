@@ -11,9 +11,12 @@ blocks and the heads on two distinct cached views per crop and epoch. The backbo
 blocks (a ViT's from ``grad_from_block``, a CNN's last stage with ``tune_last_stage``) learn at
 ``lr * backbone_lr_scale``.
 
-Pseudo-label correction pulls the teacher target of every unlabelled crop scoring below
-``anomaly_thred`` toward the first novel output, as the authors do: the normal slot with
-``dataset.include_normal``, otherwise the first defect class (``anomaly_thred: 0`` turns it off).
+Pseudo-label correction (the authors', ``anomaly_thred: 0.5``; off by default) pulls the teacher
+target of every unlabelled crop scoring below ``anomaly_thred`` toward the first novel output:
+the normal slot with ``dataset.include_normal``, otherwise the first defect class. A crop's score
+is its peak on the set's range of map peaks, so "low" is relative to the set's brightest image,
+and the pull gathers faint defects of every type in one class: measured on MTD with and without
+a normal slot, it costs discovery (docs/discovery.md).
 
 The kept head (``head_select``) is by default the medoid of the heads' partitions of the
 training crops (:func:`select_consensus_head`) rather than the authors' head of lowest cluster

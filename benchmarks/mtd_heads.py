@@ -4,7 +4,8 @@
         base lr=0.01 memax_weight=2,lr=0.03
 
 ``<dir>`` is a project where ``mebin`` has run (``data/mebin/crops.zarr.zip`` and
-``data/prepared/manifest.csv``), e.g. a clone that ran the MTD command of README.md. Every
+``data/prepared/manifest.csv``), e.g. a clone that ran the MTD command of README.md; with its
+``dataset.include_normal`` the model has the normal slot, as the train stage gives it. Every
 variant (``base`` = params.yaml's ``train`` section; ``key=value,...`` changes train params)
 is trained with the library's :func:`~anomalyncd.training.train` for each seed, and its crops
 are merged to images as the pipeline does. Printed per variant (image NMI / ARI / F1, mean over
@@ -91,7 +92,8 @@ def main() -> None:
     truth = [records[i].defect_type for i in cs.ids]
     side = np.load(a.residuals)["residual"].astype(np.float32) if a.residuals else cs.residuals  # the run's own, if mebin stored any
     data = TrainData(cs.crops, cs.crop_masks, cs.scores, -np.ones(len(cs.crops), np.int64), side)
-    k = a.num_classes
+    has_normal = bool(params.get("dataset", {}).get("include_normal", False))
+    k = a.num_classes + int(has_normal)  # novel outputs, the normal slot included
 
     def image_scores(crop_probs: np.ndarray) -> np.ndarray:
         merged = merge_regions(crop_probs, cs.areas, cs.image_index, len(cs.ids), merge.strategy, merge.temperature)
@@ -111,7 +113,7 @@ def main() -> None:
             p = dataclasses.replace(base, seed=seed, head_select="consensus", **parse_variant(text))
             torch.manual_seed(seed)
             # a copy: fine-tuned blocks (grad_from_block) train the backbone's weights in place
-            net = MGViTClassifier(ModelConfig.from_params(p, num_unlabeled=k, side_dim=side.shape[1]), copy.deepcopy(backbone))
+            net = MGViTClassifier(ModelConfig.from_params(p, num_unlabeled=k, has_normal=has_normal, side_dim=side.shape[1]), copy.deepcopy(backbone))
             if getattr(net.encoder, "tuned", False):
                 # the frozen layers' tokens come first in the whole trunk's: one memo serves both
                 frozen_dim = net.encoder.frozen_channels

@@ -286,6 +286,15 @@ def test_low_score_crops_are_pulled_toward_the_first_novel_output():
     torch.testing.assert_close(parts["distill"], torch.stack(expected).mean())
 
 
+def test_by_default_a_crops_score_does_not_move_its_target():
+    logits, proj, labels, _ = base_batch([-1, -1, -1, -1], k=4)
+    unsure, sure = torch.zeros(4), torch.ones(4)
+    default = [batch_loss(proj, logits, labels, s, TrainParams(), 0.05, 0, False)[1]["distill"] for s in (unsure, sure)]
+    torch.testing.assert_close(default[0], default[1])  # the correction is off
+    authors = batch_loss(proj, logits, labels, unsure, TrainParams(anomaly_thred=0.5), 0.05, 0, False)[1]["distill"]
+    assert not torch.allclose(authors, default[1])
+
+
 def test_correction_acts_without_a_normal_slot():
     data = tiny_data()
     data.scores[:] = 0.0  # every crop as unsure as can be
