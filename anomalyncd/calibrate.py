@@ -12,7 +12,9 @@
    prototype, the normalised mean feature (the classifier's encoder output, which the cosine
    heads read) of the run's own crops of that class; an image's is the merge-weighted mean over
    its crops (:func:`anomalyncd.merge.region_weights`). An anomalous image is of an unknown type
-   when its score is above the ``unknown_quantile`` of the run's own anomalous images' scores.
+   when its score is above the ``unknown_quantile`` of the run's own anomalous images' scores,
+   each taken against prototypes made without that image's crops, as a new image's is
+   (:func:`held_out_distances`).
 
 The ``calibrate`` stage stores what both need in ``models/calibration.json`` (the score
 distributions, not only the thresholds, so that ``predict --normal-quantile/--unknown-quantile``
@@ -65,6 +67,39 @@ def crop_distances(features: np.ndarray, prototypes: np.ndarray) -> tuple[np.nda
     cos[:, ~ok] = -np.inf
     nearest = np.argmax(cos, 1) if len(f) else np.zeros(0, np.int64)
     return 1.0 - cos[np.arange(len(f)), nearest], nearest.astype(np.int64)
+
+
+def held_out_distances(
+    features: np.ndarray, labels: np.ndarray, image_index: np.ndarray, region: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """float64 (M,): each crop's cosine distance to the nearest class prototype made without its
+    own image's crops, so that the run's own images are scored as a new image is (a prototype
+    that holds the crop itself lies nearer to it than to any new crop of its class).
+
+    features (M, D); labels (M,) in 0..K-1 (others ignored); image_index (M,); region: bool (M,),
+    the crops that make prototypes (:func:`class_prototypes` of ``features[region]``). NaN for
+    a crop whose image holds every crop of every class.
+    """
+    f = _unit(np.asarray(features, np.float64))
+    labels, image_index = np.asarray(labels), np.asarray(image_index)
+    used = np.asarray(region, bool) & (labels >= 0) & (labels < n_classes)
+    sums = np.zeros((n_classes, f.shape[1]))
+    np.add.at(sums, labels[used], f[used])
+    counts = np.bincount(labels[used], minlength=n_classes)
+    out = np.full(len(f), np.nan)
+    order = np.argsort(image_index, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(image_index[order]) != 0])
+    for rows in np.split(order, starts[1:]) if len(order) else []:
+        own = rows[used[rows]]
+        s, n = sums.copy(), counts.copy()
+        np.add.at(s, labels[own], -f[own])
+        np.add.at(n, labels[own], -1)
+        if not (n > 0).any():
+            continue
+        cos = f[rows] @ _unit(s).T
+        cos[:, n == 0] = -np.inf
+        out[rows] = 1.0 - cos.max(1)
+    return out
 
 
 def image_unknown_scores(
@@ -198,7 +233,7 @@ def calibrate(
     region = np.asarray(areas) > 0
     protos = class_prototypes(np.asarray(features)[region], np.asarray(crop_labels)[region], n_classes)
     if np.isfinite(protos).all(1).any():
-        dist, _ = crop_distances(features, protos)
+        dist = held_out_distances(features, crop_labels, image_index, region, n_classes)
         img = image_unknown_scores(dist, weights, image_index, anomaly)
         known = np.sort(img[np.isfinite(img)])
     else:  # no anomaly region in the whole run: nothing to compare with

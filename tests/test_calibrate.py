@@ -13,6 +13,7 @@ from anomalyncd.calibrate import (
     calibrate,
     class_prototypes,
     crop_distances,
+    held_out_distances,
     image_unknown_scores,
     threshold,
 )
@@ -71,6 +72,27 @@ def test_prototypes_are_unit_class_means_and_a_class_without_crops_has_none():
     d, k = crop_distances(np.array([[0, 0, 5.0], [1.0, 1.0, 0]]), p)
     np.testing.assert_allclose(d, [0, 0], atol=1e-6)
     assert k.tolist() == [2, 0]
+
+
+def test_a_run_image_is_scored_against_prototypes_made_without_its_own_crops():
+    rng = np.random.default_rng(1)
+    f = rng.normal(0, 1, (40, 8))
+    labels = rng.integers(0, 3, 40)
+    labels[5] = -1  # a crop outside the classes makes no prototype
+    image = np.sort(rng.integers(0, 15, 40))
+    region = rng.random(40) > 0.1  # crops without a region make no prototype either
+    got = held_out_distances(f, labels, image, region, 3)
+    for i in np.unique(image):
+        others = (image != i) & region
+        expected, _ = crop_distances(f[image == i], class_prototypes(f[others], labels[others], 3))
+        np.testing.assert_allclose(got[image == i], expected, atol=1e-9)
+    # with its own crops in the prototypes the run's images would lie nearer than new ones do
+    assert got.mean() > crop_distances(f, class_prototypes(f[region], labels[region], 3))[0].mean()
+
+
+def test_an_image_that_holds_every_crop_has_no_held_out_score():
+    d = held_out_distances(np.eye(3), np.array([0, 1, 1]), np.array([0, 0, 0]), np.ones(3, bool), 2)
+    assert np.isnan(d).all()
 
 
 def test_an_image_scores_the_merge_weighted_mean_of_its_crops_and_none_without_anomaly():
