@@ -89,7 +89,7 @@ def held_out_distances(
     out = np.full(len(f), np.nan)
     order = np.argsort(image_index, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(image_index[order]) != 0])
-    for rows in np.split(order, starts[1:]) if len(order) else []:
+    for rows in np.split(order, starts[1:]):  # one group per image (an empty set: one empty group)
         own = rows[used[rows]]
         s, n = sums.copy(), counts.copy()
         np.add.at(s, labels[own], -f[own])
