@@ -18,7 +18,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -329,8 +329,9 @@ def write_group(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray
 
 
 class LazyRows:
-    """The rows of one stored array, read on access: ``len``, ``shape``, ``dtype`` and
-    ``rows[a:b]`` -> numpy, so a stage can walk a large array chunk by chunk."""
+    """The rows of one stored array, read on access: ``len``, ``shape``, ``dtype``,
+    ``rows[a:b]`` -> numpy and ``for row in rows`` (one read per stored chunk), so a stage can
+    walk a large array chunk by chunk."""
 
     def __init__(self, reader: "StoreReader", name: str) -> None:
         self._reader, self._name = reader, name
@@ -347,6 +348,13 @@ class LazyRows:
             raise InputError(
                 f"{self._reader.path}: not a readable anomalyncd store ({e}); rerun the stage that writes it"
             ) from e
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        # without it Python iterates by index until an IndexError, which a row past the end
+        # does not raise here: it is reported as a broken store
+        step = self._array.chunks[0] if self.ndim else 1
+        for a in range(0, len(self), step):
+            yield from self[a : a + step]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return np.asarray(self[...], dtype=dtype)

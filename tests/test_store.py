@@ -262,6 +262,14 @@ def test_lazy_maps_read_chunks_of_rows(tmp_path):
     np.testing.assert_array_equal(lazy.scores, ms.scores)
 
 
+def test_lazy_rows_iterate_to_their_last_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "MAX_CHUNK_ROWS", 2)  # rows over several chunks, the last one short
+    ms = _maps(5)
+    store.write_maps(tmp_path / "m.zarr.zip", ms)
+    rows = list(store.read_maps(tmp_path / "m.zarr.zip", lazy=True).maps_u8)
+    assert len(rows) == 5 and all(np.array_equal(a, b) for a, b in zip(rows, ms.maps_u8))
+
+
 def test_lazy_probs_load_the_probabilities_and_leave_the_features_in_the_store(tmp_path):
     rng = np.random.default_rng(0)
     ps = store.ProbSet(probs=rng.random((4, 2, 3), np.float32), logits=rng.random((4, 2, 3), np.float32),
