@@ -116,6 +116,9 @@ class DetectParams:
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5])
     batch_size: int = 16
     bank_size: int = 10000  # patchcore: patches in the memory bank (greedy coreset); 0: every training patch
+    # patchcore: entries the image score's map searches: the coreset of bank_size continued (the
+    # region map keeps its first bank_size); not above bank_size: the one bank
+    score_bank_size: int = 20000
     train_images: int = 0  # patchcore, padim: fit on at most this many normal images (0: all)
     musc_subset_size: int = 100  # musc: images scored together (cost grows with its square)
     external_dir: str = ""  # external: folder of maps
@@ -139,6 +142,7 @@ class DetectParams:
             scales=(len(self.scales) >= 1 and all(isinstance(v, (int, float)) and 0 < v <= 4 and self.image_size * v >= MIN_SIDE for v in self.scales),
                     f"a non-empty list of numbers in (0, 4], each giving at least {MIN_SIDE} px of detect.image_size"),
             bank_size=(self.bank_size >= 0, ">= 0 (0: every training patch)"),
+            score_bank_size=(self.score_bank_size >= 0, ">= 0 (not above bank_size: the one bank)"),
             train_images=(self.train_images >= 0, ">= 0 (0: all)"),
             smooth_sigma=(self.smooth_sigma >= 0, ">= 0 (0: no smoothing)"),
             score_tops=(len(self.score_tops) >= 1 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in self.score_tops),

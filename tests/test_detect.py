@@ -182,7 +182,8 @@ def test_with_two_scales_the_score_map_uses_both_and_the_region_map_the_first_of
     q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
     d1 = f.shape[1] // 2
     sigma = det.params.smooth_sigma * det.params.map_size / 64
-    for got, dist in ((maps, nearest_distance_full(q[:, :d1], det.bank[:, :d1])), (scored, nearest_distance_full(q, det.bank))):
+    region = det.bank[: det.params.bank_size, :d1]  # the first bank_size entries, the first scale's dims
+    for got, dist in ((maps, nearest_distance_full(q[:, :d1], region)), (scored, nearest_distance_full(q, det.bank))):
         want = upsample_maps(dist.view(1, *f.shape[-2:]), det.params.map_size, sigma).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # both stay aligned with the image: the spot (px 8..14 of 64, map px 4..7 of 32) is each map's peak
@@ -203,6 +204,27 @@ def test_with_two_scales_the_region_maps_are_those_of_the_one_scale_detector(rng
     assert not np.allclose(two.predict_scored(test)[1], one.predict(test))
 
 
+def test_the_score_searches_the_coreset_run_on_and_the_regions_its_first_bank_size_entries(rng):
+    kw = dict(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, bank_size=50, scales=[1.0])
+    one, more = (create_detector(params(**kw, score_bank_size=n)) for n in (0, 200))
+    more.backbone.load_state_dict(one.backbone.state_dict())
+    train, test = [surface(rng, 64) for _ in range(6)], [with_spot(surface(rng, 64)), surface(rng, 64)]
+    one.fit(train)
+    more.fit(train)
+    assert (len(one.bank), len(more.bank)) == (50, 200)
+    torch.testing.assert_close(more.bank[:50], one.bank, rtol=0, atol=0)  # the greedy coreset run on
+    (maps_one, scored_one), (maps, scored) = one.predict_scored(test), more.predict_scored(test)
+    np.testing.assert_array_equal(maps, maps_one)  # the regions: the 50 entries' map, bit for bit
+    # the score: nearer normal entries, so a map nowhere higher (smoothing keeps the order) and lower somewhere
+    assert (scored <= scored_one + 1e-6).all() and (scored < scored_one - 1e-3).any()
+    # a detector file of one bank (before score_bank_size) loads as it was saved: one bank for both maps
+    old = create_detector(params(**kw, score_bank_size=200))
+    old.backbone.load_state_dict(one.backbone.state_dict())
+    old.load_state_dict(one.state_dict())
+    for got, want in zip(old.predict_scored(test), (maps_one, scored_one)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_batch_not_wanted_gets_its_score_maps_and_zero_region_maps(rng):
     det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], image_size=64, scales=[1.0, 0.5]))
     det.fit([surface(rng, 64) for _ in range(6)])
@@ -217,8 +239,8 @@ def test_a_batch_not_wanted_gets_its_score_maps_and_zero_region_maps(rng):
     np.testing.assert_array_equal(kept[0], maps)
 
 
-def test_with_one_scale_the_score_map_is_the_region_map(rng):
-    det = create_detector(params(method="patchcore", scales=[1.0]))
+def test_with_one_scale_and_one_bank_the_score_map_is_the_region_map(rng):
+    det = create_detector(params(method="patchcore", scales=[1.0], score_bank_size=100))  # not above bank_size
     det.fit([surface(rng) for _ in range(4)])
     maps, scored = det.predict_scored([with_spot(surface(rng))])
     assert np.shares_memory(scored, maps) and np.array_equal(scored, maps) and det.region_bank is None

@@ -10,6 +10,7 @@ differs from the normal surface, whoever drew the region.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,8 +29,13 @@ class DescribedMaps(Detector):
     def fit(self, images: Sequence[np.ndarray]) -> None:
         from .patchcore import PatchCore
 
-        self.describer = PatchCore(self.params, self.context)
+        self.describer = PatchCore(self._describer_params(), self.context)
         self.describer.fit(images)
+
+    def _describer_params(self):
+        """The describer's params: the descriptors read the region map's bank alone, so the
+        coreset stops at ``bank_size`` (no bank for an image score: the files' maps make it)."""
+        return replace(self.params, score_bank_size=0)
 
     @property
     def residual_dim(self) -> int:
@@ -48,5 +54,5 @@ class DescribedMaps(Detector):
 
         self.describer = None
         if "describer" in state:
-            self.describer = PatchCore(self.params, self.context)
+            self.describer = PatchCore(self._describer_params(), self.context)
             self.describer.load_state_dict(state["describer"])

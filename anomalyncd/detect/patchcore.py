@@ -13,12 +13,15 @@ the nearest bank entry (an exact search, pruned by lower bounds for banks of man
 :func:`.ops.nearest_distance`, :func:`.ops.bank_index`); the grid is upsampled to the map and
 smoothed with a Gaussian of ``smooth_sigma`` px of the working image.
 
-With several ``scales`` the two jobs of a map get different features: the map that draws the
-regions is the distance over the first scale's features alone (the finer cells: tighter
-regions), the image score's map the distance over every scale's features (a coarser scale sees
-a large, faint region in one cell: image AUROC up). One bank serves both: the coreset is chosen
-on the first scale's features, so the region maps are those of a one-scale detector, and each
-entry keeps its features at the other scales; both maps come from one forward pass.
+The two jobs of a map get different features and banks: the map that draws the regions is the
+distance over the first scale's features alone (the finer cells: tighter regions) to the first
+``bank_size`` entries, the image score's map the distance over every scale's features (a coarser
+scale sees a large, faint region in one cell: image AUROC up) to ``score_bank_size`` entries (a
+denser cover of the normal patches: fewer normal images far from it). One greedy coreset serves
+both: it is chosen on the first scale's features and run on to the larger size, its first
+``bank_size`` entries being the coreset of that size, so the region maps are those of a
+one-scale detector with ``bank_size`` entries; every entry keeps its features at the other
+scales, and both maps come from one forward pass.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class PatchCore(BackboneDetector):
         self.std: torch.Tensor | None = None
         self.bank_sq: torch.Tensor | None = None  # (bank_size,) squared norms of the bank
         self.index: BankIndex | None = None  # lower bounds that prune the search (ops.bank_index)
-        # the first scale's columns of the bank, for the region map (None with one scale)
+        # the region map's bank: the first scale's columns of the first bank_size entries (None: the whole bank)
         self.region_bank: tuple[torch.Tensor, torch.Tensor, BankIndex | None] | None = None
 
     def batches(self, n: int) -> list[slice]:
@@ -104,7 +107,7 @@ class PatchCore(BackboneDetector):
         self, images: Sequence[np.ndarray], s: slice, with_grids: bool = False, workers: int = 1, wanted: Callable | None = None
     ) -> tuple:
         """Region maps and score maps ``(B, map_size, map_size)`` of the batch ``s`` of
-        ``images`` (read here), the same array twice with one scale; ``with_grids``: also
+        ``images`` (read here), the same array twice with one scale and one bank; ``with_grids``: also
         the batch's residual grids ``(B, h, w, D1)`` (:meth:`residuals`, from the same pass).
         ``workers``: threads for this one batch (the same maps for any number): more than one
         only when it is the only batch, not from a worker of a pool over batches.
@@ -164,13 +167,22 @@ class PatchCore(BackboneDetector):
             # uniformly tinted surface) from dominating every distance and the map's range.
             self.std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
             patches = (patches - self.mean) / self.std
-        n_keep = min(bank_size, len(patches)) if bank_size else len(patches)
+        m = len(patches)
+        n_region = min(bank_size, m) if bank_size else m
+        # the score's bank: the greedy coreset run on, so that its first bank_size entries are the
+        # coreset of that size (a greedy order is the same for any length)
+        n_keep = min(max(bank_size, self.params.score_bank_size), m) if bank_size else m
         # the coreset covers the first scale's features, which draw the regions: the bank (and
         # so the region maps) of one scale, each entry keeping its features at the other scales
         first = patches[:, : self._first_dims(patches)].contiguous()
-        idx = greedy_coreset(first, n_keep, seed=self.params.seed, workers=workers)
+        idx = greedy_coreset(first, n_keep if n_keep < m else n_region, seed=self.params.seed, workers=workers)
+        if n_keep == m > n_region:  # every candidate for the score: the region map's coreset first, then the rest
+            rest = torch.ones(m, dtype=torch.bool, device=idx.device)
+            rest[idx] = False
+            idx = torch.cat([idx, rest.nonzero()[:, 0]])
         self._set_bank(patches[idx].contiguous())
-        log.info("patchcore: memory bank %d of %d candidate patches, %d dims", len(self.bank), len(patches), patches.shape[1])
+        log.info("patchcore: memory bank %d of %d candidate patches (the region map's: the first %d), %d dims",
+                 len(self.bank), len(patches), self._region_rows(), patches.shape[1])
 
     def _first_dims(self, features: torch.Tensor) -> int:
         """How many of the columns of ``features`` (N, D) are the first scale's: every scale's
@@ -190,9 +202,17 @@ class PatchCore(BackboneDetector):
         self.bank_sq = (bank * bank).sum(dim=1)
         self.index = bank_index(bank, basis=bases.get("bank"))
         self.region_bank = None
-        if len(self.params.scales) > 1:
-            first = bank[:, : self._first_dims(bank)].contiguous()
+        rows = self._region_rows()
+        if len(self.params.scales) > 1 or rows < len(bank):
+            first = bank[:rows, : self._first_dims(bank)].contiguous()
             self.region_bank = (first, (first * first).sum(dim=1), bank_index(first, basis=bases.get("region")))
+
+    def _region_rows(self) -> int:
+        """How many of the bank's first entries make the region map's bank: ``bank_size`` (the
+        coreset of that size; the rest continue it for the image score), all with ``bank_size: 0``
+        or a bank as small (a detector file from before ``score_bank_size``)."""
+        n = len(self.bank)
+        return min(self.params.bank_size, n) if self.params.bank_size else n
 
     def _index_bases(self) -> dict[str, torch.Tensor]:
         """The principal axes of the search indexes, saved so that loading skips their
