@@ -80,7 +80,8 @@ def held_out_distances(
     the crops that make prototypes (:func:`class_prototypes` of ``features[region]``). NaN for
     a crop whose image holds every crop of every class.
     """
-    f = _unit(np.asarray(features, np.float64))
+    x = np.asarray(features, np.float64)
+    f = _unit(x)
     labels, image_index = np.asarray(labels), np.asarray(image_index)
     used = np.asarray(region, bool) & (labels >= 0) & (labels < n_classes)
     sums = np.zeros((n_classes, f.shape[1]))
@@ -94,11 +95,8 @@ def held_out_distances(
         s, n = sums.copy(), counts.copy()
         np.add.at(s, labels[own], -f[own])
         np.add.at(n, labels[own], -1)
-        if not (n > 0).any():
-            continue
-        cos = f[rows] @ _unit(s).T
-        cos[:, n == 0] = -np.inf
-        out[rows] = 1.0 - cos.max(1)
+        if (n > 0).any():  # prototypes without the image's crops; a class left without any: NaN, skipped
+            out[rows] = crop_distances(x[rows], np.where((n > 0)[:, None], _unit(s), np.nan))[0]
     return out
 
 

@@ -352,7 +352,7 @@ class LazyRows:
     def __iter__(self) -> Iterator[np.ndarray]:
         # without it Python iterates by index until an IndexError, which a row past the end
         # does not raise here: it is reported as a broken store
-        step = self._array.chunks[0] if self.ndim else 1
+        step = self._array.chunks[0]
         for a in range(0, len(self), step):
             yield from self[a : a + step]
 
