@@ -267,16 +267,23 @@ def jpeg_truncated(raw: bytes) -> bool:
     return raw[:2] == b"\xff\xd8" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda")
 
 
-def to_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+#: The bit depths a 16-bit file's pixels may hold (cameras give 10, 12 or 14 bits in 16-bit files).
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def to_uint8(img: np.ndarray, path: str | os.PathLike, bits: int = 16) -> np.ndarray:
     """Pixels as ``uint8``, scaled by the bit depth so that intensities compare across images.
 
-    8-bit stays as it is, 16-bit is divided by 257 (65535 -> 255), floats in [0, 1] are
-    multiplied by 255; any other pixel type is an ``InputError`` naming ``path``.
+    8-bit stays as it is; 16-bit is scaled from ``bits`` significant bits (the data set's, see
+    :func:`significant_bits`: 16 divides by 257, 65535 -> 255; 12 maps 4095 -> 255), a value
+    above that range saturating at 255; floats in [0, 1] are multiplied by 255; any other pixel
+    type is an ``InputError`` naming ``path``.
     """
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
-        return np.round(img / 257.0).astype(np.uint8)
+        top = (1 << bits) - 1
+        return np.round(np.minimum(img, top) / (top / 255.0)).astype(np.uint8)
     if np.issubdtype(img.dtype, np.floating) and np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1:
         return np.round(img * 255.0).astype(np.uint8)
     raise InputError(
@@ -286,10 +293,18 @@ def to_uint8(img: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     )
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def significant_bits(peak: int) -> int:
+    """The smallest of :data:`BIT_DEPTHS` whose range holds ``peak``, the brightest value of a data
+    set's 16-bit images: a 12-bit camera's images (at most 4095) read as 12-bit, not as 16-bit
+    images that use 1/16 of their range and would keep 16 grey levels out of 256."""
+    return next((b for b in BIT_DEPTHS if peak < 1 << b), 16)
+
+
+def read_image(path: str | os.PathLike, bits: int = 16) -> np.ndarray:
     """Read an image as RGB ``uint8`` ``(H, W, 3)``; grayscale becomes 3 channels, 16-bit is
-    scaled by its bit depth (not per image: intensities stay comparable across images)."""
-    img = to_uint8(decode_image(path), path)
+    scaled from ``bits`` significant bits (the data set's, not per image: intensities stay
+    comparable across images; :func:`to_uint8`)."""
+    img = to_uint8(decode_image(path), path, bits)
     if img.ndim == 2:
         return np.repeat(img[:, :, None], 3, axis=2)
     if img.shape[2] == 4:
@@ -331,8 +346,17 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """Return ``(H, W)`` of an image file, raising ``InputError`` if it is unreadable,
     truncated or of an unsupported pixel type."""
-    img = to_uint8(decode_image(path), path)
-    return int(img.shape[0]), int(img.shape[1])
+    h, w, _ = image_info(path)
+    return h, w
+
+
+def image_info(path: str | os.PathLike) -> tuple[int, int, int | None]:
+    """``(H, W, peak)`` of an image file: ``peak`` the largest pixel value of a 16-bit image
+    (None for any other), for the data set's :func:`significant_bits`; ``InputError`` if the
+    file is unreadable, truncated or of an unsupported pixel type."""
+    raw = decode_image(path)
+    img = to_uint8(raw, path)
+    return int(img.shape[0]), int(img.shape[1]), int(raw.max()) if raw.dtype == np.uint16 else None
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import paths
 from .calibrate import KNOWN, UNKNOWN, Calibration, crop_distances, image_unknown_scores
 from .config import DetectParams, InferParams, MebinParams, from_dict
-from .datasets import IMAGE_EXTENSIONS
+from .datasets import IMAGE_EXTENSIONS, manifest_bits
 from .image_score import ImageScore
 from .io import InputError, InputWarning, read_image, read_json
 from .merge import NORMAL, STATUS, Merger, merge_tables, novel_probabilities
@@ -64,6 +64,7 @@ class Run:
     merger: Merger
     names: dict[int, str] = field(default_factory=dict)
     image_score: ImageScore = field(default_factory=lambda: ImageScore(tuple(DetectParams().score_tops)))  # the run's image score
+    bits: int = 16  # the significant bits of the run's 16-bit images (its manifest): new ones are read the same way
     calibration: Calibration | None = None  # None: a run from before the calibrate stage
 
     @property
@@ -112,6 +113,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         names=catalog_names(merge_attrs, root / paths.MERGED) or class_names(root / paths.EVALUATE_DETAIL),
         image_score=ImageScore.from_attrs(map_attrs, str(root / paths.MAPS)),
         calibration=load_calibration(root / paths.CALIBRATION),
+        bits=manifest_bits(root / paths.MANIFEST) if (root / paths.MANIFEST).exists() else 16,
     )
 
 
@@ -270,7 +272,7 @@ class Predictor:
         def load(job):
             (item, f) = job
             try:
-                return item, read_image(item[1]), None if f is None else _read_map(f, run.map_size)
+                return item, read_image(item[1], run.bits), None if f is None else _read_map(f, run.map_size)
             except InputError as e:
                 return e
 

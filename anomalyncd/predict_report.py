@@ -121,9 +121,10 @@ def caption(row: dict, cal: Calibration | None) -> str:
 
 
 def write_predict_report(out_dir: str | os.PathLike, rows: Sequence[dict], cal: Calibration | None,
-                         run: str = "", failed: Sequence[str] = ()) -> None:
+                         run: str = "", failed: Sequence[str] = (), bits: int = 16) -> None:
     """Write ``out_dir/index.html`` and its thumbnails (the folder replaced atomically); ``cal``:
-    the calibration predict applied (:attr:`anomalyncd.predict.Predictions.calibration`)."""
+    the calibration predict applied (:attr:`anomalyncd.predict.Predictions.calibration`);
+    ``bits``: the run's (:attr:`anomalyncd.predict.Run.bits`), as predict read the images."""
     colors = palette(1 + max((c for r in rows for c in parse_clusters(r.get("crop_clusters"))), default=0))
     with atomic_path(out_dir) as tmp:
         (tmp / "img").mkdir(parents=True)
@@ -133,7 +134,7 @@ def write_predict_report(out_dir: str | os.PathLike, rows: Sequence[dict], cal: 
         for title, text, members in gallery_order(rows):
             figs = []
             for row in members[:PER_GALLERY]:
-                figs.append(_thumb(tmp, n, row, cal, colors))
+                figs.append(_thumb(tmp, n, row, cal, colors, bits))
                 n += 1
             more = (f"<p>{len(members) - PER_GALLERY} more in the CSV.</p>" if len(members) > PER_GALLERY else "")
             anchor = " id='unknown'" if title == "Unknown type" else ""
@@ -156,10 +157,10 @@ def _summary(rows: Sequence[dict], cal: Calibration | None, failed: Sequence[str
     return (_table(["decision", "images"], summary_rows(rows)) + "".join(f"<p>{_e(x)}</p>" for x in lines) + fails)
 
 
-def _thumb(out: Path, idx: int, row: dict, cal: Calibration | None, colors: list[tuple[int, int, int]]) -> str:
+def _thumb(out: Path, idx: int, row: dict, cal: Calibration | None, colors: list[tuple[int, int, int]], bits: int = 16) -> str:
     """One gallery entry: the image cut around its first defect box (the whole image without
     one), linked to the full image with every crop's box and class."""
-    rgb = read_image(row["image"])
+    rgb = read_image(row["image"], bits)
     defects = parse_boxes(row.get("boxes", ""))
     crops = parse_boxes(row.get("crop_boxes", ""))
     first = next((b for b in defects if b is not None), None)

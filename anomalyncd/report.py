@@ -335,6 +335,7 @@ class ImageEntry:
     map_u8: np.ndarray | None = None
     true_mask: str = ""
     regions: np.ndarray | None = None
+    bits: int = 16  # the significant bits of the set's 16-bit images (anomalyncd.io.read_image)
 
     def main_crop(self) -> int | None:
         """The crop that weighs most in the image's class (None: no crop)."""
@@ -606,7 +607,7 @@ def _strip_figure(out: Path, data: ReportData, idx: int, im: ImageEntry, colors:
     """A summary example: the image cut around its defect (:func:`defect_thumbnail`), linked
     to its full view."""
     rel = f"strip/{idx:05d}.png"
-    rgb = read_image(im.path)
+    rgb = read_image(im.path, im.bits)
     if not (out / rel).exists():
         write_image(out / rel, defect_thumbnail(rgb, im.defect_box()))
     full = _full_image(out, data, idx, im, colors, rgb, read_mask(im.true_mask) if im.true_mask else None)
@@ -793,7 +794,7 @@ def _figure(
 ) -> str:
     """One gallery entry: the panels of crop number ``crop`` of the image (the whole image when
     None), linked to its full view."""
-    rgb = read_image(im.path)
+    rgb = read_image(im.path, im.bits)
     true_mask = read_mask(im.true_mask) if im.true_mask else None
     box = im.boxes[crop] if crop is not None else (0, 0, rgb.shape[1], rgb.shape[0])
     rel = f"img/{idx:05d}.png"

@@ -56,7 +56,7 @@ from anomalyncd.detect import load_detector
 from anomalyncd.detect.base import normalise_u8
 from anomalyncd.detect.metrics import aupro, pixel_auroc, resize_masks
 from anomalyncd.image_score import ImageScore
-from anomalyncd.io import InputError, read_image, read_mask
+from anomalyncd.io import InputError, read_mask
 from anomalyncd.merge import NO_ANOMALY, Merger
 from anomalyncd.regions import paste_crop_masks, region_scores, summarize, without_stable_interval
 from anomalyncd.store import CropSet, MapSet, ProbSet, read_crops, read_maps, read_merged, read_probs
@@ -100,7 +100,7 @@ def remap(ms: MapSet, records: dict, sigma: float, progress: bool) -> MapSet:
         raise InputError(f"{paths.DETECTOR}: a {det.method} detector has no smoothing to change; drop --remap-sigma")
     det.params.smooth_sigma = float(sigma)
     ids = ms.ids if not progress else tqdm(ms.ids, desc=f"maps, sigma {sigma:g}", unit="img")
-    pairs = [det.predict_scored([read_image(records[i].image)]) for i in ids]
+    pairs = [det.predict_scored([records[i].read()]) for i in ids]
     maps, scored = (np.concatenate(m) for m in zip(*pairs))
     return replaced_maps(ms, maps, scored, smooth_sigma=float(sigma))
 

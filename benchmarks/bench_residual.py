@@ -30,7 +30,6 @@ def descriptors(run: Path, detector: Path) -> np.ndarray:
     from anomalyncd.datasets import Manifest
     from anomalyncd.detect import load_detector
     from anomalyncd.detect.parallel import single_threaded
-    from anomalyncd.io import read_image
     from anomalyncd.residual import pool_regions
     from anomalyncd.store import read_crops
 
@@ -44,7 +43,7 @@ def descriptors(run: Path, detector: Path) -> np.ndarray:
         for i, iid in enumerate(tqdm(cs.ids, desc="residuals", unit="img")):
             rows = np.flatnonzero(cs.image_index == i)
             if len(rows):
-                out[rows] = pool_regions(det.residuals(read_image(records[iid].image)), cs.masks[i], cs.regions[rows])
+                out[rows] = pool_regions(det.residuals(records[iid].read()), cs.masks[i], cs.regions[rows])
     return out
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from anomalyncd import mebin
 from anomalyncd.config import DatasetParams, MebinParams
 from anomalyncd.datasets import read_dataset
-from anomalyncd.io import read_image, read_mask
+from anomalyncd.io import read_mask
 from anomalyncd.store import read_maps
 
 MIN_REGION = 64
@@ -90,7 +90,7 @@ def recovery(
     per_type: dict[str, int] = {}
     n_crops = 0
     for r, gt, m in tqdm(list(zip(records, gts, maps_u8)), desc=f"mebin {erosion}", unit="img", disable=not progress):
-        res, crops = mebin.mebin_image(m, read_image(r.image), lo, hi, params)
+        res, crops = mebin.mebin_image(m, r.read(), lo, hi, params)
         t = r.defect_type
         coverage[t] = coverage.get(t, mebin.GtCoverage()) + mebin.gt_coverage(gt, crops.boxes, crops.areas, MIN_REGION)
         no_anomaly[t] = no_anomaly.get(t, 0) + int(not res.mask.any())

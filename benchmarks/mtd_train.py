@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 from anomalyncd.config import DatasetParams, MergeParams
 from anomalyncd.datasets import read_dataset
 from anomalyncd.inference import crop_outputs, novel_probabilities
-from anomalyncd.io import read_image, read_mask
+from anomalyncd.io import read_mask
 from anomalyncd.merge import merge_regions
 from anomalyncd.metrics import score_clustering
 from anomalyncd.model import MGViTClassifier, ModelConfig
@@ -84,7 +84,7 @@ def main() -> None:
     crop_size = int(args.image_size / 0.875)
     crops, masks, areas, index, labels = [], [], [], [], []
     for i, r in enumerate(records):
-        img = read_image(r.image)
+        img = r.read()
         for c, m, a in mask_crops(img, read_mask(r.mask, img.shape[:2]), crop_size):
             crops.append(c), masks.append(m), areas.append(a), index.append(i)
         labels.append(types.index(r.defect_type))

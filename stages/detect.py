@@ -34,7 +34,7 @@ from anomalyncd.detect.holdout import split_holdout
 from anomalyncd.detect.metrics import detection_metrics, image_auroc, resize_masks
 from anomalyncd.detect.plot import detection_grid, pick_examples
 from anomalyncd.image_score import ImageScore, top_means
-from anomalyncd.io import InputError, atomic_path, read_image, read_mask, write_json
+from anomalyncd.io import InputError, atomic_path, read_mask, write_json
 from anomalyncd.stage import reads, run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -121,7 +121,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         held = [train[i] for i in held_idx]
     if len(fit_idx):
         if rank == 0:  # fitted once, so that every rank maps with the same state
-            det.fit(LazyImages([train[i].image for i in fit_idx]))
+            det.fit(LazyImages.of([train[i] for i in fit_idx]))
         if world > 1:
             det.load_state_dict(shard.broadcast(det.state_dict() if rank == 0 else None))
     evaluated = todo + extra
@@ -188,7 +188,7 @@ def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float
         metrics["image_auroc"] = image_auroc(all_scores, labels)
         pick = pick_examples([r.defect_type for r in evaluated], GRID_IMAGES)
         grid = detection_grid(
-            [read_image(evaluated[i].image) for i in pick],
+            [evaluated[i].read() for i in pick],
             normalise_u8(parts.take("maps", pick), lo, hi),
             [_masks([evaluated[i]])[0] for i in pick],
             [f"{evaluated[i].id}  score {all_scores[i]:.3g}" for i in pick],
@@ -196,7 +196,7 @@ def _metrics_and_grid(manifest, todo, extra, parts, p, det, lo: float, hi: float
     else:
         pick = list(range(min(GRID_IMAGES, len(todo))))
         grid = detection_grid(
-            [read_image(todo[i].image) for i in pick],
+            [todo[i].read() for i in pick],
             normalise_u8(parts.take("maps", pick), lo, hi),
             [None] * len(pick),
             [f"{todo[i].id}  score {all_scores[i]:.3g}" for i in pick],

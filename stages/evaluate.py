@@ -201,6 +201,7 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         ImageEntry(
             id=id_,
             path=records[id_].image,
+            bits=records[id_].bits,
             cluster=int(image_labels[i]),
             confidence=float(ms.confidence[i]),
             truth=truth[id_],

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from anomalyncd import mebin, paths, shard
 from anomalyncd.config import MebinParams, load_params
 from anomalyncd.datasets import Manifest, Record
-from anomalyncd.io import InputError, read_image, read_mask, write_json
+from anomalyncd.io import InputError, read_mask, write_json
 from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MapSet, StoreWriter, read_maps
 
@@ -58,7 +58,7 @@ def _init_worker(lo: int, hi: int, params: MebinParams) -> None:
 
 def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, mebin.GtCoverage]:
     """One image: MEBin, its crops and how much of its ground-truth mask (if any) they hold."""
-    image = read_image(job.record.image)
+    image = job.record.read()
     if image.shape[:2] != job.size:
         raise InputError(
             f"{job.record.image}: image is {image.shape[1]}x{image.shape[0]} but {paths.MAPS} was made "
@@ -193,7 +193,7 @@ def residual_describer(p: MebinParams):
     def describe(record: Record, mask: np.ndarray, regions: np.ndarray) -> np.ndarray:
         if not len(regions):
             return np.zeros((0, dim), np.float32)
-        return pool_regions(det.residuals(read_image(record.image)), mask, regions)
+        return pool_regions(det.residuals(record.read()), mask, regions)
 
     dim = det.residual_dim
     return describe, dim

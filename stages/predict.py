@@ -57,7 +57,7 @@ def main(
     if report is not None:
         from anomalyncd.predict_report import write_predict_report
 
-        write_predict_report(report, pred.rows, cal, run=str(run_dir.resolve()), failed=pred.failed)
+        write_predict_report(report, pred.rows, cal, run=str(run_dir.resolve()), failed=pred.failed, bits=r.bits)
     found = [row for row in pred.rows if row["status"] == STATUS[True]]
     counts = Counter(row_label(row) for row in found)
     n = Counter(row["status"] for row in pred.rows)

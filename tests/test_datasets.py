@@ -45,6 +45,38 @@ def test_manifest_round_trips_through_csv(tiny_demo, tmp_path):
     assert Manifest.read(tmp_path / "manifest.csv").records == m.records
 
 
+def _to_16_bit(root, top):
+    """Every image of the demo under ``root`` saved again as 16-bit PNG on ``[0, top]``."""
+    for f in root.rglob("*.png"):
+        if "ground_truth" not in f.parts:
+            img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+            cv2.imwrite(str(f), np.round(img * (top / 255)).astype(np.uint16))
+
+
+def test_a_set_of_12_bit_images_in_16_bit_files_is_read_on_their_range_by_every_stage(tiny_demo, tmp_path):
+    eight = _manifest("mvtec", tiny_demo)
+    assert {r.bits for r in eight.records} == {16}
+    eight.write(tmp_path / "eight.csv")
+    assert "bits" not in (tmp_path / "eight.csv").read_text().splitlines()[0]  # an 8-bit set's manifest as before
+    before = [r.read() for r in eight.records]
+    _to_16_bit(tiny_demo, 4095)
+    m = _manifest("mvtec", tiny_demo)
+    assert {r.bits for r in m.records} == {12}
+    m.write(tmp_path / "manifest.csv")
+    assert Manifest.read(tmp_path / "manifest.csv").records == m.records
+    for r, img in zip(m.records, before):  # the stages read the same pixels as from the 8-bit files
+        np.testing.assert_array_equal(r.read(), img)
+
+
+def test_a_manifest_with_bits_outside_the_camera_depths_is_damaged(tiny_demo, tmp_path):
+    m = _manifest("mvtec", tiny_demo)
+    m.write(tmp_path / "manifest.csv")
+    lines = (tmp_path / "manifest.csv").read_text().splitlines()
+    (tmp_path / "manifest.csv").write_text("\n".join([lines[0] + ",bits"] + [line + ",11" for line in lines[1:]]) + "\n")
+    with pytest.raises(InputError, match=r"manifest.csv: damaged \(line 2: bits '11'"):
+        Manifest.read(tmp_path / "manifest.csv")
+
+
 def test_unknown_category_is_an_error(tiny_demo):
     with pytest.raises(InputError, match=r"categories \['wood'\] not found"):
         _manifest("mvtec", tiny_demo, categories=["wood"])

@@ -54,6 +54,22 @@ def test_16_bit_images_are_scaled_by_their_bit_depth_not_stretched_per_image(tmp
     assert (b == 255).all()
 
 
+def test_a_cameras_12_bit_pixels_in_a_16_bit_file_are_read_on_their_12_bit_range(tmp_path):
+    eight = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    twelve = np.round(eight * (4095 / 255)).astype(np.uint16)  # what a 12-bit camera saves: at most 4095
+    cv2.imwrite(str(tmp_path / "twelve.png"), twelve)
+    np.testing.assert_array_equal(read_image(tmp_path / "twelve.png", bits=12)[..., 0], eight)  # all 256 levels back
+    assert len(np.unique(read_image(tmp_path / "twelve.png"))) == 17  # as 16-bit pixels: 0..16, 17 grey levels of 256
+    over = np.full((4, 4), 5000, np.uint16)  # brighter than the set's range (a new image in predict): saturates
+    cv2.imwrite(str(tmp_path / "over.png"), over)
+    assert (read_image(tmp_path / "over.png", bits=12) == 255).all()
+
+
+@pytest.mark.parametrize("peak, bits", [(0, 8), (255, 8), (256, 10), (1023, 10), (4095, 12), (4096, 14), (16383, 14), (16384, 16), (65535, 16)])
+def test_the_significant_bits_are_the_smallest_camera_depth_that_holds_the_brightest_pixel(peak, bits):
+    assert io.significant_bits(peak) == bits
+
+
 def test_float_images_in_unit_range_are_scaled_and_others_refused(tmp_path):
     ok = np.full((8, 8), 0.5, np.float32)
     cv2.imwrite(str(tmp_path / "ok.tiff"), ok)

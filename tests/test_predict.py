@@ -382,6 +382,33 @@ def test_predictions_do_not_depend_on_chunks_or_threads(small_run, monkeypatch):
     assert set(p.timings) == {"read", "mebin", "classifier"}
 
 
+def test_new_images_are_read_on_the_bit_range_of_the_runs_16_bit_images(small_run, tmp_path):
+    """A run on a 12-bit camera's images (16-bit files, at most 4095) reads new ones on that
+    range, as its stages read its own: the same rows as the same pixels saved as 8-bit."""
+    import shutil
+    from dataclasses import replace
+
+    import cv2
+
+    from anomalyncd.datasets import Manifest
+    from anomalyncd.predict import load_run, predict_images
+
+    root, images, maps_dir = small_run
+    run12 = tmp_path / "run12"
+    shutil.copytree(root, run12)
+    m = Manifest.read(run12 / paths.MANIFEST)
+    Manifest([replace(r, bits=12) for r in m.records]).write(run12 / paths.MANIFEST)
+    assert load_run(root).bits == 16 and load_run(run12).bits == 12
+    twelve = []
+    for name, f in images:
+        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.round(img * (4095 / 255)).astype(np.uint16))
+        twelve.append((name, tmp_path / f"{name}.png"))
+    rows = predict_images(load_run(root), images, maps_dir, "cpu", progress=False).rows
+    got = predict_images(load_run(run12), twelve, maps_dir, "cpu", progress=False).rows
+    _same_rows([{k: v for k, v in r.items() if k != "image"} for r in rows], [{k: v for k, v in r.items() if k != "image"} for r in got])
+
+
 def test_on_the_cpu_crops_are_classified_in_small_batches_unless_told(small_run):
     from anomalyncd.predict import CPU_BATCH, Predictor, load_run
 

@@ -11,7 +11,7 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from ..io import InputError, InputWarning, atomic_path, image_size, is_binary_mask, read_mask_levels
+from ..io import BIT_DEPTHS, InputError, InputWarning, atomic_path, image_info, is_binary_mask, read_image, read_mask_levels, significant_bits
 
 NORMAL = "good"
 SHOW_FILES = 3  # files named in a warning about many
@@ -21,7 +21,9 @@ SHOW_FILES = 3  # files named in a warning about many
 class Record:
     """One image. ``defect_type`` is ``"good"`` for defect-free images and ``""`` when unknown
     (no ground truth); ``mask`` is ``""`` when there is none; ``split`` is ``train`` (normal
-    images a detector may fit on) or ``test`` (images to classify)."""
+    images a detector may fit on) or ``test`` (images to classify); ``bits``: the significant
+    bits of the data set's 16-bit images (:func:`anomalyncd.io.significant_bits`, the same for
+    every record; 16 for a set without them), which :meth:`read` scales them from."""
 
     id: str
     image: str
@@ -31,10 +33,15 @@ class Record:
     category: str
     height: int = 0
     width: int = 0
+    bits: int = 16
 
     @property
     def is_normal(self) -> bool:
         return self.defect_type == NORMAL
+
+    def read(self):
+        """The image as RGB ``uint8`` ``(H, W, 3)`` (:func:`anomalyncd.io.read_image` with the set's ``bits``)."""
+        return read_image(self.image, self.bits)
 
 
 @dataclass
@@ -60,13 +67,15 @@ class Manifest:
         return any(r.defect_type for r in self.records if r.split == "test")
 
     def write(self, path: str | os.PathLike) -> None:
-        names = [f.name for f in fields(Record)]
+        """The manifest CSV; its ``bits`` column only where it is not 16 (so the manifest of an
+        8-bit set is what it was before the column existed)."""
+        names = [f.name for f in fields(Record) if f.name != "bits" or any(r.bits != 16 for r in self.records)]
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=names)
                 w.writeheader()
                 for r in self.records:
-                    w.writerow(asdict(r))
+                    w.writerow({k: v for k, v in asdict(r).items() if k in names})
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
@@ -80,11 +89,21 @@ class Manifest:
         return cls(parse_records(rows, columns, str(path)))
 
 
+def manifest_bits(path: str | os.PathLike) -> int:
+    """The significant bits of a data set's 16-bit images, from its manifest's first row
+    (without reading the whole file; 16 for a manifest without the column or rows)."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        first = next(reader, None)
+        columns = reader.fieldnames or []
+    return parse_records([first], columns, str(path))[0].bits if first else 16
+
+
 def parse_records(rows: list[dict], columns: list[str], where: str) -> list[Record]:
     """Records from a manifest's CSV rows: a missing column, a row with too few or too many
     fields and a size that is not a positive integer are an ``InputError`` naming ``where``."""
     fix = "rerun the prepare stage (dvc repro prepare)"
-    names = [f.name for f in fields(Record)]
+    names = [f.name for f in fields(Record) if f.name != "bits" or "bits" in columns]  # bits: 16 when absent
     missing = [n for n in names if n not in columns]
     if missing:
         raise InputError(f"{where}: damaged (no column {', '.join(missing)}); {fix}")
@@ -98,23 +117,29 @@ def parse_records(rows: list[dict], columns: list[str], where: str) -> list[Reco
             h = w = 0
         if h < 1 or w < 1:
             raise InputError(f"{where}: damaged (line {line}: size {row['height']!r} x {row['width']!r} is not two positive integers); {fix}")
-        records.append(Record(**{n: row[n] for n in names if n not in ("height", "width")}, height=h, width=w))
+        bits = row.get("bits", "16")
+        if bits not in [str(b) for b in BIT_DEPTHS]:
+            raise InputError(f"{where}: damaged (line {line}: bits {bits!r} is not one of {', '.join(map(str, BIT_DEPTHS))}); {fix}")
+        records.append(Record(**{n: row[n] for n in names if n not in ("height", "width", "bits")}, height=h, width=w, bits=int(bits)))
     return records
 
 
 def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest:
     """Validate every record (image readable, mask readable and of the image's size, unique
-    ids) and fill in image sizes. Masks that are not binary get one :class:`InputWarning`
+    ids) and fill in image sizes, and the significant bits of the set's 16-bit images (their
+    brightest pixel's :func:`anomalyncd.io.significant_bits`). Masks that are not binary get one :class:`InputWarning`
     naming them: the pipeline cuts them at half range (``anomalyncd.io.binarise_mask``)."""
     records = list(records)
     seen: set[str] = set()
-    out, soft = [], []
+    out, soft, peaks = [], [], []
     flat: dict[str, list[str]] = {"black": [], "white": []}
     for r in tqdm(records, desc="prepare: checking images", disable=not progress, unit="img"):
         if r.id in seen:
             raise InputError(f"{r.image}: duplicate image id {r.id!r}; image names must be unique per folder")
         seen.add(r.id)
-        h, w = image_size(r.image)
+        h, w, peak = image_info(r.image)
+        if peak is not None:
+            peaks.append(peak)
         if r.mask:
             levels = read_mask_levels(r.mask, shape=(h, w))
             if not is_binary_mask(levels):
@@ -127,7 +152,8 @@ def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest
     for colour, files in flat.items():
         if files:
             warnings.warn(flat_mask_warning(files, colour), InputWarning, stacklevel=2)
-    return Manifest(out)
+    bits = significant_bits(max(peaks)) if peaks else 16
+    return Manifest([replace(r, bits=bits) for r in out])
 
 
 def flat_mask_warning(files: list[str], colour: str) -> str:

@@ -33,18 +33,25 @@ def register(name: str) -> Callable[[type["Detector"]], type["Detector"]]:
 
 
 class LazyImages(Sequence[np.ndarray]):
-    """Images read from their files on access, so a large set is never all in memory."""
+    """Images read from their files on access, so a large set is never all in memory; 16-bit
+    ones scaled from ``bits`` significant bits (:func:`anomalyncd.io.read_image`)."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], bits: int = 16) -> None:
         self.paths = list(paths)
+        self.bits = bits
+
+    @classmethod
+    def of(cls, records: Sequence[Record]) -> "LazyImages":
+        """The images of manifest records, read as :meth:`Record.read` reads them."""
+        return cls([r.image for r in records], records[0].bits if records else 16)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
-            return [read_image(p) for p in self.paths[i]]
-        return read_image(self.paths[i])
+            return [read_image(p, self.bits) for p in self.paths[i]]
+        return read_image(self.paths[i], self.bits)
 
 
 @dataclass
@@ -112,7 +119,7 @@ class Detector(ABC):
 
     def map_records(self, records: Sequence[Record]) -> np.ndarray:
         """Maps of manifest records (default: read their images and :meth:`predict`)."""
-        return self.predict(LazyImages([r.image for r in records]))
+        return self.predict(LazyImages.of(records))
 
     def map_records_scored(
         self, records: Sequence[Record], wanted: Callable[[np.ndarray], bool] | None = None
@@ -122,7 +129,7 @@ class Detector(ABC):
         if type(self).map_records is not Detector.map_records:
             maps = self.map_records(records)
             return maps, maps
-        return self.predict_scored(LazyImages([r.image for r in records]), wanted)
+        return self.predict_scored(LazyImages.of(records), wanted)
 
     def state_dict(self) -> dict[str, Any]:
         """Fitted state beyond ``params`` (tensors and plain values)."""
