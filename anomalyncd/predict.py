@@ -7,8 +7,9 @@ in the map store), MEBin's search range and settings (``lo``/``hi``/``params`` i
 store), the trained model with its selected head, class names and evaluation transform
 (``models/mgvit.pt``), the merge settings and the class catalog (the merge store: each cluster's curated name, "not a
 defect" for a rejected one; a run without it: the matched true type of each discovered class
-from ``metrics/evaluate_detail.json``), and the thresholds of the two decisions below
-(``models/calibration.json``). New images
+from ``metrics/evaluate_detail.json``), the thresholds of the two decisions below
+(``models/calibration.json``), and the bit depth its 16-bit images were read with (the
+manifest's ``bits``; 16 without it). New images
 go through the same functions as the stages (:func:`anomalyncd.mebin.mebin_image`,
 :func:`anomalyncd.inference.crop_outputs`, :func:`anomalyncd.merge.merge_tables`), so
 predicting the run's own images reproduces its image-level predictions.
