@@ -631,21 +631,33 @@ def test_one_image_on_every_core_gets_the_maps_it_gets_among_others(rng, monkeyp
         np.testing.assert_array_equal(scored[i][1][0], among[1][i])
 
 
-def test_a_saved_patchcore_loads_its_search_indexes_without_finding_their_axes_again(rng, monkeypatch, tmp_path):
+def test_a_saved_patchcore_loads_its_search_indexes_without_making_them_again(rng, monkeypatch, tmp_path):
     from anomalyncd.detect import ops, patchcore
 
-    monkeypatch.setattr(patchcore, "bank_index", lambda bank, basis=None: ops.bank_index(bank, 4, basis))
+    make = lambda bank, basis=None: ops.bank_index(bank, 4, basis)  # noqa: E731
+    monkeypatch.setattr(patchcore, "bank_index", make)
     det = create_detector(params(method="patchcore", backbone="filterbank", layers=[1, 2, 4], pretrained=False, bank_size=100,
                                  scales=[1.0, 0.5]))
     det.fit([surface(rng) for _ in range(4)])
     test = [with_spot(surface(rng)) for _ in range(2)]
     save_detector(det, tmp_path / "detector.pt")
 
-    def no_eigh(*_):
-        raise AssertionError("the axes were found again")
+    def made_again(*_, **__):
+        raise AssertionError("an index was made again: its axes or the bank's coordinates on them")
 
-    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    monkeypatch.setattr(torch.linalg, "eigh", made_again)
+    monkeypatch.setattr(patchcore, "bank_index", made_again)
     loaded = load_detector(tmp_path / "detector.pt")
-    assert torch.equal(loaded.index.basis, det.index.basis) and torch.equal(loaded.region_bank[2].basis, det.region_bank[2].basis)
+    for got, fitted in ((loaded.index, det.index), (loaded.region_bank[2], det.region_bank[2])):
+        assert all(torch.equal(getattr(got, f), getattr(fitted, f)) for f in ("mean", "basis", "coords", "coords_sq"))
+        assert got.max_norm == fitted.max_norm
     for a, b in zip(loaded.predict_scored(test), det.predict_scored(test)):
+        np.testing.assert_array_equal(a, b)
+    # a detector file from before the coordinates were saved: they are computed on its saved axes
+    monkeypatch.setattr(patchcore, "bank_index", make)
+    old = det.state_dict()
+    del old["index_coords"]
+    monkeypatch.setattr(type(det), "state_dict", lambda self: old)
+    save_detector(det, tmp_path / "old.pt")
+    for a, b in zip(load_detector(tmp_path / "old.pt").predict_scored(test), det.predict_scored(test)):
         np.testing.assert_array_equal(a, b)

@@ -104,6 +104,22 @@ def bank_index(bank: torch.Tensor, dims: int = PRUNE_DIMS, basis: torch.Tensor |
     return index._replace(coords=coords, coords_sq=(coords * coords).sum(dim=1))
 
 
+def saved_index(index: BankIndex) -> dict[str, torch.Tensor]:
+    """What :func:`restore_index` needs besides the bank and its axes: the mean, the bank rows'
+    coordinates and the largest norm (saved with a detector: computing them is most of its
+    start-up once the axes are saved)."""
+    return {"mean": index.mean.cpu(), "coords": index.coords.cpu(), "max_norm": torch.tensor(index.max_norm)}
+
+
+def restore_index(bank: torch.Tensor, basis: torch.Tensor, saved: dict[str, torch.Tensor]) -> BankIndex:
+    """The :class:`BankIndex` of ``bank`` (M, D) on ``basis`` (D, k) from :func:`saved_index`'s
+    tensors, as :func:`bank_index` made it for the same bank."""
+    coords = saved["coords"].to(bank)
+    if tuple(coords.shape) != (len(bank), basis.shape[1] + 1) or tuple(saved["mean"].shape) != (bank.shape[1],):
+        raise ValueError(f"restore_index: coordinates {tuple(coords.shape)} for a bank of {tuple(bank.shape)} on {basis.shape[1]} axes")
+    return BankIndex(saved["mean"].to(bank), basis.to(bank), coords, (coords * coords).sum(dim=1), float(saved["max_norm"]))
+
+
 def bound_coords(x: torch.Tensor, index: BankIndex) -> torch.Tensor:
     """Rows ``x`` (N, D) -> their (N, k + 1) coordinates in ``index``'s terms."""
     centred = x - index.mean

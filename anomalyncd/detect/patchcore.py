@@ -38,7 +38,10 @@ from ..io import InputError
 from .backbone import BackboneDetector, patch_features
 from .base import register
 from .features import FILTERBANK
-from .ops import BankIndex, bank_index, batches, greedy_coreset, nearest_distance, nearest_index, scaled_size, to_batch, upsample_maps
+from .ops import (
+    BankIndex, bank_index, batches, greedy_coreset, nearest_distance, nearest_index, restore_index, saved_index, scaled_size, to_batch,
+    upsample_maps,
+)
 from .parallel import ordered_map, pool_size, single_threaded
 
 log = logging.getLogger(__name__)
@@ -194,18 +197,27 @@ class PatchCore(BackboneDetector):
         """Dims of a :meth:`residuals` grid's cells: the first scale's features."""
         return self._first_dims(self.bank)
 
-    def _set_bank(self, bank: torch.Tensor, bases: dict[str, torch.Tensor] | None = None) -> None:
+    def _set_bank(
+        self, bank: torch.Tensor, bases: dict[str, torch.Tensor] | None = None, coords: dict[str, dict[str, torch.Tensor]] | None = None
+    ) -> None:
         """The bank ``(M, D)`` with its squared norms and search indexes (``bases``: their
-        principal axes as :meth:`_index_bases` saved them, else found anew)."""
-        bases = bases or {}
+        principal axes as :meth:`_index_bases` saved them, else found anew; ``coords``: the
+        rest of each index as :meth:`_index_coords` saved it, else computed)."""
+        bases, coords = bases or {}, coords or {}
+
+        def index(rows: torch.Tensor, name: str) -> BankIndex | None:
+            if name in bases and name in coords:
+                return restore_index(rows, bases[name], coords[name])
+            return bank_index(rows, basis=bases.get(name))
+
         self.bank = bank
         self.bank_sq = (bank * bank).sum(dim=1)
-        self.index = bank_index(bank, basis=bases.get("bank"))
+        self.index = index(bank, "bank")
         self.region_bank = None
         rows = self._region_rows()
         if len(self.params.scales) > 1 or rows < len(bank):
             first = bank[:rows, : self._first_dims(bank)].contiguous()
-            self.region_bank = (first, (first * first).sum(dim=1), bank_index(first, basis=bases.get("region")))
+            self.region_bank = (first, (first * first).sum(dim=1), index(first, "region"))
 
     def _region_rows(self) -> int:
         """How many of the bank's first entries make the region map's bank: ``bank_size`` (the
@@ -214,11 +226,19 @@ class PatchCore(BackboneDetector):
         n = len(self.bank)
         return min(self.params.bank_size, n) if self.params.bank_size else n
 
+    def _indexes(self) -> dict[str, BankIndex]:
+        indexes = {"bank": self.index, "region": None if self.region_bank is None else self.region_bank[2]}
+        return {k: v for k, v in indexes.items() if v is not None}
+
     def _index_bases(self) -> dict[str, torch.Tensor]:
         """The principal axes of the search indexes, saved so that loading skips their
         eigendecomposition."""
-        indexes = {"bank": self.index, "region": None if self.region_bank is None else self.region_bank[2]}
-        return {k: v.basis.cpu() for k, v in indexes.items() if v is not None}
+        return {k: v.basis.cpu() for k, v in self._indexes().items()}
+
+    def _index_coords(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The rest of each search index (:func:`.ops.saved_index`), saved so that loading skips
+        projecting the bank on its axes."""
+        return {k: saved_index(v) for k, v in self._indexes().items()}
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict_scored(images)[0]
@@ -273,14 +293,15 @@ class PatchCore(BackboneDetector):
         return out[0], out[-1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bank": self.bank.cpu(), "mean": self.mean.cpu(), "std": self.std.cpu(), "index_bases": self._index_bases()}
+        return {"bank": self.bank.cpu(), "mean": self.mean.cpu(), "std": self.std.cpu(), "index_bases": self._index_bases(),
+                "index_coords": self._index_coords()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean = state["mean"].to(self.device)
         self.std = state["std"].to(self.device)
         with single_threaded():
-            # files from before index_bases: the axes found anew (the same search either way)
-            self._set_bank(state["bank"].to(self.device), state.get("index_bases"))
+            # files from before index_bases or index_coords: the indexes made anew (the same search either way)
+            self._set_bank(state["bank"].to(self.device), state.get("index_bases"), state.get("index_coords"))
 
 
 def _progress(batches_done: Iterator[list[torch.Tensor]], n: int, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
