@@ -296,7 +296,7 @@ def to_uint8(img: np.ndarray, path: str | os.PathLike, bits: int = 16) -> np.nda
 def significant_bits(peak: int) -> int:
     """The smallest of :data:`BIT_DEPTHS` whose range holds ``peak``, the brightest value of a data
     set's 16-bit images: a 12-bit camera's images (at most 4095) read as 12-bit, not as 16-bit
-    images that use 1/16 of their range and would keep 16 grey levels out of 256."""
+    images that use 1/16 of their range and would keep 17 grey levels out of 256."""
     return next((b for b in BIT_DEPTHS if peak < 1 << b), 16)
 
 
