@@ -25,9 +25,8 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         f"prepare: {len(manifest)} images ({len(manifest.train_normal())} normal for training), "
         f"{len(todo)} to classify: {dict(sorted(counts.items()))}"
     )
-    bits = manifest.records[0].bits if manifest.records else 16
-    if bits != 16:
-        typer.echo(f"prepare: the 16-bit images use {bits} bits (none is above {(1 << bits) - 1}); every stage reads them on that range")
+    if manifest.bits != 16:
+        typer.echo(f"prepare: the 16-bit images use {manifest.bits} bits (none is above {(1 << manifest.bits) - 1}); every stage reads them on that range")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
@@ -44,9 +44,20 @@ class Record:
         return read_image(self.image, self.bits)
 
 
+def set_bits(records: Sequence[Record]) -> int:
+    """The significant bits the records' 16-bit images are read with (every record of a set
+    holds the same; 16 for no records)."""
+    return records[0].bits if records else 16
+
+
 @dataclass
 class Manifest:
     records: list[Record]
+
+    @property
+    def bits(self) -> int:
+        """The significant bits of the set's 16-bit images (:func:`set_bits`)."""
+        return set_bits(self.records)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from ..config import DetectParams
-from ..datasets import Record
+from ..datasets import Record, set_bits
 from ..io import InputError, load_torch, read_image, save_torch
 
 DETECTORS: dict[str, type["Detector"]] = {}
@@ -43,7 +43,7 @@ class LazyImages(Sequence[np.ndarray]):
     @classmethod
     def of(cls, records: Sequence[Record]) -> "LazyImages":
         """The images of manifest records, read as :meth:`Record.read` reads them."""
-        return cls([r.image for r in records], records[0].bits if records else 16)
+        return cls([r.image for r in records], set_bits(records))
 
     def __len__(self) -> int:
         return len(self.paths)
