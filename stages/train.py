@@ -28,7 +28,7 @@ import typer
 from anomalyncd import auto_k, paths
 from anomalyncd.config import TrainParams, load_params
 from anomalyncd.datasets import IMAGE_EXTENSIONS
-from anomalyncd.io import InputError, read_image, read_mask, write_json
+from anomalyncd.io import InputError, image_info, read_image, read_mask, significant_bits, write_json
 from anomalyncd.model import MGViTClassifier, ModelConfig, appearance_weight, create_backbone, save_model
 from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, read_crops
@@ -58,13 +58,15 @@ def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.nd
     """A labelled base set: ``<folder>/<class>/<name>.<ext>`` with mask ``<name>_mask.png``.
 
     Returns crops uint8 (B, C, C, 3), masks uint8 (B, C, C), labels int64 (B,) and the class
-    names (sorted subfolder names), every crop resized to ``crop_size``.
+    names (sorted subfolder names), every crop resized to ``crop_size``. 16-bit crops are read
+    on the set's own bit depth, as ``prepare`` reads a data set's images (the smallest camera
+    depth that holds its brightest pixel: :func:`anomalyncd.io.significant_bits`).
     """
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"params.yaml: train.base_dir {str(root)!r} is not a folder; set it to '' for no base set")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    crops, masks, labels = [], [], []
+    files = []  # (label, crop file, mask file)
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
             if f.suffix.lower() not in IMAGE_EXTENSIONS or f.stem.endswith("_mask"):
@@ -72,14 +74,18 @@ def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.nd
             mask_file = f.with_name(f"{f.stem}_mask.png")
             if not mask_file.exists():
                 raise InputError(f"{f}: base-set crop without its mask {mask_file.name}")
-            img = read_image(f)
-            mask = read_mask(mask_file, img.shape[:2])
-            crops.append(cv2.resize(img, (crop_size, crop_size), interpolation=cv2.INTER_LINEAR))
-            masks.append(cv2.resize(mask.astype(np.uint8), (crop_size, crop_size), interpolation=cv2.INTER_NEAREST))
-            labels.append(label)
-    if not crops:
+            files.append((label, f, mask_file))
+    if not files:
         raise InputError(f"{root}: no base-set crops found (expected <class>/<name>.png with <name>_mask.png)")
-    return np.stack(crops), np.stack(masks), np.array(labels, np.int64), classes
+    peaks = [peak for _, f, _ in files if (peak := image_info(f)[2]) is not None]
+    bits = significant_bits(max(peaks)) if peaks else 16
+    crops, masks = [], []
+    for _, f, mask_file in files:
+        img = read_image(f, bits)
+        mask = read_mask(mask_file, img.shape[:2])
+        crops.append(cv2.resize(img, (crop_size, crop_size), interpolation=cv2.INTER_LINEAR))
+        masks.append(cv2.resize(mask.astype(np.uint8), (crop_size, crop_size), interpolation=cv2.INTER_NEAREST))
+    return np.stack(crops), np.stack(masks), np.array([label for label, _, _ in files], np.int64), classes
 
 
 def result_params(params: TrainParams) -> dict:

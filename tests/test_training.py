@@ -365,6 +365,22 @@ def test_base_set_folder_is_read_with_one_label_per_subfolder(tmp_path):
     assert crops.shape == (3, 16, 16, 3) and masks.shape == (3, 16, 16) and masks.max() == 1
 
 
+def test_a_base_set_of_12_bit_crops_in_16_bit_files_is_read_on_its_12_bit_range(tmp_path):
+    import cv2
+
+    from stages.train import read_base_set
+
+    levels = np.arange(0, 256, 17, dtype=np.uint8).reshape(1, -1).repeat(4, axis=0)  # (4, 16)
+    for root, image in ((tmp_path / "8bit", levels), (tmp_path / "12bit", np.round(levels.astype(np.float64) * 4095 / 255).astype(np.uint16))):
+        (root / "crack").mkdir(parents=True)
+        cv2.imwrite(str(root / "crack" / "0.png"), image)
+        cv2.imwrite(str(root / "crack" / "0_mask.png"), np.full(image.shape, 255, np.uint8))
+    eight, _, _, _ = read_base_set(tmp_path / "8bit", 16)
+    twelve, _, _, _ = read_base_set(tmp_path / "12bit", 16)
+    np.testing.assert_array_equal(twelve, eight)  # as 16-bit they would be 0..16
+    assert twelve.max() == 255
+
+
 def test_base_set_crop_without_mask_is_an_input_error(tmp_path):
     import cv2
 
