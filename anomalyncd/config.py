@@ -127,6 +127,9 @@ class DetectParams:
     # on the held-back normal images; the largest (anomalyncd.image_score)
     score_tops: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 0.3])
     holdout: float = 0.2  # patchcore, padim: share of the normal training images held back from the fit and scored (the normal/defect calibration)
+    # patchcore, padim, musc: the backbone's passes in half precision (bfloat16 on the CPU, float16 on a
+    # GPU; device.autocast), its features then back to float32: faster where the hardware has half-precision units
+    mixed_precision: bool = False
 
     def __post_init__(self) -> None:
         require(

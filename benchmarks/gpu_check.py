@@ -12,6 +12,11 @@ bits), and the image clusters must be the same partition. With several GPUs a th
 ``detect``, ``mebin``, ``train`` and ``infer`` under ``torchrun --standalone
 --nproc_per_node=<GPUs>`` and is compared with the CPU run too.
 
+A further copy runs on the second device with ``detect.mixed_precision: true`` (the backbone in
+half precision, :func:`anomalyncd.device.autocast`) and must give the CPU run's image clusters,
+its maps within ``--mixed-tolerance`` grey levels (default 16: half precision moves a map by
+more than a GPU's float32 does; docs/detect.md).
+
 Without CUDA it prints one ``skipped:`` line saying why and exits with 0. Exit status 1 when a
 comparison fails. ``--against cpu`` runs the check itself on a machine without a GPU (both
 copies on the CPU). The comparison itself is tested on the CPU (``tests/test_compare.py``).
@@ -32,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COPY = ["anomalyncd", "stages", "dvc.yaml", "params.yaml", ".dvcignore", "pyproject.toml"]
 STAGES = ["demo", "prepare", "detect", "mebin", "train", "infer", "merge", "evaluate"]
 DISTRIBUTED = {"detect", "mebin", "train", "infer"}  # the stages that spread over torchrun's processes
+MIXED_TOLERANCE = 16  # grey levels: the maps of a half-precision backbone against float32's (docs/detect.md)
 TINY = {
     "demo": {"image_size": 64, "n_train": 8, "n_test_normal": 2, "n_per_type": 6},
     "detect": {"map_size": 64, "image_size": 64},
@@ -92,6 +98,8 @@ def main() -> None:
     ap.add_argument("--tolerance", type=int, default=None, help="grey levels the uint8 maps may differ by (default 2)")
     ap.add_argument("--workdir", type=Path, default=None, help="an empty folder for the copies (kept; default: a temporary one)")
     ap.add_argument("--against", default="cuda", help="the second copy's device (cpu: try the check itself without a GPU)")
+    ap.add_argument("--mixed-tolerance", type=int, default=MIXED_TOLERANCE,
+                    help="grey levels the maps of the mixed-precision copy may differ by (default %(default)s)")
     args = ap.parse_args()
     reason = skip_reason() if args.against.startswith("cuda") else None
     if reason:
@@ -109,6 +117,7 @@ def main() -> None:
         other = args.against if args.against != "cpu" else "cpu again"
         runs = {"cpu": (make_copy(work / "cpu", "cpu", overrides), 1),
                 other: (make_copy(work / "other", args.against, overrides), 1)}
+        runs[f"{args.against} mixed"] = (make_copy(work / "mixed", args.against, {**overrides, "detect": {**overrides.get("detect", {}), "mixed_precision": True}}), 1)
         if gpus > 1 and args.against.startswith("cuda"):
             runs[f"cuda x{gpus}"] = (make_copy(work / "ddp", "cuda", overrides), gpus)
         device = f"{torch.cuda.get_device_name(0)} x{gpus}" if gpus else "no GPU"
@@ -120,7 +129,7 @@ def main() -> None:
         print(f"{'total':<10}" + "".join(f"{sum(t.values()):>11.1f}s" for t in times.values()))
         failed = False
         for name, (proj, _) in list(runs.items())[1:]:
-            c = compare_runs(runs["cpu"][0], proj, tol)
+            c = compare_runs(runs["cpu"][0], proj, args.mixed_tolerance if name.endswith(" mixed") else tol)
             print(f"\n{name} vs cpu: {c.summary()}: {'OK' if c.ok else 'FAILED'}")
             failed |= not c.ok
     sys.exit(1 if failed else 0)

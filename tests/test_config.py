@@ -159,6 +159,18 @@ def test_device_names_are_checked_when_loaded(tmp_path, section):
     assert load_params(section, _params(tmp_path, f"{section}:\n  device: cuda:1\n")).device == "cuda:1"
 
 
+def test_mixed_precision_runs_products_in_bfloat16_on_the_cpu_and_changes_nothing_when_off():
+    import torch
+
+    from anomalyncd.device import autocast
+
+    a = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    with autocast("cpu", False):
+        assert (a @ a.T).dtype == torch.float32
+    with autocast("cpu", True):
+        assert (a @ a.T).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "section, key, value",
     [("mebin", "crop_size", 20000), ("detect", "image_size", 1), ("detect", "image_size", 20000),

@@ -294,6 +294,30 @@ def test_saved_patchcore_maps_new_images_identically(rng, tmp_path):
     assert again.to_u8(np.array([0.0, 1.25, 3.0])).tolist() == [0, 128, 255]
 
 
+@pytest.mark.parametrize("method", ["patchcore", "padim"])
+def test_mixed_precision_maps_are_float32_and_within_half_precision_rounding_of_the_full_precision_ones(rng, method):
+    train = [surface(rng) for _ in range(6)]
+    test = [with_spot(surface(rng)) for _ in range(3)]
+    maps = {}
+    for mixed in (False, True):
+        det = create_detector(params(method=method, backbone="resnet18", layers=[1, 2], mixed_precision=mixed))
+        det.fit(train)
+        maps[mixed] = det.predict(test)
+    assert maps[True].dtype == np.float32 and spot_contrast(maps[True]) > 0
+    assert not np.array_equal(maps[True], maps[False])  # the backbone did run in bfloat16 on the CPU
+    assert np.corrcoef(maps[True].ravel(), maps[False].ravel())[0, 1] > 0.99
+
+
+def test_a_patchcore_saved_with_mixed_precision_maps_new_images_with_it(rng, tmp_path):
+    det = create_detector(params(method="patchcore", backbone="resnet18", layers=[1, 2], mixed_precision=True))
+    det.fit([surface(rng) for _ in range(4)])
+    save_detector(det, tmp_path / "d.pt")
+    again = load_detector(tmp_path / "d.pt")
+    test = [with_spot(surface(rng))]
+    assert again.params.mixed_precision
+    np.testing.assert_array_equal(again.predict(test), det.predict(test))
+
+
 def test_load_detector_missing_file_is_an_error(tmp_path):
     with pytest.raises(InputError, match="run the detect stage"):
         load_detector(tmp_path / "none.pt")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bnfold import folded
-from ..device import resolve_device
+from ..device import autocast, resolve_device
 from ..grids import common_grid
 from .base import Detector
 from .features import FILTERBANK, BackboneSpec, build_backbone
@@ -62,3 +62,11 @@ class BackboneDetector(Detector):
         self.stride = self.filterbank_stride if self.spec.name == FILTERBANK else 1
         # the filter bank gives one full-resolution map of all its scales: one grid already
         self.grid_layer = 0 if self.spec.name == FILTERBANK else params.grid_layer
+
+    def layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's layers ``[(B, C_l, h_l, w_l)]`` of a float batch ``x`` (B, 3, H, W), in
+        float32; with ``detect.mixed_precision`` computed in half precision
+        (:func:`anomalyncd.device.autocast`)."""
+        with autocast(self.device, self.params.mixed_precision):
+            out = self.backbone(x)
+        return [f.float() for f in out]

@@ -116,7 +116,7 @@ class MuSc(BackboneDetector):
         chunks: list[list[torch.Tensor]] = []
         bs = self.params.batch_size
         for s in tqdm(list(batches(len(images), bs)), desc="detect: musc features", unit="batch"):
-            layers = self.backbone(to_batch(images[s], self.spec.image_size, self.device))
+            layers = self.layers(to_batch(images[s], self.spec.image_size, self.device))
             if self.stride > 1:
                 layers = [F.avg_pool2d(f, self.stride) for f in layers]
             # layers finer than detect.grid_layer's are pooled onto its grid, where the patches

@@ -58,7 +58,7 @@ class PaDiM(BackboneDetector):
 
     def _features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Selected patch features ``(B, P, D)`` of a batch."""
-        f = patch_features(self.backbone(to_batch(images, self.spec.image_size, self.device)), self.stride, self.grid_layer)
+        f = patch_features(self.layers(to_batch(images, self.spec.image_size, self.device)), self.stride, self.grid_layer)
         if self.dims is None:
             d = f.shape[1]
             g = torch.Generator().manual_seed(self.params.seed)

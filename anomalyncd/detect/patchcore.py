@@ -79,7 +79,7 @@ class PatchCore(BackboneDetector):
 
         def trunk(scale: float) -> list[torch.Tensor]:
             with torch.inference_mode():
-                return self.backbone(to_batch(images, scaled_size(self.spec.image_size, scale), self.device, self.params.keep_aspect))
+                return self.layers(to_batch(images, scaled_size(self.spec.image_size, scale), self.device, self.params.keep_aspect))
 
         out: list[torch.Tensor] = []
         for layers in ordered_map(trunk, scales, workers) if workers > 1 and len(scales) > 1 else map(trunk, scales):
