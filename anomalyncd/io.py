@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -293,11 +293,13 @@ def to_uint8(img: np.ndarray, path: str | os.PathLike, bits: int = 16) -> np.nda
     )
 
 
-def significant_bits(peak: int) -> int:
-    """The smallest of :data:`BIT_DEPTHS` whose range holds ``peak``, the brightest value of a data
-    set's 16-bit images: a 12-bit camera's images (at most 4095) read as 12-bit, not as 16-bit
-    images that use 1/16 of their range and would keep 17 grey levels out of 256."""
-    return next((b for b in BIT_DEPTHS if peak < 1 << b), 16)
+def significant_bits(peaks: Iterable[int | None]) -> int:
+    """The smallest of :data:`BIT_DEPTHS` whose range holds the brightest of a data set's 16-bit
+    images; ``peaks``: :func:`image_info`'s peak of each image (None for one that is not 16-bit),
+    16 when none is. A 12-bit camera's images (at most 4095) read as 12-bit, not as 16-bit images
+    that use 1/16 of their range and would keep 17 grey levels out of 256."""
+    peak = max((p for p in peaks if p is not None), default=None)
+    return 16 if peak is None else next((b for b in BIT_DEPTHS if peak < 1 << b), 16)
 
 
 def read_image(path: str | os.PathLike, bits: int = 16) -> np.ndarray:

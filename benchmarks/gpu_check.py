@@ -115,21 +115,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         other = args.against if args.against != "cpu" else "cpu again"
-        runs = {"cpu": (make_copy(work / "cpu", "cpu", overrides), 1),
-                other: (make_copy(work / "other", args.against, overrides), 1)}
-        runs[f"{args.against} mixed"] = (make_copy(work / "mixed", args.against, {**overrides, "detect": {**overrides.get("detect", {}), "mixed_precision": True}}), 1)
+        mixed = {**overrides, "detect": {**overrides.get("detect", {}), "mixed_precision": True}}
+        # name: (project, processes, the map tolerance against the CPU run)
+        runs = {"cpu": (make_copy(work / "cpu", "cpu", overrides), 1, tol),
+                other: (make_copy(work / "other", args.against, overrides), 1, tol),
+                f"{args.against} mixed": (make_copy(work / "mixed", args.against, mixed), 1, args.mixed_tolerance)}
         if gpus > 1 and args.against.startswith("cuda"):
-            runs[f"cuda x{gpus}"] = (make_copy(work / "ddp", "cuda", overrides), gpus)
+            runs[f"cuda x{gpus}"] = (make_copy(work / "ddp", "cuda", overrides), gpus, tol)
         device = f"{torch.cuda.get_device_name(0)} x{gpus}" if gpus else "no GPU"
         print(f"gpu_check: {device}, torch {torch.__version__}; projects in {work}")
-        times = {name: run_stages(proj, n) for name, (proj, n) in runs.items()}
+        times = {name: run_stages(proj, n) for name, (proj, n, _) in runs.items()}
         print(f"\n{'stage':<10}" + "".join(f"{name:>12}" for name in times))
         for stage in STAGES:
             print(f"{stage:<10}" + "".join(f"{t[stage]:>11.1f}s" for t in times.values()))
         print(f"{'total':<10}" + "".join(f"{sum(t.values()):>11.1f}s" for t in times.values()))
         failed = False
-        for name, (proj, _) in list(runs.items())[1:]:
-            c = compare_runs(runs["cpu"][0], proj, args.mixed_tolerance if name.endswith(" mixed") else tol)
+        for name, (proj, _, tolerance) in list(runs.items())[1:]:
+            c = compare_runs(runs["cpu"][0], proj, tolerance)
             print(f"\n{name} vs cpu: {c.summary()}: {'OK' if c.ok else 'FAILED'}")
             failed |= not c.ok
     sys.exit(1 if failed else 0)

@@ -77,8 +77,7 @@ def read_base_set(folder: str | Path, crop_size: int) -> tuple[np.ndarray, np.nd
             files.append((label, f, mask_file))
     if not files:
         raise InputError(f"{root}: no base-set crops found (expected <class>/<name>.png with <name>_mask.png)")
-    peaks = [peak for _, f, _ in files if (peak := image_info(f)[2]) is not None]
-    bits = significant_bits(max(peaks)) if peaks else 16
+    bits = significant_bits(image_info(f)[2] for _, f, _ in files)
     crops, masks = [], []
     for _, f, mask_file in files:
         img = read_image(f, bits)

@@ -67,7 +67,14 @@ def test_a_cameras_12_bit_pixels_in_a_16_bit_file_are_read_on_their_12_bit_range
 
 @pytest.mark.parametrize("peak, bits", [(0, 8), (255, 8), (256, 10), (1023, 10), (4095, 12), (4096, 14), (16383, 14), (16384, 16), (65535, 16)])
 def test_the_significant_bits_are_the_smallest_camera_depth_that_holds_the_brightest_pixel(peak, bits):
-    assert io.significant_bits(peak) == bits
+    assert io.significant_bits([peak]) == bits
+    assert io.significant_bits([0, peak]) == bits
+
+
+def test_a_set_without_16_bit_images_reads_as_16_bit():
+    assert io.significant_bits([]) == 16
+    assert io.significant_bits([None, None]) == 16  # image_info's peak of 8-bit images
+    assert io.significant_bits([None, 4095]) == 12
 
 
 def test_float_images_in_unit_range_are_scaled_and_others_refused(tmp_path):

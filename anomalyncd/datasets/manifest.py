@@ -149,8 +149,7 @@ def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest
             raise InputError(f"{r.image}: duplicate image id {r.id!r}; image names must be unique per folder")
         seen.add(r.id)
         h, w, peak = image_info(r.image)
-        if peak is not None:
-            peaks.append(peak)
+        peaks.append(peak)
         if r.mask:
             levels = read_mask_levels(r.mask, shape=(h, w))
             if not is_binary_mask(levels):
@@ -163,7 +162,7 @@ def build_manifest(records: Iterable[Record], progress: bool = True) -> Manifest
     for colour, files in flat.items():
         if files:
             warnings.warn(flat_mask_warning(files, colour), InputWarning, stacklevel=2)
-    bits = significant_bits(max(peaks)) if peaks else 16
+    bits = significant_bits(peaks)
     return Manifest([replace(r, bits=bits) for r in out])
 
 
