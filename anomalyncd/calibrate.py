@@ -9,12 +9,13 @@
    leave no held-back scores: the decision is then off (every image goes on to MEBin, as before)
    and :attr:`Calibration.note` says why.
 2. **Known or unknown type.** A crop's unknown score is its cosine distance to the nearest class
-   prototype, the normalised mean feature (the classifier's encoder output, which the cosine
-   heads read) of the run's own crops of that class; an image's is the merge-weighted mean over
-   its crops (:func:`anomalyncd.merge.region_weights`). An anomalous image is of an unknown type
-   when its score is above the ``unknown_quantile`` of the run's own anomalous images' scores,
-   each taken against prototypes made without that image's crops, as a new image's is
-   (:func:`held_out_distances`).
+   prototype: the unit weight row of that class in the classifier's selected cosine head, the
+   direction its logit measures the crop's feature (the encoder's output) against. An image's
+   score is the merge-weighted mean over its crops (:func:`anomalyncd.merge.region_weights`).
+   An anomalous image is of an unknown type when its score is above the ``unknown_quantile`` of
+   the run's own anomalous images' scores. The head was trained on those images, so they lie a
+   little nearer their classes than new images of the same types: the threshold flags somewhat
+   more than ``1 - unknown_quantile`` of new known-type images.
 
 The ``calibrate`` stage stores what both need in ``models/calibration.json`` (the score
 distributions, not only the thresholds, so that ``predict --normal-quantile/--unknown-quantile``
@@ -42,17 +43,15 @@ def threshold(scores: np.ndarray, q: float) -> float:
     return float(np.quantile(scores, q)) if len(scores) else math.nan
 
 
-def class_prototypes(features: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """float32 (K, D): each class's normalised mean of the L2-normalised ``features`` (M, D) of
-    its crops (``labels`` (M,) in 0..K-1; a crop labelled outside is ignored); NaN rows for a
-    class without crops."""
-    f = _unit(np.asarray(features, np.float64))
-    labels = np.asarray(labels)
-    out = np.full((n_classes, f.shape[1]), np.nan)
-    for k in range(n_classes):
-        if (labels == k).any():
-            out[k] = _unit(f[labels == k].mean(0, keepdims=True))[0]
-    return out.astype(np.float32)
+def class_prototypes(head_weight: np.ndarray, num_labeled: int, crop_labels: np.ndarray) -> np.ndarray:
+    """float32 (K, D): the unit rows of the selected head's weights ``head_weight`` (num_labeled
+    + K, D) for the K novel classes (the base classes' rows, first, dropped), the directions its
+    cosine logits compare a crop's feature with; NaN rows for a class that none of the run's
+    crops (``crop_labels`` (M,), in 0..K-1; others ignored) belongs to: no known type."""
+    w = _unit(np.asarray(head_weight, np.float64)[num_labeled:])
+    labels = np.asarray(crop_labels, np.int64).reshape(-1)
+    held = np.bincount(labels[(labels >= 0) & (labels < len(w))], minlength=len(w)) > 0
+    return np.where(held[:, None], w, np.nan).astype(np.float32)
 
 
 def crop_distances(features: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,37 +66,6 @@ def crop_distances(features: np.ndarray, prototypes: np.ndarray) -> tuple[np.nda
     cos[:, ~ok] = -np.inf
     nearest = np.argmax(cos, 1) if len(f) else np.zeros(0, np.int64)
     return 1.0 - cos[np.arange(len(f)), nearest], nearest.astype(np.int64)
-
-
-def held_out_distances(
-    features: np.ndarray, labels: np.ndarray, image_index: np.ndarray, region: np.ndarray, n_classes: int
-) -> np.ndarray:
-    """float64 (M,): each crop's cosine distance to the nearest class prototype made without its
-    own image's crops, so that the run's own images are scored as a new image is (a prototype
-    that holds the crop itself lies nearer to it than to any new crop of its class).
-
-    features (M, D); labels (M,) in 0..K-1 (others ignored); image_index (M,); region: bool (M,),
-    the crops that make prototypes (:func:`class_prototypes` of ``features[region]``). NaN for
-    a crop whose image holds every crop of every class.
-    """
-    x = np.asarray(features, np.float64)
-    f = _unit(x)
-    labels, image_index = np.asarray(labels), np.asarray(image_index)
-    used = np.asarray(region, bool) & (labels >= 0) & (labels < n_classes)
-    sums = np.zeros((n_classes, f.shape[1]))
-    np.add.at(sums, labels[used], f[used])
-    counts = np.bincount(labels[used], minlength=n_classes)
-    out = np.full(len(f), np.nan)
-    order = np.argsort(image_index, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(image_index[order]) != 0])
-    for rows in np.split(order, starts[1:]):  # one group per image (an empty set: one empty group)
-        own = rows[used[rows]]
-        s, n = sums.copy(), counts.copy()
-        np.add.at(s, labels[own], -f[own])
-        np.add.at(n, labels[own], -1)
-        if (n > 0).any():  # prototypes without the image's crops; a class left without any: NaN, skipped
-            out[rows] = crop_distances(x[rows], np.where((n > 0)[:, None], _unit(s), np.nan))[0]
-    return out
 
 
 def image_unknown_scores(
@@ -214,25 +182,21 @@ def calibrate(
     holdout_scores: np.ndarray,
     image_score: dict,
     features: np.ndarray,
-    areas: np.ndarray,
-    crop_labels: np.ndarray,
+    prototypes: np.ndarray,
     weights: np.ndarray,
     image_index: np.ndarray,
     anomaly: np.ndarray,
-    n_classes: int,
     normal_quantile: float,
     unknown_quantile: float,
     method: str = "",
     note: str = "",
 ) -> Calibration:
     """The calibration of a finished run: the held-back normal images' scores (H,), and the
-    prototypes and unknown scores of its crops (features (M, D), areas, crop_labels (merge's
-    crop classes), weights, image_index: (M,); anomaly: bool (N,)) over ``n_classes`` classes."""
-    region = np.asarray(areas) > 0
-    protos = class_prototypes(np.asarray(features)[region], np.asarray(crop_labels)[region], n_classes)
+    unknown scores of its images against ``prototypes`` (K, D) (:func:`class_prototypes`),
+    from its crops' features (M, D), merge weights and image_index (M,); anomaly: bool (N,)."""
+    protos = np.asarray(prototypes, np.float32)
     if np.isfinite(protos).all(1).any():
-        dist = held_out_distances(features, crop_labels, image_index, region, n_classes)
-        img = image_unknown_scores(dist, weights, image_index, anomaly)
+        img = image_unknown_scores(crop_distances(features, protos)[0], weights, image_index, anomaly)
         known = np.sort(img[np.isfinite(img)])
     else:  # no anomaly region in the whole run: nothing to compare with
         known = np.zeros(0)

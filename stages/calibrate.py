@@ -1,10 +1,11 @@
 """calibrate: the thresholds of predict's normal/defect and known/unknown-type decisions.
 
 Reads the image scores of the normal images ``detect`` held back from its fit (the maps store's
-``holdout_scores``), the crops' features (``infer``) and merge's crop classes and weights;
-writes ``models/calibration.json``: those scores and the run's own images' unknown scores with
-the thresholds at ``calibrate.normal_quantile`` and ``calibrate.unknown_quantile``, and the class
-prototypes (:mod:`anomalyncd.calibrate`). No stage reads it: ``anomalyncd predict`` does.
+``holdout_scores``), the crops' features (``infer``), merge's crop classes and weights, and the
+selected head's class weights (``models/mgvit.pt``); writes ``models/calibration.json``: those
+scores and the run's own images' unknown scores with the thresholds at
+``calibrate.normal_quantile`` and ``calibrate.unknown_quantile``, and the class prototypes
+(:mod:`anomalyncd.calibrate`). No stage reads it: ``anomalyncd predict`` does.
 """
 
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import typer
 
 from anomalyncd import paths
-from anomalyncd.calibrate import calibrate, no_normal_calibration
+from anomalyncd.calibrate import calibrate, class_prototypes, no_normal_calibration
 from anomalyncd.config import load_params
 from anomalyncd.image_score import ImageScore
 from anomalyncd.io import InputError, write_json
@@ -43,12 +44,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
         holdout_scores=held,
         image_score=ImageScore.from_attrs(attrs, str(paths.MAPS)).to_attrs(),
         features=np.asarray(ps.features[:], np.float32),
-        areas=np.asarray(cs.areas),
-        crop_labels=ms.crop_clusters,
+        prototypes=head_prototypes(ms.crop_clusters, ms.n_classes),
         weights=ms.weights,
         image_index=np.asarray(cs.image_index),
         anomaly=ms.anomaly,
-        n_classes=ms.n_classes,
         normal_quantile=p.normal_quantile,
         unknown_quantile=p.unknown_quantile,
         method=str(attrs.get("method", "")),
@@ -58,6 +57,19 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
     normal = "off" if cal.normal_threshold is None else f"{cal.normal_threshold:.4g} ({len(held)} held-back normal images)"
     unknown = "off" if cal.unknown_threshold is None else f"{cal.unknown_threshold:.4g} ({len(cal.known_scores)} images)"
     typer.echo(f"calibrate: normal/defect threshold {normal}; unknown-type threshold {unknown} -> {paths.CALIBRATION}")
+
+
+def head_prototypes(crop_labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """The class prototypes of the run's classifier: its selected head's class weights
+    (:func:`anomalyncd.calibrate.class_prototypes`)."""
+    from anomalyncd.model import load_model
+
+    net, info = load_model(paths.MODEL)
+    weight = net.head.weight[int(info["head"])].detach().cpu().numpy()
+    protos = class_prototypes(weight, net.cfg.num_labeled, crop_labels)
+    if len(protos) != n_classes:
+        raise InputError(f"{paths.MODEL} has {len(protos)} classes and {paths.MERGED} {n_classes}; rerun infer and merge (dvc repro)")
+    return protos
 
 
 if __name__ == "__main__":

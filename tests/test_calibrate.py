@@ -13,7 +13,6 @@ from anomalyncd.calibrate import (
     calibrate,
     class_prototypes,
     crop_distances,
-    held_out_distances,
     image_unknown_scores,
     threshold,
 )
@@ -52,8 +51,9 @@ def test_a_far_away_cluster_is_an_unknown_type_and_new_crops_of_known_classes_ar
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (4, 32))  # 3 known classes and a new one
     run_f, run_y = _clusters(rng, centres[:3], 60, 0.25)
-    cal = calibrate(np.zeros(0), {}, run_f, np.ones(len(run_f)), run_y, np.ones(len(run_f)),
-                    np.arange(len(run_f)), np.ones(len(run_f), bool), 3, 0.95, 0.95)
+    head = centres[:3] * 5.0  # a head's weights: the known classes' directions, any length
+    cal = calibrate(np.zeros(0), {}, run_f, class_prototypes(head, 0, run_y), np.ones(len(run_f)),
+                    np.arange(len(run_f)), np.ones(len(run_f), bool), 0.95, 0.95)
     assert cal.normal_threshold is None and cal.unknown_threshold is not None
     new_known, _ = _clusters(rng, centres[:3], 100, 0.25)
     new_type, _ = _clusters(rng, centres[3:], 100, 0.25)
@@ -64,35 +64,29 @@ def test_a_far_away_cluster_is_an_unknown_type_and_new_crops_of_known_classes_ar
     assert set(nearest) <= {0, 1, 2}  # the nearest known class is still named
 
 
-def test_prototypes_are_unit_class_means_and_a_class_without_crops_has_none():
-    f = np.array([[2.0, 0, 0], [0, 3.0, 0], [0, 0, 1.0]])
-    p = class_prototypes(f, np.array([0, 0, 2]), 3)
+def test_prototypes_are_the_heads_unit_novel_class_rows_and_a_class_without_crops_has_none():
+    head = np.array([[9.0, 9, 9], [2.0, 2.0, 0], [0, 3.0, 0], [0, 0, 0.5]])  # one base class first
+    p = class_prototypes(head, 1, np.array([0, 0, 2, -1, 3]))  # -1 and 3: no class of the head's novel ones
+    assert p.shape == (3, 3) and p.dtype == np.float32
     np.testing.assert_allclose(p[0], [2**-0.5, 2**-0.5, 0], atol=1e-6)
-    assert np.isnan(p[1]).all()
-    d, k = crop_distances(np.array([[0, 0, 5.0], [1.0, 1.0, 0]]), p)
-    np.testing.assert_allclose(d, [0, 0], atol=1e-6)
-    assert k.tolist() == [2, 0]
+    np.testing.assert_allclose(p[2], [0, 0, 1], atol=1e-6)
+    assert np.isnan(p[1]).all()  # no crop of the run is of class 1: not a known type
+    d, k = crop_distances(np.array([[0, 0, 5.0], [1.0, 1.0, 0], [0, 1.0, 0]]), p)
+    np.testing.assert_allclose(d, [0, 0, 1 - 2**-0.5], atol=1e-6)
+    assert k.tolist() == [2, 0, 0]  # class 1 is never the nearest, though its row would be
 
 
-def test_a_run_image_is_scored_against_prototypes_made_without_its_own_crops():
-    rng = np.random.default_rng(1)
-    f = rng.normal(0, 1, (40, 8))
-    labels = rng.integers(0, 3, 40)
-    labels[5] = -1  # a crop outside the classes makes no prototype
-    image = np.sort(rng.integers(0, 15, 40))
-    region = rng.random(40) > 0.1  # crops without a region make no prototype either
-    got = held_out_distances(f, labels, image, region, 3)
-    for i in np.unique(image):
-        others = (image != i) & region
-        expected, _ = crop_distances(f[image == i], class_prototypes(f[others], labels[others], 3))
-        np.testing.assert_allclose(got[image == i], expected, atol=1e-9)
-    # with its own crops in the prototypes the run's images would lie nearer than new ones do
-    assert got.mean() > crop_distances(f, class_prototypes(f[region], labels[region], 3))[0].mean()
+def test_a_crops_unknown_score_is_one_minus_its_largest_cosine_logit():
+    from anomalyncd.model import ClusterHead
+    import torch
 
-
-def test_an_image_that_holds_every_crop_has_no_held_out_score():
-    d = held_out_distances(np.eye(3), np.array([0, 1, 1]), np.array([0, 0, 0]), np.ones(3, bool), 2)
-    assert np.isnan(d).all()
+    torch.manual_seed(0)
+    head = ClusterHead(16, 4, n_head=2, proj_hidden=8, proj_dim=4)
+    f = torch.randn(10, 16)
+    logits = head.logits(f)[1].detach().numpy()
+    d, k = crop_distances(f.numpy(), class_prototypes(head.weight[1].detach().numpy(), 0, np.arange(4)))
+    np.testing.assert_allclose(d, 1 - logits.max(1), atol=1e-6)
+    assert k.tolist() == logits.argmax(1).tolist()
 
 
 def test_an_image_scores_the_merge_weighted_mean_of_its_crops_and_none_without_anomaly():
@@ -137,11 +131,14 @@ def test_bad_calibration_params_are_one_clear_error(tmp_path, text, message):
 
 
 def _calibrated_run(tmp_path, monkeypatch, method: str, holdout_scores: list[float]) -> dict:
-    """The synthetic run of tests/synthetic_run.py with random crop features and a maps store,
-    after the merge and calibrate stages (calibrate: normal_quantile 0.5, unknown_quantile 0.9)."""
+    """The synthetic run of tests/synthetic_run.py with random crop features, a maps store and a
+    tiny classifier (3 classes, 192-dim features, head 1 of 2), after the merge and calibrate
+    stages (calibrate: normal_quantile 0.5, unknown_quantile 0.9)."""
+    import torch
     import yaml
 
     from anomalyncd import paths
+    from anomalyncd.model import MGViTClassifier, ModelConfig, save_model
     from anomalyncd.store import MapSet, read_probs, write_maps, write_probs
     from stages import calibrate as calibrate_stage
     from stages import merge as merge_stage
@@ -150,8 +147,12 @@ def _calibrated_run(tmp_path, monkeypatch, method: str, holdout_scores: list[flo
 
     cs = make_project(tmp_path)["crops"]
     ps = read_probs(tmp_path / paths.PROBS)
-    ps.features = np.random.default_rng(0).normal(size=(len(ps.probs), 8)).astype(np.float32)
+    ps.features = np.random.default_rng(0).normal(size=(len(ps.probs), 192)).astype(np.float32)
     write_probs(tmp_path / paths.PROBS, ps)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=1, grad_from_block=11,
+                      n_head=2, num_unlabeled=3)
+    save_model(tmp_path / paths.MODEL, MGViTClassifier(cfg), head=1)
     n = len(cs.ids)
     attrs = {"method": method, "params": {"score_top": 0.02, "holdout": 0.2}, "norm_min": 0.0, "norm_max": 1.0,
              "holdout_scores": holdout_scores}
@@ -174,7 +175,11 @@ def test_the_calibrate_stage_stores_both_thresholds_and_what_they_are_quantiles_
     unknown = saved["unknown"]
     assert unknown["images"] == 6 and unknown["threshold"] == pytest.approx(np.quantile(unknown["scores"], 0.9))
     cal = Calibration.from_dict(saved, "calibration.json")
-    assert cal.prototypes.shape == (3, 8) and np.allclose(np.linalg.norm(cal.prototypes, axis=1), 1)
+    from anomalyncd.model import load_model
+
+    net, _ = load_model(tmp_path / "models" / "mgvit.pt")
+    w = net.head.weight[1].detach().numpy()  # the selected head's class rows are the prototypes
+    np.testing.assert_allclose(cal.prototypes, w / np.linalg.norm(w, axis=1, keepdims=True), atol=1e-6)
 
 
 def test_without_held_back_normal_images_the_normal_decision_is_off_and_says_why(tmp_path, monkeypatch):
@@ -193,4 +198,20 @@ def test_a_maps_store_from_before_the_holdout_is_refused_naming_the_stage_to_rer
     del ms.attrs["holdout_scores"]
     write_maps(tmp_path / paths.MAPS, ms)
     with pytest.raises(InputError, match=r"maps.zarr.zip: has no holdout_scores .*rerun detect"):
+        calibrate_stage.main(params=Path("params.yaml"))
+
+
+def test_a_classifier_of_another_number_of_classes_than_the_merge_is_refused(tmp_path, monkeypatch):
+    import torch
+
+    from anomalyncd import paths
+    from anomalyncd.model import MGViTClassifier, ModelConfig, save_model
+    from stages import calibrate as calibrate_stage
+
+    _calibrated_run(tmp_path, monkeypatch, "patchcore", [1.0])
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="vit_tiny_patch16_224", image_size=32, crop_pct=0.875, mask_layers=1, grad_from_block=11,
+                      n_head=1, num_unlabeled=4)
+    save_model(tmp_path / paths.MODEL, MGViTClassifier(cfg), head=0)
+    with pytest.raises(InputError, match=r"mgvit.pt has 4 classes and data/merge/merged.zarr.zip 3; rerun infer and merge"):
         calibrate_stage.main(params=Path("params.yaml"))

@@ -421,8 +421,8 @@ def test_on_the_cpu_crops_are_classified_in_small_batches_unless_told(small_run)
 
 
 def _with_calibration(small_run, dest: Path, normal_scores, known_scores) -> tuple[Path, "object"]:
-    """A copy of ``small_run`` with a calibration file: these score distributions, prototypes of
-    its own crops' features, both quantiles 0.5."""
+    """A copy of ``small_run`` with a calibration file: these score distributions, the
+    prototypes of its classifier's selected head, both quantiles 0.5."""
     import shutil
 
     from anomalyncd import paths
@@ -434,7 +434,8 @@ def _with_calibration(small_run, dest: Path, normal_scores, known_scores) -> tup
     shutil.copytree(root, dest)
     p = Predictor(load_run(dest), "cpu", maps=True, workers=1)
     c = p.classify(images, find_maps(maps_dir, [i for i, _ in images]))
-    protos = class_prototypes(c.features[c.areas > 0], c.probs[c.areas > 0].argmax(1), c.probs.shape[1])
+    weight = p.net.head.weight[p.head].detach().numpy()
+    protos = class_prototypes(weight, p.net.cfg.num_labeled, c.probs[c.areas > 0].argmax(1))
     cal = Calibration({}, np.asarray(normal_scores, float), protos, np.asarray(known_scores, float), 0.5, 0.5)
     write_json(dest / paths.CALIBRATION, cal.to_dict())
     return dest, load_run(dest)
