@@ -595,18 +595,28 @@ def save_model(path, net: MGViTClassifier, head: int, extra: dict | None = None)
     save_torch(payload, path)
 
 
+_FIX = "rerun the train stage (dvc repro train)"
+
+
+def read_model(path) -> dict:
+    """The payload :func:`save_model` wrote (``config``, ``state_dict``, ``head``, ...), checked
+    to be a model file of this version, without building the network: for what reads only
+    tensors of it (e.g. the head's class weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: model not found; run the train stage first (dvc repro train)")
+    payload = load_torch(path, _FIX)
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path}: not a model written by the anomalyncd train stage; {_FIX}")
+    return payload
+
+
 def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifier, dict]:
     """Rebuild a network saved by :func:`save_model` (no download: weights come from the file).
 
     Returns the network in eval mode on ``device`` and the saved payload without weights.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: model not found; run the train stage first (dvc repro train)")
-    fix = "rerun the train stage (dvc repro train)"
-    payload = load_torch(path, fix)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise InputError(f"{path}: not a model written by the anomalyncd train stage; {fix}")
+    payload = read_model(path)
     try:
         cfg = ModelConfig(**payload["config"])
         net = MGViTClassifier(cfg, create_backbone(cfg.model, cfg.image_size, layers=cfg.layers))
@@ -616,5 +626,5 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
         net.load_state_dict(state)
         int(payload["head"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise InputError(f"{path}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); {fix}") from e
+        raise InputError(f"{path}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); {_FIX}") from e
     return net.to(device).eval(), payload

@@ -62,11 +62,15 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 def head_prototypes(crop_labels: np.ndarray, n_classes: int) -> np.ndarray:
     """The class prototypes of the run's classifier: its selected head's class weights
     (:func:`anomalyncd.calibrate.class_prototypes`)."""
-    from anomalyncd.model import load_model
+    from anomalyncd.model import read_model
 
-    net, info = load_model(paths.MODEL)
-    weight = net.head.weight[int(info["head"])].detach().cpu().numpy()
-    protos = class_prototypes(weight, net.cfg.num_labeled, crop_labels)
+    payload = read_model(paths.MODEL)  # the tensors alone: no network to build
+    try:
+        weight = payload["state_dict"]["head.weight"][int(payload["head"])].float().numpy()
+        protos = class_prototypes(weight, int(payload["config"].get("num_labeled", 0)), crop_labels)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise InputError(f"{paths.MODEL}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); "
+                         "rerun the train stage (dvc repro train)") from e
     if len(protos) != n_classes:
         raise InputError(f"{paths.MODEL} has {len(protos)} classes and {paths.MERGED} {n_classes}; rerun infer and merge (dvc repro)")
     return protos

@@ -215,3 +215,17 @@ def test_a_classifier_of_another_number_of_classes_than_the_merge_is_refused(tmp
     save_model(tmp_path / paths.MODEL, MGViTClassifier(cfg), head=0)
     with pytest.raises(InputError, match=r"mgvit.pt has 4 classes and data/merge/merged.zarr.zip 3; rerun infer and merge"):
         calibrate_stage.main(params=Path("params.yaml"))
+
+
+def test_a_classifier_file_without_the_heads_weights_is_refused_naming_the_stage_to_rerun(tmp_path, monkeypatch):
+    from anomalyncd import paths
+    from anomalyncd.model import read_model
+    from anomalyncd.io import save_torch
+    from stages import calibrate as calibrate_stage
+
+    _calibrated_run(tmp_path, monkeypatch, "patchcore", [1.0])
+    payload = read_model(tmp_path / paths.MODEL)
+    del payload["state_dict"]["head.weight"]
+    save_torch(payload, tmp_path / paths.MODEL)  # a valid file (its digest matches) of a damaged model
+    with pytest.raises(InputError, match=r"mgvit.pt: damaged .*KeyError.*rerun the train stage"):
+        calibrate_stage.main(params=Path("params.yaml"))
