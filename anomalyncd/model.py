@@ -34,6 +34,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -611,6 +612,21 @@ def read_model(path) -> dict:
     return payload
 
 
+def read_head(path) -> tuple[np.ndarray, int]:
+    """The selected head's class weights, float32 (num_labeled + K, D), and ``num_labeled`` (its
+    base classes' rows come first), read from the file without building the network."""
+    payload = read_model(path)
+    try:
+        weight = payload["state_dict"]["head.weight"][int(payload["head"])].float().numpy()
+        return weight, int(payload["config"].get("num_labeled", 0))
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise _damaged(path, e) from e
+
+
+def _damaged(path, e: Exception) -> InputError:
+    return InputError(f"{path}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); {_FIX}")
+
+
 def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifier, dict]:
     """Rebuild a network saved by :func:`save_model` (no download: weights come from the file).
 
@@ -626,5 +642,5 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[MGViTClassifie
         net.load_state_dict(state)
         int(payload["head"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise InputError(f"{path}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); {_FIX}") from e
+        raise _damaged(path, e) from e
     return net.to(device).eval(), payload

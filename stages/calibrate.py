@@ -62,15 +62,10 @@ def main(params: Path = typer.Option("params.yaml", help="params file")) -> None
 def head_prototypes(crop_labels: np.ndarray, n_classes: int) -> np.ndarray:
     """The class prototypes of the run's classifier: its selected head's class weights
     (:func:`anomalyncd.calibrate.class_prototypes`)."""
-    from anomalyncd.model import read_model
+    from anomalyncd.model import read_head
 
-    payload = read_model(paths.MODEL)  # the tensors alone: no network to build
-    try:
-        weight = payload["state_dict"]["head.weight"][int(payload["head"])].float().numpy()
-        protos = class_prototypes(weight, int(payload["config"].get("num_labeled", 0)), crop_labels)
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise InputError(f"{paths.MODEL}: damaged or written by another version of anomalyncd ({type(e).__name__}: {e}); "
-                         "rerun the train stage (dvc repro train)") from e
+    weight, num_labeled = read_head(paths.MODEL)  # the tensors alone: no network to build
+    protos = class_prototypes(weight, num_labeled, crop_labels)
     if len(protos) != n_classes:
         raise InputError(f"{paths.MODEL} has {len(protos)} classes and {paths.MERGED} {n_classes}; rerun infer and merge (dvc repro)")
     return protos
