@@ -1,6 +1,7 @@
 import collections
 import shutil
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -209,6 +210,35 @@ def test_mtd_reader_finds_the_published_split():
     assert collections.Counter(r.defect_type for r in defects) == {
         "blowhole": 115, "uneven": 103, "break": 85, "crack": 57, "fray": 32,
     }
+
+
+@requires_mtd()
+def test_mtd_rearranged_in_mvtec_layout_is_read_as_the_same_images_masks_and_split(tmp_path):
+    # A user who copies MTD into MVTec's folders (train/good from the training list, test/<type>,
+    # ground_truth/<type>/<name>_mask.png) gets the run of dataset.layout: mtd.
+    train = set((MTD / "mtd_train_filenames.txt").read_text().split())
+    base = tmp_path / "mtd"
+    for folder in sorted(MTD.glob("MT_*")):
+        kind = folder.name[3:].lower()
+        for img in sorted((folder / "Imgs").glob("*.jpg")):
+            if kind == "free":
+                dst = base / ("train" if img.name in train else "test") / "good" / img.name
+            else:
+                dst = base / "test" / kind / img.name
+                m = base / "ground_truth" / kind / f"{img.stem}_mask.png"
+                m.parent.mkdir(parents=True, exist_ok=True)
+                m.symlink_to(img.with_suffix(".png"))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(img)
+
+    def key(records):
+        return sorted((r.id, r.defect_type, r.split, r.category, Path(r.image).resolve(), r.mask and Path(r.mask).resolve())
+                      for r in records)
+
+    mtd = read_dataset(DatasetParams(layout="mtd", root=str(MTD)))
+    mvtec = read_dataset(DatasetParams(layout="mvtec", root=str(tmp_path)))
+    assert len(mtd) == 1344
+    assert key(mvtec) == key(mtd)
 
 
 @requires_mtd()
