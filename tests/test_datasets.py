@@ -166,6 +166,14 @@ def test_wrong_layout_for_the_folder_is_an_error(tiny_demo):
         _manifest("mvtec", tiny_demo / "tile" / "test")
 
 
+def test_a_root_that_is_one_mvtec_category_is_an_error_naming_the_settings_that_read_it(tiny_demo):
+    category = tiny_demo / "tile"
+    with pytest.raises(InputError, match=rf"is one MVTec category .*dataset.root={tiny_demo} and dataset.categories=\[tile\]"):
+        _manifest("mvtec", category)
+    # and those settings read it
+    assert len(_manifest("mvtec", tiny_demo, categories=["tile"]).records) > 0
+
+
 def test_missing_root_is_an_error(tmp_path):
     with pytest.raises(InputError, match="dataset folder not found"):
         _manifest("mvtec", tmp_path / "nope")

@@ -71,6 +71,11 @@ def _rel_id(*parts: str) -> str:
 def read_mvtec(root: Path, params: DatasetParams) -> list[Record]:
     """``<root>/<category>/train/good``, ``test/<type>``, ``ground_truth/<type>/<stem>_mask.png``."""
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "test").is_dir())
+    if not found and (root / "test").is_dir():  # the root is itself one category
+        raise InputError(
+            f"{root}: is one MVTec category (it holds test/), and dataset.root is the folder of the categories; "
+            f"set dataset.root={root.parent} and dataset.categories=[{root.name}]"
+        )
     if not found:
         raise InputError(
             f"{root}: no MVTec categories found (expected {root}/<category>/test/<type>/*.png); "
