@@ -14,6 +14,10 @@ and ``mebin`` done), prints:
 - the crops: true regions found (at least half of their pixels inside the crop boxes), the
   defect pixels inside the crops (:func:`anomalyncd.mebin.gt_coverage`), the images MEBin found
   no stable interval for on the set's range (those on the own-range fallback);
+- the same per defect type: pixel AUROC and AUPRO within that type's images (their own
+  background the negatives), MEBin's mask IoU, true regions found, defect pixels in crops and
+  images without a stable interval (where a chain loses quality is often one type: MTD's
+  large, faint "uneven" bands);
 - the frozen-feature k-means baseline's image NMI / ARI / F1 of the crops, computed as
   ``evaluate`` computes it (``stages.evaluate.baseline_metrics``, mean of 5 k-means seeds): on the
   run's ``data/infer/probs.zarr.zip`` when it holds these crops, else on the crops' frozen
@@ -52,6 +56,7 @@ from anomalyncd import mebin, paths
 from anomalyncd.auto_k import region_features
 from anomalyncd.config import SECTIONS, from_dict, parse_params, resolve
 from anomalyncd.datasets import Manifest
+from anomalyncd.datasets.manifest import NORMAL
 from anomalyncd.detect import load_detector
 from anomalyncd.detect.base import normalise_u8
 from anomalyncd.detect.metrics import aupro, pixel_auroc, resize_masks
@@ -197,20 +202,27 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
     crop_rows: dict[int, list[int]] = {}
     for j, i in enumerate(cs.image_index.tolist()):
         crop_rows.setdefault(i, []).append(j)
-    mask_scores, crop_scores, coverage, no_interval = [], [], mebin.GtCoverage(), 0
+    mask_scores, crop_scores, covers, no_interval = [], [], [], []
     for i, gt in enumerate(truth):
         rows = crop_rows.get(i, [])
         mask_scores.append(region_scores(gt, cs.masks[i], MIN_REGION))
         pasted = paste_crop_masks(gt.shape, cs.boxes[rows], np.asarray(cs.crop_masks[rows]) if rows else [])
         crop_scores.append(region_scores(gt, pasted, MIN_REGION))
-        coverage += mebin.gt_coverage(gt, cs.boxes[rows], cs.areas[rows], MIN_REGION)
-        no_interval += without_stable_interval(np.asarray(ms.maps_u8[i]), lo, hi, p_mebin)
+        covers.append(mebin.gt_coverage(gt, cs.boxes[rows], cs.areas[rows], MIN_REGION))
+        no_interval.append(without_stable_interval(np.asarray(ms.maps_u8[i]), lo, hi, p_mebin))
+    coverage = sum(covers, mebin.GtCoverage())
+    types = np.array([records[i].defect_type for i in ms.ids])
+    out["per_type"] = {}
+    for t in sorted(set(types.tolist()) - {"", NORMAL}):
+        idx = np.flatnonzero(types == t)
+        out["per_type"][t] = per_type(ms.maps[idx], small[idx], [mask_scores[i] for i in idx],
+                                      sum((covers[i] for i in idx), mebin.GtCoverage()), int(sum(no_interval[i] for i in idx)))
     out["mebin_mask"] = summarize(mask_scores)
     out["crop_mask"] = summarize(crop_scores)
     out["mebin_mask"]["mask_fraction"] = float(np.mean([m.mean() for m in cs.masks]))
     out["crops_cover"] = {
         **coverage.metrics(),
-        "images_without_stable_interval": int(no_interval),
+        "images_without_stable_interval": int(sum(no_interval)),
         "fallback": p_mebin.fallback,
         "images_without_anomaly": int((cs.est_counts == 0).sum()),
     }
@@ -219,6 +231,22 @@ def chain(run: Path, overrides: list[str], rerun: bool = False, device: str = "c
     out["baseline"], out["baseline_source"] = baseline(cs, params, records, rerun, device, k)
     out["baseline_seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def per_type(maps: np.ndarray, truth: np.ndarray, mask_scores: list, cover: "mebin.GtCoverage", no_interval: int) -> dict:
+    """The chain's figures over the images of one defect type: pixel AUROC and AUPRO within
+    those images (their own background the negatives: the images to classify hold no normal
+    ones), MEBin's mask IoU, true regions found, defect pixels in crops, images without a stable
+    interval. maps (n, S, S), truth bool (n, S, S) at the maps' size."""
+    has_both = truth.any() and not truth.all()
+    return {
+        "images": len(maps),
+        "pixel_auroc_within": pixel_auroc(maps, truth) if has_both else None,
+        "aupro_within": aupro(maps, truth) if has_both else None,
+        "mebin_iou": summarize(mask_scores)["iou"],
+        **{k: v for k, v in cover.metrics().items() if k in ("gt_regions", "gt_regions_found", "gt_pixels_in_crops")},
+        "images_without_stable_interval": no_interval,
+    }
 
 
 def _f(v) -> str:
@@ -244,6 +272,14 @@ def report(out: dict) -> str:
     lines.append(f"  crops       true regions found {cov['gt_regions_found']:.1%}  defect pixels in crops "
                  f"{cov['gt_pixels_in_crops']:.1%}  images without a stable interval (fallback {cov['fallback']}) "
                  f"{cov['images_without_stable_interval']}  without anomaly {cov['images_without_anomaly']}")
+    if out.get("per_type"):
+        lines.append(f"  {'per type':12s}{'images':>7s}  {'pixel AUROC / AUPRO within':>26s}  {'MEBin IoU':>9s}  "
+                     f"{'regions found':>16s}  {'defect px in crops':>18s}  {'no stable interval':>18s}")
+        for t, r in out["per_type"].items():
+            found = "-" if r["gt_regions_found"] is None else f"{r['gt_regions_found']:.1%} of {r['gt_regions']}"
+            px = "-" if r["gt_pixels_in_crops"] is None else f"{r['gt_pixels_in_crops']:.1%}"
+            lines.append(f"    {t:10s}{r['images']:7d}  {_f(r['pixel_auroc_within']) + ' / ' + _f(r['aupro_within']):>26s}  "
+                         f"{_f(r['mebin_iou']):>9s}  {found:>16s}  {px:>18s}  {r['images_without_stable_interval']:18d}")
     lines.append(f"  baseline    image NMI {b['nmi']:.3f}  ARI {b['ari']:.3f}  F1 {b['f1']:.3f}  "
                  f"(k-means on the frozen features, {out['baseline']['kmeans_seeds']} seeds; {out['baseline_source']})")
     return "\n".join(lines)

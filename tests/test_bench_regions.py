@@ -65,6 +65,18 @@ def test_a_run_whose_maps_are_its_masks_scores_every_link_near_perfect(run_dir):
     assert "region IoU" in text and "baseline" in text and "pixel AUROC" in text
 
 
+def test_the_chain_is_also_split_by_defect_type_and_the_types_add_up_to_the_whole(run_dir):
+    out = chain(run_dir, [], rerun=True, progress=False)
+    per = out["per_type"]
+    assert list(per) == ["bar", "square"]
+    assert [r["images"] for r in per.values()] == [3, 3]
+    assert sum(r["gt_regions"] for r in per.values()) == out["mebin_mask"]["regions"] == 6
+    for r in per.values():  # maps that are the masks: each type's pixels ranked above its own background
+        assert r["pixel_auroc_within"] > 0.99 and r["gt_regions_found"] == 1.0 and r["mebin_iou"] > 0.5
+    assert sum(r["images_without_stable_interval"] for r in per.values()) == out["crops_cover"]["images_without_stable_interval"]
+    assert "per type" in report(out) and "square" in report(out)
+
+
 def test_a_mebin_param_set_on_the_command_line_reruns_mebin_with_it(run_dir):
     wide = chain(run_dir, ["mebin.erosion=off"], progress=False)
     assert wide["overrides"] == ["mebin.erosion=off"] and wide["mebin_params"]["erosion"] == "off"
