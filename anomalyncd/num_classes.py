@@ -94,6 +94,10 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+#: prepared features (unit rows, centred) all within this of the origin are one point
+ONE_POINT = 1e-9
+
+
 def prepare_features(features: np.ndarray, n_components: int = 32) -> np.ndarray:
     """L2-normalise rows, centre, and project on the top principal components.
 
@@ -420,7 +424,9 @@ def _estimate(features, k_max, method, seed, n_components, min_silhouette, min_s
     k_max = _k_max(k_max, m)
     candidates = list(range(1, k_max + 1))
     z = prepare_features(x, n_components)
-    if m < 3 or k_max == 1:
+    # Rows that are one point on the unit sphere are one class. Their centred coordinates are
+    # float noise (~1e-16), which k-means would split one way on one CPU and another way on another.
+    if m < 3 or k_max == 1 or np.abs(z).max() < ONE_POINT:
         return KEstimate(1, candidates, [float("nan")] * k_max, method)
     if method == "null_stability":
         ns = null_stability_scores(x, k_max, n_references=n_references, n_components=n_components, seed=seed)

@@ -112,6 +112,10 @@ def test_count_massive_classes_ignores_near_empty_outputs():
 def test_identical_features_are_one_class(method):
     x = np.tile(np.arange(8, dtype=np.float32), (20, 1))
     assert estimate_num_classes(x, k_max=5, method=method, seed=0).k == 1
+    # so are copies of one row that differ by rounding, or are scaled (one point on the sphere)
+    jitter = np.random.default_rng(0).normal(0, 1e-12, x.shape)
+    assert estimate_num_classes(x + jitter, k_max=5, method=method, seed=0).k == 1
+    assert estimate_num_classes(x * np.arange(1, 21)[:, None], k_max=5, method=method, seed=0).k == 1
 
 
 def test_silhouette_floor_turns_weak_structure_into_one_class():
