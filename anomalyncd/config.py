@@ -164,6 +164,7 @@ class MebinParams:
     fallback: Literal["own_range", "none"] = "own_range"  # anomalyncd.mebin.FALLBACKS
     padding: float = 1.0  # the crop box is the region's box grown by this fraction (the paper: 0.1)
     core: float | Literal["auto"] = "auto"  # crop masks: the region's pixels scoring >= this fraction of its peak; auto: :func:`resolve_core`
+    refine: Literal["auto", "grabcut", "off"] = "auto"  # regions redrawn on the image (anomalyncd.refine); auto: :func:`resolve_refine`
     min_crop_size: float = 0.1
     max_merge_dist: float = 0.01
     crop_size: int | Literal["auto"] = "auto"  # auto: train.image_size / train.crop_pct (:func:`resolve`)
@@ -414,7 +415,10 @@ def resolve(section: str, params: Any, read: Callable[[str], Any]) -> Any:
         return dataclasses.replace(params, crop_pct=train_crop_pct(params))
     if section == "mebin":
         return dataclasses.replace(
-            params, crop_size=resolve_crop_size(params.crop_size, read("train")), core=resolve_core(params.core, read("detect"))
+            params,
+            crop_size=resolve_crop_size(params.crop_size, read("train")),
+            core=resolve_core(params.core, read("detect")),
+            refine=resolve_refine(params.refine, read("detect")),
         )
     return params
 
@@ -475,6 +479,16 @@ def resolve_core(core: float | str, detect: "DetectParams") -> float:
     return SMOOTHED_MAP_CORE if detect.method in SMOOTHING_DETECTORS and detect.smooth_sigma > 0 else 0.0
 
 
+def resolve_refine(refine: str, detect: "DetectParams") -> str:
+    """``mebin.refine``: ``auto`` is ``grabcut`` where :func:`resolve_core` takes a core (the
+    smoothed maps of the built-in PatchCore and PaDiM, whose regions are several times a small
+    defect) and ``off`` on other maps (ground truth is exact; imported maps' smoothing is
+    unknown)."""
+    if refine != "auto":
+        return refine
+    return "grabcut" if resolve_core("auto", detect) > 0 else "off"
+
+
 # keys that a params file from an earlier version may still hold: (section class, key) -> the fix
 REPLACED = {
     ("DetectParams", "score_top"): "replace it by score_tops, a list of fractions (default [0.001, 0.01, 0.1, 0.3])",
@@ -499,6 +513,9 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
+        word = {False: "off", True: "on"}.get(value) if isinstance(value, bool) else None
+        if word in typing.get_args(hint):  # YAML 1.1 reads an unquoted off (or on) as a boolean
+            return word
         if value not in typing.get_args(hint):
             raise InputError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
         return value

@@ -32,6 +32,7 @@ from PIL import Image
 
 from .config import MebinParams
 from .io import InputError
+from .refine import refine_mask
 
 #: The paper's rules 3 and 5: erode once with a 6 x 6 all-ones kernel (OpenCV's default anchor
 #: and border).
@@ -49,6 +50,9 @@ EROSION_RULES = ("keep_thin", "paper", "off")
 #: MEBin gets its main element unless its map is flat; ``none`` reports it without anomaly,
 #: as the paper does.
 FALLBACKS = ("own_range", "none")
+#: How MEBin's mask is drawn from the map's regions (``mebin.refine``): ``grabcut`` redraws
+#: each region on the image (:mod:`anomalyncd.refine`), ``off`` keeps the map's region.
+REFINERS = ("grabcut", "off")
 #: ``keep_thin``: the smallest region kept is the kernel (36 pixels) on a 256-pixel map, scaled
 #: with the map (9 pixels at the default ``detect.map_size`` of 128).
 AREA_REFERENCE_SIDE = 256
@@ -64,8 +68,13 @@ class ImageResult:
     est_count: the estimated number of anomaly regions (0: no anomaly).
     counts: int32 (T,) component counts along the sweep; entry ``j`` is at threshold
     ``255 - j * sample_rate`` on the rescaled axis (see :func:`sweep_thresholds`).
-    mask: bool (H, W) the binary anomaly mask at image size.
+    mask: bool (H, W) the binary anomaly mask at image size: where the defects are (the stored
+    mask, the report's outlines), the map's regions redrawn on the image with ``mebin.refine``.
     own_range: whether the threshold came from the image's own range (``fallback: own_range``).
+    map_mask: bool (H, W) the map's regions at image size, before ``refine`` (``mask`` itself
+    without it): what the crops, their masks and areas and the residual descriptors are drawn
+    from. The classifier is given the region with its surroundings, which separates the defect
+    types better than the tighter outline does (docs/discovery.md).
     """
 
     threshold: int
@@ -73,6 +82,11 @@ class ImageResult:
     counts: np.ndarray
     mask: np.ndarray
     own_range: bool = False
+    map_mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.map_mask is None:
+            self.map_mask = self.mask
 
 
 @dataclass
@@ -113,6 +127,7 @@ def check_params(p: MebinParams) -> MebinParams:
         "crop_size": (isinstance(p.crop_size, int) and p.crop_size >= 1, ">= 1 (auto is resolved by config.load_params)"),
         "workers": (p.workers >= 0, ">= 0 (0: one per CPU core)"),
         "fallback": (p.fallback in FALLBACKS, f"one of {list(FALLBACKS)}"),
+        "refine": (p.refine in REFINERS, f"one of {list(REFINERS)} (auto is resolved by config.load_params)"),
     }
     for name, (ok, limit) in rules.items():
         if not ok:
@@ -548,10 +563,14 @@ def mebin_image(
         counts = count_sequence(map_u8, own_lo, own_hi, params.sample_rate, params.erosion)
         threshold, est = stable_threshold(counts, own_lo, own_hi, params.sample_rate, params.min_interval_len)
     size = image.shape[:2]
-    mask = resize_mask(binarize(map_u8, threshold, params.erosion), size)
-    boxes = crop_boxes(mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
-    crops = extract_crops(image, mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size, params.core)
-    return ImageResult(threshold, est, counts, mask, own_range), crops
+    map_mask = resize_mask(binarize(map_u8, threshold, params.erosion), size)
+    boxes = crop_boxes(map_mask, est, params.padding, params.min_crop_size, params.max_merge_dist)
+    crops = extract_crops(image, map_mask, score_map(map_u8, lo, hi, size), boxes, params.crop_size, params.core)
+    mask = map_mask
+    if params.refine == "grabcut" and map_mask.any():
+        upsampled = cv2.resize(map_u8.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        mask = refine_mask(image, map_mask, upsampled, params.seed)
+    return ImageResult(threshold, est, counts, mask, own_range, map_mask), crops
 
 
 @dataclass(frozen=True)

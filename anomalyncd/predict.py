@@ -22,6 +22,8 @@ cluster stays the nearest class).
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 import warnings
@@ -109,7 +111,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         norm_max=float(map_attrs["norm_max"]),
         lo=int(cs_attrs["lo"]),
         hi=int(cs_attrs["hi"]),
-        mebin=from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"),
+        # predict gives boxes, not masks: no outline to redraw (mebin.refine changes nothing else)
+        mebin=dataclasses.replace(from_dict(MebinParams, cs_attrs["params"], where=f"{root / paths.CROPS}: params"), refine="off"),
         merger=Merger.from_attrs(merge_attrs, str(root / paths.MERGED)),
         names=catalog_names(merge_attrs, root / paths.MERGED) or class_names(root / paths.EVALUATE_DETAIL),
         image_score=ImageScore.from_attrs(map_attrs, str(root / paths.MAPS)),
@@ -328,7 +331,7 @@ class Predictor:
 
             def describe(job):
                 grid, (res, c) = job
-                return pool_regions(grid, res.mask, c.regions) if len(c.regions) else np.zeros((0, self.net.cfg.side_dim), np.float32)
+                return pool_regions(grid, res.map_mask, c.regions) if len(c.regions) else np.zeros((0, self.net.cfg.side_dim), np.float32)
 
             side = _rows(clock("residuals", self._map, describe, [(grids[i], r) for i, r in zip(todo, results)]), (self.net.cfg.side_dim,), np.float32)
         out.counts = np.zeros(len(loaded), np.int64)

@@ -236,7 +236,7 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                         w.append(name, getattr(crops, name))
                     w.append("image_index", np.full(len(crops), i))
                     if describe is not None:
-                        w.append("residuals", describe(records[ms.ids[i]], result.mask, crops.regions))
+                        w.append("residuals", describe(records[ms.ids[i]], result.map_mask, crops.regions))
                     w.put(f"masks/{i}", result.mask.astype(np.uint8))
                     coverage += gt
                     fractions.append(float(result.mask.mean()))

@@ -92,12 +92,23 @@ def test_the_defaults_and_the_shipped_params_are_in_range():
         ("musc", 12.0, 0.0),
     ],
 )
-def test_mebin_core_auto_is_a_core_only_on_the_smoothed_maps_of_the_built_in_detectors(tmp_path, method, sigma, core):
+def test_mebin_core_and_refine_auto_act_only_on_the_smoothed_maps_of_the_built_in_detectors(tmp_path, method, sigma, core):
     f = tmp_path / "params.yaml"
-    f.write_text(yaml.safe_dump({"detect": {"method": method, "smooth_sigma": sigma}, "mebin": {"core": "auto"}}))
+    f.write_text(yaml.safe_dump({"detect": {"method": method, "smooth_sigma": sigma}, "mebin": {"core": "auto", "refine": "auto"}}))
     assert load_params("mebin", f).core == core
+    assert load_params("mebin", f).refine == ("grabcut" if core else "off")
     f.write_text(yaml.safe_dump({"detect": {"method": method, "smooth_sigma": sigma}, "mebin": {"core": 0.3}}))
     assert load_params("mebin", f).core == 0.3
+
+
+def test_an_unquoted_off_is_the_word_where_a_setting_takes_it(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("detect:\n  method: patchcore\nmebin:\n  erosion: off\n  refine: off\n")  # YAML 1.1: false
+    p = load_params("mebin", f)
+    assert (p.erosion, p.refine) == ("off", "off")
+    f.write_text("mebin:\n  fallback: off\n")  # a setting without an "off" still refuses it
+    with pytest.raises(InputError, match=r"mebin.fallback: False is not one of \['own_range', 'none'\]"):
+        load_params("mebin", f)
 
 
 def _params(tmp_path, text: str):

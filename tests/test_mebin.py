@@ -12,7 +12,7 @@ from anomalyncd.io import InputError
 
 # the knobs at their defaults (config.py is the only place they exist), but the paper's crop
 # padding: the box geometry below is worked out for it
-P = MebinParams(crop_size=256, padding=0.1, core=0.0)
+P = MebinParams(crop_size=256, padding=0.1, core=0.0, refine="off")
 
 KERNEL = np.ones((6, 6), np.uint8)
 
@@ -137,12 +137,12 @@ def test_a_thin_line_survives_mebin_with_keep_thin_and_vanishes_with_the_papers_
     cv2.line(m, (20, 30), (100, 90), 1.0, 2)
     m = np.clip(cv2.GaussianBlur(m, (0, 0), 1.0) / cv2.GaussianBlur(m, (0, 0), 1.0).max() * 230, 0, 255).astype(np.uint8)
     image = np.full((256, 256, 3), 90, np.uint8)
-    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=32, core=0.0))  # the default: keep_thin
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=32, core=0.0, refine="off"))  # the default: keep_thin
     assert res.est_count == 1 and res.mask.any()
     line = cv2.line(np.zeros((256, 256), np.uint8), (40, 60), (200, 180), 1, 2).astype(bool)  # at image size
     assert (res.mask & line).sum() >= 0.9 * line.sum()  # the whole scratch, not eroded
     assert mebin.gt_coverage(line, crops.boxes, crops.areas) == mebin.GtCoverage(1, 1, 1, int(line.sum()), int(line.sum()))
-    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(erosion="paper", crop_size=32, core=0.0))
+    res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(erosion="paper", crop_size=32, core=0.0, refine="off"))
     assert res.est_count == 0 and not res.mask.any() and crops.areas.tolist() == [0]
 
 
@@ -375,7 +375,7 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.full((64, 64, 3), 50, np.uint8)
     for erosion in ("keep_thin", "paper"):  # a blob that survives the erosion: the paper's result
-        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion, padding=0.1, core=0.0))
+        res, crops = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, erosion=erosion, padding=0.1, core=0.0, refine="off"))
         assert res.est_count == 1 and res.threshold == 3
         assert res.counts.shape == (64,) and res.mask.shape == (64, 64)
         assert res.mask.sum() == 49  # the 12 x 12 block eroded by the 6 x 6 kernel
@@ -387,14 +387,14 @@ def test_mebin_image_finds_one_blob_and_crops_around_it():
 
 def test_mebin_image_resizes_a_smaller_map_to_the_image():
     m = blob_map(size=32, blobs=((10, 10, 5, 200), (24, 24, 4, 150)))
-    res, crops = mebin.mebin_image(m, np.zeros((96, 64, 3), np.uint8), 0, 255, MebinParams(crop_size=8, core=0.0))
+    res, crops = mebin.mebin_image(m, np.zeros((96, 64, 3), np.uint8), 0, 255, MebinParams(crop_size=8, core=0.0, refine="off"))
     assert res.mask.shape == (96, 64) and res.est_count == 2
     assert len(crops) == 2 and (crops.boxes[:, 2] - crops.boxes[:, 0] >= 6).all()
     assert 0 < crops.scores.min() and crops.scores.max() <= 1
 
 
 def test_mebin_image_without_anomaly_keeps_the_whole_image_as_one_crop():
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0))
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((30, 40, 3), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0, refine="off"))
     assert (res.threshold, res.est_count) == (255, 0) and not res.mask.any()
     assert crops.boxes.tolist() == [[0, 0, 40, 30]] and crops.areas.tolist() == [0]
     assert crops.regions.tolist() == [[0, 0, 0, 0]]  # no region, no defect box
@@ -425,9 +425,9 @@ def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():
     # peaks at 60 where the set's weakest peak is 100: nothing on the set's range
     weak = blob_map(size=64, blobs=((20, 30, 6, 60),), noise=10)
     image = np.zeros((64, 64, 3), np.uint8)
-    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, fallback="none", core=0.0))
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, fallback="none", core=0.0, refine="off"))
     assert res.est_count == 0 and not res.own_range and crops.areas.tolist() == [0]
-    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, padding=0.1, core=0.0))
+    res, crops = mebin.mebin_image(weak, image, 100, 255, MebinParams(crop_size=16, padding=0.1, core=0.0, refine="off"))
     assert res.own_range and res.est_count == 1
     assert res.mask.sum() == 49 and res.mask[27:34, 17:24].all()  # the eroded block, none of the noise
     assert crops.boxes.tolist() == [[14, 24, 26, 36]]
@@ -437,39 +437,39 @@ def test_a_weak_map_falls_back_to_its_own_range_and_keeps_its_low_score():
 def test_the_fallback_leaves_maps_found_on_the_sets_range_and_flat_maps_alone():
     m = blob_map(size=64, blobs=((20, 30, 6, 200),))
     image = np.zeros((64, 64, 3), np.uint8)
-    a = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, core=0.0))
-    b = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, fallback="none", core=0.0))
+    a = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, core=0.0, refine="off"))
+    b = mebin.mebin_image(m, image, 0, 255, MebinParams(crop_size=16, fallback="none", core=0.0, refine="off"))
     assert not a[0].own_range and a[0].threshold == b[0].threshold and (a[1].boxes == b[1].boxes).all()
-    res, _ = mebin.mebin_image(np.full((16, 16), 30, np.uint8), np.zeros((16, 16, 3), np.uint8), 100, 255, MebinParams(crop_size=8, core=0.0))
+    res, _ = mebin.mebin_image(np.full((16, 16), 30, np.uint8), np.zeros((16, 16, 3), np.uint8), 100, 255, MebinParams(crop_size=8, core=0.0, refine="off"))
     assert res.own_range and res.est_count == 0  # a flat map has no region on any range
 
 
 def test_an_unknown_fallback_is_an_error_naming_the_param():
     with pytest.raises(InputError, match="mebin.fallback"):
-        mebin.check_params(MebinParams(crop_size=8, fallback="peak", core=0.0))
+        mebin.check_params(MebinParams(crop_size=8, fallback="peak", core=0.0, refine="off"))
 
 
 def test_all_zero_maps_get_the_no_anomaly_result():
     with pytest.warns(RuntimeWarning):
         lo, hi = mebin.search_range(np.zeros((3, 16, 16), np.uint8))
-    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams(crop_size=256, core=0.0))
+    res, crops = mebin.mebin_image(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8), lo, hi, MebinParams(crop_size=256, core=0.0, refine="off"))
     assert (res.threshold, res.est_count, len(crops)) == (255, 0, 1)
 
 
 def test_a_constant_map_at_the_top_of_the_range_is_one_region_covering_the_image():
     flat, image = np.full((16, 16), 200, np.uint8), np.zeros((32, 32, 3), np.uint8)
-    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams(crop_size=256, core=0.0))
+    res, crops = mebin.mebin_image(flat, image, 0, 200, MebinParams(crop_size=256, core=0.0, refine="off"))
     assert res.est_count == 1 and res.mask.all() and crops.boxes.tolist() == [[0, 0, 32, 32]]
 
 
 def test_mebin_image_rejects_float_maps_grey_images_and_bad_ranges():
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="uint8"):
-        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams(crop_size=256, core=0.0))
+        mebin.mebin_image(np.zeros((8, 8), np.float32), image, 0, 255, MebinParams(crop_size=256, core=0.0, refine="off"))
     with pytest.raises(InputError, match="RGB"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0))
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0, 255, MebinParams(crop_size=256, core=0.0, refine="off"))
     with pytest.raises(InputError, match="lo <= hi"):
-        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams(crop_size=256, core=0.0))
+        mebin.mebin_image(np.zeros((8, 8), np.uint8), image, 200, 100, MebinParams(crop_size=256, core=0.0, refine="off"))
 
 
 def test_gt_coverage_counts_regions_found_regions_whole_in_a_crop_and_pixels():

@@ -93,9 +93,9 @@ def test_stage_writes_mebin_crops_and_metrics(project):
 
 def test_stage_matches_the_per_image_function_used_by_predict(project):
     ms, records = _inputs()
-    cs, _ = stage.build_crops(ms, records, MebinParams(crop_size=16, workers=1, core=0.0), progress=False)
+    cs, _ = stage.build_crops(ms, records, MebinParams(crop_size=16, workers=1, core=0.0, refine="off"), progress=False)
     image = read_image(records[ms.ids[1]].image)
-    res, crops = mebin.mebin_image(ms.maps_u8[1], image, 0, 250, MebinParams(crop_size=16, core=0.0))
+    res, crops = mebin.mebin_image(ms.maps_u8[1], image, 0, 250, MebinParams(crop_size=16, core=0.0, refine="off"))
     assert res.threshold == cs.thresholds[1] and np.array_equal(res.mask, cs.masks[1])
     np.testing.assert_array_equal(crops.crops, cs.crops[cs.image_index == 1])
     np.testing.assert_array_equal(crops.boxes, cs.boxes[cs.image_index == 1])
@@ -103,8 +103,8 @@ def test_stage_matches_the_per_image_function_used_by_predict(project):
 
 def test_several_workers_give_the_same_crops_as_one(project):
     ms, records = _inputs()
-    one, _ = stage.build_crops(ms, records, MebinParams(crop_size=16, workers=1, core=0.0), progress=False)
-    two, _ = stage.build_crops(ms, records, MebinParams(crop_size=16, workers=2, core=0.0), progress=False)
+    one, _ = stage.build_crops(ms, records, MebinParams(crop_size=16, workers=1, core=0.0, refine="off"), progress=False)
+    two, _ = stage.build_crops(ms, records, MebinParams(crop_size=16, workers=2, core=0.0, refine="off"), progress=False)
     for f in dataclasses.fields(one):
         if f.name not in ("masks", "ids", "attrs"):
             np.testing.assert_array_equal(getattr(one, f.name), getattr(two, f.name), err_msg=f.name)
@@ -115,7 +115,7 @@ def test_a_single_map_warns_about_the_empty_search_range_and_still_runs(project)
     ms, records = _inputs()
     one = MapSet(ms.ids[:1], ms.maps[:1], ms.maps_u8[:1], ms.scores[:1], ms.image_sizes[:1])
     with pytest.warns(RuntimeWarning, match="lo = 0"):
-        cs, _ = stage.build_crops(one, records, MebinParams(crop_size=16, workers=1, core=0.0), progress=False)
+        cs, _ = stage.build_crops(one, records, MebinParams(crop_size=16, workers=1, core=0.0, refine="off"), progress=False)
     assert cs.attrs["lo"] == 0 and cs.est_counts.tolist() == [1]
 
 
@@ -123,17 +123,17 @@ def test_nan_maps_are_an_error_naming_the_image(project):
     ms, records = _inputs()
     ms.maps[3, 0, 0] = np.nan
     with pytest.raises(InputError, match="NaN.*cat/test/x/3"):
-        stage.build_crops(ms, records, MebinParams(workers=1, crop_size=256, core=0.0), progress=False)
+        stage.build_crops(ms, records, MebinParams(workers=1, crop_size=256, core=0.0, refine="off"), progress=False)
 
 
 def test_an_image_changed_since_detect_is_an_error(project):
     ms, records = _inputs()
     write_image(records[ms.ids[0]].image, np.zeros((10, 12, 3), np.uint8))
     with pytest.raises(InputError, match="rerun detect"):
-        stage.build_crops(ms, records, MebinParams(workers=1, crop_size=256, core=0.0), progress=False)
+        stage.build_crops(ms, records, MebinParams(workers=1, crop_size=256, core=0.0, refine="off"), progress=False)
 
 
 def test_out_of_range_params_are_an_error_naming_the_key(project):
     ms, records = _inputs()
     with pytest.raises(InputError, match="mebin.min_crop_size"):
-        stage.build_crops(ms, records, MebinParams(min_crop_size=0.9, core=0.0), progress=False)
+        stage.build_crops(ms, records, MebinParams(min_crop_size=0.9, core=0.0, refine="off"), progress=False)

@@ -84,7 +84,8 @@ def test_a_run_is_read_from_its_artifacts_not_from_its_params_file(tmp_path, mon
     from .synthetic_run import make_project
 
     cs = make_project(tmp_path)["crops"]  # params.yaml: merge weighted, temperature 10
-    cs.attrs["params"] = asdict(MebinParams(padding=0.3, crop_size=16, core=0.0))
+    # a store of a version before mebin.refine: predict draws no outlines, so it needs none
+    cs.attrs["params"] = {k: v for k, v in asdict(MebinParams(padding=0.3, crop_size=16, core=0.0)).items() if k != "refine"}
     write_crops(tmp_path / paths.CROPS, cs)
     n = len(cs.ids)
     write_maps(tmp_path / paths.MAPS, MapSet(ids=cs.ids, maps=np.zeros((n, 20, 20)), maps_u8=np.zeros((n, 20, 20)),
@@ -98,7 +99,7 @@ def test_a_run_is_read_from_its_artifacts_not_from_its_params_file(tmp_path, mon
         "mebin: {padding: 0.0, crop_size: 64}\nmerge: {strategy: mean, temperature: 99.0}\ndetect: {map_size: 7}\n"
     )
     run = load_run(tmp_path)
-    assert run.mebin == MebinParams(padding=0.3, crop_size=16, core=0.0)
+    assert run.mebin == MebinParams(padding=0.3, crop_size=16, core=0.0, refine="off")
     assert run.merger == Merger("weighted", 10.0, NO_ANOMALY)
     assert (run.map_size, run.norm_min, run.norm_max, run.lo, run.hi) == (20, 0.5, 2.0, 10, 240)
     (tmp_path / "params.yaml").unlink()
@@ -326,7 +327,7 @@ def small_run(tmp_path_factory) -> tuple[Path, list[tuple[str, Path]], Path]:
     root = tmp_path_factory.mktemp("small_run")
     made = make_project(root)
     cs = made["crops"]
-    cs.attrs["params"] = asdict(MebinParams(crop_size=36, core=0.0, fallback="none"))
+    cs.attrs["params"] = asdict(MebinParams(crop_size=36, core=0.0, refine="off", fallback="none"))
     write_crops(root / paths.CROPS, cs)
     n = len(cs.ids)
     write_maps(root / paths.MAPS, MapSet(ids=cs.ids, maps=np.zeros((n, 32, 32)), maps_u8=np.zeros((n, 32, 32)),

@@ -95,7 +95,7 @@ def test_pasted_crop_masks_give_back_the_image_mask_and_clip_boxes_outside_the_i
 
 
 def test_without_stable_interval_flags_maps_with_no_region_on_the_sets_range():
-    p = MebinParams(crop_size=32, core=0.0)
+    p = MebinParams(crop_size=32, core=0.0, refine="off")
     flat = np.full((32, 32), 10, np.uint8)
     peak = np.zeros((32, 32), np.uint8)
     peak[10:20, 10:20] = 200
