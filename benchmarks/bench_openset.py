@@ -4,7 +4,7 @@
     python -m benchmarks.bench_openset openset --data demo         # (b) on the demo, every hold-out
     python -m benchmarks.bench_openset openset --data mtd-gt --holdout Crack --seeds 0
 
-(a) **Normal or defect** on MTD (``--mtd``, default ``/work/shared/datasets/mtd``): the
+(a) **Normal or defect** on MTD (``--mtd``, default ``../shared/datasets/mtd`` beside the project): the
 ``prepare`` and ``detect`` stages with this project's params (``dataset.include_normal: true``,
 so that MTD's 191 defect-free test images are scored with its 392 defect images), then the
 decision ``predict`` makes, at ``calibrate.normal_quantile`` of the held-back normal images'
@@ -49,7 +49,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MTD = Path(os.environ.get("ANOMALYNCD_MTD", "/work/shared/datasets/mtd"))
+MTD = Path(os.environ.get("ANOMALYNCD_MTD", ROOT.parent / "shared" / "datasets" / "mtd"))
 PIPELINE = ["prepare", "detect", "mebin", "train", "infer", "merge", "calibrate"]
 #: share of each known type's test images held back from the run (predicted as known types)
 KNOWN_SHARE = 0.3

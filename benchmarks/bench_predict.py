@@ -5,7 +5,7 @@
     python -m benchmarks.bench_predict --run ../mtd-run --n 200 --normal-share 0.9   # a line's mix
 
 ``--run``: a finished project (default: this one, the demo run after ``dvc repro``). Images: N
-MTD defect images (``--mtd``, default ``/work/shared/datasets/mtd`` or ``$ANOMALYNCD_MTD``),
+MTD defect images (``--mtd``, default ``../shared/datasets/mtd`` beside the project or ``$ANOMALYNCD_MTD``),
 taken evenly over the ``MT_*/Imgs`` folders, when the dataset is there; else the run's own
 demo test images (repeated up to N). ``--normal-share F``: that share of the N images
 defect-free instead (``MT_Free`` outside its training list, or the demo's ``good`` test
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MTD = Path(os.environ.get("ANOMALYNCD_MTD", "/work/shared/datasets/mtd"))
+MTD = Path(os.environ.get("ANOMALYNCD_MTD", ROOT.parent / "shared" / "datasets" / "mtd"))
 
 
 def pick_images(run: Path, mtd: Path, n: int, normal_share: float = 0.0) -> tuple[str, list[Path]]:
