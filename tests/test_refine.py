@@ -89,3 +89,24 @@ def test_refine_changes_only_the_stored_mask_not_the_crops_their_masks_areas_or_
 def test_refine_must_be_a_known_method_once_resolved(bad):
     with pytest.raises(InputError, match="mebin.refine must be one of"):
         mebin.check_params(MebinParams(crop_size=8, core=0.0, refine=bad))
+
+
+def _refined_in_a_fresh_process(args):
+    return refine_mask(*args)
+
+
+def test_a_worker_process_draws_the_same_outlines():
+    """The mebin stage runs images in spawned worker processes, each with its own OpenCV
+    generator: GrabCut's k-means start must not depend on it."""
+    import multiprocessing
+
+    blob = disc((64, 64), (32, 30), 5)
+    image = surface(64, 64, seed=2)
+    image[blob] -= 25  # a faint spot in the surface's noise
+    scores = smooth_map(blob, 6)
+    region = scores > 0.1 * scores.max()
+    here = refine_mask(image, region, scores, seed=1)
+    assert not np.array_equal(here, region)  # GrabCut did cut this region
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        there = pool.map(_refined_in_a_fresh_process, [(image, region, scores, 1)])[0]
+    assert np.array_equal(here, there)
