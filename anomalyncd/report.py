@@ -659,6 +659,7 @@ def _research(out: Path, data: ReportData) -> str:
             ["true regions found (at least half inside the crops)", mm.get("gt_regions_found")],
             ["true regions whole inside one crop", mm.get("gt_regions_whole_in_a_crop")],
             ["true defect pixels inside the crops", mm.get("gt_pixels_in_crops")],
+            ["MEBin's mask: mean region IoU with the true defects", mm.get("gt_mask_iou")],
         ]
         parts.append("<h3>MEBin</h3>" + _table(["", "value"], [r for r in rows if r[1] is not None]))
     if data.num_classes.get("estimate") is not None:

@@ -67,7 +67,7 @@ def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, mebin.GtCo
     result, crops = mebin.mebin_image(job.map_u8, image, _SHARED["lo"], _SHARED["hi"], _SHARED["params"])
     gt = mebin.GtCoverage()
     if job.record.mask:
-        gt = mebin.gt_coverage(read_mask(job.record.mask, job.size), crops.boxes, crops.areas, MIN_GT_REGION)
+        gt = mebin.gt_coverage(read_mask(job.record.mask, job.size), crops.boxes, crops.areas, MIN_GT_REGION, result.mask)
     return job.index, result, crops, gt
 
 
@@ -162,7 +162,8 @@ def stage_metrics(est_counts: np.ndarray, thresholds: np.ndarray, mask_fractions
         "erosion": p.erosion,
         # where masks exist, the fractions of ground-truth regions (> MIN_GT_REGION px) found (at
         # least half inside the crops), of those whole inside one crop, and of the defect pixels
-        # inside the crops; crops of images without anomaly hold no region
+        # inside the crops; crops of images without anomaly hold no region; and the mean over
+        # images of MEBin's mask's region IoU with them (anomalyncd.regions)
         **coverage.metrics(),
     }
 

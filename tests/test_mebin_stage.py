@@ -89,6 +89,7 @@ def test_stage_writes_mebin_crops_and_metrics(project):
     assert metrics["images"] == 4 and metrics["crops"] == 5 and metrics["images_without_anomaly"] == 1
     assert metrics["erosion"] == "keep_thin" and metrics["gt_regions"] == 1
     assert metrics["gt_regions_found"] == metrics["gt_regions_whole_in_a_crop"] == metrics["gt_pixels_in_crops"] == 1.0
+    assert metrics["gt_mask_iou"] == 1.0  # the blob's region, eroded by MEBin, is the true square
 
 
 def test_stage_matches_the_per_image_function_used_by_predict(project):
