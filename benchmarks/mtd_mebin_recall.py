@@ -83,7 +83,7 @@ def recovery(
         maps_u8 = [ms.maps_u8[index[r.id]] for r in records]
     # the erosion rule alone: the paper's crop padding and whole-region masks, and no own-range fallback, which would
     # give every image a region whatever the rule
-    params = MebinParams(erosion=erosion, crop_size=256, padding=0.1, fallback="none", core=0.0)
+    params = MebinParams(erosion=erosion, crop_size=256, padding=0.1, fallback="none", core=0.0, refine="off")
     lo, hi = mebin.search_range(maps_u8)
     coverage: dict[str, mebin.GtCoverage] = {}
     no_anomaly: dict[str, int] = {}
