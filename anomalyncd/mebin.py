@@ -629,4 +629,5 @@ def gt_coverage(
         found += 2 * in_px[k] >= area
         whole += bool(((boxes[:, 0] <= x) & (boxes[:, 1] <= y) & (boxes[:, 2] >= x + w) & (boxes[:, 3] >= y + h)).any())
     iou = region_scores(gt, mask, min_area).iou if mask is not None and big else np.zeros(0)
-    return GtCoverage(len(big), int(found), int(whole), int(gt.sum()), int((inside & gt).sum()), float(iou.sum() / max(len(iou), 1)), int(len(iou) > 0))
+    mean_iou = float(iou.mean()) if len(iou) else 0.0
+    return GtCoverage(len(big), int(found), int(whole), int(gt.sum()), int((inside & gt).sum()), mean_iou, int(len(iou) > 0))

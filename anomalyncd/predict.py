@@ -23,7 +23,6 @@ cluster stays the nearest class).
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 import warnings

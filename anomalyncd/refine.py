@@ -2,8 +2,8 @@
 
 A detector's map is coarse: its cells are several image pixels, and the smoothing that makes
 its image score and its regions stable widens every peak. A small or thin defect (a hole, a
-crack) then gets a region several times its area, and the crop mask the classifier pools over
-is mostly the surface around it. The image itself still shows where the defect ends: its
+crack) then gets a region several times its area, and an outline drawn from the map shows
+mostly the surface around it. The image itself still shows where the defect ends: its
 colours differ from the surface's and its outline is an edge. GrabCut (Rother et al. 2004,
 OpenCV's ``cv2.grabCut``) separates two colour models along image edges; here it is seeded by
 the map, never by hand:
@@ -15,10 +15,11 @@ the map, never by hand:
 GrabCut's defect pixels inside the region become the region's mask. Where it finds no defect
 in the region or takes the whole region (less than :data:`KEEP_BELOW` or more than
 :data:`KEEP_ABOVE` of it: a defect of the surface's own colours, or one that fills the region),
-the map's region stands. The region only ever shrinks, so MEBin's region count, boxes and crops
-stay those of the map; only the masks (the crop masks, the areas that weight region merging,
-the report's outlines) change. Shapes: image uint8 (H, W, 3) RGB, mask bool (H, W), scores
-float32 (H, W).
+the map's region stands. A region only ever shrinks. MEBin stores the result as its mask (the
+report's outlines); the crops, their masks and areas and the residual descriptors stay drawn
+from the map's regions, because the classifier tells the defect types apart better with the
+surroundings than with the tight outline (docs/discovery.md). Shapes: image uint8 (H, W, 3)
+RGB, mask bool (H, W), scores float32 (H, W).
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def refine_region(image: np.ndarray, region: np.ndarray, scores: np.ndarray, see
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
     cv2.setRNGSeed(int(seed))
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.grabCut(crop, small, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
+    try:
+        cv2.grabCut(crop, small, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:  # colour models it cannot fit (too few distinct colours): the map's region
+        return region
     if scale < 1:
         small = cv2.resize(small, (reg.shape[1], reg.shape[0]), interpolation=cv2.INTER_NEAREST)
     defect = ((small == cv2.GC_FGD) | (small == cv2.GC_PR_FGD)) & reg
