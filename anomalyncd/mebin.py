@@ -33,7 +33,6 @@ from PIL import Image
 from .config import MebinParams
 from .io import InputError
 from .refine import refine_mask
-from .regions import region_scores
 
 #: The paper's rules 3 and 5: erode once with a 6 x 6 all-ones kernel (OpenCV's default anchor
 #: and border).
@@ -582,8 +581,6 @@ class GtCoverage:
     with at least half of their pixels inside the crop boxes. whole: those whose bounding box
     lies inside one crop box (the strict reading, which a crop cut tight around its mask misses
     by a few pixels). pixels: every ground-truth pixel; pixels_in: those inside a crop box.
-    iou_sum, iou_images: the sum over images of MEBin's mask's mean region IoU with those
-    regions (:func:`anomalyncd.regions.region_scores`), and how many images it sums.
     """
 
     regions: int = 0
@@ -591,8 +588,6 @@ class GtCoverage:
     whole: int = 0
     pixels: int = 0
     pixels_in: int = 0
-    iou_sum: float = 0.0
-    iou_images: int = 0
 
     def __add__(self, other: "GtCoverage") -> "GtCoverage":
         return GtCoverage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -604,17 +599,13 @@ class GtCoverage:
             "gt_regions_found": self.found / self.regions if self.regions else None,
             "gt_regions_whole_in_a_crop": self.whole / self.regions if self.regions else None,
             "gt_pixels_in_crops": self.pixels_in / self.pixels if self.pixels else None,
-            "gt_mask_iou": self.iou_sum / self.iou_images if self.iou_images else None,
         }
 
 
-def gt_coverage(
-    gt_mask: np.ndarray, boxes: np.ndarray, areas: np.ndarray, min_area: int = 64, mask: np.ndarray | None = None
-) -> GtCoverage:
+def gt_coverage(gt_mask: np.ndarray, boxes: np.ndarray, areas: np.ndarray, min_area: int = 64) -> GtCoverage:
     """:class:`GtCoverage` of one image: ``gt_mask`` bool (H, W), its crops' ``boxes`` int (m, 4)
-    and mask ``areas`` int (m,), and MEBin's ``mask`` bool (H, W) when given (for the IoU).
-    Crops without mask pixels (the whole-image crop of an image where MEBin found nothing) hold
-    no region and are left out."""
+    and mask ``areas`` int (m,). Crops without mask pixels (the whole-image crop of an image
+    where MEBin found nothing) hold no region and are left out."""
     gt = np.asarray(gt_mask, bool)
     boxes = np.asarray(boxes).reshape(-1, 4)[np.asarray(areas).reshape(-1) > 0]
     inside = np.zeros(gt.shape, bool)
@@ -628,6 +619,4 @@ def gt_coverage(
         x, y, w, h, area = stats[k]
         found += 2 * in_px[k] >= area
         whole += bool(((boxes[:, 0] <= x) & (boxes[:, 1] <= y) & (boxes[:, 2] >= x + w) & (boxes[:, 3] >= y + h)).any())
-    iou = region_scores(gt, mask, min_area).iou if mask is not None and big else np.zeros(0)
-    mean_iou = float(iou.mean()) if len(iou) else 0.0
-    return GtCoverage(len(big), int(found), int(whole), int(gt.sum()), int((inside & gt).sum()), mean_iou, int(len(iou) > 0))
+    return GtCoverage(len(big), int(found), int(whole), int(gt.sum()), int((inside & gt).sum()))

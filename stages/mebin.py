@@ -24,6 +24,7 @@ from anomalyncd import mebin, paths, shard
 from anomalyncd.config import MebinParams, load_params
 from anomalyncd.datasets import Manifest, Record
 from anomalyncd.io import InputError, read_mask, write_json
+from anomalyncd.regions import region_scores
 from anomalyncd.stage import reads, run
 from anomalyncd.store import CropSet, MapSet, StoreWriter, read_maps
 
@@ -56,8 +57,9 @@ def _init_worker(lo: int, hi: int, params: MebinParams) -> None:
     _share(lo, hi, params)
 
 
-def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, mebin.GtCoverage]:
-    """One image: MEBin, its crops and how much of its ground-truth mask (if any) they hold."""
+def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, mebin.GtCoverage, float | None]:
+    """One image: MEBin, its crops, how much of its ground-truth mask (if any) they hold, and
+    how closely MEBin's mask fits it (:func:`mask_iou`)."""
     image = job.record.read()
     if image.shape[:2] != job.size:
         raise InputError(
@@ -65,10 +67,21 @@ def _run_job(job: _Job) -> tuple[int, mebin.ImageResult, mebin.Crops, mebin.GtCo
             f"for {job.size[1]}x{job.size[0]}; the image changed after detect ran: rerun detect (dvc repro)"
         )
     result, crops = mebin.mebin_image(job.map_u8, image, _SHARED["lo"], _SHARED["hi"], _SHARED["params"])
-    gt = mebin.GtCoverage()
+    gt, iou = mebin.GtCoverage(), None
     if job.record.mask:
-        gt = mebin.gt_coverage(read_mask(job.record.mask, job.size), crops.boxes, crops.areas, MIN_GT_REGION, result.mask)
-    return job.index, result, crops, gt
+        truth = read_mask(job.record.mask, job.size)
+        gt = mebin.gt_coverage(truth, crops.boxes, crops.areas, MIN_GT_REGION)
+        iou = mask_iou(truth, result.mask)
+    return job.index, result, crops, gt, iou
+
+
+def mask_iou(truth: np.ndarray, mask: np.ndarray) -> float | None:
+    """The mean IoU of MEBin's ``mask`` with the true regions (bool (H, W) both) of more than
+    MIN_GT_REGION pixels (:func:`anomalyncd.regions.region_scores`), None without such a region.
+    Kept per image, like the mask fractions, so that the metric's mean is the same sum in the
+    same order whatever the number of processes."""
+    ious = region_scores(truth, mask, MIN_GT_REGION).iou
+    return float(ious.mean()) if len(ious) else None
 
 
 def _check_maps(ms: MapSet, records: dict[str, Record]) -> None:
@@ -112,6 +125,7 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
     results = [d[1] for d in done]
     crops = [d[2] for d in done]
     coverage = sum((d[3] for d in done), mebin.GtCoverage())
+    ious = [d[4] for d in done]
 
     cs = CropSet(
         ids=list(ms.ids),
@@ -138,16 +152,18 @@ def build_crops(ms: MapSet, records: dict[str, Record], p: MebinParams, progress
         },
     )
     metrics = stage_metrics(cs.est_counts, cs.thresholds, [float(m.mean()) for m in cs.masks], len(cs.crops),
-                            sum(r.own_range for r in results), coverage, lo, hi, p)
+                            sum(r.own_range for r in results), coverage, lo, hi, p, ious)
     return cs, metrics
 
 
 def stage_metrics(est_counts: np.ndarray, thresholds: np.ndarray, mask_fractions: list[float], n_crops: int,
-                  own_range: int, coverage: mebin.GtCoverage, lo: int, hi: int, p: MebinParams) -> dict:
+                  own_range: int, coverage: mebin.GtCoverage, lo: int, hi: int, p: MebinParams,
+                  mask_ious: list[float | None]) -> dict:
     """metrics/mebin.json from the per-image results (est_counts, thresholds: int (N,); the
     masks' foreground fractions (N,)), the number of crops and of images searched on their own
-    range, and the summed ground-truth coverage."""
+    range, the summed ground-truth coverage and the images' :func:`mask_iou` (N,)."""
     n = len(est_counts)
+    scored = [v for v in mask_ious if v is not None]
     return {
         "images": n,
         "crops": n_crops,
@@ -162,9 +178,10 @@ def stage_metrics(est_counts: np.ndarray, thresholds: np.ndarray, mask_fractions
         "erosion": p.erosion,
         # where masks exist, the fractions of ground-truth regions (> MIN_GT_REGION px) found (at
         # least half inside the crops), of those whole inside one crop, and of the defect pixels
-        # inside the crops; crops of images without anomaly hold no region; and the mean over
-        # images of MEBin's mask's region IoU with them (anomalyncd.regions)
+        # inside the crops; crops of images without anomaly hold no region
         **coverage.metrics(),
+        # and how closely MEBin's mask (the outlines) fits them: the mean over images of mask_iou
+        "gt_mask_iou": float(np.mean(scored)) if scored else None,
     }
 
 
@@ -208,7 +225,7 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
     and, in attrs, the images' ground-truth coverage, mask fractions and how many images fell
     back to their own range (for the metrics)."""
     describe, dim = residual_describer(p)
-    coverage, fractions, own = mebin.GtCoverage(), [], 0
+    coverage, fractions, ious, own = mebin.GtCoverage(), [], [], 0
     bar = tqdm(total=len(rows), desc="mebin", unit="img", disable=not progress)
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (lo, hi, p)) if workers > 1 else None
     try:
@@ -228,7 +245,7 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                 jobs = [_Job(a + j, m, records[ms.ids[a + j]], tuple(int(v) for v in ms.image_sizes[a + j]))
                         for j, m in enumerate(maps_u8)]
                 done = pool.imap(_run_job, jobs, chunksize=max(1, len(jobs) // (workers * 4))) if pool else map(_run_job, jobs)
-                for i, result, crops, gt in done:
+                for i, result, crops, gt, iou in done:
                     w.append("image_sizes", np.asarray(ms.image_sizes[i : i + 1]))
                     w.append("thresholds", np.array([result.threshold]))
                     w.append("est_counts", np.array([result.est_count]))
@@ -241,9 +258,11 @@ def write_part(ms: MapSet, records: dict[str, Record], p: MebinParams, lo: int, 
                     w.put(f"masks/{i}", result.mask.astype(np.uint8))
                     coverage += gt
                     fractions.append(float(result.mask.mean()))
+                    ious.append(iou)
                     own += result.own_range
                     bar.update()
-            w.attrs.update(coverage=list(dataclasses.astuple(coverage)), mask_fractions=fractions, own_range=own)
+            w.attrs.update(coverage=list(dataclasses.astuple(coverage)), mask_fractions=fractions, mask_ious=ious,
+                           own_range=own)
     finally:
         bar.close()
         if pool:
@@ -259,11 +278,12 @@ def gather_parts(world: int, ids: list[str], attrs: dict, p: MebinParams) -> dic
             shard.concatenate(parts, w)
         coverage = sum((mebin.GtCoverage(*r.attrs["coverage"]) for r in parts.readers), mebin.GtCoverage())
         fractions = [f for r in parts.readers for f in r.attrs["mask_fractions"]]
+        ious = [v for r in parts.readers for v in r.attrs["mask_ious"]]
         est_counts = np.concatenate([r.read("est_counts") for r in parts.readers])
         thresholds = np.concatenate([r.read("thresholds") for r in parts.readers])
         n_crops = parts.rows("image_index")
     return stage_metrics(est_counts, thresholds, fractions, n_crops, sum(int(r.attrs["own_range"]) for r in parts.readers),
-                         coverage, attrs["lo"], attrs["hi"], p)
+                         coverage, attrs["lo"], attrs["hi"], p, ious)
 
 
 @app.command(cls=reads("mebin", "train.model", "train.image_size", "train.crop_pct", "detect.method", "detect.smooth_sigma"))

@@ -481,14 +481,8 @@ def test_gt_coverage_counts_regions_found_regions_whole_in_a_crop_and_pixels():
     cov = mebin.gt_coverage(gt, boxes, areas=np.array([50, 80, 0]))
     assert cov == mebin.GtCoverage(regions=2, found=2, whole=1, pixels=525, pixels_in=100 + 300)
     assert cov.metrics() == {
-        "gt_regions": 2, "gt_regions_found": 1.0, "gt_regions_whole_in_a_crop": 0.5, "gt_pixels_in_crops": 400 / 525,
-        "gt_mask_iou": None,  # no MEBin mask given
+        "gt_regions": 2, "gt_regions_found": 1.0, "gt_regions_whole_in_a_crop": 0.5, "gt_pixels_in_crops": 400 / 525
     }
-    # with MEBin's mask: A's region exact (IoU 1), B's half covered (IoU 0.5): the image's mean 0.75
-    mask = square_mask(100, 100, (10, 10, 10, 10), (60, 60, 10, 20))
-    with_mask = mebin.gt_coverage(gt, boxes, np.array([50, 80, 0]), mask=mask)
-    assert (with_mask.iou_sum, with_mask.iou_images) == (0.75, 1)
-    assert (with_mask + with_mask).metrics()["gt_mask_iou"] == 0.75
     # B is found with half of its pixels inside (10 of 20 columns), not with less (9)
     assert mebin.gt_coverage(gt, np.array([[70, 55, 100, 100]]), np.array([1])).found == 1
     assert mebin.gt_coverage(gt, np.array([[71, 55, 100, 100]]), np.array([1])).found == 0
